@@ -1,0 +1,288 @@
+// The pointwise math of each cell: one functor per (cell, direction, phase), called once per
+// (batch row b, unit j). Every device runs these same functors; only the loop around them
+// (csrc/core/cpu, csrc/cuda) differs.
+//
+// Gate layouts follow Keras: LSTM columns [i | f | c | o], GRU columns [z | r | h], each H wide.
+// A masked row (mask false) keeps the previous state and passes its gradients straight through.
+#pragma once
+
+#include "activations.h"
+#include "common.h"
+
+namespace tfcells {
+
+template <typename T>
+TFCELLS_HD bool RowActive(const StepMatrix<const bool>& mask, Index b) {
+  return !mask || mask(b, 0);
+}
+
+template <typename T>
+TFCELLS_HD T BiasAt(const T* bias, Index k) {
+  return bias ? bias[k] : T(0);
+}
+
+// dy may be absent (no gradient flows into the output sequence).
+template <typename T>
+TFCELLS_HD T GradAt(const StepMatrix<const T>& g, Index b, Index j) {
+  return g ? g(b, j) : T(0);
+}
+
+// ----------------------------------------------------------------------------------- LSTM
+template <typename T>
+struct LstmForwardPoint {
+  StepMatrix<T> gates;            // in: x·W_x at this step; out: activated i, f, c, o
+  StepMatrix<const T> rec;        // h_prev·W_h
+  const T* bias;                  // [4H] or null
+  StepMatrix<const T> h_prev, c_prev;
+  StepMatrix<const bool> mask;
+  StepMatrix<T> h, c;             // new state
+  StepMatrix<T> h_next_cache;     // copy of h for the next step's h_prev cache (or null)
+  Index H;
+
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    T h_new, c_new;
+    if (RowActive<T>(mask, b)) {
+      const T i = Sigmoid(gates(b, j) + rec(b, j) + BiasAt(bias, j));
+      const T f = Sigmoid(gates(b, H + j) + rec(b, H + j) + BiasAt(bias, H + j));
+      const T g = Tanh(gates(b, 2 * H + j) + rec(b, 2 * H + j) + BiasAt(bias, 2 * H + j));
+      const T o = Sigmoid(gates(b, 3 * H + j) + rec(b, 3 * H + j) + BiasAt(bias, 3 * H + j));
+      c_new = f * c_prev(b, j) + i * g;
+      h_new = o * Tanh(c_new);
+      gates(b, j) = i;
+      gates(b, H + j) = f;
+      gates(b, 2 * H + j) = g;
+      gates(b, 3 * H + j) = o;
+    } else {
+      c_new = c_prev(b, j);
+      h_new = h_prev(b, j);
+    }
+    c(b, j) = c_new;
+    h(b, j) = h_new;
+    if (h_next_cache) h_next_cache(b, j) = h_new;
+  }
+};
+
+template <typename T>
+struct LstmBackwardPoint {
+  StepMatrix<const T> gates, c, c_prev, dy;
+  StepMatrix<const bool> mask;
+  StepMatrix<T> dgates;  // out: gradient of the gate pre-activations
+  StepMatrix<T> dh, dc;  // in: gradient w.r.t. this step's h, c; out: the part of the
+                         // gradient w.r.t. h_prev, c_prev that bypasses the recurrent GEMM
+  Index H;
+
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    const T dh_total = dh(b, j) + GradAt(dy, b, j);
+    if (!RowActive<T>(mask, b)) {
+      dgates(b, j) = dgates(b, H + j) = dgates(b, 2 * H + j) = dgates(b, 3 * H + j) = T(0);
+      dh(b, j) = dh_total;
+      return;  // dc passes through unchanged
+    }
+    const T i = gates(b, j), f = gates(b, H + j), g = gates(b, 2 * H + j),
+            o = gates(b, 3 * H + j);
+    const T tc = Tanh(c(b, j));
+    const T dc_total = dc(b, j) + dh_total * o * TanhGradFromOutput(tc);
+    dgates(b, j) = dc_total * g * SigmoidGradFromOutput(i);
+    dgates(b, H + j) = dc_total * c_prev(b, j) * SigmoidGradFromOutput(f);
+    dgates(b, 2 * H + j) = dc_total * i * TanhGradFromOutput(g);
+    dgates(b, 3 * H + j) = dh_total * tc * SigmoidGradFromOutput(o);
+    dc(b, j) = dc_total * f;
+    dh(b, j) = T(0);
+  }
+};
+
+// ------------------------------------------------------------------ GRU, reset_after=True
+// bias is [2, 3H]: row 0 is added to x·W_x, row 1 to h·W_h (inside the reset product).
+template <typename T>
+struct GruResetAfterForwardPoint {
+  StepMatrix<T> gates;      // in: x·W_x; out: z, r, hh
+  StepMatrix<const T> rec;  // h_prev·W_h
+  const T* bias;            // [2, 3H] or null
+  StepMatrix<const T> h_prev;
+  StepMatrix<const bool> mask;
+  StepMatrix<T> h;
+  StepMatrix<T> rec_h_cache;   // out: recurrent candidate term (h_prev·W_hh + b), or null
+  StepMatrix<T> h_next_cache;
+  Index H;
+
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    T h_new;
+    if (RowActive<T>(mask, b)) {
+      const Index G = 3 * H;
+      const T z = Sigmoid(gates(b, j) + BiasAt(bias, j) + rec(b, j) + BiasAt(bias, G + j));
+      const T r = Sigmoid(gates(b, H + j) + BiasAt(bias, H + j) + rec(b, H + j) +
+                          BiasAt(bias, G + H + j));
+      const T rec_h = rec(b, 2 * H + j) + BiasAt(bias, G + 2 * H + j);
+      const T hh = Tanh(gates(b, 2 * H + j) + BiasAt(bias, 2 * H + j) + r * rec_h);
+      h_new = z * h_prev(b, j) + (T(1) - z) * hh;
+      gates(b, j) = z;
+      gates(b, H + j) = r;
+      gates(b, 2 * H + j) = hh;
+      if (rec_h_cache) rec_h_cache(b, j) = rec_h;
+    } else {
+      h_new = h_prev(b, j);
+    }
+    h(b, j) = h_new;
+    if (h_next_cache) h_next_cache(b, j) = h_new;
+  }
+};
+
+template <typename T>
+struct GruResetAfterBackwardPoint {
+  StepMatrix<const T> gates, rec_h, h_prev, dy;
+  StepMatrix<const bool> mask;
+  StepMatrix<T> dgates_x;    // out: gradient of the input-side pre-activations
+  StepMatrix<T> dgates_rec;  // out: gradient of the recurrent-side pre-activations
+  StepMatrix<T> dh;          // in: dL/dh; out: the part of dL/dh_prev outside the GEMM
+  Index H;
+
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    const T dh_total = dh(b, j) + GradAt(dy, b, j);
+    if (!RowActive<T>(mask, b)) {
+      for (int k = 0; k < 3; ++k) dgates_x(b, k * H + j) = dgates_rec(b, k * H + j) = T(0);
+      dh(b, j) = dh_total;
+      return;
+    }
+    const T z = gates(b, j), r = gates(b, H + j), hh = gates(b, 2 * H + j);
+    const T dhh = dh_total * (T(1) - z) * TanhGradFromOutput(hh);
+    const T dz = dh_total * (h_prev(b, j) - hh) * SigmoidGradFromOutput(z);
+    const T dr = dhh * rec_h(b, j) * SigmoidGradFromOutput(r);
+    dgates_x(b, j) = dgates_rec(b, j) = dz;
+    dgates_x(b, H + j) = dgates_rec(b, H + j) = dr;
+    dgates_x(b, 2 * H + j) = dhh;
+    dgates_rec(b, 2 * H + j) = dhh * r;
+    dh(b, j) = dh_total * z;
+  }
+};
+
+// ----------------------------------------------------------------- GRU, reset_after=False
+// The candidate's recurrent GEMM takes (r * h_prev), so each step has two GEMMs with a
+// pointwise phase before each. bias is [3H], added to x·W_x.
+template <typename T>
+struct GruResetBeforeForwardGates {  // phase 1: z, r and r * h_prev
+  StepMatrix<T> gates;          // in: x·W_x; out: z, r (columns 0..2H)
+  StepMatrix<const T> rec_zr;   // h_prev·W_h[:, :2H]
+  const T* bias;
+  StepMatrix<const T> h_prev;
+  StepMatrix<T> reset_h;        // out: r * h_prev
+  Index H;
+
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    const T z = Sigmoid(gates(b, j) + rec_zr(b, j) + BiasAt(bias, j));
+    const T r = Sigmoid(gates(b, H + j) + rec_zr(b, H + j) + BiasAt(bias, H + j));
+    gates(b, j) = z;
+    gates(b, H + j) = r;
+    reset_h(b, j) = r * h_prev(b, j);
+  }
+};
+
+template <typename T>
+struct GruResetBeforeForwardState {  // phase 2: candidate and new state
+  StepMatrix<T> gates;            // in: z, r, x·W_x (h part); out: hh in the h part
+  StepMatrix<const T> rec_h;      // (r * h_prev)·W_h[:, 2H:]
+  const T* bias;
+  StepMatrix<const T> h_prev;
+  StepMatrix<const bool> mask;
+  StepMatrix<T> h, h_next_cache;
+  Index H;
+
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    T h_new;
+    if (RowActive<T>(mask, b)) {
+      const T z = gates(b, j);
+      const T hh = Tanh(gates(b, 2 * H + j) + rec_h(b, j) + BiasAt(bias, 2 * H + j));
+      gates(b, 2 * H + j) = hh;
+      h_new = z * h_prev(b, j) + (T(1) - z) * hh;
+    } else {
+      h_new = h_prev(b, j);
+    }
+    h(b, j) = h_new;
+    if (h_next_cache) h_next_cache(b, j) = h_new;
+  }
+};
+
+template <typename T>
+struct GruResetBeforeBackwardState {  // phase 1: dz, dhh
+  StepMatrix<const T> gates, h_prev, dy;
+  StepMatrix<const bool> mask;
+  StepMatrix<T> dgates;  // out: z and h columns
+  StepMatrix<T> dh;      // in: dL/dh; out: the direct part of dL/dh_prev
+  Index H;
+
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    const T dh_total = dh(b, j) + GradAt(dy, b, j);
+    if (!RowActive<T>(mask, b)) {
+      dgates(b, j) = dgates(b, 2 * H + j) = T(0);
+      dh(b, j) = dh_total;
+      return;
+    }
+    const T z = gates(b, j), hh = gates(b, 2 * H + j);
+    dgates(b, j) = dh_total * (h_prev(b, j) - hh) * SigmoidGradFromOutput(z);
+    dgates(b, 2 * H + j) = dh_total * (T(1) - z) * TanhGradFromOutput(hh);
+    dh(b, j) = dh_total * z;
+  }
+};
+
+template <typename T>
+struct GruResetBeforeBackwardGates {  // phase 2: dr, from d(r * h_prev)
+  StepMatrix<const T> gates, h_prev, d_reset_h;
+  StepMatrix<const bool> mask;
+  StepMatrix<T> dgates;  // out: r column
+  StepMatrix<T> dh;      // accumulates d(r * h_prev) * r
+  Index H;
+
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    if (!RowActive<T>(mask, b)) {
+      dgates(b, H + j) = T(0);
+      return;
+    }
+    const T r = gates(b, H + j);
+    dgates(b, H + j) = d_reset_h(b, j) * h_prev(b, j) * SigmoidGradFromOutput(r);
+    dh(b, j) += d_reset_h(b, j) * r;
+  }
+};
+
+// ------------------------------------------------------------------------- SimpleRNN (tanh)
+template <typename T>
+struct SimpleRnnForwardPoint {
+  StepMatrix<T> gates;  // in: x·W_x; out: the new state (the cache keeps activations)
+  StepMatrix<const T> rec;
+  const T* bias;
+  StepMatrix<const T> h_prev;
+  StepMatrix<const bool> mask;
+  StepMatrix<T> h, h_next_cache;
+  Index H;
+
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    T h_new;
+    if (RowActive<T>(mask, b)) {
+      h_new = Tanh(gates(b, j) + rec(b, j) + BiasAt(bias, j));
+      gates(b, j) = h_new;
+    } else {
+      h_new = h_prev(b, j);
+    }
+    h(b, j) = h_new;
+    if (h_next_cache) h_next_cache(b, j) = h_new;
+  }
+};
+
+template <typename T>
+struct SimpleRnnBackwardPoint {
+  StepMatrix<const T> gates, dy;
+  StepMatrix<const bool> mask;
+  StepMatrix<T> dgates, dh;
+  Index H;
+
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    const T dh_total = dh(b, j) + GradAt(dy, b, j);
+    if (!RowActive<T>(mask, b)) {
+      dgates(b, j) = T(0);
+      dh(b, j) = dh_total;
+      return;
+    }
+    dgates(b, j) = dh_total * TanhGradFromOutput(gates(b, j));
+    dh(b, j) = T(0);
+  }
+};
+
+}  // namespace tfcells

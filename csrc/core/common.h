@@ -1,0 +1,80 @@
+// Shared vocabulary of the framework-free core: sizes, sequence layouts, gradient masks.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#if defined(__CUDACC__)
+#define TFCELLS_HD __host__ __device__ __forceinline__
+#else
+#define TFCELLS_HD inline
+#endif
+
+namespace tfcells {
+
+using Index = std::int64_t;
+
+// Which gradients the backward pass must produce. A bit that is clear means the gradient is
+// neither computed nor written (its output pointer may be null).
+enum GradBit : int {
+  kGradX = 1 << 0,
+  kGradH0 = 1 << 1,
+  kGradC0 = 1 << 2,  // LSTM only
+  kGradKernel = 1 << 3,
+  kGradRecurrentKernel = 1 << 4,
+  kGradBias = 1 << 5,
+  kGradAll = (1 << 6) - 1,
+};
+
+enum class CellKind { kLstm, kGruResetAfter, kGruResetBefore, kSimpleRnn };
+
+// Number of gate blocks of width H in the kernel's columns.
+TFCELLS_HD constexpr int GateCount(CellKind k) {
+  return k == CellKind::kLstm ? 4 : (k == CellKind::kSimpleRnn ? 1 : 3);
+}
+
+// Problem sizes and how the sequence tensors are laid out.
+//   time_major:   x is [T, B, I], y is [T, B, H]; otherwise [B, T, I] and [B, T, H].
+//   go_backwards: processing step s reads input time T-1-s; y is in processing order.
+// Every per-step tensor of the training cache is laid out like x (indexed by input time), so
+// each weight gradient is a single GEMM over all T*B rows with no transposes.
+struct Dims {
+  Index T = 0, B = 0, I = 0, H = 0;
+  bool time_major = false;
+  bool go_backwards = false;
+
+  // Input time read at processing step s.
+  TFCELLS_HD Index InputTime(Index s) const { return go_backwards ? T - 1 - s : s; }
+  // First row of time t, and the distance in rows between consecutive batch entries.
+  TFCELLS_HD Index StepRow(Index t) const { return time_major ? t * B : t; }
+  TFCELLS_HD Index BatchStride() const { return time_major ? 1 : T; }
+  Index Rows() const { return T * B; }
+};
+
+// A [B, width] matrix at one time step inside a sequence buffer (or a plain [B, width] matrix).
+template <typename T>
+struct StepMatrix {
+  T* data = nullptr;
+  Index ld = 0;  // elements between consecutive batch rows
+
+  StepMatrix() = default;
+  TFCELLS_HD StepMatrix(T* d, Index l) : data(d), ld(l) {}
+  template <typename U>  // T* -> const T*
+  TFCELLS_HD StepMatrix(const StepMatrix<U>& o) : data(o.data), ld(o.ld) {}
+
+  TFCELLS_HD T& operator()(Index b, Index j) const { return data[b * ld + j]; }
+  explicit operator bool() const { return data != nullptr; }
+};
+
+template <typename T>
+TFCELLS_HD StepMatrix<T> AtStep(T* seq, const Dims& d, Index t, Index width) {
+  if (seq == nullptr) return {nullptr, 0};
+  return {seq + d.StepRow(t) * width, d.BatchStride() * width};
+}
+
+template <typename T>
+TFCELLS_HD StepMatrix<T> Plain(T* m, Index width) {
+  return {m, width};
+}
+
+}  // namespace tfcells

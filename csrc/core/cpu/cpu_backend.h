@@ -1,0 +1,34 @@
+// CPU backend: OpenBLAS GEMMs (its own thread pool) and vectorised single-thread pointwise
+// loops. The pointwise work is O(B*H) per step against O(B*H*G*H) for the GEMMs.
+#pragma once
+
+#include "../common.h"
+
+namespace tfcells {
+
+struct CpuBackend {
+  void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a, Index lda,
+            const float* b, Index ldb, float beta, float* c, Index ldc);
+  void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const double* a, Index lda,
+            const double* b, Index ldb, double beta, double* c, Index ldc);
+
+  template <typename F>
+  void ForEach(Index rows, Index cols, const F& f) {
+    for (Index b = 0; b < rows; ++b) {
+#pragma omp simd
+      for (Index j = 0; j < cols; ++j) f(b, j);
+    }
+  }
+
+  template <typename T>
+  void ColumnSum(Index rows, Index cols, const T* a, Index lda, T* out) {
+    for (Index j = 0; j < cols; ++j) out[j] = T(0);
+    for (Index r = 0; r < rows; ++r) {
+      const T* row = a + r * lda;
+#pragma omp simd
+      for (Index j = 0; j < cols; ++j) out[j] += row[j];
+    }
+  }
+};
+
+}  // namespace tfcells

@@ -1,0 +1,36 @@
+"""tfcells: fused LSTM, GRU and SimpleRNN kernels for TensorFlow 2 / Keras 3.
+
+The backward pass of every op computes only the gradients that are needed: a frozen matrix,
+an input that needs no gradient or an initial state that is a constant costs no work.
+"""
+
+from . import _build_info
+from ._loader import c_library as _c_library
+from . import ops
+from .ops import lstm, gru, simple_rnn
+
+__version__ = _build_info.VERSION
+
+
+def build_info():
+    """How this tfcells was built: versions, and whether CUDA kernels were compiled."""
+    return {
+        "version": _build_info.VERSION,
+        "tensorflow_version": _build_info.TENSORFLOW_VERSION,
+        "cuda": _build_info.CUDA,
+        "compiler": _build_info.COMPILER,
+        "native_arch": _build_info.NATIVE_ARCH,
+    }
+
+
+def set_cpu_gemm_threads(threads):
+    """Threads the CPU GEMMs may use (0 restores the default: one per core)."""
+    _c_library.tfcells_set_gemm_threads(int(threads))
+
+
+def cpu_gemm_threads():
+    return _c_library.tfcells_gemm_threads()
+
+
+__all__ = ["ops", "lstm", "gru", "simple_rnn", "build_info", "set_cpu_gemm_threads",
+           "cpu_gemm_threads", "__version__"]

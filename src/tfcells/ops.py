@@ -1,0 +1,227 @@
+"""The fused recurrent ops as differentiable TensorFlow functions.
+
+Each function runs a whole sequence in one op. Its gradient computes only what is needed:
+an input is skipped when the tape knows it needs no gradient (a constant, a non-trainable
+variable, a `tf.stop_gradient` output; `op.skip_input_indices`) or when the caller names it in
+`frozen`. When nothing needs a gradient, the op is not recorded on the tape at all.
+"""
+
+import tensorflow as tf
+from tensorflow.python.eager import record
+from tensorflow.python.framework import func_graph, ops as tf_ops
+
+from ._loader import ops_module
+
+GRAD_X = 1
+GRAD_H0 = 2
+GRAD_C0 = 4
+GRAD_KERNEL = 8
+GRAD_RECURRENT_KERNEL = 16
+GRAD_BIAS = 32
+
+# The gradient bit of each named input; the mask input never has a gradient.
+GRAD_BITS = {
+    "x": GRAD_X,
+    "h0": GRAD_H0,
+    "c0": GRAD_C0,
+    "kernel": GRAD_KERNEL,
+    "recurrent_kernel": GRAD_RECURRENT_KERNEL,
+    "bias": GRAD_BIAS,
+}
+
+_SUPPORTED_DTYPES = (tf.float32, tf.float64)
+
+
+class _Cell:
+    """How one cell's forward op and gradient op line up."""
+
+    def __init__(self, name, op, grad_op, inputs, n_outputs):
+        self.name = name
+        self.op = op
+        self.grad_op = grad_op
+        self.inputs = inputs  # forward op inputs, in order
+        self.n_outputs = n_outputs  # outputs before the cache (y, h_last[, c_last])
+
+
+_LSTM = _Cell("lstm", ops_module.tfcells_lstm, ops_module.tfcells_lstm_grad,
+              ("x", "h0", "c0", "kernel", "recurrent_kernel", "bias", "mask"), 3)
+_GRU = _Cell("gru", ops_module.tfcells_gru, ops_module.tfcells_gru_grad,
+             ("x", "h0", "kernel", "recurrent_kernel", "bias", "mask"), 2)
+_SIMPLE_RNN = _Cell("simple_rnn", ops_module.tfcells_simple_rnn,
+                    ops_module.tfcells_simple_rnn_grad,
+                    ("x", "h0", "kernel", "recurrent_kernel", "bias", "mask"), 2)
+_CELLS_BY_OP = {"TfcellsLstm": _LSTM, "TfcellsGru": _GRU, "TfcellsSimpleRnn": _SIMPLE_RNN}
+
+
+def _as_tensor(value, name, dtype, fn):
+    if isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(value, "dtype"):
+        value_dtype = tf.as_dtype(value.dtype)
+        if dtype is not None and value_dtype != dtype:
+            raise TypeError(f"tfcells.{fn}: {name} has dtype {value_dtype.name}, but x has "
+                            f"dtype {dtype.name}; all tensors must share one dtype")
+        return tf.convert_to_tensor(value)
+    return tf.convert_to_tensor(value, dtype=dtype, name=name)
+
+
+def _static_rank_check(tensor, rank, name, fn, layout):
+    if tensor.shape.rank is not None and tensor.shape.rank != rank:
+        raise ValueError(f"tfcells.{fn}: {name} must have rank {rank} ({layout}), got shape "
+                         f"{tensor.shape}")
+
+
+def _training_cache_needed(tensors):
+    """Whether a gradient may be asked of these tensors, so the forward must keep its cache.
+
+    A recording tape says so directly. A TF1-style graph may be differentiated later by
+    tf.gradients, so it keeps the cache. Inside tf.function with no tape, the gradient op
+    recomputes the cache if one is asked for after all.
+    """
+    if record.should_record_backprop(tensors):
+        return True
+    if tf.executing_eagerly():
+        return False
+    return not isinstance(tf_ops.get_default_graph(), func_graph.FuncGraph)
+
+
+def _run(cell, fn, values, time_major, go_backwards, frozen, training, extra_attrs):
+    x = _as_tensor(values["x"], "x", None, fn)
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"tfcells.{fn}: x has dtype {x.dtype.name}; the kernels support "
+                        "float32 and float64 (the Keras layers run reduced-precision "
+                        "policies in float32)")
+    layout = "[T, B, I]" if time_major else "[B, T, I]"
+    _static_rank_check(x, 3, "x", fn, layout)
+    tensors = {"x": x}
+    for name in cell.inputs[1:-1]:
+        if name == "bias" and values["bias"] is None:
+            tensors["bias"] = tf.zeros([0], x.dtype)
+        else:
+            tensors[name] = _as_tensor(values[name], name, x.dtype, fn)
+    for name in ("h0", "c0", "kernel", "recurrent_kernel"):
+        if name in tensors:
+            _static_rank_check(tensors[name], 2, name, fn, "a matrix")
+    mask = values["mask"]
+    if mask is None:
+        tensors["mask"] = tf.zeros([0], tf.bool)
+    else:
+        mask = tf.convert_to_tensor(mask)
+        if mask.dtype != tf.bool:
+            mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+        _static_rank_check(mask, 2, "mask", fn, "[T, B]" if time_major else "[B, T]")
+        tensors["mask"] = mask
+
+    frozen = set(frozen)
+    unknown = frozen - set(GRAD_BITS)
+    if unknown:
+        raise ValueError(f"tfcells.{fn}: frozen names unknown inputs {sorted(unknown)}; "
+                         f"choose from {sorted(n for n in GRAD_BITS if n in cell.inputs)}")
+    frozen_bits = 0
+    for name in frozen & set(cell.inputs):
+        frozen_bits |= GRAD_BITS[name]
+        # The tape then sees no path to this input, and records nothing if no input is left.
+        tensors[name] = tf.stop_gradient(tensors[name])
+
+    if training is None:
+        training = _training_cache_needed([tensors[n] for n in cell.inputs[:-1]])
+    outputs = cell.op(
+        *[tensors[n] for n in cell.inputs],
+        time_major=time_major, go_backwards=go_backwards,
+        has_bias=values["bias"] is not None, has_mask=values["mask"] is not None,
+        training=bool(training), frozen=frozen_bits, **extra_attrs)
+    return outputs[:cell.n_outputs]
+
+
+def lstm(x, h0, c0, kernel, recurrent_kernel, bias=None, mask=None, time_major=False,
+         go_backwards=False, frozen=(), training=None):
+    """Runs an LSTM (Keras layout and math) over a whole sequence.
+
+    Args:
+      x: [B, T, I] ([T, B, I] if time_major), float32 or float64.
+      h0, c0: [B, H] initial state.
+      kernel: [I, 4H]; recurrent_kernel: [H, 4H]; bias: [4H] or None. Gate order i, f, c, o.
+      mask: optional [B, T] ([T, B]) bool; a masked step keeps the previous state.
+      go_backwards: process the steps from last to first; outputs come in processing order.
+      frozen: names of inputs whose gradient is never computed (treated as constants), e.g.
+        ("kernel",) for a fixed input projection.
+      training: keep the cache for the gradient; None decides from the active tapes.
+
+    Returns:
+      (outputs [B, T, H] ([T, B, H]), h_last [B, H], c_last [B, H]).
+    """
+    values = dict(x=x, h0=h0, c0=c0, kernel=kernel, recurrent_kernel=recurrent_kernel,
+                  bias=bias, mask=mask)
+    return _run(_LSTM, "lstm", values, time_major, go_backwards, frozen, training, {})
+
+
+def gru(x, h0, kernel, recurrent_kernel, bias=None, mask=None, reset_after=True,
+        time_major=False, go_backwards=False, frozen=(), training=None):
+    """Runs a GRU (Keras layout and math, gate order z, r, h) over a whole sequence.
+
+    bias is [2, 3H] (input bias, recurrent bias) when reset_after, else [3H].
+    Returns (outputs, h_last); see lstm() for the other arguments.
+    """
+    values = dict(x=x, h0=h0, kernel=kernel, recurrent_kernel=recurrent_kernel, bias=bias,
+                  mask=mask)
+    return _run(_GRU, "gru", values, time_major, go_backwards, frozen, training,
+                {"reset_after": bool(reset_after)})
+
+
+def simple_rnn(x, h0, kernel, recurrent_kernel, bias=None, mask=None, time_major=False,
+               go_backwards=False, frozen=(), training=None):
+    """Runs a tanh RNN, h' = tanh(x·kernel + h·recurrent_kernel + bias), over a sequence.
+
+    Returns (outputs, h_last); see lstm() for the other arguments.
+    """
+    values = dict(x=x, h0=h0, kernel=kernel, recurrent_kernel=recurrent_kernel, bias=bias,
+                  mask=mask)
+    return _run(_SIMPLE_RNN, "simple_rnn", values, time_major, go_backwards, frozen, training,
+                {})
+
+
+def gradient_mask(op):
+    """The GradBits the gradient op of `op` will compute (see the module docstring)."""
+    cell = _CELLS_BY_OP[op.type]
+    skipped = set(getattr(op, "skip_input_indices", None) or ())
+    frozen = op.get_attr("frozen")
+    mask = 0
+    for index, name in enumerate(cell.inputs):
+        bit = GRAD_BITS.get(name, 0)
+        if index not in skipped and not frozen & bit:
+            mask |= bit
+    if not op.get_attr("has_bias"):
+        mask &= ~GRAD_BIAS
+    return mask
+
+
+def _rnn_grad(op, *output_grads):
+    cell = _CELLS_BY_OP[op.type]
+    mask = gradient_mask(op)
+    n_inputs = len(cell.inputs)
+    if mask == 0:
+        return [None] * n_inputs
+    inputs = list(op.inputs)
+    attrs = dict(time_major=op.get_attr("time_major"), go_backwards=op.get_attr("go_backwards"),
+                 has_bias=op.get_attr("has_bias"), has_mask=op.get_attr("has_mask"))
+    if cell is _GRU:
+        attrs["reset_after"] = op.get_attr("reset_after")
+    cache = list(op.outputs[cell.n_outputs:])
+    if not op.get_attr("training"):
+        # The forward ran without a cache (no tape was recording then): rebuild it.
+        cache = list(cell.op(*inputs, training=True, frozen=op.get_attr("frozen"),
+                             **attrs)[cell.n_outputs:])
+    dtype = inputs[0].dtype
+    grads = [g if g is not None else tf.zeros([0], dtype)
+             for g in output_grads[:cell.n_outputs]]
+    results = cell.grad_op(*inputs, *cache, *grads, grad_mask=mask, **attrs)
+    by_name = dict(zip(["dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"]
+                       if cell is _LSTM else
+                       ["dx", "dh0", "dkernel", "drecurrent_kernel", "dbias"], results))
+    out = []
+    for name in cell.inputs:
+        bit = GRAD_BITS.get(name, 0)
+        out.append(by_name["d" + name] if bit & mask else None)
+    return out
+
+
+for _op_type in _CELLS_BY_OP:
+    tf_ops.RegisterGradient(_op_type)(_rnn_grad)
