@@ -7,8 +7,10 @@ import tensorflow as tf
 
 from . import _build_info
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-OPS_LIBRARY_PATH = os.path.join(_HERE, "_tfcells_ops.so")
+# The compiled files sit beside the generated _build_info.py (in an editable install that is
+# not this source directory).
+OPS_LIBRARY_PATH = os.path.join(os.path.dirname(os.path.abspath(_build_info.__file__)),
+                                "_tfcells_ops.so")
 
 REBUILD_HINT = (
     "Rebuild tfcells against the installed TensorFlow: "

@@ -1,0 +1,30 @@
+"""Introspection for tests: how often each piece of gradient work ran in the CPU kernels."""
+
+import ctypes
+
+from ._loader import c_library
+
+_COUNTER_NAMES = ("forward_calls", "backward_calls", "grad_x", "grad_h0", "grad_kernel",
+                  "grad_recurrent_kernel", "grad_bias")
+
+
+def work_counters():
+    """Process-wide counts since start-up: forward and backward op runs, and how often each
+    gradient (dx, dh0, dkernel, drecurrent_kernel, dbias) was actually computed."""
+    values = (ctypes.c_int64 * len(_COUNTER_NAMES))()
+    c_library.tfcells_work_counters(values)
+    return dict(zip(_COUNTER_NAMES, values))
+
+
+class CountWork:
+    """Context manager recording the counters' growth inside its block, in `.delta`."""
+
+    def __enter__(self):
+        self._start = work_counters()
+        self.delta = None
+        return self
+
+    def __exit__(self, *exc):
+        end = work_counters()
+        self.delta = {k: end[k] - self._start[k] for k in end}
+        return False
