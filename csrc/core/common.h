@@ -63,7 +63,7 @@ struct StepMatrix {
   TFCELLS_HD StepMatrix(const StepMatrix<U>& o) : data(o.data), ld(o.ld) {}
 
   TFCELLS_HD T& operator()(Index b, Index j) const { return data[b * ld + j]; }
-  explicit operator bool() const { return data != nullptr; }
+  TFCELLS_HD explicit operator bool() const { return data != nullptr; }
 };
 
 template <typename T>

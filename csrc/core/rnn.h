@@ -224,8 +224,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   const Index B = d.B, H = d.H, G = GateCount(a.cell), GH = G * H, rows = d.Rows();
   const int m = a.grad_mask;
   Counters().backward_calls++;
-  if (B == 0 || H == 0) return;
-  if (d.T == 0) {  // the initial state went straight to the final state
+  if (d.T == 0 || B == 0 || H == 0) {  // no step ran: the initial state is the final state
     if (m & kGradH0) be.ForEach(B, H, detail::ZeroOrCopyPoint<T>{Plain(a.dh0, H), Plain(a.dh_last, H)});
     if (a.cell == CellKind::kLstm && (m & kGradC0))
       be.ForEach(B, H, detail::ZeroOrCopyPoint<T>{Plain(a.dc0, H), Plain(a.dc_last, H)});

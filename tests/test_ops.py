@@ -1,0 +1,457 @@
+"""The fused ops against plain-TF references (float64, tf.GradientTape) and finite differences.
+
+Every value and gradient is checked; gradients that must be skipped are checked to be None
+*and* never computed (kernel work counters), not just absent.
+"""
+
+import functools
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfcells
+from tfcells import reference as ref
+from tfcells.testing import CountWork
+
+
+class Cell:
+    def __init__(self, name, op, ref_fn, gates, has_c, bias_shape):
+        self.name, self.op, self.ref, self.gates = name, op, ref_fn, gates
+        self.has_c, self.bias_shape = has_c, bias_shape
+
+    @property
+    def grad_inputs(self):
+        return ["x", "h0"] + (["c0"] if self.has_c else []) + [
+            "kernel", "recurrent_kernel", "bias"]
+
+    @property
+    def n_outputs(self):
+        return 3 if self.has_c else 2
+
+    def __repr__(self):
+        return self.name
+
+
+CELLS = [
+    Cell("lstm", tfcells.ops.lstm, ref.lstm, 4, True, lambda h: [4 * h]),
+    Cell("gru", functools.partial(tfcells.ops.gru, reset_after=True),
+         functools.partial(ref.gru, reset_after=True), 3, False, lambda h: [2, 3 * h]),
+    Cell("gru_reset_before", functools.partial(tfcells.ops.gru, reset_after=False),
+         functools.partial(ref.gru, reset_after=False), 3, False, lambda h: [3 * h]),
+    Cell("simple_rnn", tfcells.ops.simple_rnn, ref.simple_rnn, 1, False, lambda h: [h]),
+]
+CELL_IDS = [c.name for c in CELLS]
+
+
+def make_inputs(cell, B, T, I, H, dtype, seed=0, time_major=False, bias=True):
+    rng = np.random.default_rng(seed)
+    x_shape = (T, B, I) if time_major else (B, T, I)
+    values = {
+        "x": rng.standard_normal(x_shape),
+        "h0": rng.standard_normal((B, H)) * 0.5,
+        "kernel": rng.standard_normal((I, cell.gates * H)) / np.sqrt(max(I, 1)),
+        "recurrent_kernel": rng.standard_normal((H, cell.gates * H)) / np.sqrt(H),
+    }
+    if cell.has_c:
+        values["c0"] = rng.standard_normal((B, H)) * 0.5
+    values["bias"] = rng.standard_normal(cell.bias_shape(H)) * 0.3 if bias else None
+    return {k: None if v is None else tf.constant(v, dtype) for k, v in values.items()}
+
+
+def make_mask(kind, B, T, time_major, seed=0):
+    if kind is None:
+        return None
+    rng = np.random.default_rng(seed + 1)
+    if kind == "random":
+        m = rng.random((B, T)) > 0.35
+    elif kind == "non_contiguous":  # holes in the middle of sequences
+        m = np.ones((B, T), bool)
+        m[:, 1::3] = False
+    elif kind == "all_masked_row":
+        m = rng.random((B, T)) > 0.35
+        m[0, :] = False
+    elif kind == "left_padded":
+        lengths = rng.integers(0, T + 1, size=B)
+        m = np.arange(T)[None, :] >= (T - lengths)[:, None]
+    else:
+        raise ValueError(kind)
+    return tf.constant(m.T if time_major else m)
+
+
+def loss_weights(cell, inputs, time_major, seed=7):
+    """Fixed random weights so that every output carries a distinct gradient."""
+    rng = np.random.default_rng(seed)
+    x = inputs["x"]
+    B, T = (x.shape[1], x.shape[0]) if time_major else (x.shape[0], x.shape[1])
+    H = inputs["h0"].shape[1]
+    y_shape = (T, B, H) if time_major else (B, T, H)
+    shapes = [y_shape, (B, H)] + ([(B, H)] if cell.has_c else [])
+    return [tf.constant(rng.standard_normal(s), x.dtype) for s in shapes]
+
+
+def run_with_grads(fn, inputs, watched, weights, **kwargs):
+    """Outputs of fn and the tape gradients of a weighted sum of them w.r.t. `watched`."""
+    with tf.GradientTape() as tape:
+        for name in watched:
+            tape.watch(inputs[name])
+        outputs = fn(**inputs, **kwargs)
+        loss = tf.add_n([tf.reduce_sum(o * w) for o, w in zip(outputs, weights)])
+    grads = tape.gradient(loss, [inputs[n] for n in watched])
+    return outputs, dict(zip(watched, grads))
+
+
+def cast_inputs(inputs, dtype):
+    return {k: None if v is None else tf.cast(v, dtype) for k, v in inputs.items()}
+
+
+def assert_close(actual, expected, dtype, what):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if dtype == tf.float64:
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-12, err_msg=what)
+    else:
+        np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=2e-5, err_msg=what)
+
+
+def check_against_reference(cell, inputs, mask, time_major, go_backwards, dtype,
+                            watched=None, frozen=()):
+    """Runs the op in `dtype` and the reference in float64; compares values and gradients."""
+    watched = watched if watched is not None else [
+        n for n in cell.grad_inputs if inputs.get(n) is not None]
+    inputs64 = cast_inputs(inputs, tf.float64)
+    weights64 = loss_weights(cell, inputs64, time_major)
+    ref_out, ref_grads = run_with_grads(cell.ref, inputs64, watched, weights64, mask=mask,
+                                        time_major=time_major, go_backwards=go_backwards)
+    ours_in = cast_inputs(inputs, dtype)
+    weights = [tf.cast(w, dtype) for w in weights64]
+    with CountWork() as work:
+        out, grads = run_with_grads(cell.op, ours_in, watched, weights, mask=mask,
+                                    time_major=time_major, go_backwards=go_backwards,
+                                    frozen=frozen)
+    for name, o, r in zip(["outputs", "h_last", "c_last"], out, ref_out):
+        assert o.dtype == dtype
+        assert_close(o, r, dtype, f"{cell} {name}")
+    for name in watched:
+        if name in frozen:
+            assert grads[name] is None, f"{cell}: frozen {name} got a gradient"
+        else:
+            assert grads[name] is not None, f"{cell}: no gradient for {name}"
+            assert_close(grads[name], ref_grads[name], dtype, f"{cell} d{name}")
+    return work.delta
+
+
+SHAPES = [(1, 1, 1, 1), (2, 3, 4, 5), (3, 7, 5, 3), (4, 5, 9, 13)]  # B, T, I, H
+LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]  # time_major, go_backwards
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}I{}H{}".format(*s))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["batch_major", "time_major", "backwards",
+                                                 "time_major_backwards"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_values_and_gradients_float64(cell, shape, layout, masked):
+    B, T, I, H = shape
+    time_major, go_backwards = layout
+    inputs = make_inputs(cell, B, T, I, H, tf.float64, time_major=time_major)
+    mask = make_mask("random" if masked else None, B, T, time_major)
+    check_against_reference(cell, inputs, mask, time_major, go_backwards, tf.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("shape", [(3, 7, 5, 3), (8, 20, 16, 24)],
+                         ids=lambda s: "B{}T{}I{}H{}".format(*s))
+@pytest.mark.parametrize("layout", LAYOUTS[:3], ids=["batch_major", "time_major", "backwards"])
+def test_values_and_gradients_float32(cell, shape, layout):
+    B, T, I, H = shape
+    time_major, go_backwards = layout
+    inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=3, time_major=time_major)
+    mask = make_mask("random", B, T, time_major, seed=3)
+    check_against_reference(cell, inputs, mask, time_major, go_backwards, tf.float32)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("kind", ["non_contiguous", "all_masked_row", "left_padded"])
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch_major", "time_major"])
+def test_mask_kinds(cell, kind, time_major):
+    B, T, I, H = 4, 6, 3, 5
+    inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=11, time_major=time_major)
+    mask = make_mask(kind, B, T, time_major, seed=11)
+    check_against_reference(cell, inputs, mask, time_major, False, tf.float64)
+    check_against_reference(cell, inputs, mask, time_major, True, tf.float64)
+
+
+def test_all_masked_row_keeps_initial_state():
+    cell = CELLS[0]
+    inputs = make_inputs(cell, 3, 4, 2, 5, tf.float64)
+    mask = make_mask("all_masked_row", 3, 4, False)
+    y, h, c = tfcells.ops.lstm(**inputs, mask=mask)
+    np.testing.assert_array_equal(h[0], inputs["h0"][0])
+    np.testing.assert_array_equal(c[0], inputs["c0"][0])
+    np.testing.assert_array_equal(y[0], np.repeat(inputs["h0"][0][None], 4, axis=0))
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_without_bias(cell):
+    inputs = make_inputs(cell, 3, 4, 5, 6, tf.float64, bias=False)
+    check_against_reference(cell, inputs, make_mask("random", 3, 4, False), False, False,
+                            tf.float64)
+
+
+def _subsets(names):
+    return [c for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
+
+
+FROZEN_CASES = [(cell, subset) for cell in CELLS for subset in _subsets(cell.grad_inputs)]
+
+# What each gradient's work counter is called; h0 is counted, c0 rides along with it.
+COUNTER_OF = {"x": "grad_x", "h0": "grad_h0", "kernel": "grad_kernel",
+              "recurrent_kernel": "grad_recurrent_kernel", "bias": "grad_bias"}
+
+
+def _expected_work(cell, needed):
+    return {counter: int(name in needed) for name, counter in COUNTER_OF.items()}
+
+
+@pytest.mark.parametrize("how", ["frozen_arg", "unwatched"])
+@pytest.mark.parametrize("cell,skipped", FROZEN_CASES,
+                         ids=[f"{c.name}-{'+'.join(s) or 'none'}" for c, s in FROZEN_CASES])
+def test_every_frozen_combination(cell, skipped, how):
+    """Each skipped gradient is None and never computed; each requested one is exact."""
+    inputs = make_inputs(cell, 3, 4, 5, 6, tf.float64, seed=5)
+    mask = make_mask("random", 3, 4, False, seed=5)
+    needed = [n for n in cell.grad_inputs if n not in skipped]
+    if how == "frozen_arg":  # the caller says so; the tape watches everything
+        work = check_against_reference(cell, inputs, mask, False, False, tf.float64,
+                                       watched=cell.grad_inputs, frozen=skipped)
+    else:  # the tape knows: skipped inputs are not watched (skip_input_indices)
+        work = check_against_reference(cell, inputs, mask, False, False, tf.float64,
+                                       watched=needed)
+    expected = _expected_work(cell, needed)
+    if not needed:
+        # Nothing needs a gradient: the op is not even recorded on the tape.
+        assert work["backward_calls"] == 0
+    else:
+        assert work["backward_calls"] == 1
+        if "h0" not in needed and "c0" in needed:
+            expected["grad_h0"] = 0
+        got = {k: work[k] for k in expected}
+        assert got == expected, f"work done {got}, expected {expected}"
+
+
+def test_frozen_rejects_unknown_names():
+    cell = CELLS[3]
+    inputs = make_inputs(cell, 2, 3, 4, 5, tf.float32)
+    with pytest.raises(ValueError, match="frozen names unknown inputs.*'kernal'"):
+        tfcells.ops.simple_rnn(**inputs, frozen=("kernal",))
+
+
+def test_variables_trainable_and_not():
+    """A non-trainable tf.Variable is skipped by the tape; a trainable one is differentiated."""
+    cell = CELLS[0]
+    inputs = make_inputs(cell, 2, 3, 4, 5, tf.float32)
+    kernel = tf.Variable(inputs["kernel"], trainable=False)
+    recurrent = tf.Variable(inputs["recurrent_kernel"])
+    with CountWork() as work:
+        with tf.GradientTape() as tape:
+            y, _, _ = tfcells.ops.lstm(inputs["x"], inputs["h0"], inputs["c0"], kernel,
+                                       recurrent, inputs["bias"])
+            loss = tf.reduce_sum(y)
+        gk, gr = tape.gradient(loss, [kernel, recurrent])
+    assert gk is None and gr is not None
+    assert work.delta["grad_kernel"] == 0 and work.delta["grad_recurrent_kernel"] == 1
+    assert work.delta["grad_x"] == 0 and work.delta["grad_bias"] == 0
+
+
+def _graph_gradients(cell, inputs, mask, frozen=()):
+    """tf.gradients in a TF1-style graph (no skip_input_indices there)."""
+    names = [n for n in cell.grad_inputs if inputs.get(n) is not None]
+    weights = [w.numpy() for w in loss_weights(cell, inputs, False)]
+    with tf.Graph().as_default() as g:
+        placeholders = {n: tf.constant(inputs[n].numpy()) for n in names}
+        mask_t = None if mask is None else tf.constant(mask.numpy())
+        outs = cell.op(**placeholders, mask=mask_t, frozen=frozen)
+        loss = tf.add_n([tf.reduce_sum(o * tf.constant(w))
+                         for o, w in zip(outs, weights)])
+        grads = tf.gradients(loss, [placeholders[n] for n in names])
+        fetch = [g_ for g_ in grads if g_ is not None]
+        with tf.compat.v1.Session(graph=g) as sess:
+            values = iter(sess.run(fetch))
+    return {n: (next(values) if g_ is not None else None) for n, g_ in zip(names, grads)}
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_graph_mode_tf_gradients(cell):
+    inputs = make_inputs(cell, 3, 4, 5, 6, tf.float64)
+    mask = make_mask("random", 3, 4, False)
+    weights = loss_weights(cell, inputs, False)
+    _, expected = run_with_grads(cell.ref, inputs, cell.grad_inputs, weights, mask=mask)
+    got = _graph_gradients(cell, inputs, mask)
+    for name in cell.grad_inputs:
+        assert_close(got[name], expected[name], tf.float64, f"graph d{name}")
+    frozen = ("kernel", "x")
+    got = _graph_gradients(cell, inputs, mask, frozen=frozen)
+    for name in cell.grad_inputs:
+        if name in frozen:
+            assert got[name] is None
+        else:
+            assert_close(got[name], expected[name], tf.float64, f"graph frozen d{name}")
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_tf_function_tape_and_tf_gradients(cell):
+    inputs = make_inputs(cell, 3, 4, 5, 6, tf.float64)
+    mask = make_mask("random", 3, 4, False)
+    weights = loss_weights(cell, inputs, False)
+    names = cell.grad_inputs
+    _, expected = run_with_grads(cell.ref, inputs, names, weights, mask=mask)
+
+    @tf.function
+    def with_tape(values):
+        return run_with_grads(cell.op, values, names, weights, mask=mask)[1]
+
+    @tf.function
+    def with_tf_gradients(values):  # no tape inside: the forward keeps no cache
+        outs = cell.op(**values, mask=mask)
+        loss = tf.add_n([tf.reduce_sum(o * w) for o, w in zip(outs, weights)])
+        return dict(zip(names, tf.gradients(loss, [values[n] for n in names])))
+
+    for fn in (with_tape, with_tf_gradients):
+        got = fn(inputs)
+        for name in names:
+            assert_close(got[name], expected[name], tf.float64, f"{fn.__name__} d{name}")
+
+
+def _forward_op(concrete_function):
+    ops = [op for op in concrete_function.graph.get_operations()
+           if op.type.startswith("Tfcells") and not op.type.endswith("Grad")]
+    assert len(ops) == 1
+    return ops[0]
+
+
+def test_inference_keeps_no_training_cache():
+    """Without a tape (Keras predict) the forward op is built with training=False."""
+    cell = CELLS[0]
+    inputs = make_inputs(cell, 2, 3, 4, 5, tf.float32)
+    inference = tf.function(lambda v: cell.op(**v)).get_concrete_function(inputs)
+    assert _forward_op(inference).get_attr("training") is False
+
+    def train_step(v):
+        with tf.GradientTape() as tape:
+            tape.watch(v["kernel"])
+            loss = tf.reduce_sum(cell.op(**v)[0])
+        return tape.gradient(loss, v["kernel"])
+
+    training = tf.function(train_step).get_concrete_function(inputs)
+    assert _forward_op(training).get_attr("training") is True
+    y, h, c = cell.op(**inputs, training=False)
+    assert y.shape == (2, 3, 5)
+
+
+def test_training_false_under_tape_recomputes_cache():
+    cell = CELLS[1]
+    inputs = make_inputs(cell, 3, 4, 5, 6, tf.float64)
+    weights = loss_weights(cell, inputs, False)
+    names = cell.grad_inputs
+    _, expected = run_with_grads(cell.ref, inputs, names, weights)
+    _, got = run_with_grads(cell.op, inputs, names, weights, training=False)
+    for name in names:
+        assert_close(got[name], expected[name], tf.float64, f"d{name}")
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_finite_differences(cell):
+    B, T, I, H = 2, 3, 3, 4
+    inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=21)
+    mask = make_mask("non_contiguous", B, T, False)
+    names = cell.grad_inputs
+    weights = loss_weights(cell, inputs, False)
+
+    def loss(*values):
+        outs = cell.op(**dict(zip(names, values)), mask=mask)
+        return tf.add_n([tf.reduce_sum(o * w) for o, w in zip(outs, weights)])
+
+    theoretical, numerical = tf.test.compute_gradient(loss, [inputs[n] for n in names],
+                                                        delta=1e-6)
+    for name, t, n in zip(names, theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-7, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_empty_sequence_returns_initial_state(cell):
+    inputs = make_inputs(cell, 3, 0, 4, 5, tf.float64)
+    names = cell.grad_inputs
+    weights = loss_weights(cell, inputs, False)
+    out, grads = run_with_grads(cell.op, inputs, names, weights)
+    assert out[0].shape == (3, 0, 5)
+    np.testing.assert_array_equal(out[1], inputs["h0"])
+    if cell.has_c:
+        np.testing.assert_array_equal(out[2], inputs["c0"])
+        np.testing.assert_array_equal(grads["c0"], weights[2])
+    np.testing.assert_array_equal(grads["h0"], weights[1])
+    for name in ("x", "kernel", "recurrent_kernel", "bias"):
+        assert not np.any(grads[name]), name
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_zero_batch(cell):
+    inputs = make_inputs(cell, 0, 4, 3, 5, tf.float32)
+    names = cell.grad_inputs
+    weights = loss_weights(cell, inputs, False)
+    out, grads = run_with_grads(cell.op, inputs, names, weights)
+    assert out[0].shape == (0, 4, 5) and out[1].shape == (0, 5)
+    assert grads["kernel"].shape == (3, cell.gates * 5)
+    assert not np.any(grads["kernel"]) and not np.any(grads["recurrent_kernel"])
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_nan_propagates_like_reference(cell):
+    inputs = make_inputs(cell, 3, 4, 2, 3, tf.float32)
+    x = inputs["x"].numpy()
+    x[1, 2, 0] = np.nan
+    inputs["x"] = tf.constant(x)
+    out = cell.op(**inputs)[0].numpy()
+    expected = cell.ref(**cast_inputs(inputs, tf.float64))[0].numpy()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    assert np.isnan(out[1, 2:]).all() and np.isfinite(out[[0, 2]]).all()
+
+
+def test_core_module_matches_op():
+    """The pybind11 module (no TensorFlow) runs the same kernels as the op."""
+    from tfcells import _tfcells_core as core
+    cell = CELLS[0]
+    inputs = make_inputs(cell, 3, 4, 5, 6, tf.float32)
+    mask = make_mask("random", 3, 4, False)
+    n = {k: v.numpy() for k, v in inputs.items()}
+    fwd = core.forward("lstm", n["x"], n["h0"], n["c0"], n["kernel"], n["recurrent_kernel"],
+                       n["bias"], mask.numpy())
+    y, h, c = tfcells.ops.lstm(**inputs, mask=mask)
+    np.testing.assert_array_equal(fwd["y"], y)
+    np.testing.assert_array_equal(fwd["c_last"], c)
+    dy = np.ones_like(fwd["y"])
+    bwd = core.backward("lstm", n["x"], n["h0"], n["c0"], n["kernel"], n["recurrent_kernel"],
+                        n["bias"], mask.numpy(), False, False, fwd["gates"], fwd["aux"],
+                        fwd["h_prev"], dy, None, None, core.GRAD_KERNEL | core.GRAD_X)
+    assert sorted(bwd) == ["dkernel", "dx"]
+    with tf.GradientTape() as tape:
+        tape.watch([inputs["kernel"], inputs["x"]])
+        loss = tf.reduce_sum(tfcells.ops.lstm(**inputs, mask=mask)[0])
+    dk, dx = tape.gradient(loss, [inputs["kernel"], inputs["x"]])
+    np.testing.assert_allclose(bwd["dkernel"], dk, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bwd["dx"], dx, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="kernel must have shape"):
+        core.forward("lstm", n["x"], n["h0"], n["c0"], n["kernel"][:-1],
+                     n["recurrent_kernel"], n["bias"], None)
+
+
+def test_deterministic_run_to_run():
+    cell = CELLS[0]
+    inputs = make_inputs(cell, 8, 10, 16, 32, tf.float32)
+    weights = loss_weights(cell, inputs, False)
+    first = run_with_grads(cell.op, inputs, cell.grad_inputs, weights)
+    second = run_with_grads(cell.op, inputs, cell.grad_inputs, weights)
+    for a, b in zip(first[0], second[0]):
+        np.testing.assert_array_equal(a, b)
+    for name in cell.grad_inputs:
+        np.testing.assert_array_equal(first[1][name], second[1][name])
