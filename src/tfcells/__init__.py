@@ -8,6 +8,7 @@ from . import _build_info
 from ._loader import c_library as _c_library
 from . import ops
 from .ops import lstm, gru, simple_rnn
+from .layers import LSTM, GRU, SimpleRNN, LSTMCell, GRUCell, SimpleRNNCell, RNN
 
 __version__ = _build_info.VERSION
 
@@ -33,4 +34,5 @@ def cpu_gemm_threads():
 
 
 __all__ = ["ops", "lstm", "gru", "simple_rnn", "build_info", "set_cpu_gemm_threads",
-           "cpu_gemm_threads", "__version__"]
+           "cpu_gemm_threads", "__version__", "LSTM", "GRU", "SimpleRNN", "LSTMCell", "GRUCell",
+           "SimpleRNNCell", "RNN"]

@@ -1,0 +1,548 @@
+"""Keras 3 layers and cells that run a whole sequence through one fused tfcells op.
+
+`tfcells.LSTM`, `tfcells.GRU` and `tfcells.SimpleRNN` subclass `keras.layers.LSTM`, `GRU` and
+`SimpleRNN`: constructor arguments, weights, `build`, `get_config`, dropout, statefulness,
+masking and wrappers such as `Bidirectional` are Keras' own. Only `inner_loop` (the hook Keras'
+cuDNN path uses) is replaced: when the configuration is one the kernels implement, the whole
+sequence runs through `tfcells.ops.lstm/gru/simple_rnn`; otherwise Keras' own per-step loop
+runs (see `fused_unsupported_reason`). Either way the numbers are Keras'.
+
+The cells `tfcells.LSTMCell`, `GRUCell` and `SimpleRNNCell` subclass Keras' cells. Inside
+`keras.layers.RNN` they are ordinary Keras cells run step by step (Keras' RNN layer offers no
+hook that sees the whole sequence); wrap them in `tfcells.RNN` (a `keras.layers.RNN`) to run
+them, alone or as a `StackedRNNCells`, through the fused ops.
+
+Freezing: `kernel_trainable`, `recurrent_kernel_trainable` and `bias_trainable` (constructor
+arguments of the layers and cells), `layer.cell.kernel.trainable = False` after build and
+`layer.trainable = False` all remove the weight from `trainable_weights` (so `fit` leaves it
+bit-identical) and, because the flags are read each time the layer is traced, make the
+backward op skip that weight's gradient GEMM from the next `compile()`/trace on. A layer with
+every weight frozen on an input that needs no gradient is not recorded on the tape at all.
+
+`input_gradient=False` declares that nothing below the layer needs a gradient through its
+input, so dx is never computed. The tape finds that out by itself for data inputs and
+non-trainable TensorFlow variables, but not for a frozen Keras layer below (e.g.
+`Embedding(trainable=False)`): Keras freezing leaves the TensorFlow variable trainable, so the
+tape still asks for dx. Gradients that would flow into the input are dropped when it is False.
+"""
+
+import keras
+import tensorflow as tf
+from keras.src import tree
+from keras.src.backend.common.variables import AutocastScope
+from keras.src.layers.input_spec import InputSpec
+from tensorflow.python.ops import control_flow_util
+
+from . import ops as _ops
+
+__all__ = ["LSTM", "GRU", "SimpleRNN", "LSTMCell", "GRUCell", "SimpleRNNCell", "RNN"]
+
+_register = keras.saving.register_keras_serializable(package="tfcells")
+
+_TANH = {keras.activations.tanh, keras.ops.tanh, tf.tanh, tf.math.tanh, tf.nn.tanh}
+_SIGMOID = {keras.activations.sigmoid, keras.ops.sigmoid, tf.sigmoid, tf.math.sigmoid,
+            tf.nn.sigmoid}
+_FUSED_CHOICES = ("auto", True, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cells
+
+
+class _FreezableCell:
+    """Per-weight `trainable` flags for a Keras RNN cell, applied when the cell is built."""
+
+    _WEIGHT_FLAGS = (("kernel", "kernel_trainable"),
+                     ("recurrent_kernel", "recurrent_kernel_trainable"),
+                     ("bias", "bias_trainable"))
+
+    def _init_flags(self, kernel_trainable, recurrent_kernel_trainable, bias_trainable):
+        self._initial_flags = {"kernel_trainable": bool(kernel_trainable),
+                               "recurrent_kernel_trainable": bool(recurrent_kernel_trainable),
+                               "bias_trainable": bool(bias_trainable)}
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        for weight, flag in self._WEIGHT_FLAGS:
+            variable = getattr(self, weight, None)
+            if variable is not None:
+                variable.trainable = self._initial_flags[flag]
+
+    def _flag_config(self):
+        """The flags as they are now: a weight's own `trainable` once built."""
+        config = {}
+        for weight, flag in self._WEIGHT_FLAGS:
+            variable = getattr(self, weight, None) if self.built else None
+            config[flag] = (variable.trainable if variable is not None
+                            else self._initial_flags[flag])
+        return config
+
+    def get_config(self):
+        return {**super().get_config(), **self._flag_config()}
+
+
+@_register
+class LSTMCell(_FreezableCell, keras.layers.LSTMCell):
+    """`keras.layers.LSTMCell` with per-weight freezing flags.
+
+    Takes every argument of `keras.layers.LSTMCell`, plus `kernel_trainable`,
+    `recurrent_kernel_trainable` and `bias_trainable` (default True): a False flag makes that
+    weight non-trainable when the cell is built. Runs fused inside `tfcells.RNN`.
+    """
+
+    def __init__(self, *args, kernel_trainable=True, recurrent_kernel_trainable=True,
+                 bias_trainable=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_flags(kernel_trainable, recurrent_kernel_trainable, bias_trainable)
+
+
+@_register
+class GRUCell(_FreezableCell, keras.layers.GRUCell):
+    """`keras.layers.GRUCell` with per-weight freezing flags (see `LSTMCell`)."""
+
+    def __init__(self, *args, kernel_trainable=True, recurrent_kernel_trainable=True,
+                 bias_trainable=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_flags(kernel_trainable, recurrent_kernel_trainable, bias_trainable)
+
+
+@_register
+class SimpleRNNCell(_FreezableCell, keras.layers.SimpleRNNCell):
+    """`keras.layers.SimpleRNNCell` with per-weight freezing flags (see `LSTMCell`)."""
+
+    def __init__(self, *args, kernel_trainable=True, recurrent_kernel_trainable=True,
+                 bias_trainable=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_flags(kernel_trainable, recurrent_kernel_trainable, bias_trainable)
+
+
+# The Keras class whose per-step `call` each tfcells cell must still use for the fused op to
+# compute the same thing; a subclass overriding `call` runs Keras' loop.
+_KERAS_CELL_OF = {LSTMCell: keras.layers.LSTMCell, GRUCell: keras.layers.GRUCell,
+                  SimpleRNNCell: keras.layers.SimpleRNNCell}
+
+
+def _cell_kind(cell):
+    for ours, theirs in _KERAS_CELL_OF.items():
+        if isinstance(cell, ours):
+            return ours, theirs
+    return None, None
+
+
+def _state_count(cell):
+    return 2 if isinstance(cell, keras.layers.LSTMCell) else 1
+
+
+def _cell_unsupported_reason(cell, training):
+    """Why the fused op cannot run this cell as Keras would (None when it can)."""
+    ours, theirs = _cell_kind(cell)
+    if ours is None:
+        return (f"cell {type(cell).__name__} is not a tfcells cell (tfcells.LSTMCell, "
+                "GRUCell or SimpleRNNCell)")
+    if type(cell).call is not theirs.call:
+        return f"{type(cell).__name__} overrides call()"
+    if cell.activation not in _TANH:
+        return f"activation {cell.activation!r} is not tanh"
+    if ours is not SimpleRNNCell and cell.recurrent_activation not in _SIGMOID:
+        return f"recurrent_activation {cell.recurrent_activation!r} is not sigmoid"
+    if training and cell.recurrent_dropout > 0:
+        return "recurrent_dropout is applied while training"
+    if (training and ours is not SimpleRNNCell and getattr(cell, "implementation", 2) == 1
+            and 0.0 < cell.dropout < 1.0):
+        return "implementation=1 draws one input-dropout mask per gate while training"
+    return None
+
+
+def _read(variable, dtype):
+    """A weight's stored value (no mixed-precision autocast), as `dtype`."""
+    with AutocastScope(None):
+        value = variable.value
+    if tf.as_dtype(value.dtype) != dtype:
+        value = tf.cast(value, dtype)
+    return value
+
+
+def _in_xla_context():
+    try:
+        return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    except Exception:  # pragma: no cover - private TF API moved
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused inner loop, shared by the layers and tfcells.RNN
+
+
+class _FusedRNN:
+    """Mixin for a `keras.layers.RNN` subclass: runs `inner_loop` through the fused ops."""
+
+    def _init_fused(self, input_gradient, use_fused):
+        if use_fused not in _FUSED_CHOICES:
+            raise ValueError("Invalid value for argument `use_fused`: expected one of "
+                             f"{{'auto', True, False}}. Received: use_fused={use_fused!r}")
+        self.input_gradient = bool(input_gradient)
+        self.use_fused = use_fused
+        if self.fused_unsupported_reason(training=False) is None:
+            # The fused ops have no XLA kernels; like Keras' cuDNN path, opt out of
+            # jit_compile (Keras then warns and compiles without XLA).
+            self.supports_jit = False
+
+    def _rnn_cells(self):
+        cell = self.cell
+        if isinstance(cell, keras.layers.StackedRNNCells):
+            return list(cell.cells)
+        return [cell]
+
+    def fused_unsupported_reason(self, training=False):
+        """None when this layer runs through the fused op, else why Keras' own loop runs.
+
+        `training` matters: recurrent dropout is only applied while training.
+        """
+        if self.use_fused is False:
+            return "use_fused=False"
+        if self.unroll:
+            return "unroll=True"
+        for cell in self._rnn_cells():
+            reason = _cell_unsupported_reason(cell, training)
+            if reason is not None:
+                return reason
+        return None
+
+    def _layer_frozen(self):
+        return not self.trainable
+
+    def _frozen_inputs(self, cell, first):
+        frozen = []
+        layer_frozen = self._layer_frozen() or not cell.trainable
+        for name in ("kernel", "recurrent_kernel", "bias"):
+            variable = getattr(cell, name, None)
+            if variable is not None and (layer_frozen or not variable.trainable):
+                frozen.append(name)
+        if first and not self.input_gradient:
+            frozen.append("x")
+        return tuple(frozen)
+
+    # -- input checks ---------------------------------------------------------------------
+
+    def _check_call_arguments(self, sequences, initial_state, mask):
+        name = self.name
+        if tree.is_nested(sequences):
+            return
+        shape = sequences.shape
+        if shape.rank is not None and shape.rank != 3:
+            raise ValueError(
+                f'Input 0 of layer "{name}" is incompatible with the layer: expected ndim=3 '
+                f"([batch, timesteps, features]), found ndim={shape.rank}. Full shape "
+                f"received: {tuple(shape)}")
+        first = self._rnn_cells()[0]
+        kernel = getattr(first, "kernel", None) if getattr(first, "built", False) else None
+        if kernel is not None and shape.rank == 3 and shape[-1] is not None \
+                and shape[-1] != kernel.shape[0]:
+            raise ValueError(
+                f'Input 0 of layer "{name}" is incompatible with the layer: expected axis -1 '
+                f"of input shape to have value {kernel.shape[0]} (the feature size the layer "
+                f"was built with), but received input with shape {tuple(shape)}")
+        batch = shape[0] if shape.rank == 3 else None
+        if initial_state is not None:
+            flat = tree.flatten(initial_state)
+            expected = []
+            for cell in self._rnn_cells():
+                size = cell.state_size
+                expected += list(size) if isinstance(size, (list, tuple)) else [size]
+            if len(flat) != len(expected):
+                raise ValueError(
+                    f'Layer "{name}" expects {len(expected)} initial state tensor(s) of shapes '
+                    f"{[(batch, s) for s in expected]}, but received {len(flat)}: "
+                    f"initial_state={[tuple(getattr(s, 'shape', ())) for s in flat]}")
+            for i, (state, size) in enumerate(zip(flat, expected)):
+                state_shape = tuple(getattr(state, "shape", ()))
+                bad = len(state_shape) != 2 or state_shape[1] not in (None, size) or (
+                    batch is not None and state_shape[0] not in (None, batch))
+                if bad:
+                    raise ValueError(
+                        f'Layer "{name}": initial_state[{i}] must have shape {(batch, size)} '
+                        f"([batch, units]), but received shape {state_shape}")
+        if mask is not None:
+            if tree.is_nested(mask):
+                mask = tree.flatten(mask)[0]
+            mask_shape = tuple(getattr(mask, "shape", ()))
+            ok_rank = len(mask_shape) == 2 or (len(mask_shape) == 3 and mask_shape[2] in (1,
+                                                                                        None))
+            ok = ok_rank and all(m is None or s is None or m == s
+                                 for m, s in zip(mask_shape[:2], tuple(shape)[:2]))
+            if not ok:
+                raise ValueError(
+                    f'Layer "{name}": mask must have shape {tuple(shape)[:2]} ([batch, '
+                    f"timesteps], like the input), but received shape {mask_shape}")
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        reason = self.fused_unsupported_reason(training=bool(training))
+        if reason is None and tree.is_nested(sequences):
+            reason = "nested inputs"
+        if reason is None and _in_xla_context():
+            reason = "inside an XLA (jit_compile) function"
+        if reason is None and tf.as_dtype(sequences.dtype) not in (
+                tf.float16, tf.bfloat16, tf.float32, tf.float64):
+            reason = f"input dtype {sequences.dtype}"
+        if reason is not None:
+            if self.use_fused is True:
+                raise ValueError(
+                    f'Layer "{self.name}" was created with use_fused=True, but the fused op '
+                    f"cannot run this configuration: {reason}. Pass use_fused='auto' to fall "
+                    "back to Keras' own loop.")
+            return super().inner_loop(sequences, initial_state, mask=mask, training=training)
+        return self._fused_inner_loop(sequences, initial_state, mask, training)
+
+    def _fused_inner_loop(self, sequences, initial_state, mask, training):
+        cells = self._rnn_cells()
+        if tree.is_nested(mask):
+            mask = tree.flatten(mask)[0]
+        if mask is not None:
+            mask = tf.convert_to_tensor(mask)
+            if mask.shape.rank == 3:
+                mask = tf.squeeze(mask, axis=2)
+            if mask.dtype != tf.bool:
+                mask = tf.cast(mask, tf.bool)
+        if not tree.is_nested(initial_state):
+            initial_state = [initial_state]
+        flat_states = tree.flatten(initial_state)
+
+        in_dtype = tf.as_dtype(sequences.dtype)
+        dtype = tf.float32 if in_dtype in (tf.float16, tf.bfloat16) else in_dtype
+        x = sequences
+        step_mask = mask
+        go_backwards = self.go_backwards
+        new_states = []
+        for index, cell in enumerate(cells):
+            ours, _ = _cell_kind(cell)
+            n = _state_count(cell)
+            states, flat_states = flat_states[:n], flat_states[n:]
+            if training and cell.dropout > 0 and (ours is SimpleRNNCell or cell.dropout < 1):
+                # The cached mask Keras' cell would apply to every step (RNN.call made it).
+                dp_mask = cell.get_dropout_mask(x[:, 0, :])
+                x = x * tf.cast(dp_mask, x.dtype)[:, None, :]
+            x = tf.cast(x, dtype)
+            states = [tf.cast(s, dtype) for s in states]
+            kernel = _read(cell.kernel, dtype)
+            recurrent_kernel = _read(cell.recurrent_kernel, dtype)
+            bias = _read(cell.bias, dtype) if cell.bias is not None else None
+            common = dict(mask=step_mask, go_backwards=go_backwards,
+                          frozen=self._frozen_inputs(cell, index == 0))
+            if ours is LSTMCell:
+                y, h, c = _ops.lstm(x, states[0], states[1], kernel, recurrent_kernel, bias,
+                                    **common)
+                new_states += [h, c]
+            elif ours is GRUCell:
+                y, h = _ops.gru(x, states[0], kernel, recurrent_kernel, bias,
+                                reset_after=cell.reset_after, **common)
+                new_states.append(h)
+            else:
+                y, h = _ops.simple_rnn(x, states[0], kernel, recurrent_kernel, bias, **common)
+                new_states.append(h)
+            # Outputs come in processing order; the next cell reads them as they are.
+            x = y
+            if go_backwards and step_mask is not None:
+                step_mask = tf.reverse(step_mask, [1])
+            go_backwards = False
+
+        outputs = x
+        if mask is not None:
+            processed = tf.reverse(mask, [1]) if self.go_backwards else mask
+            if self.zero_output_for_mask:
+                keep = processed
+            else:
+                # Keras repeats the previous *output* at a masked step, and that starts at
+                # zero, not at the initial state: steps before the first unmasked one are 0.
+                keep = tf.math.cumsum(tf.cast(processed, tf.int32), axis=1) > 0
+            outputs = tf.where(keep[:, :, None], outputs, tf.zeros_like(outputs))
+        last_output = outputs[:, -1]
+        out_dtype = in_dtype
+        outputs = tf.cast(outputs, out_dtype)
+        last_output = tf.cast(last_output, out_dtype)
+        new_states = [tf.cast(s, out_dtype) for s in new_states]
+        packed = tree.pack_sequence_as(initial_state, new_states)
+        return last_output, outputs, list(packed)
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        self._check_call_arguments(sequences, initial_state, mask)
+        return super().call(sequences, initial_state=initial_state, mask=mask,
+                            training=training)
+
+    def _fused_config(self):
+        return {"input_gradient": self.input_gradient, "use_fused": self.use_fused}
+
+
+_FUSED_DOC = """
+    Freezing and fusion arguments (beyond Keras'):
+        kernel_trainable, recurrent_kernel_trainable, bias_trainable: False makes that weight
+            non-trainable (as `layer.cell.kernel.trainable = False` after build would): it is
+            left out of `trainable_weights` and its gradient is never computed.
+        input_gradient: False declares that nothing upstream needs the gradient w.r.t. this
+            layer's input (e.g. the input comes from a frozen `Embedding`), so dx is never
+            computed; gradients that would reach the input are dropped. Default True (the tape
+            still skips dx by itself for data inputs).
+        use_fused: "auto" (default) runs the fused op when the configuration allows it and
+            Keras' own loop otherwise; True raises instead of falling back; False always runs
+            Keras' loop. `fused_unsupported_reason(training)` says which path a call takes.
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+@_register
+class LSTM(_FusedRNN, keras.layers.LSTM):
+    __doc__ = ("`keras.layers.LSTM` running the whole sequence through `tfcells.ops.lstm`.\n\n"
+               "Same arguments, weights and results as `keras.layers.LSTM`; the fused op runs "
+               "when activation is tanh and recurrent_activation sigmoid, unroll is False and "
+               "no recurrent dropout is applied (training), else Keras' loop runs.\n"
+               + _FUSED_DOC)
+
+    def __init__(self, units, activation="tanh", recurrent_activation="sigmoid",
+                 use_bias=True, kernel_initializer="glorot_uniform",
+                 recurrent_initializer="orthogonal", bias_initializer="zeros",
+                 unit_forget_bias=True, kernel_regularizer=None, recurrent_regularizer=None,
+                 bias_regularizer=None, activity_regularizer=None, kernel_constraint=None,
+                 recurrent_constraint=None, bias_constraint=None, dropout=0.0,
+                 recurrent_dropout=0.0, seed=None, return_sequences=False, return_state=False,
+                 go_backwards=False, stateful=False, unroll=False, use_cudnn="auto",
+                 kernel_trainable=True, recurrent_kernel_trainable=True, bias_trainable=True,
+                 input_gradient=True, use_fused="auto", **kwargs):
+        cell = LSTMCell(
+            units, activation=activation, recurrent_activation=recurrent_activation,
+            use_bias=use_bias, kernel_initializer=kernel_initializer,
+            unit_forget_bias=unit_forget_bias, recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer, kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer, bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint, recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint, dropout=dropout,
+            recurrent_dropout=recurrent_dropout, dtype=kwargs.get("dtype", None),
+            trainable=kwargs.get("trainable", True), name="lstm_cell", seed=seed,
+            implementation=kwargs.pop("implementation", 2),
+            kernel_trainable=kernel_trainable,
+            recurrent_kernel_trainable=recurrent_kernel_trainable,
+            bias_trainable=bias_trainable)
+        keras.layers.RNN.__init__(
+            self, cell, return_sequences=return_sequences, return_state=return_state,
+            go_backwards=go_backwards, stateful=stateful, unroll=unroll,
+            activity_regularizer=activity_regularizer, **kwargs)
+        self.input_spec = InputSpec(ndim=3)
+        if use_cudnn not in ("auto", True, False):
+            raise ValueError("Invalid valid received for argument `use_cudnn`. Expected one "
+                             f"of {{'auto', True, False}}. Received: use_cudnn={use_cudnn}")
+        self.use_cudnn = use_cudnn
+        self._init_fused(input_gradient, use_fused)
+
+    def get_config(self):
+        return {**super().get_config(), **self.cell._flag_config(), **self._fused_config()}
+
+
+@_register
+class GRU(_FusedRNN, keras.layers.GRU):
+    __doc__ = ("`keras.layers.GRU` running the whole sequence through `tfcells.ops.gru`.\n\n"
+               "Same arguments, weights and results as `keras.layers.GRU` (reset_after True "
+               "or False); the fused op runs when activation is tanh and recurrent_activation "
+               "sigmoid, unroll is False and no recurrent dropout is applied (training), else "
+               "Keras' loop runs.\n" + _FUSED_DOC)
+
+    def __init__(self, units, activation="tanh", recurrent_activation="sigmoid",
+                 use_bias=True, kernel_initializer="glorot_uniform",
+                 recurrent_initializer="orthogonal", bias_initializer="zeros",
+                 kernel_regularizer=None, recurrent_regularizer=None, bias_regularizer=None,
+                 activity_regularizer=None, kernel_constraint=None, recurrent_constraint=None,
+                 bias_constraint=None, dropout=0.0, recurrent_dropout=0.0, seed=None,
+                 return_sequences=False, return_state=False, go_backwards=False,
+                 stateful=False, unroll=False, reset_after=True, use_cudnn="auto",
+                 kernel_trainable=True, recurrent_kernel_trainable=True, bias_trainable=True,
+                 input_gradient=True, use_fused="auto", **kwargs):
+        cell = GRUCell(
+            units, activation=activation, recurrent_activation=recurrent_activation,
+            use_bias=use_bias, kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer, bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer, recurrent_regularizer=recurrent_regularizer,
+            bias_regularizer=bias_regularizer, kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint, bias_constraint=bias_constraint,
+            dropout=dropout, recurrent_dropout=recurrent_dropout, reset_after=reset_after,
+            dtype=kwargs.get("dtype", None), trainable=kwargs.get("trainable", True),
+            name="gru_cell", seed=seed, implementation=kwargs.pop("implementation", 2),
+            kernel_trainable=kernel_trainable,
+            recurrent_kernel_trainable=recurrent_kernel_trainable,
+            bias_trainable=bias_trainable)
+        keras.layers.RNN.__init__(
+            self, cell, return_sequences=return_sequences, return_state=return_state,
+            go_backwards=go_backwards, stateful=stateful, unroll=unroll,
+            activity_regularizer=activity_regularizer, **kwargs)
+        self.input_spec = InputSpec(ndim=3)
+        if use_cudnn not in ("auto", True, False):
+            raise ValueError("Invalid valid received for argument `use_cudnn`. Expected one "
+                             f"of {{'auto', True, False}}. Received: use_cudnn={use_cudnn}")
+        self.use_cudnn = use_cudnn
+        self._init_fused(input_gradient, use_fused)
+
+    def get_config(self):
+        return {**super().get_config(), **self.cell._flag_config(), **self._fused_config()}
+
+
+@_register
+class SimpleRNN(_FusedRNN, keras.layers.SimpleRNN):
+    __doc__ = ("`keras.layers.SimpleRNN` running the whole sequence through "
+               "`tfcells.ops.simple_rnn`.\n\nSame arguments, weights and results as "
+               "`keras.layers.SimpleRNN`; the fused op runs when activation is tanh, unroll is "
+               "False and no recurrent dropout is applied (training), else Keras' loop runs.\n"
+               + _FUSED_DOC)
+
+    def __init__(self, units, activation="tanh", use_bias=True,
+                 kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal",
+                 bias_initializer="zeros", kernel_regularizer=None, recurrent_regularizer=None,
+                 bias_regularizer=None, activity_regularizer=None, kernel_constraint=None,
+                 recurrent_constraint=None, bias_constraint=None, dropout=0.0,
+                 recurrent_dropout=0.0, return_sequences=False, return_state=False,
+                 go_backwards=False, stateful=False, unroll=False, seed=None,
+                 kernel_trainable=True, recurrent_kernel_trainable=True, bias_trainable=True,
+                 input_gradient=True, use_fused="auto", **kwargs):
+        cell = SimpleRNNCell(
+            units, activation=activation, use_bias=use_bias,
+            kernel_initializer=kernel_initializer, recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer, kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer, bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint, recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint, dropout=dropout,
+            recurrent_dropout=recurrent_dropout, seed=seed, dtype=kwargs.get("dtype", None),
+            trainable=kwargs.get("trainable", True), name="simple_rnn_cell",
+            kernel_trainable=kernel_trainable,
+            recurrent_kernel_trainable=recurrent_kernel_trainable,
+            bias_trainable=bias_trainable)
+        keras.layers.RNN.__init__(
+            self, cell, return_sequences=return_sequences, return_state=return_state,
+            go_backwards=go_backwards, stateful=stateful, unroll=unroll, **kwargs)
+        self.input_spec = [InputSpec(ndim=3)]
+        self._init_fused(input_gradient, use_fused)
+
+    def get_config(self):
+        return {**super().get_config(), **self.cell._flag_config(), **self._fused_config()}
+
+
+@_register
+class RNN(_FusedRNN, keras.layers.RNN):
+    __doc__ = ("`keras.layers.RNN` that runs tfcells cells through the fused ops.\n\n"
+               "`cell` is a tfcells cell, a list of them or a `StackedRNNCells` of them; "
+               "a stack runs one fused op per cell over the whole sequence. Any other cell (or "
+               "an unsupported configuration) runs Keras' per-step loop, exactly as "
+               "`keras.layers.RNN` would. `keras.layers.RNN` itself runs tfcells cells step by "
+               "step (correct, but not fused): Keras' RNN layer has no whole-sequence hook.\n\n"
+               "Arguments: those of `keras.layers.RNN`, plus `input_gradient` and `use_fused` "
+               "(see `tfcells.LSTM`); freeze weights through the cells' flags.")
+
+    def __init__(self, cell, return_sequences=False, return_state=False, go_backwards=False,
+                 stateful=False, unroll=False, zero_output_for_mask=False,
+                 input_gradient=True, use_fused="auto", **kwargs):
+        super().__init__(cell, return_sequences=return_sequences, return_state=return_state,
+                         go_backwards=go_backwards, stateful=stateful, unroll=unroll,
+                         zero_output_for_mask=zero_output_for_mask, **kwargs)
+        self._init_fused(input_gradient, use_fused)
+
+    def get_config(self):
+        return {**super().get_config(), **self._fused_config()}
