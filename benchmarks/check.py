@@ -1,0 +1,37 @@
+"""Before anything is timed: do the contenders compute the same numbers?"""
+
+import numpy as np
+
+# Max error relative to the reference's largest magnitude. float32 sums over T*B rows in
+# different orders land near 1e-5; a wrong gate order or a missing term is far above 1e-3.
+TOLERANCE = {"float16": 3e-2, "float32": 1e-3, "float64": 1e-8}
+
+
+def relative_error(got, want):
+    scale = max(float(np.max(np.abs(want))), np.finfo(np.float64).tiny) if want.size else 1.0
+    if got.shape != want.shape:
+        return float("inf")
+    return float(np.max(np.abs(got.astype(np.float64) - want), initial=0.0)) / scale
+
+
+def compare(got, want, dtype):
+    """Returns (ok, {name: relative error}, message) for one contender against the reference.
+
+    Every tensor the reference produced must be there and within tolerance; a gradient the
+    step asked for and got as None counts as wrong.
+    """
+    tol = TOLERANCE[dtype]
+    errors, bad = {}, []
+    for name, ref in want.items():
+        value = got.get(name)
+        if ref is None:
+            continue
+        if value is None:
+            errors[name] = float("inf")
+        else:
+            errors[name] = relative_error(np.asarray(value), np.asarray(ref, np.float64))
+        if not errors[name] <= tol:
+            bad.append(f"{name} off by {errors[name]:.2g}")
+    message = "" if not bad else f"differs from the reference (tolerance {tol:g}): " + \
+        ", ".join(bad)
+    return not bad, errors, message

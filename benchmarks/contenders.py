@@ -1,0 +1,360 @@
+"""The implementations compared, in one registry.
+
+A contender turns a Workload into a Step: a callable that runs one training step (or one
+inference) and a `fetch` that converts what it returned into NumPy arrays in Keras' layout
+({"y": outputs [B, T, H], "kernel": d(kernel), ...}), so that every contender can be checked
+against the same reference before it is timed.
+"""
+
+import numpy as np
+
+from .workload import CELLS
+
+REGISTRY = {}  # name -> Contender, in registration (= report) order
+
+
+def register(contender):
+    REGISTRY[contender.name] = contender
+    return contender
+
+
+class Step:
+    """One built step. device, everywhere here: "cpu" or "gpu"."""
+
+    def __init__(self, run, fetch, framework):
+        self.run = run  # () -> raw result; returns only once the work is done
+        self.fetch = fetch  # raw result -> {"y": ..., grad name: ...} as NumPy, Keras layout
+        self.framework = framework  # "tf" or "torch": which memory statistics apply
+
+
+class Contender:
+    name = ""
+    label = ""
+    cells = CELLS
+
+    def unavailable(self):
+        """Why this contender cannot run on this machine at all, or None."""
+        return None
+
+    def unsupported(self, work):
+        """Why this contender cannot run this workload, or None."""
+        if work.cell not in self.cells:
+            return f"no {work.cell} implementation"
+        return None
+
+    def layer_weights(self, work, layer):
+        """The Keras-layout weights this contender loads (a hook for deliberately wrong
+        contenders in tests)."""
+        return work.weights[layer]
+
+    def build(self, work, device):
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- TensorFlow
+
+def _tf_device(device):
+    return "/GPU:0" if device == "gpu" else "/CPU:0"
+
+
+def _tf_inputs(work, device):
+    """The workload's x and dy as TF tensors, made once and shared by all TF contenders."""
+    import tensorflow as tf
+
+    key = ("tf", device)
+    if key not in work.cache:
+        with tf.device(_tf_device(device)):
+            work.cache[key] = (tf.constant(work.x), tf.constant(work.dy))
+    return work.cache[key]
+
+
+class TFContender(Contender):
+    """A TF contender supplies forward(x) and the variables; this class builds the step.
+
+    The step is a tf.function (jit_compile=False), as Keras' fit runs it. Training: loss =
+    sum(y * dy), gradients w.r.t. the trainable names of the workload; x is watched only when
+    the configuration needs dx, as it would be a constant input (data) otherwise.
+    """
+
+    def make_model(self, work, device):
+        """Returns (forward(x) -> y [B, T, H], {grad name: variable}, to_keras(name, grad))."""
+        raise NotImplementedError
+
+    def build(self, work, device):
+        import tensorflow as tf
+
+        x, dy = _tf_inputs(work, device)
+        device = _tf_device(device)
+        with tf.device(device):
+            forward, variables, to_keras = self.make_model(work, device)
+        names = work.grads
+
+        if work.config.train:
+            @tf.function(jit_compile=False)
+            def step(x, dy):
+                with tf.GradientTape() as tape:
+                    if "x" in names:
+                        tape.watch(x)
+                    y = forward(x)
+                    loss = tf.reduce_sum(y * dy)
+                sources = [x if n == "x" else variables[n] for n in names]
+                return y, tape.gradient(loss, sources)  # returned, so nothing is pruned
+        else:
+            @tf.function(jit_compile=False)
+            def step(x, dy):
+                del dy
+                return forward(x), []
+
+        def run():
+            with tf.device(device):
+                return step(x, dy)
+
+        def fetch(raw):
+            y, grads = raw
+            out = {"y": y.numpy()}
+            for name, g in zip(names, grads):
+                out[name] = None if g is None else to_keras(name, tf.convert_to_tensor(g).numpy())
+            return out
+
+        return Step(run, fetch, "tf")
+
+
+def _identity(name, grad):
+    return grad
+
+
+class TfcellsContender(TFContender):
+    name = "tfcells"
+    label = "tfcells"
+
+    def unavailable(self):
+        try:
+            import tfcells  # noqa: F401
+        except Exception as e:  # a broken build must show up as a reason, not a crash
+            return f"import tfcells failed: {e}"
+        return None
+
+    def make_model(self, work, device):
+        import tensorflow as tf
+        import tfcells
+
+        fn = getattr(tfcells.ops, work.cell)
+        B, H = work.shape.B, work.shape.H
+        states = [tf.zeros([B, H], work.dtype)] * (2 if work.cell == "lstm" else 1)
+        layers = []
+        for layer in range(work.config.layers):
+            w = self.layer_weights(work, layer)
+            variables = {n: tf.Variable(w[n], name=n) for n in ("kernel", "recurrent_kernel",
+                                                                 "bias")}
+            # The op is told what is frozen; a layer with nothing to train is not recorded.
+            wanted = set(work.grads) if layer == work.config.layers - 1 else set()
+            frozen = tuple(n for n in variables if n not in wanted)
+            layers.append((variables, frozen))
+
+        def forward(x):
+            for variables, frozen in layers:
+                x = fn(x, *states, variables["kernel"], variables["recurrent_kernel"],
+                       variables["bias"], frozen=frozen)[0]
+            return x
+
+        return forward, layers[-1][0], _identity
+
+
+class KerasContender(TFContender):
+    name = "keras"
+    label = "keras"
+    _LAYERS = {"lstm": "LSTM", "gru": "GRU", "simple_rnn": "SimpleRNN"}
+
+    def make_model(self, work, device):
+        import keras
+
+        layers = []
+        n_in = work.shape.I
+        for layer in range(work.config.layers):
+            w = self.layer_weights(work, layer)
+            rnn = getattr(keras.layers, self._LAYERS[work.cell])(
+                work.shape.H, return_sequences=True, dtype=work.dtype)
+            rnn.build((work.shape.B, work.shape.T, n_in))
+            rnn.set_weights([w["kernel"], w["recurrent_kernel"], w["bias"]])
+            n_in = work.shape.H
+            layers.append(rnn)
+        # Freeze the Keras way: flags the optimizer (and trainable_weights) respect.
+        top = layers[-1]
+        if work.config.stack:
+            layers[0].trainable = False
+        top.cell.kernel.trainable = "kernel" in work.grads
+        top.cell.recurrent_kernel.trainable = "recurrent_kernel" in work.grads
+        by_id = {id(getattr(top.cell, n)): n for n in ("kernel", "recurrent_kernel", "bias")}
+        variables = {by_id[id(v)]: v for v in top.trainable_weights}
+        missing = {n for n in work.grads if n != "x"} ^ set(variables)
+        if work.config.train and missing:
+            raise RuntimeError(f"keras trainable_weights differ from the config: {missing}")
+        training = work.config.train
+
+        def forward(x):
+            for rnn in layers:
+                x = rnn(x, training=training)
+            return x
+
+        return forward, variables, _identity
+
+
+def _icfo(a):
+    """Keras' i,f,c,o gate blocks (last axis) <-> BlockLSTM's i,c,f,o; its own inverse."""
+    i, f, c, o = np.split(a, 4, axis=-1)
+    return np.concatenate([i, c, f, o], axis=-1)
+
+
+class BlockLSTMContender(TFContender):
+    """tf.raw_ops.BlockLSTM (V1) with TF's registered V1 gradient. Not V2: its registered
+    gradient is wrong in TF 2.21."""
+
+    name = "blocklstm"
+    label = "tf BlockLSTM"
+    cells = ("lstm",)
+
+    def unsupported(self, work):
+        if work.dtype not in ("float32", "float16"):
+            return f"BlockLSTM has no {work.dtype} kernel"
+        return super().unsupported(work)
+
+    def make_model(self, work, device):
+        import tensorflow as tf
+
+        T, B, H = work.shape.T, work.shape.B, work.shape.H
+        zeros_bh = tf.zeros([B, H], work.dtype)
+        zeros_h = tf.zeros([H], work.dtype)  # peephole weights, unused
+        layers = []
+        for layer in range(work.config.layers):
+            w = self.layer_weights(work, layer)
+            trainable = layer == work.config.layers - 1
+            # Weights kept in BlockLSTM's own gate order, as its user would store them.
+            layers.append({n: tf.Variable(_icfo(w[n]), trainable=trainable, name=n)
+                           for n in ("kernel", "recurrent_kernel", "bias")})
+
+        def forward(x):
+            h = tf.transpose(x, [1, 0, 2])  # BlockLSTM is time-major
+            for v in layers:
+                w = tf.concat([v["kernel"], v["recurrent_kernel"]], axis=0)  # [I+H, 4H]
+                h = tf.raw_ops.BlockLSTM(
+                    seq_len_max=tf.constant(T, tf.int64), x=h, cs_prev=zeros_bh,
+                    h_prev=zeros_bh, w=w, wci=zeros_h, wcf=zeros_h, wco=zeros_h, b=v["bias"],
+                    forget_bias=0.0, cell_clip=-1.0, use_peephole=False).h
+            return tf.transpose(h, [1, 0, 2])
+
+        def to_keras(name, grad):
+            return grad if name == "x" else _icfo(grad)
+
+        return forward, layers[-1], to_keras
+
+
+# ---------------------------------------------------------------------------- PyTorch
+
+def _torch_blocks(cell):
+    """Gate-block permutation Keras -> PyTorch: GRU z,r,h -> r,z,n; LSTM i,f,c,o matches."""
+    return [1, 0, 2] if cell == "gru" else None
+
+
+class TorchContender(Contender):
+    name = "torch"
+    label = "PyTorch"
+
+    def unavailable(self):
+        try:
+            import torch  # noqa: F401
+        except Exception as e:
+            return f"PyTorch not installed ({type(e).__name__})"
+        return None
+
+    def unsupported(self, work):
+        return super().unsupported(work)
+
+    def build(self, work, device):
+        import torch
+
+        if device != "cpu":
+            raise RuntimeError("the torch contender runs on CPU only")
+        dtype = getattr(torch, work.dtype)
+        perm = _torch_blocks(work.cell)
+        H = work.shape.H
+
+        def to_torch(m):  # Keras [in, G*H] -> PyTorch [G*H, in], PyTorch gate order
+            if perm is not None:
+                m = np.concatenate([np.split(m, 3, axis=-1)[p] for p in perm], axis=-1)
+            return torch.from_numpy(np.ascontiguousarray(m.T if m.ndim == 2 else m))
+
+        def to_keras(m):
+            m = m.T if m.ndim == 2 else m
+            if perm is not None:
+                inv = np.argsort(perm)
+                m = np.concatenate([np.split(m, 3, axis=-1)[p] for p in inv], axis=-1)
+            return m
+
+        cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "simple_rnn": torch.nn.RNN}
+        modules = []
+        n_in = work.shape.I
+        for layer in range(work.config.layers):
+            w = self.layer_weights(work, layer)
+            mod = cls[work.cell](n_in, H, batch_first=True, dtype=dtype)
+            two_biases = work.cell == "gru"  # Keras' reset_after GRU has both, others one
+            with torch.no_grad():
+                mod.weight_ih_l0.copy_(to_torch(w["kernel"]))
+                mod.weight_hh_l0.copy_(to_torch(w["recurrent_kernel"]))
+                mod.bias_ih_l0.copy_(to_torch(w["bias"][0] if two_biases else w["bias"]))
+                mod.bias_hh_l0.copy_(to_torch(w["bias"][1]) if two_biases else
+                                     torch.zeros(mod.bias_hh_l0.shape, dtype=dtype))
+            top = layer == work.config.layers - 1
+            wanted = set(work.grads) if top else set()
+            mod.weight_ih_l0.requires_grad_("kernel" in wanted)
+            mod.weight_hh_l0.requires_grad_("recurrent_kernel" in wanted)
+            mod.bias_ih_l0.requires_grad_("bias" in wanted)
+            mod.bias_hh_l0.requires_grad_("bias" in wanted and two_biases)
+            modules.append(mod)
+            n_in = H
+
+        x = torch.from_numpy(work.x)
+        dy = torch.from_numpy(work.dy)
+        names = work.grads
+        top = modules[-1]
+        params = {"kernel": [top.weight_ih_l0], "recurrent_kernel": [top.weight_hh_l0],
+                  "bias": [top.bias_ih_l0] + ([top.bias_hh_l0] if work.cell == "gru" else [])}
+
+        def forward(x):
+            for mod in modules:
+                x = mod(x)[0]
+            return x
+
+        if work.config.train:
+            def run():
+                xin = x.detach().requires_grad_("x" in names)
+                y = forward(xin)
+                loss = (y * dy).sum()
+                sources = [xin] if "x" in names else []
+                for n in names:
+                    sources += params.get(n, [])
+                return y.detach(), torch.autograd.grad(loss, sources)
+        else:
+            def run():
+                with torch.inference_mode():
+                    return forward(x), ()
+
+        def fetch(raw):
+            y, grads = raw
+            out = {"y": y.numpy()}
+            grads = list(grads)
+            if "x" in names:
+                out["x"] = grads.pop(0).numpy()
+            for n in names:
+                if n == "x":
+                    continue
+                got = [to_keras(grads.pop(0).numpy()) for _ in params[n]]
+                out[n] = np.stack(got) if len(got) > 1 else got[0]
+            return out
+
+        return Step(run, fetch, "torch")
+
+
+register(TfcellsContender())
+register(KerasContender())
+register(BlockLSTMContender())
+register(TorchContender())

@@ -1,0 +1,124 @@
+"""The GEMM floor: the time of a step's matrix products alone, at the rate NumPy's BLAS reaches
+on this machine, and the FLOP model that counts them.
+
+A fused recurrent kernel spends nearly all its time in these GEMMs; the rest (gates, copies,
+the framework) is overhead, so floor_ms / median_ms says how close an implementation gets to
+what the hardware allows.
+"""
+
+import ctypes
+import dataclasses
+import glob
+import os
+
+import numpy as np
+
+from . import timing
+from .workload import GATES, trainable_names
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+    """count products of [m, k] x [k, n]; trans_a: the left operand is stored transposed."""
+
+    label: str
+    m: int
+    k: int
+    n: int
+    count: int = 1
+    trans_a: bool = False
+
+    @property
+    def flops(self):
+        return 2 * self.m * self.k * self.n * self.count
+
+
+def gemms(cell, config, shape):
+    """The GEMMs of one step of `config`, layer by layer, in the order a fused kernel runs them."""
+    T, B, H = shape.T, shape.B, shape.H
+    gh = GATES[cell] * H
+    out = []
+    for layer in range(config.layers):
+        n_in = shape.I if layer == 0 else H
+        p = f"L{layer}:" if config.layers > 1 else ""
+        out += [Gemm(p + "X·W_x", T * B, n_in, gh), Gemm(p + "h·W_h", B, H, gh, count=T)]
+        needed = trainable_names(config, layer)
+        if not needed:
+            continue
+        # Every training config needs dG at every step, so the dh recurrence always runs.
+        out.append(Gemm(p + "dG·W_hᵀ", B, gh, H, count=T))
+        if "kernel" in needed:
+            out.append(Gemm(p + "dW_x=Xᵀ·dG", n_in, T * B, gh, trans_a=True))
+        if "recurrent_kernel" in needed:
+            out.append(Gemm(p + "dW_h=Hᵀ·dG", H, T * B, gh, trans_a=True))
+        if "x" in needed:
+            out.append(Gemm(p + "dX=dG·W_xᵀ", T * B, gh, n_in))
+    return out
+
+
+def flops(cell, config, shape):
+    return sum(g.flops for g in gemms(cell, config, shape))
+
+
+def _operands(gemm, dtype, rng):
+    """Operands for one Gemm; per-step products get a distinct left operand per step."""
+    shape_a = (gemm.count, gemm.k, gemm.m) if gemm.trans_a else (gemm.count, gemm.m, gemm.k)
+    a = rng.standard_normal(shape_a).astype(dtype)
+    if gemm.trans_a:
+        a = a.transpose(0, 2, 1)  # a view: BLAS reads it transposed, as the kernels do
+    b = rng.standard_normal((gemm.k, gemm.n)).astype(dtype)
+    c = np.empty((gemm.m, gemm.n), dtype)
+    return a, b, c
+
+
+def floor_callable(cell, config, shape, dtype):
+    """A function that runs all of the step's GEMMs once, with preallocated operands."""
+    rng = np.random.default_rng(0)
+    work = [_operands(g, dtype, rng) for g in gemms(cell, config, shape)]
+
+    def run():
+        for a, b, c in work:
+            for a_t in a:  # one BLAS call per step for the recurrence, one for the big GEMMs
+                np.matmul(a_t, b, out=c)
+
+    return run
+
+
+def measure_floor(cell, config, shape, dtype, reps, warmup=1):
+    return timing.measure(floor_callable(cell, config, shape, dtype), reps, warmup)
+
+
+# NumPy's OpenBLAS has its own thread pool; reach it through the library NumPy loaded.
+_SET = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+        "openblas_set_num_threads64_", "openblas_set_num_threads")
+_GET = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+        "openblas_get_num_threads64_", "openblas_get_num_threads")
+
+
+def _openblas():
+    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "*openblas*"))):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def _symbol(lib, names):
+    for name in names:
+        fn = getattr(lib, name, None) if lib is not None else None
+        if fn is not None:
+            return fn
+    return None
+
+
+def blas_threads(set_to=None):
+    """NumPy's BLAS thread count (after setting it, when set_to is given); None if unknown."""
+    lib = _openblas()
+    if set_to is not None:
+        setter = _symbol(lib, _SET)
+        if setter is not None:
+            setter(int(set_to))
+    getter = _symbol(lib, _GET)
+    return int(getter()) if getter is not None else None

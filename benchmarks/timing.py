@@ -1,0 +1,35 @@
+"""Wall-clock timing and its summary statistics."""
+
+import time
+
+import numpy as np
+
+
+def time_call(fn):
+    """Milliseconds one call of fn takes; fn must return only when its work is done."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def summarize(times_ms):
+    """Median and spread of repeated timings (the median resists the odd slow repetition that
+    a shared machine produces; the IQR says how much to trust it)."""
+    t = np.asarray(times_ms, dtype=np.float64)
+    q1, med, q3 = np.percentile(t, [25, 50, 75])
+    return {
+        "median_ms": float(med),
+        "q1_ms": float(q1),
+        "q3_ms": float(q3),
+        "iqr_ms": float(q3 - q1),
+        "min_ms": float(t.min()),
+        "max_ms": float(t.max()),
+        "reps": int(t.size),
+        "times_ms": [round(float(v), 4) for v in t],
+    }
+
+
+def measure(fn, reps, warmup):
+    for _ in range(warmup):
+        fn()
+    return summarize([time_call(fn) for _ in range(reps)])

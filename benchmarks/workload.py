@@ -1,0 +1,113 @@
+"""What is measured: cells, freeze configurations, shapes, and the shared input data."""
+
+import dataclasses
+
+import numpy as np
+
+# Gate blocks per cell: the weight matrices are [I, G*H] and [H, G*H].
+GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
+CELLS = tuple(GATES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One freeze configuration of a training step (or forward-only inference)."""
+
+    name: str
+    train: bool = True  # False: forward only, no tape
+    kernel: bool = True  # kernel (input projection) trainable
+    recurrent: bool = True  # recurrent kernel trainable
+    dx: bool = True  # the input needs a gradient
+    stack: bool = False  # 2 layers; the first entirely frozen, the second all trainable
+
+    @property
+    def layers(self):
+        return 2 if self.stack else 1
+
+    @property
+    def mode(self):
+        return "train" if self.train else "infer"
+
+
+CONFIGS = {c.name: c for c in (
+    Config("all_trainable"),
+    Config("kernel_frozen", kernel=False),
+    Config("recurrent_frozen", recurrent=False),
+    Config("both_frozen", kernel=False, recurrent=False),
+    Config("both_frozen_no_dx", kernel=False, recurrent=False, dx=False),
+    # The second layer's input comes from a frozen layer, so it needs no dx either.
+    Config("frozen_layer_in_stack", dx=False, stack=True),
+    Config("inference", train=False, dx=False),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    T: int
+    B: int
+    I: int
+    H: int
+
+    @classmethod
+    def parse(cls, text):
+        values = [int(v) for v in text.split(",")]
+        if len(values) != 4 or min(values) < 1:
+            raise ValueError(f"shape must be four positive integers T,B,I,H, got {text!r}")
+        return cls(*values)
+
+    def __str__(self):
+        return f"T={self.T} B={self.B} I={self.I} H={self.H}"
+
+
+def trainable_names(config, layer):
+    """Names of the tensors whose gradient the step asks for, in the given layer."""
+    if not config.train or (config.stack and layer == 0):
+        return []
+    if config.stack:  # the trainable top layer of the stack
+        return ["kernel", "recurrent_kernel", "bias"]
+    names = [n for n, on in (("kernel", config.kernel), ("recurrent_kernel", config.recurrent))
+             if on]
+    names.append("bias")  # the bias stays trainable in every training configuration
+    if config.dx:
+        names.append("x")
+    return names
+
+
+@dataclasses.dataclass
+class Workload:
+    """The data every contender of one (cell, config, shape, dtype) receives: NumPy arrays in
+    Keras layout, converted once per framework so that all contenders see the same values."""
+
+    cell: str
+    config: Config
+    shape: Shape
+    dtype: str
+    x: np.ndarray  # [B, T, I]
+    dy: np.ndarray  # [B, T, H]: the loss is sum(outputs * dy), so every output matters
+    weights: list  # per layer: {"kernel", "recurrent_kernel", "bias"}
+    # Framework tensors made from x and dy, shared by that framework's contenders.
+    cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def grads(self):
+        """Names of the gradients of the trainable layer (the last one)."""
+        return trainable_names(self.config, self.config.layers - 1)
+
+
+def make_workload(cell, config, shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    g = GATES[cell]
+    weights = []
+    for layer in range(config.layers):
+        fan_in = shape.I if layer == 0 else shape.H
+        # Small uniform weights keep the gates out of saturation, so gradients are not ~0.
+        scale = 1.0 / np.sqrt(shape.H)
+        bias_shape = [2, g * shape.H] if cell == "gru" else [g * shape.H]  # GRU reset_after
+        weights.append({
+            "kernel": rng.uniform(-scale, scale, [fan_in, g * shape.H]).astype(dtype),
+            "recurrent_kernel": rng.uniform(-scale, scale, [shape.H, g * shape.H]).astype(dtype),
+            "bias": rng.uniform(-0.1, 0.1, bias_shape).astype(dtype),
+        })
+    x = rng.standard_normal([shape.B, shape.T, shape.I]).astype(dtype)
+    dy = rng.standard_normal([shape.B, shape.T, shape.H]).astype(dtype)
+    return Workload(cell, config, shape, dtype, x, dy, weights)
