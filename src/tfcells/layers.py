@@ -162,6 +162,14 @@ def _read(variable, dtype):
     return value
 
 
+def _python_bool(value):
+    """`training` as a Python bool; a tensor counts as True unless its value is known."""
+    if value is None or isinstance(value, (bool, int)):
+        return bool(value)
+    static = tf.get_static_value(value)
+    return True if static is None else bool(static)
+
+
 def _in_xla_context():
     try:
         return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
@@ -278,7 +286,8 @@ class _FusedRNN:
     # -- the loop --------------------------------------------------------------------------
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        reason = self.fused_unsupported_reason(training=bool(training))
+        training = _python_bool(training)
+        reason = self.fused_unsupported_reason(training=training)
         if reason is None and tree.is_nested(sequences):
             reason = "nested inputs"
         if reason is None and _in_xla_context():
