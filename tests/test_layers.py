@@ -697,3 +697,19 @@ def test_bad_input_errors():
     rnn = tfcells.RNN(tfcells.GRUCell(H))
     with pytest.raises(ValueError, match="ndim=3"):
         rnn(tf.zeros([B, T, I, 1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The runnable examples of the three scenarios (they assert what they print)
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.mark.parametrize("script", ["frozen_embedding_lstm.py", "stacked_frozen_first_layer.py",
+                                    "fixed_input_matrix_rnn.py"])
+def test_example_runs(script):
+    result = subprocess.run([sys.executable, os.path.join(EXAMPLES, script)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "OK:" in result.stdout

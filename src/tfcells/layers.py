@@ -286,8 +286,8 @@ class _FusedRNN:
     # -- the loop --------------------------------------------------------------------------
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        training = _python_bool(training)
-        reason = self.fused_unsupported_reason(training=training)
+        training_flag = _python_bool(training)
+        reason = self.fused_unsupported_reason(training=training_flag)
         if reason is None and tree.is_nested(sequences):
             reason = "nested inputs"
         if reason is None and _in_xla_context():
@@ -302,7 +302,7 @@ class _FusedRNN:
                     f"cannot run this configuration: {reason}. Pass use_fused='auto' to fall "
                     "back to Keras' own loop.")
             return super().inner_loop(sequences, initial_state, mask=mask, training=training)
-        return self._fused_inner_loop(sequences, initial_state, mask, training)
+        return self._fused_inner_loop(sequences, initial_state, mask, training_flag)
 
     def _fused_inner_loop(self, sequences, initial_state, mask, training):
         cells = self._rnn_cells()
