@@ -19,7 +19,6 @@ def register(contender):
 
 
 class Step:
-    """One built step. device, everywhere here: "cpu" or "gpu"."""
 
     def __init__(self, run, fetch, framework):
         self.run = run  # () -> raw result; returns only once the work is done
@@ -47,7 +46,7 @@ class Contender:
         contenders in tests)."""
         return work.weights[layer]
 
-    def build(self, work, device):
+    def build(self, work):
         raise NotImplementedError
 
 
@@ -57,15 +56,14 @@ def _tf_device(device):
     return "/GPU:0" if device == "gpu" else "/CPU:0"
 
 
-def _tf_inputs(work, device):
+def _tf_inputs(work):
     """The workload's x and dy as TF tensors, made once and shared by all TF contenders."""
     import tensorflow as tf
 
-    key = ("tf", device)
-    if key not in work.cache:
-        with tf.device(_tf_device(device)):
-            work.cache[key] = (tf.constant(work.x), tf.constant(work.dy))
-    return work.cache[key]
+    if "tf" not in work.cache:
+        with tf.device(_tf_device(work.device)):
+            work.cache["tf"] = (tf.constant(work.x), tf.constant(work.dy))
+    return work.cache["tf"]
 
 
 class TFContender(Contender):
@@ -76,17 +74,17 @@ class TFContender(Contender):
     the configuration needs dx, as it would be a constant input (data) otherwise.
     """
 
-    def make_model(self, work, device):
+    def make_model(self, work):
         """Returns (forward(x) -> y [B, T, H], {grad name: variable}, to_keras(name, grad))."""
         raise NotImplementedError
 
-    def build(self, work, device):
+    def build(self, work):
         import tensorflow as tf
 
-        x, dy = _tf_inputs(work, device)
-        device = _tf_device(device)
+        x, dy = _tf_inputs(work)
+        device = _tf_device(work.device)
         with tf.device(device):
-            forward, variables, to_keras = self.make_model(work, device)
+            forward, variables, to_keras = self.make_model(work)
         names = work.grads
 
         if work.config.train:
@@ -134,7 +132,7 @@ class TfcellsContender(TFContender):
             return f"import tfcells failed: {e}"
         return None
 
-    def make_model(self, work, device):
+    def make_model(self, work):
         import tensorflow as tf
         import tfcells
 
@@ -165,7 +163,7 @@ class KerasContender(TFContender):
     label = "keras"
     _LAYERS = {"lstm": "LSTM", "gru": "GRU", "simple_rnn": "SimpleRNN"}
 
-    def make_model(self, work, device):
+    def make_model(self, work):
         import keras
 
         layers = []
@@ -218,7 +216,7 @@ class BlockLSTMContender(TFContender):
             return f"BlockLSTM has no {work.dtype} kernel"
         return super().unsupported(work)
 
-    def make_model(self, work, device):
+    def make_model(self, work):
         import tensorflow as tf
 
         T, B, H = work.shape.T, work.shape.B, work.shape.H
@@ -267,13 +265,13 @@ class TorchContender(Contender):
         return None
 
     def unsupported(self, work):
+        if work.device != "cpu":
+            return "the PyTorch contender runs on CPU only"  # cuDNN: see the CUDA work
         return super().unsupported(work)
 
-    def build(self, work, device):
+    def build(self, work):
         import torch
 
-        if device != "cpu":
-            raise RuntimeError("the torch contender runs on CPU only")
         dtype = getattr(torch, work.dtype)
         perm = _torch_blocks(work.cell)
         H = work.shape.H

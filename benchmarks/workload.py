@@ -82,6 +82,7 @@ class Workload:
     config: Config
     shape: Shape
     dtype: str
+    device: str  # "cpu" or "gpu"
     x: np.ndarray  # [B, T, I]
     dy: np.ndarray  # [B, T, H]: the loss is sum(outputs * dy), so every output matters
     weights: list  # per layer: {"kernel", "recurrent_kernel", "bias"}
@@ -94,7 +95,7 @@ class Workload:
         return trainable_names(self.config, self.config.layers - 1)
 
 
-def make_workload(cell, config, shape, dtype, seed=0):
+def make_workload(cell, config, shape, dtype, device="cpu", seed=0):
     rng = np.random.default_rng(seed)
     g = GATES[cell]
     weights = []
@@ -110,4 +111,4 @@ def make_workload(cell, config, shape, dtype, seed=0):
         })
     x = rng.standard_normal([shape.B, shape.T, shape.I]).astype(dtype)
     dy = rng.standard_normal([shape.B, shape.T, shape.H]).astype(dtype)
-    return Workload(cell, config, shape, dtype, x, dy, weights)
+    return Workload(cell, config, shape, dtype, device, x, dy, weights)

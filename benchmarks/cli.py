@@ -1,0 +1,185 @@
+"""Command line: what to run (the plan), how (threads, device), and where results go."""
+
+import argparse
+import sys
+import time
+
+from . import contenders, machine, report, runner
+from .workload import CELLS, CONFIGS, Shape
+
+BASE_SHAPE = Shape(T=100, B=64, I=256, H=256)
+# --quick: every configuration for LSTM, the extremes for the others (< 2 min on 2 cores).
+QUICK_CONFIGS = {
+    "lstm": list(CONFIGS),
+    "gru": ["all_trainable", "both_frozen_no_dx", "inference"],
+    "simple_rnn": ["all_trainable", "both_frozen_no_dx", "inference"],
+}
+# --full: every configuration for every cell at the base shape, then one dimension at a time.
+SWEEPS = {"T": (25, 50, 100, 200), "B": (16, 32, 64, 128), "H": (64, 128, 256, 512)}
+SWEEP_CONFIG = "all_trainable"
+
+
+def _list(choices):
+    def parse(text):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def _shape(text):
+    try:
+        return Shape.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Times one training step and inference of tfcells' fused LSTM/GRU/"
+                    "SimpleRNN against Keras, tf.raw_ops.BlockLSTM and PyTorch, per freeze "
+                    "configuration, next to the GEMM floor of this machine.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="default: T,B,I,H = 100,64,256,256; all configs for LSTM, "
+                           f"{', '.join(QUICK_CONFIGS['gru'])} for GRU and SimpleRNN")
+    mode.add_argument("--full", action="store_true",
+                      help="all cells and configs, then sweeps of T, B and H (I=H) for "
+                           f"{SWEEP_CONFIG}")
+    p.add_argument("--cells", type=_list(CELLS), help=f"comma list of {', '.join(CELLS)}")
+    p.add_argument("--configs", type=_list(list(CONFIGS)),
+                   help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--impls", type=_list(list(contenders.REGISTRY)),
+                   help=f"comma list of {', '.join(contenders.REGISTRY)} (default: all; the "
+                        "first one is the reference the others are checked against)")
+    p.add_argument("--shape", type=_shape, help="T,B,I,H (default 100,64,256,256)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--reps", type=int, help="timed repetitions (default: 5 quick, 7 full)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls before the repetitions, after the checked first call")
+    p.add_argument("--threads", type=int,
+                   help="threads for TF (intra- and inter-op), tfcells' GEMMs, PyTorch and "
+                        "NumPy's BLAS (default: each library's own)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--json", metavar="PATH", help="write one record per result to PATH")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG chart to PATH (matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = p.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        p.error("--reps must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args
+
+
+def plan(args):
+    """The tasks to run, in order."""
+    base = args.shape or BASE_SHAPE
+    cells = args.cells or list(CELLS)
+    tasks = []
+    for cell in cells:
+        configs = args.configs or (list(CONFIGS) if args.full else QUICK_CONFIGS[cell])
+        tasks += [runner.Task(cell, CONFIGS[c], base) for c in configs]
+    if args.full:
+        for dim, values in SWEEPS.items():
+            for cell in cells:
+                for v in values:
+                    size = {"T": dict(T=v), "B": dict(B=v), "H": dict(I=v, H=v)}[dim]
+                    shape = Shape(**{**vars(base), **size})
+                    tasks.append(runner.Task(cell, CONFIGS[SWEEP_CONFIG], shape, sweep=dim))
+    return tasks
+
+
+class _Progress:
+    """tqdm when installed, else one updating line on stderr."""
+
+    def __init__(self, total, enabled):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, file=sys.stderr, unit="task", leave=False)
+            except ImportError:
+                pass
+
+    def start(self, text):
+        if self.bar is not None:
+            self.bar.set_description_str(text)
+        elif self.enabled:
+            print(f"\r[{self.done + 1}/{self.total}] {text:<60}", end="", file=sys.stderr,
+                  flush=True)
+
+    def advance(self):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+def _gpu_unavailable():
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        return ("--device gpu: TensorFlow sees no GPU here. GPU numbers come from tfcells' "
+                "CUDA path, which is not available in this build (CPU-only TensorFlow / no "
+                "CUDA kernels); run on a machine with an NVIDIA GPU and a CUDA build.")
+    import tfcells
+
+    if not tfcells.build_info().get("cuda"):
+        return ("--device gpu: TensorFlow sees a GPU, but this tfcells build has no CUDA "
+                "kernels; rebuild tfcells where nvcc is available.")
+    return None
+
+
+def main(argv=None):
+    start = time.perf_counter()
+    args = parse_args(argv)
+    reps = args.reps or (7 if args.full else 5)
+    warnings = machine.set_threads(args.threads) if args.threads else []
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if args.device == "gpu":
+        reason = _gpu_unavailable()
+        if reason:
+            print(reason, file=sys.stderr)
+            return 2
+
+    impls = args.impls or list(contenders.REGISTRY)
+    tasks = plan(args)
+    meta = {"machine": machine.info(),
+            "settings": {"reps": reps, "warmup": args.warmup, "threads": args.threads,
+                         "device": args.device, "dtype": args.dtype, "impls": impls,
+                         "argv": list(sys.argv[1:] if argv is None else argv)},
+            "warnings": warnings}
+    progress = _Progress(len(tasks), not args.no_progress)
+    records = []
+    try:
+        for task in tasks:
+            progress.start(f"{task.cell} {task.config.name} {task.shape}")
+            records += runner.run_task(task, impls, args.dtype, args.device, reps,
+                                       args.warmup)
+            progress.advance()
+    finally:
+        progress.close()
+    meta["wall_s"] = time.perf_counter() - start
+    meta["load_average_end"] = machine.info()["load_average"]
+
+    print(report.markdown(records, meta))
+    if args.json:
+        report.write_json(args.json, records, meta)
+    if args.plot:
+        report.plot(args.plot, records, meta)
+    # A contender that computes other numbers than the reference, or fails, is a finding:
+    # say so in the exit status too (results are written all the same).
+    failed = [r for r in records if r["status"] in ("mismatch", "error", "unverified")]
+    return 1 if failed else 0

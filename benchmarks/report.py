@@ -1,0 +1,264 @@
+"""Output: Markdown tables, the JSON file and the PNG chart, all from the same records."""
+
+import json
+from collections import OrderedDict
+
+from . import contenders
+from .workload import CONFIGS
+
+TIMED = ("ok", "unverified")  # statuses that carry a time
+BASELINE_CONFIG = "all_trainable"
+SWEEP_DIMS = ("T", "B", "H")
+
+
+def _label(impl):
+    con = contenders.REGISTRY.get(impl)
+    return con.label if con is not None and con.label else impl
+
+
+def _num(v):
+    """A time or ratio with about three significant digits."""
+    if v is None:
+        return "—"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _cell_time(rec):
+    if rec is None or rec["status"] == "skipped":
+        return "—"
+    if rec["status"] not in TIMED:
+        return rec["status"].upper()  # MISMATCH or ERROR: not timed, see the notes
+    text = f"{_num(rec['median_ms'])} ±{_num(rec['iqr_ms'] / 2)}"
+    return text + " ?" if rec["status"] == "unverified" else text
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _groups(records, sweep):
+    """Records by (cell, dtype, device, T, B, I, H), then config, then impl, in run order."""
+    groups = OrderedDict()
+    for r in records:
+        if (r.get("sweep") is not None) != sweep:
+            continue
+        key = (r["cell"], r["dtype"], r["device"], r["T"], r["B"], r["I"], r["H"])
+        groups.setdefault(key, OrderedDict()).setdefault(r["config"], OrderedDict())[r["impl"]] = r
+    return groups
+
+
+def _impls(by_config):
+    impls = []
+    for by_impl in by_config.values():
+        for impl, r in by_impl.items():
+            if impl not in impls and r["status"] != "skipped":
+                impls.append(impl)
+    return impls
+
+
+def _table(rows):
+    header, *body = rows
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _main_table(by_config):
+    impls = _impls(by_config)
+    base = by_config.get(BASELINE_CONFIG, {})
+    base_tfc = base.get("tfcells")
+    header = (["config", "GEMM GFLOP", "floor ms"] + [f"{_label(i)} ms" for i in impls]
+              + ["keras ÷ tfcells", "tfcells ÷ all_trainable (FLOP model)"]
+              + [f"floor ratio {_label(i)}" for i in impls])
+    rows = [header]
+    for config, by_impl in by_config.items():
+        any_rec = next(iter(by_impl.values()))
+        tfc, keras = by_impl.get("tfcells"), by_impl.get("keras")
+        t = tfc["median_ms"] if tfc and tfc["status"] in TIMED else None
+        k = keras["median_ms"] if keras and keras["status"] in TIMED else None
+        b = base_tfc["median_ms"] if base_tfc and base_tfc["status"] in TIMED else None
+        model = _ratio(any_rec["flops"], base_tfc["flops"]) if base_tfc else None
+        speedup = _ratio(k, t)
+        rel = _ratio(t, b)
+        rel_text = "—" if rel is None else f"{rel:.2f}"
+        if model is not None:
+            rel_text += f" ({model:.2f})"
+        row = [config, f"{any_rec['flops'] / 1e9:.3g}", _num(any_rec["floor_ms"])]
+        row += [_cell_time(by_impl.get(i)) for i in impls]
+        row += ["—" if speedup is None else f"{speedup:.2f}×", rel_text]
+        row += [_num(by_impl[i].get("floor_ratio")) if i in by_impl else "—" for i in impls]
+        rows.append(row)
+    return _table(rows)
+
+
+def _notes(records):
+    """Every record that was not timed as expected; skips once per (contender, reason)."""
+    notes, skips = [], OrderedDict()
+    for r in records:
+        if r["status"] == "skipped":
+            skips.setdefault((r["impl"], r["detail"]), None)
+        elif r["status"] != "ok":
+            notes.append(f"- {r['cell']} {r['config']} T={r['T']} B={r['B']} I={r['I']} "
+                         f"H={r['H']}, {_label(r['impl'])}: **{r['status']}** — {r['detail']}")
+    notes += [f"- {_label(impl)} skipped: {reason}" for impl, reason in skips]
+    return notes
+
+
+def _sweep_tables(records):
+    """--full: for each cell, config and swept dimension, time against the dimension."""
+    out = []
+    for dim in SWEEP_DIMS:
+        points = [r for r in records if r.get("sweep") == dim]
+        keys = OrderedDict(((r["cell"], r["config"], r["dtype"]), None) for r in points)
+        for cell, config, dtype in keys:
+            sel = [r for r in points if (r["cell"], r["config"], r["dtype"])
+                   == (cell, config, dtype)]
+            others = [d for d in SWEEP_DIMS if d != dim]
+            ref = sel[0]
+            by_value = OrderedDict()
+            for r in sorted(sel, key=lambda r: r[dim]):
+                by_value.setdefault(r[dim], OrderedDict())[r["impl"]] = r
+            impls = _impls(by_value)
+            fixed = ", ".join(f"{d}={ref[d]}" for d in others) + \
+                (f", I={ref['I']}" if dim != "H" else ", I=H")
+            out.append(f"\n### {cell} {config}: time against {dim} ({fixed}, {dtype})\n")
+            rows = [[dim, "GEMM GFLOP", "floor ms"] + [f"{_label(i)} ms" for i in impls]
+                    + [f"floor ratio {_label(i)}" for i in impls]]
+            for value, by_impl in by_value.items():
+                any_rec = next(iter(by_impl.values()))
+                rows.append([str(value), f"{any_rec['flops'] / 1e9:.3g}",
+                             _num(any_rec["floor_ms"])]
+                            + [_cell_time(by_impl.get(i)) for i in impls]
+                            + [_num(by_impl[i].get("floor_ratio")) if i in by_impl else "—"
+                               for i in impls])
+            out.append(_table(rows))
+            growth = _growth(by_value, impls)
+            if growth:
+                out.append("\n" + growth)
+    return out
+
+
+def _growth(by_value, impls):
+    values = list(by_value)
+    if len(values) < 2:
+        return ""
+    lo, hi = by_value[values[0]], by_value[values[-1]]
+    flops = _ratio(next(iter(hi.values()))["flops"], next(iter(lo.values()))["flops"])
+    parts = [f"GEMM FLOPs ×{flops:.2f}"]
+    for i in impls:
+        a, b = lo.get(i), hi.get(i)
+        if a and b and a["status"] in TIMED and b["status"] in TIMED:
+            parts.append(f"{_label(i)} ×{b['median_ms'] / a['median_ms']:.2f}")
+    return f"Growth from {values[0]} to {values[-1]}: " + ", ".join(parts) + "."
+
+
+def markdown(records, meta):
+    m = meta["machine"]
+    th = m["threads"]
+    out = [f"# tfcells benchmark — {m['date']}", "",
+           f"{m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB; "
+           f"TensorFlow {m['versions']['tensorflow']}, Keras {m['versions']['keras']}, "
+           f"tfcells {m['versions']['tfcells']}, NumPy {m['versions']['numpy']} "
+           f"(OpenBLAS {m['numpy_blas']}), PyTorch {m['versions']['torch'] or 'not installed'}.",
+           "Threads: TF intra-op {tf_intra_op} / inter-op {tf_inter_op} (0 = one per core), "
+           "tfcells GEMM {tfcells_gemm}, NumPy BLAS {numpy_blas}, PyTorch {torch}. "
+           "Load average at start: {load}.".format(
+               load=", ".join(f"{v:.2f}" for v in m["load_average"] or ()),
+               torch=th.get("torch", "—"), **{k: v for k, v in th.items() if k != "torch"}),
+           f"One training step = forward + backward (tf.GradientTape in tf.function) of "
+           f"sum(outputs·dy) w.r.t. what the configuration leaves trainable; inference = "
+           f"forward only. {meta['settings']['reps']} repetitions after "
+           f"{meta['settings']['warmup']} warm-up; wall time {meta['wall_s']:.0f} s."]
+    for (cell, dtype, device, T, B, I, H), by_config in _groups(records, sweep=False).items():
+        out += ["", f"## {cell}: T={T} B={B} I={I} H={H}, {dtype}, {device}", "",
+                _main_table(by_config)]
+    sweeps = _sweep_tables(records)
+    if sweeps:
+        out += ["", "## Scaling (--full sweeps)"] + sweeps
+    out += ["", "Times are medians in ms, ± half the interquartile range. floor = the step's "
+            "GEMMs alone (same shapes) in NumPy on this machine; floor ratio = floor ÷ median "
+            "(1.0: all time spent in GEMMs at the BLAS rate). keras ÷ tfcells > 1: tfcells is "
+            "faster. tfcells ÷ all_trainable: time relative to tfcells' all-trainable step, "
+            "with the GEMM FLOP model's ratio in parentheses. MISMATCH: values differ from the "
+            "reference, so not timed; ?: no other contender confirmed the values."]
+    notes = _notes(records)
+    if notes:
+        out += ["", "Notes:"] + notes
+    return "\n".join(out) + "\n"
+
+
+def write_json(path, records, meta):
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+
+
+def plot(path, records, meta):
+    import matplotlib  # lazily: only --plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(records, sweep=False)
+    sweep_cells = list(OrderedDict.fromkeys(r["cell"] for r in records if r.get("sweep")))
+    nrows = len(groups) + len(sweep_cells)
+    if nrows == 0:
+        return
+    fig = plt.figure(figsize=(13, 4.2 * nrows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, ((cell, dtype, device, T, B, I, H), by_config) in enumerate(groups.items()):
+        ax = fig.add_subplot(nrows, 3, (3 * row + 1, 3 * row + 3))
+        configs = [c for c in CONFIGS if c in by_config]
+        impls = _impls(by_config)
+        floor_recs = [next(iter(by_config[c].values())) for c in configs]
+        series = [("GEMM floor (NumPy)", None, [
+            (r["floor_ms"], None) if r["floor_ms"] else None for r in floor_recs])]
+        for impl in impls:
+            recs = [by_config[c].get(impl) for c in configs]
+            series.append((_label(impl), impl, [
+                (r["median_ms"], (r["median_ms"] - r["q1_ms"], r["q3_ms"] - r["median_ms"]))
+                if r and r["status"] in TIMED else None for r in recs]))
+        width = 0.8 / len(series)
+        for k, (name, impl, values) in enumerate(series):
+            xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(configs))]
+            heights = [v[0] if v else 0 for v in values]
+            errs = [[v[1][j] if v and v[1] else 0 for v in values] for j in (0, 1)]
+            # One colour per contender across all panels; the floor hatched grey.
+            style = dict(color="lightgray", hatch="//", edgecolor="gray") if impl is None else \
+                dict(color=colors[list(contenders.REGISTRY).index(impl) % len(colors)]
+                     if impl in contenders.REGISTRY else "black", yerr=errs, capsize=2)
+            ax.bar(xs, heights, width, label=name, **style)
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels(configs, rotation=15, fontsize=8)
+        ax.set_ylabel("ms (median, IQR bars)")
+        ax.set_title(f"{cell}: T={T} B={B} I={I} H={H}, {dtype}, {device}")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for i, cell in enumerate(sweep_cells):
+        row = len(groups) + i
+        for j, dim in enumerate(SWEEP_DIMS):
+            ax = fig.add_subplot(nrows, 3, 3 * row + j + 1)
+            pts = [r for r in records if r.get("sweep") == dim and r["cell"] == cell
+                   and r["status"] in TIMED]
+            for impl in OrderedDict.fromkeys(r["impl"] for r in pts):
+                sel = sorted((r for r in pts if r["impl"] == impl), key=lambda r: r[dim])
+                ax.plot([r[dim] for r in sel], [r["median_ms"] for r in sel], "o-",
+                        label=_label(impl))
+            floor_pts = sorted({r[dim]: r["floor_ms"] for r in pts}.items())
+            if floor_pts:
+                ax.plot(*zip(*floor_pts), "k--", label="GEMM floor")
+            ax.set_xlabel(dim)
+            ax.set_ylabel("ms")
+            ax.set_title(f"{cell} {pts[0]['config'] if pts else ''}: scaling in {dim}",
+                         fontsize=9)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"tfcells benchmark, {meta['machine']['cpu']}, {meta['machine']['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

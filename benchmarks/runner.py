@@ -1,0 +1,117 @@
+"""Runs one task (cell, config, shape): build every contender, check it, time it, record it."""
+
+import dataclasses
+import traceback
+
+from . import check, contenders, floor, timing
+from .workload import make_workload
+
+_FLOOR = "gemm_floor"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    cell: str
+    config: object  # workload.Config
+    shape: object  # workload.Shape
+    sweep: str = None  # "T", "B" or "H" for points of a --full scaling sweep
+
+
+def _base_record(task, impl, dtype, device):
+    s = task.shape
+    return {
+        "cell": task.cell, "config": task.config.name, "mode": task.config.mode,
+        "layers": task.config.layers, "impl": impl, "T": s.T, "B": s.B, "I": s.I, "H": s.H,
+        "dtype": dtype, "device": device, "sweep": task.sweep,
+        "status": "ok", "detail": "", "median_ms": None,
+    }
+
+
+def _peak_memory_mb(step, device):
+    """Peak bytes TensorFlow's allocator holds during one step, above what it held before
+    (TF contenders only: PyTorch keeps no CPU allocator statistics)."""
+    if step.framework != "tf":
+        return None
+    import tensorflow as tf
+
+    name = "GPU:0" if device == "gpu" else "CPU:0"
+    try:
+        tf.config.experimental.reset_memory_stats(name)
+        before = tf.config.experimental.get_memory_info(name)["current"]
+        step.run()
+        return (tf.config.experimental.get_memory_info(name)["peak"] - before) / 2**20
+    except (ValueError, RuntimeError):
+        return None
+
+
+def _error(e):
+    last = traceback.extract_tb(e.__traceback__)[-1:]
+    where = f" (at {last[0].filename.split('/')[-1]}:{last[0].lineno})" if last else ""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
+
+
+def run_task(task, impls, dtype, device, reps, warmup, floor_enabled=True):
+    """Returns one record per contender in `impls` (names in contenders.REGISTRY).
+
+    Each contender's first call (tracing included) produces the values that are checked; a
+    contender that disagrees with the reference (the first one that ran: tfcells by default)
+    is not timed. Then each contender, and the GEMM floor, is timed in its own block of
+    warm-up and repetitions. Not round-robin: each framework's thread pool keeps spinning for
+    a while after its work, and would steal the cores from whichever ran next (measured: the
+    floor of a tiny step 30x slower right after a TF step).
+    """
+    work = make_workload(task.cell, task.config, task.shape, dtype, device)
+    records, steps, outputs = {}, {}, {}
+    for impl in impls:
+        con = contenders.REGISTRY[impl]
+        rec = records[impl] = _base_record(task, impl, dtype, device)
+        reason = con.unavailable() or con.unsupported(work)
+        if reason:
+            rec.update(status="skipped", detail=reason)
+            continue
+        try:
+            step = con.build(work)
+            outputs[impl] = step.fetch(step.run())
+            steps[impl] = step
+        except Exception as e:  # one broken contender must not end the whole run
+            rec.update(status="error", detail=_error(e))
+
+    if outputs:
+        reference = next(iter(outputs))
+        agreed = False
+        for impl, out in outputs.items():
+            if impl == reference:
+                continue
+            ok, errors, message = check.compare(out, outputs[reference], dtype)
+            records[impl]["check"] = {"reference": reference, "max_rel_err": errors}
+            if ok:
+                agreed = True
+            else:
+                records[impl].update(status="mismatch", detail=message)
+                del steps[impl]
+        records[reference]["check"] = {"reference": reference, "max_rel_err": {}}
+        if len(outputs) > 1 and not agreed:
+            # Nobody agrees with the reference: it may be the one that is wrong.
+            records[reference].update(status="unverified",
+                                      detail="no other contender computes the same values")
+
+    timed = {impl: step.run for impl, step in steps.items()}
+    # The floor is NumPy on the CPU; a GPU run has no comparable floor here.
+    with_floor = floor_enabled and device == "cpu"
+    if with_floor:
+        timed[_FLOOR] = floor.floor_callable(task.cell, task.config, task.shape, dtype)
+    stats = {impl: timing.measure(fn, reps, warmup) for impl, fn in timed.items()}
+
+    flops = floor.flops(task.cell, task.config, task.shape)
+    floor_stats = stats.pop(_FLOOR) if with_floor else None
+    floor_ms = floor_stats["median_ms"] if floor_stats else None
+    for impl, rec in records.items():
+        rec.update(flops=flops, floor_ms=floor_ms,
+                   floor_iqr_ms=floor_stats["iqr_ms"] if floor_stats else None)
+        if impl not in stats:
+            continue
+        rec.update(stats[impl])
+        rec["gflops"] = flops / rec["median_ms"] / 1e6
+        rec["floor_ratio"] = floor_ms / rec["median_ms"] if floor_ms else None
+        rec["peak_mem_mb"] = _peak_memory_mb(steps[impl], device)
+    return list(records.values())

@@ -1,0 +1,158 @@
+"""The benchmark suite on tiny shapes: its records, its FLOP model, and that its value check
+catches a contender that computes something else. No timing is asserted."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+# benchmarks/ lives at the repo root, not in the installed package; plain `pytest` (unlike
+# `python -m pytest`) does not put the root on sys.path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("tfcells")
+
+from benchmarks import cli, contenders, floor  # noqa: E402
+from benchmarks.workload import CONFIGS, Shape  # noqa: E402
+
+TINY = ["--shape", "3,2,4,5", "--reps", "1", "--warmup", "0", "--no-progress"]
+REQUIRED = {"cell", "config", "impl", "T", "B", "I", "H", "dtype", "device", "median_ms",
+            "status", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "max_ms", "floor_ms",
+            "floor_ratio", "flops", "gflops", "peak_mem_mb", "mode", "check"}
+
+
+def _run(tmp_path, *args):
+    path = tmp_path / "bench.json"
+    rc = cli.main([*TINY, "--json", str(path), *args])
+    with open(path) as f:
+        return rc, json.load(f)
+
+
+def test_quick_plan_records(tmp_path, capsys):
+    rc, data = _run(tmp_path)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert {"machine", "settings", "wall_s"} <= set(data["meta"])
+    assert {"tf_intra_op", "tfcells_gemm", "numpy_blas"} <= set(data["meta"]["machine"]["threads"])
+    records = data["records"]
+    keys = [(r["cell"], r["config"], r["T"], r["B"], r["I"], r["H"], r["impl"]) for r in records]
+    assert len(keys) == len(set(keys)), "one record per (cell, config, shape, impl)"
+    expected = {(cell, c) for cell, configs in cli.QUICK_CONFIGS.items() for c in configs}
+    assert {(r["cell"], r["config"]) for r in records} == expected
+    for r in records:
+        assert (r["T"], r["B"], r["I"], r["H"], r["dtype"], r["device"]) == \
+            (3, 2, 4, 5, "float32", "cpu")
+        assert r["status"] in ("ok", "skipped"), r
+        if r["status"] == "skipped":
+            assert r["median_ms"] is None and r["detail"]
+            continue
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["median_ms"] > 0 and r["floor_ms"] > 0 and r["flops"] > 0
+        assert r["floor_ratio"] == pytest.approx(r["floor_ms"] / r["median_ms"])
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    timed = {(r["cell"], r["impl"]) for r in records if r["status"] == "ok"}
+    assert {("lstm", "tfcells"), ("lstm", "keras"), ("lstm", "blocklstm"),
+            ("gru", "keras"), ("simple_rnn", "tfcells")} <= timed
+    # The Markdown table: one header per cell, the ratio columns, every LSTM config.
+    assert out.count("| config |") == 3
+    assert "keras ÷ tfcells" in out and "floor ratio tfcells" in out
+    for config in CONFIGS:
+        assert f"| {config} |" in out
+
+
+class _WrongGates(contenders.KerasContender):
+    """A Keras LSTM loaded with the kernel's gate blocks in the wrong order."""
+
+    name = label = "wrong_gates"
+
+    def layer_weights(self, work, layer):
+        w = dict(work.weights[layer])
+        w["kernel"] = np.concatenate(np.split(w["kernel"], 4, axis=1)[::-1], axis=1)
+        return w
+
+
+class _WrongGrads(contenders.TfcellsContender):
+    """Right outputs, every gradient doubled."""
+
+    name = label = "wrong_grads"
+
+    def make_model(self, work):
+        forward, variables, to_keras = super().make_model(work)
+
+        @tf.custom_gradient
+        def double_grad(y):
+            return tf.identity(y), lambda dy: 2 * dy
+
+        return (lambda x: double_grad(forward(x))), variables, to_keras
+
+
+def test_check_catches_wrong_contenders(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(contenders.REGISTRY, "wrong_gates", _WrongGates())
+    monkeypatch.setitem(contenders.REGISTRY, "wrong_grads", _WrongGrads())
+    rc, data = _run(tmp_path, "--cells", "lstm", "--configs", "all_trainable,inference",
+                    "--impls", "tfcells,keras,wrong_gates,wrong_grads")
+    out = capsys.readouterr().out
+    assert rc == 1  # a mismatch is a finding: the exit status says so
+    by = {(r["config"], r["impl"]): r for r in data["records"]}
+    for config in ("all_trainable", "inference"):
+        assert by[config, "keras"]["status"] == "ok"
+        assert by[config, "tfcells"]["status"] == "ok"
+        bad = by[config, "wrong_gates"]
+        assert bad["status"] == "mismatch" and bad["median_ms"] is None
+        assert "y off by" in bad["detail"]
+    grads = by["all_trainable", "wrong_grads"]
+    assert grads["status"] == "mismatch" and grads["median_ms"] is None
+    assert "y off by" not in grads["detail"] and "kernel off by" in grads["detail"]
+    # Forward only, the doubled gradient cannot show: that one is right and timed.
+    assert by["inference", "wrong_grads"]["status"] == "ok"
+    assert "MISMATCH" in out
+
+
+def test_reference_alone_against_everyone_is_unverified(tmp_path, monkeypatch):
+    monkeypatch.setitem(contenders.REGISTRY, "wrong_gates", _WrongGates())
+    rc, data = _run(tmp_path, "--cells", "lstm", "--configs", "inference",
+                    "--impls", "wrong_gates,keras")
+    by = {r["impl"]: r for r in data["records"]}
+    assert rc == 1
+    assert by["wrong_gates"]["status"] == "unverified"
+    assert by["keras"]["status"] == "mismatch"
+
+
+def test_flop_model_shares():
+    """I = H: a training step is 6 equal GEMM units; frozen matrices and dx remove them."""
+    s = Shape(T=7, B=3, I=16, H=16)
+    for cell in ("lstm", "gru", "simple_rnn"):
+        base = floor.flops(cell, CONFIGS["all_trainable"], s)
+        share = {c: floor.flops(cell, CONFIGS[c], s) / base for c in CONFIGS}
+        assert share["kernel_frozen"] == pytest.approx(5 / 6)
+        assert share["recurrent_frozen"] == pytest.approx(5 / 6)
+        assert share["both_frozen"] == pytest.approx(4 / 6)
+        assert share["both_frozen_no_dx"] == pytest.approx(3 / 6)
+        assert share["inference"] == pytest.approx(2 / 6)
+        assert share["frozen_layer_in_stack"] == pytest.approx(7 / 6)  # 2 fwd + 5 of layer 2
+
+
+def test_floor_runs_its_gemms():
+    fn = floor.floor_callable("gru", CONFIGS["all_trainable"], Shape(2, 3, 4, 5), "float32")
+    fn()  # shapes must line up: a wrong Gemm raises here
+    labels = [g.label for g in floor.gemms("gru", CONFIGS["both_frozen_no_dx"], Shape(2, 3, 4, 5))]
+    assert labels == ["X·W_x", "h·W_h", "dG·W_hᵀ"]
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    rc = cli.main([*TINY, "--cells", "simple_rnn", "--configs", "all_trainable",
+                   "--impls", "tfcells", "--plot", str(png)])
+    assert rc == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_without_gpu_says_so(capsys):
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    assert cli.main([*TINY, "--device", "gpu"]) == 2
+    assert "not available in this build" in capsys.readouterr().err
