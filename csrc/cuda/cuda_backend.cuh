@@ -1,0 +1,195 @@
+// CUDA backend of the recurrence driver (csrc/core/rnn.h): cuBLAS GEMMs and one templated
+// grid-stride kernel that runs csrc/core/cells.h' functors. No cell math lives here.
+//
+// Errors are latched: the first failed launch or cuBLAS call records a message, and every
+// later call of the backend returns at once, so the driver's loop runs out without enqueuing
+// more work. The entry points (cuda_rnn.h) hand the message to their caller.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <string>
+#include <type_traits>
+
+#include "../core/rnn.h"
+#include "cublas_loader.h"
+#include "cuda_rnn.h"
+
+namespace tfcells {
+namespace cuda_detail {
+
+constexpr int kPointwiseThreads = 256;
+constexpr Index kMaxPointwiseBlocks = 8192;  // grid-stride beyond this
+
+// functor(b, j) for every b < rows, j < cols, j fastest (consecutive threads, consecutive j).
+template <typename F>
+__global__ void __launch_bounds__(kPointwiseThreads)
+    ForEachKernel(Index rows, Index cols, F f) {
+  const Index n = rows * cols;
+  if (n <= Index(UINT_MAX) / 2) {  // 32-bit index arithmetic: every per-step kernel
+    const unsigned n32 = static_cast<unsigned>(n), cols32 = static_cast<unsigned>(cols);
+    const unsigned stride = gridDim.x * blockDim.x;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n32; i += stride) {
+      const unsigned b = i / cols32;
+      f(Index(b), Index(i - b * cols32));
+    }
+  } else {
+    const Index stride = Index(gridDim.x) * blockDim.x;
+    for (Index i = Index(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+      const Index b = i / cols;
+      f(b, i - b * cols);
+    }
+  }
+}
+
+// out[j] = Σ_r a[r, j]: a block owns 32 columns, its 16 warps' lanes stride over the rows
+// (coalesced 32-wide reads), then the 16 partial sums of a column are added in shared memory.
+// Deterministic, no atomics, one write per column.
+constexpr int kSumCols = 32, kSumRowLanes = 16;
+
+template <typename T>
+__global__ void __launch_bounds__(kSumCols* kSumRowLanes)
+    ColumnSumKernel(Index rows, Index cols, const T* a, Index lda, T* out) {
+  __shared__ T partial[kSumRowLanes][kSumCols];
+  const Index j = Index(blockIdx.x) * kSumCols + threadIdx.x;
+  T sum = T(0);
+  if (j < cols)
+    for (Index r = threadIdx.y; r < rows; r += kSumRowLanes) sum += a[r * lda + j];
+  partial[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < cols) {
+    T total = T(0);
+    for (int y = 0; y < kSumRowLanes; ++y) total += partial[y][threadIdx.x];
+    out[j] = total;
+  }
+}
+
+// The `true` that stands for "no mask" (the driver reads it with a leading dimension of 0).
+static __device__ bool kTrueFlag = true;
+
+// C = beta * C for an [m, n] matrix: a GEMM with k == 0, which cuBLAS is not given.
+template <typename T>
+struct ScalePoint {
+  StepMatrix<T> c;
+  T beta;
+  TFCELLS_HD void operator()(Index b, Index j) const {
+    c(b, j) = beta == T(0) ? T(0) : beta * c(b, j);
+  }
+};
+
+}  // namespace cuda_detail
+
+class CudaBackend {
+ public:
+  CudaBackend(cudaStream_t stream, const CudaOptions& options)
+      : stream_(stream), options_(options) {
+    api_ = cublas::Load(&error_);
+    if (api_ == nullptr) return;
+    int device = 0;
+    if (!Check(cudaGetDevice(&device), "cudaGetDevice")) return;
+    handle_ = cublas::ThreadHandle(*api_, device, &error_);
+    if (handle_ == nullptr) return;
+    void* flag = nullptr;
+    if (Check(cudaGetSymbolAddress(&flag, cuda_detail::kTrueFlag), "cudaGetSymbolAddress"))
+      true_flag_ = static_cast<const bool*>(flag);
+  }
+
+  const std::string& error() const { return error_; }
+  bool failed() const { return !error_.empty(); }
+
+  void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a, Index lda,
+            const float* b, Index ldb, float beta, float* c, Index ldc) {
+    GemmImpl(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+  }
+  void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const double* a, Index lda,
+            const double* b, Index ldb, double beta, double* c, Index ldc) {
+    GemmImpl(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  // A `true` in device memory (of the current device), the mask row of "no mask".
+  const bool* TrueFlag() const { return true_flag_; }
+
+  template <typename F>
+  void ForEach(Index rows, Index cols, const F& f) {
+    if (failed() || rows <= 0 || cols <= 0) return;
+    const Index blocks = std::min<Index>((rows * cols + cuda_detail::kPointwiseThreads - 1) /
+                                             cuda_detail::kPointwiseThreads,
+                                         cuda_detail::kMaxPointwiseBlocks);
+    cuda_detail::ForEachKernel<<<static_cast<unsigned>(blocks), cuda_detail::kPointwiseThreads,
+                                 0, stream_>>>(rows, cols, f);
+    Check(cudaGetLastError(), "pointwise kernel launch");
+  }
+
+  template <typename T>
+  void ColumnSum(Index rows, Index cols, const T* a, Index lda, T* out) {
+    if (failed() || cols <= 0) return;
+    const Index blocks = (cols + cuda_detail::kSumCols - 1) / cuda_detail::kSumCols;
+    cuda_detail::ColumnSumKernel<T>
+        <<<static_cast<unsigned>(blocks), dim3(cuda_detail::kSumCols, cuda_detail::kSumRowLanes),
+           0, stream_>>>(rows, cols, a, lda, out);
+    Check(cudaGetLastError(), "bias-gradient reduction launch");
+  }
+
+ private:
+  bool Check(cudaError_t status, const char* what) {
+    if (status == cudaSuccess) return true;
+    if (error_.empty())
+      error_ = std::string(what) + " failed: " + cudaGetErrorName(status) + ": " +
+               cudaGetErrorString(status);
+    return false;
+  }
+
+  bool CheckBlas(cublas::Status status, const char* what) {
+    if (status == cublas::kSuccess) return true;
+    if (error_.empty()) error_ = std::string(what) + " failed: " + cublas::StatusString(*api_, status);
+    return false;
+  }
+
+  // Row-major C[m,n] = op(A) op(B) + beta C is column-major Cᵀ = op(B)ᵀ op(A)ᵀ + beta Cᵀ: the
+  // same buffers with the operands swapped.
+  template <typename T>
+  void GemmImpl(bool trans_a, bool trans_b, Index m, Index n, Index k, const T* a, Index lda,
+                const T* b, Index ldb, T beta, T* c, Index ldc) {
+    if (failed() || m <= 0 || n <= 0) return;
+    if (k <= 0) {  // empty product; cuBLAS would reject the leading dimensions
+      ForEach(m, n, cuda_detail::ScalePoint<T>{StepMatrix<T>(c, ldc), beta});
+      return;
+    }
+    for (Index v : {m, n, k, lda, ldb, ldc}) {
+      if (v > INT_MAX) {
+        error_ = "a GEMM dimension (" + std::to_string(v) +
+                 ") exceeds cuBLAS' 32-bit limit; split the batch or the sequence";
+        return;
+      }
+    }
+    if (!CheckBlas(api_->set_stream(handle_, stream_), "cublasSetStream")) return;
+    const bool tf32 = std::is_same<T, float>::value && options_.allow_tf32;
+    if (!CheckBlas(api_->set_math_mode(handle_, tf32 ? cublas::kTf32TensorOpMath
+                                                     : cublas::kDefaultMath),
+                   "cublasSetMathMode"))
+      return;
+    const T one = T(1);
+    const int op_a = trans_a ? cublas::kOpT : cublas::kOpN;
+    const int op_b = trans_b ? cublas::kOpT : cublas::kOpN;
+    cublas::Status status;
+    if constexpr (std::is_same<T, float>::value) {
+      status = api_->sgemm(handle_, op_b, op_a, int(n), int(m), int(k), &one, b, int(ldb), a,
+                           int(lda), &beta, c, int(ldc));
+    } else {
+      status = api_->dgemm(handle_, op_b, op_a, int(n), int(m), int(k), &one, b, int(ldb), a,
+                           int(lda), &beta, c, int(ldc));
+    }
+    CheckBlas(status, std::is_same<T, float>::value ? "cublasSgemm" : "cublasDgemm");
+  }
+
+  cudaStream_t stream_;
+  CudaOptions options_;
+  const cublas::Api* api_ = nullptr;
+  cublas::Handle handle_ = nullptr;
+  const bool* true_flag_ = nullptr;
+  std::string error_;
+};
+
+}  // namespace tfcells

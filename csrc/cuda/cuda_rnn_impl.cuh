@@ -1,0 +1,42 @@
+// The bodies of the CUDA entry points; instantiated once per dtype (cuda_rnn_f32.cu,
+// cuda_rnn_f64.cu) so that the two compile in parallel.
+#pragma once
+
+#include <exception>
+#include <string>
+
+#include "../core/rnn.h"
+#include "cuda_backend.cuh"
+#include "cuda_rnn.h"
+
+namespace tfcells {
+namespace cuda_detail {
+
+template <typename T>
+std::string RunForward(const ForwardArgs<T>& args, cudaStream_t stream,
+                       const CudaOptions& options) {
+  try {
+    CudaBackend be(stream, options);
+    if (be.failed()) return be.error();
+    Forward(be, args);
+    return be.error();
+  } catch (const std::exception& e) {
+    return std::string("tfcells CUDA forward pass: ") + e.what();
+  }
+}
+
+template <typename T>
+std::string RunBackward(const BackwardArgs<T>& args, cudaStream_t stream,
+                        const CudaOptions& options) {
+  try {
+    CudaBackend be(stream, options);
+    if (be.failed()) return be.error();
+    Backward(be, args);
+    return be.error();
+  } catch (const std::exception& e) {
+    return std::string("tfcells CUDA backward pass: ") + e.what();
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace tfcells

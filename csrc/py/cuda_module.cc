@@ -1,0 +1,604 @@
+// pybind11 module over the CUDA path of the core, without TensorFlow: device memory passed in
+// from outside through __cuda_array_interface__ (CuPy arrays, PyTorch CUDA tensors, Numba
+// device arrays). Used by tests/test_cuda.py and tools/gpu_check.py on GPU machines.
+//
+// The caller allocates everything, outputs and workspace included (forward_sizes() and
+// backward_workspace_size() say how much); the functions check every array, enqueue the work
+// on `stream` (a cudaStream_t as an int, 0 for the legacy default stream) and return without
+// synchronising.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../cuda/cuda_rnn.h"
+
+namespace py = pybind11;
+
+namespace tfcells {
+namespace {
+
+CellKind ParseCell(const std::string& name) {
+  static const std::map<std::string, CellKind> cells = {
+      {"lstm", CellKind::kLstm},
+      {"gru", CellKind::kGruResetAfter},
+      {"gru_reset_before", CellKind::kGruResetBefore},
+      {"simple_rnn", CellKind::kSimpleRnn}};
+  auto it = cells.find(name);
+  if (it == cells.end())
+    throw py::value_error("cell must be lstm, gru, gru_reset_before or simple_rnn, got " + name);
+  return it->second;
+}
+
+std::string ShapeString(const std::vector<Index>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+std::string CudaErrorString(cudaError_t e) {
+  return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+}
+
+// One array described by __cuda_array_interface__ (versions 0 to 3).
+struct DeviceArray {
+  std::string name;
+  std::uintptr_t ptr = 0;
+  std::vector<Index> shape;
+  char kind = 0;  // 'f' or 'b'
+  int itemsize = 0;
+  bool readonly = false;
+  std::optional<std::intptr_t> stream;  // the producer's stream (version 3), if given
+  int device = -1;
+
+  Index size() const {
+    Index n = 1;
+    for (Index s : shape) n *= s;
+    return n;
+  }
+  template <typename T>
+  T* data() const {
+    return size() ? reinterpret_cast<T*>(ptr) : nullptr;
+  }
+};
+
+DeviceArray Parse(const py::handle& obj, const std::string& name) {
+  DeviceArray a;
+  a.name = name;
+  if (!py::hasattr(obj, "__cuda_array_interface__"))
+    throw py::type_error(
+        name + " must be an array in GPU memory exposing __cuda_array_interface__ (a CuPy "
+               "array, a PyTorch CUDA tensor, a Numba device array), got a " +
+        std::string(py::str(py::type::handle_of(obj).attr("__name__"))) +
+        " (a host array or CPU tensor has no such interface: move it to the GPU first)");
+  const py::dict cai = obj.attr("__cuda_array_interface__");
+  const auto need = [&](const char* key) -> py::object {
+    if (!cai.contains(key))
+      throw py::value_error(name + ": __cuda_array_interface__ has no '" + key + "'");
+    return cai[key];
+  };
+  for (py::handle s : py::tuple(need("shape"))) a.shape.push_back(s.cast<Index>());
+  for (Index s : a.shape)
+    if (s < 0) throw py::value_error(name + ": negative extent in shape " + ShapeString(a.shape));
+  const std::string typestr = py::str(need("typestr"));
+  if (typestr.size() < 3 || (typestr[0] != '<' && typestr[0] != '|' && typestr[0] != '='))
+    throw py::value_error(name + ": unsupported typestr '" + typestr +
+                          "' (little-endian float32, float64 or bool expected)");
+  a.kind = typestr[1];
+  a.itemsize = std::stoi(typestr.substr(2));
+  const py::tuple data = need("data");
+  a.ptr = data[0].cast<std::uintptr_t>();
+  a.readonly = data[1].cast<bool>();
+  if (cai.contains("mask") && !cai["mask"].is_none())
+    throw py::value_error(name + ": masked arrays are not supported");
+  if (cai.contains("stream") && !cai["stream"].is_none())
+    a.stream = cai["stream"].cast<std::intptr_t>();
+
+  // C-contiguous: strides absent, or equal to the packed row-major strides (an extent-1 axis
+  // may carry any stride).
+  if (cai.contains("strides") && !cai["strides"].is_none() && a.size() > 0) {
+    std::vector<Index> strides;
+    for (py::handle s : py::tuple(cai["strides"])) strides.push_back(s.cast<Index>());
+    if (strides.size() != a.shape.size())
+      throw py::value_error(name + ": strides and shape differ in length");
+    Index expected = a.itemsize;
+    for (size_t i = a.shape.size(); i-- > 0;) {
+      if (a.shape[i] != 1 && strides[i] != expected)
+        throw py::value_error(name + " must be C-contiguous (row-major, packed); got shape " +
+                              ShapeString(a.shape) + " with byte strides " +
+                              ShapeString(strides) + ": make a contiguous copy first");
+      expected *= a.shape[i];
+    }
+  }
+  if (a.size() > 0) {
+    if (a.ptr == 0) throw py::value_error(name + ": null data pointer");
+    if (a.ptr % a.itemsize != 0)
+      throw py::value_error(name + ": data pointer is not aligned to its element size (" +
+                            std::to_string(a.itemsize) + " bytes)");
+  }
+  return a;
+}
+
+template <typename T>
+bool IsType(const DeviceArray& a) {
+  if (std::is_same<T, bool>::value) return a.kind == 'b' && a.itemsize == 1;
+  return a.kind == 'f' && a.itemsize == int(sizeof(T));
+}
+
+const char* TypeName(char kind, int itemsize) {
+  if (kind == 'b' && itemsize == 1) return "bool";
+  if (kind == 'f' && itemsize == 4) return "float32";
+  if (kind == 'f' && itemsize == 8) return "float64";
+  return "an unsupported dtype";
+}
+
+// Collects the arrays of one call, checks them and finds their common device.
+class Arrays {
+ public:
+  explicit Arrays(char kind, int itemsize) : kind_(kind), itemsize_(itemsize) {}
+
+  // A required or optional float array; `writable` for outputs.
+  std::optional<DeviceArray> Float(const py::object& obj, const std::string& name,
+                                   bool required, bool writable = false) {
+    if (obj.is_none()) {
+      if (required) throw py::value_error(name + " is required");
+      return std::nullopt;
+    }
+    DeviceArray a = Parse(obj, name);
+    if (a.kind != kind_ || a.itemsize != itemsize_)
+      throw py::type_error(name + " has dtype " + TypeName(a.kind, a.itemsize) + ", expected " +
+                           TypeName(kind_, itemsize_) + " like x");
+    return Add(std::move(a), writable);
+  }
+
+  std::optional<DeviceArray> Mask(const py::object& obj) {
+    if (obj.is_none()) return std::nullopt;
+    DeviceArray a = Parse(obj, "mask");
+    if (!IsType<bool>(a))
+      throw py::type_error(std::string("mask has dtype ") + TypeName(a.kind, a.itemsize) +
+                           ", expected bool");
+    return Add(std::move(a), false);
+  }
+
+  // Checks that every non-empty array is device (or managed) memory of one device, and that
+  // the stream belongs to it. Returns that device (-1 when every array is empty).
+  int Device(std::intptr_t stream) {
+    int device = -1;
+    std::string first;
+    for (DeviceArray& a : all_) {
+      if (a.size() == 0) continue;
+      cudaPointerAttributes attr{};
+      const cudaError_t e = cudaPointerGetAttributes(&attr, reinterpret_cast<void*>(a.ptr));
+      if (e != cudaSuccess) {
+        cudaGetLastError();  // clear it
+        throw std::runtime_error(a.name + ": cannot query its memory (" + CudaErrorString(e) +
+                                 "); is a CUDA device present?");
+      }
+      if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+        throw py::value_error(a.name + " is not in GPU memory (it is " +
+                              (attr.type == cudaMemoryTypeHost ? "pinned host memory"
+                                                               : "host memory") +
+                              "): pass a device array");
+      a.device = attr.device;
+      if (device < 0) {
+        device = attr.device;
+        first = a.name;
+      } else if (attr.device != device) {
+        throw py::value_error(a.name + " is on GPU " + std::to_string(attr.device) + " but " +
+                              first + " is on GPU " + std::to_string(device) +
+                              ": put every array on one device");
+      }
+    }
+    if (device >= 0 && stream != 0 && stream != 1 && stream != 2) {  // 1, 2: legacy, per-thread
+      int stream_device = -1;
+      const cudaError_t e =
+          cudaStreamGetDevice(reinterpret_cast<cudaStream_t>(stream), &stream_device);
+      if (e != cudaSuccess) {
+        cudaGetLastError();
+        throw py::value_error("stream " + std::to_string(stream) +
+                              " is not a valid CUDA stream: " + CudaErrorString(e));
+      }
+      if (stream_device != device)
+        throw py::value_error("stream belongs to GPU " + std::to_string(stream_device) +
+                              " but the arrays are on GPU " + std::to_string(device));
+    }
+    return device;
+  }
+
+  // Makes `stream` wait for the work each producer stream had queued when the arrays were
+  // handed over (__cuda_array_interface__ version 3), without blocking the host.
+  void WaitForProducers(cudaStream_t stream) {
+    std::vector<std::intptr_t> done;
+    for (const DeviceArray& a : all_) {
+      if (!a.stream || *a.stream == reinterpret_cast<std::intptr_t>(stream)) continue;
+      bool seen = false;
+      for (auto s : done) seen = seen || s == *a.stream;
+      if (seen) continue;
+      done.push_back(*a.stream);
+      cudaEvent_t event;
+      cudaError_t e = cudaEventCreateWithFlags(&event, cudaEventDisableTiming);
+      if (e == cudaSuccess) {
+        e = cudaEventRecord(event, reinterpret_cast<cudaStream_t>(*a.stream));
+        if (e == cudaSuccess) e = cudaStreamWaitEvent(stream, event, 0);
+        cudaEventDestroy(event);
+      }
+      if (e != cudaSuccess) {
+        cudaGetLastError();
+        throw std::runtime_error("could not order the call after the stream of " + a.name +
+                                 ": " + CudaErrorString(e));
+      }
+    }
+  }
+
+ private:
+  DeviceArray Add(DeviceArray a, bool writable) {
+    if (writable && a.readonly) throw py::value_error(a.name + " is read-only");
+    all_.push_back(a);
+    return a;
+  }
+
+  char kind_;
+  int itemsize_;
+  std::vector<DeviceArray> all_;
+};
+
+// Sets the current device for the duration of a call, and restores the previous one.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (device < 0) return;
+    if (cudaGetDevice(&previous_) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+      const cudaError_t e = cudaGetLastError();
+      throw std::runtime_error("cannot select GPU " + std::to_string(device) + ": " +
+                               CudaErrorString(e));
+    }
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = -1;
+};
+
+void RequireShape(const std::optional<DeviceArray>& a, const std::vector<Index>& want,
+                  const char* meaning) {
+  if (a && a->shape != want)
+    throw py::value_error(a->name + " must have shape " + ShapeString(want) + " " + meaning +
+                          ", got " + ShapeString(a->shape));
+}
+
+void RequireSize(const std::optional<DeviceArray>& a, Index want, const char* what) {
+  if (a && a->size() != want)
+    throw py::value_error(a->name + " must hold " + std::to_string(want) + " elements (" + what +
+                          "), got " + std::to_string(a->size()));
+}
+
+void RequireAtLeast(const DeviceArray& a, Index want) {
+  if (a.size() < want)
+    throw py::value_error(a.name + " must hold at least " + std::to_string(want) +
+                          " elements, got " + std::to_string(a.size()));
+}
+
+// The forward inputs, checked; shared by forward() and backward().
+template <typename T>
+struct Inputs {
+  CellKind cell;
+  Dims d;
+  std::optional<DeviceArray> x, h0, c0, kernel, rk, bias, mask;
+};
+
+template <typename T>
+Inputs<T> ReadInputs(Arrays& arrays, const std::string& cell_name, const py::object& x,
+                     const py::object& h0, const py::object& c0, const py::object& kernel,
+                     const py::object& rk, const py::object& bias, const py::object& mask,
+                     bool time_major, bool go_backwards) {
+  Inputs<T> in;
+  in.cell = ParseCell(cell_name);
+  const bool lstm = in.cell == CellKind::kLstm;
+  in.x = arrays.Float(x, "x", true);
+  in.h0 = arrays.Float(h0, "h0", true);
+  if (lstm) in.c0 = arrays.Float(c0, "c0", true);
+  in.kernel = arrays.Float(kernel, "kernel", true);
+  in.rk = arrays.Float(rk, "recurrent_kernel", true);
+  in.bias = arrays.Float(bias, "bias", false);
+  in.mask = arrays.Mask(mask);
+  const std::string error = ValidateShapes(
+      in.cell, time_major, in.x->shape, in.h0->shape,
+      lstm ? in.c0->shape : std::vector<Index>{}, in.kernel->shape, in.rk->shape,
+      in.bias ? &in.bias->shape : nullptr, in.mask ? &in.mask->shape : nullptr, &in.d);
+  if (!error.empty()) throw py::value_error(error);
+  in.d.go_backwards = go_backwards;
+  return in;
+}
+
+template <typename T, typename Args>
+void FillInputs(const Inputs<T>& in, Args* a) {
+  a->cell = in.cell;
+  a->d = in.d;
+  a->x = in.x->template data<T>();
+  a->h0 = in.h0->template data<T>();
+  a->c0 = in.c0 ? in.c0->template data<T>() : nullptr;
+  a->kernel = in.kernel->template data<T>();
+  a->recurrent_kernel = in.rk->template data<T>();
+  a->bias = in.bias ? in.bias->template data<T>() : nullptr;
+  a->mask = in.mask ? in.mask->template data<bool>() : nullptr;
+}
+
+std::vector<Index> SequenceShape(const Dims& d, bool time_major, Index width) {
+  return time_major ? std::vector<Index>{d.T, d.B, width} : std::vector<Index>{d.B, d.T, width};
+}
+
+void Run(const std::string& error) {
+  if (!error.empty()) throw std::runtime_error("tfcells CUDA: " + error);
+}
+
+template <typename T>
+void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
+             const py::object& h0, const py::object& c0, const py::object& kernel,
+             const py::object& rk, const py::object& bias, const py::object& mask,
+             const py::object& y, const py::object& h_last, const py::object& c_last,
+             const py::object& gates, const py::object& aux, const py::object& h_prev,
+             const py::object& workspace, bool time_major, bool go_backwards,
+             std::intptr_t stream, bool allow_tf32) {
+  const Inputs<T> in =
+      ReadInputs<T>(arrays, cell_name, x, h0, c0, kernel, rk, bias, mask, time_major,
+                    go_backwards);
+  const Dims& d = in.d;
+  const bool lstm = in.cell == CellKind::kLstm;
+  ForwardArgs<T> a;
+  FillInputs(in, &a);
+  const auto y_a = arrays.Float(y, "y", true, true);
+  RequireShape(y_a, SequenceShape(d, time_major, d.H), "(the output sequence)");
+  const auto h_last_a = arrays.Float(h_last, "h_last", true, true);
+  RequireShape(h_last_a, {d.B, d.H}, "([B, H])");
+  std::optional<DeviceArray> c_last_a;
+  if (lstm) {
+    c_last_a = arrays.Float(c_last, "c_last", true, true);
+    RequireShape(c_last_a, {d.B, d.H}, "([B, H])");
+  }
+  const bool training = !gates.is_none();
+  const CacheSizes cs = TrainingCacheSizes(in.cell, d);
+  std::optional<DeviceArray> gates_a, aux_a, h_prev_a;
+  if (training) {
+    gates_a = arrays.Float(gates, "gates", true, true);
+    aux_a = arrays.Float(aux, "aux", cs.aux > 0, true);
+    h_prev_a = arrays.Float(h_prev, "h_prev", true, true);
+    RequireSize(gates_a, cs.gates, "the training cache");
+    RequireSize(aux_a, cs.aux, "the training cache");
+    RequireSize(h_prev_a, cs.h_prev, "the training cache");
+  } else if (!aux.is_none() || !h_prev.is_none()) {
+    throw py::value_error("pass gates, aux and h_prev together (training) or none of them");
+  }
+  const auto ws = arrays.Float(workspace, "workspace", true, true);
+  RequireAtLeast(*ws, ForwardWorkspaceSize(in.cell, d, training));
+
+  a.y = y_a->template data<T>();
+  a.h_last = h_last_a->template data<T>();
+  a.c_last = c_last_a ? c_last_a->template data<T>() : nullptr;
+  if (training) {
+    a.gates = gates_a->template data<T>();
+    a.aux = aux_a ? aux_a->template data<T>() : nullptr;
+    a.h_prev = h_prev_a->template data<T>();
+  }
+  a.workspace = ws->template data<T>();
+
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  DeviceGuard guard(arrays.Device(stream));
+  arrays.WaitForProducers(s);
+  CudaOptions options;
+  options.allow_tf32 = allow_tf32;
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = ForwardCuda(a, s, options);
+  }
+  Run(error);
+}
+
+template <typename T>
+void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
+              const py::object& h0, const py::object& c0, const py::object& kernel,
+              const py::object& rk, const py::object& bias, const py::object& mask,
+              const py::object& gates, const py::object& aux, const py::object& h_prev,
+              const py::object& dy, const py::object& dh_last, const py::object& dc_last,
+              const py::object& dx, const py::object& dh0, const py::object& dc0,
+              const py::object& dkernel, const py::object& drk, const py::object& dbias,
+              const py::object& workspace, int grad_mask, bool time_major, bool go_backwards,
+              std::intptr_t stream, bool allow_tf32) {
+  const Inputs<T> in =
+      ReadInputs<T>(arrays, cell_name, x, h0, c0, kernel, rk, bias, mask, time_major,
+                    go_backwards);
+  const Dims& d = in.d;
+  const bool lstm = in.cell == CellKind::kLstm;
+  BackwardArgs<T> a;
+  FillInputs(in, &a);
+  const CacheSizes cs = TrainingCacheSizes(in.cell, d);
+  const auto gates_a = arrays.Float(gates, "gates", true);
+  const auto aux_a = arrays.Float(aux, "aux", cs.aux > 0);
+  const auto h_prev_a = arrays.Float(h_prev, "h_prev", true);
+  RequireSize(gates_a, cs.gates, "a training cache of this shape");
+  RequireSize(aux_a, cs.aux, "a training cache of this shape");
+  RequireSize(h_prev_a, cs.h_prev, "a training cache of this shape");
+  a.gates = gates_a->template data<T>();
+  a.aux = aux_a ? aux_a->template data<T>() : nullptr;
+  a.h_prev = h_prev_a->template data<T>();
+
+  const auto dy_a = arrays.Float(dy, "dy", false);
+  RequireShape(dy_a, SequenceShape(d, time_major, d.H), "(the shape of y)");
+  const auto dh_last_a = arrays.Float(dh_last, "dh_last", false);
+  RequireShape(dh_last_a, {d.B, d.H}, "([B, H])");
+  std::optional<DeviceArray> dc_last_a;
+  if (lstm) {
+    dc_last_a = arrays.Float(dc_last, "dc_last", false);
+    RequireShape(dc_last_a, {d.B, d.H}, "([B, H])");
+  }
+  a.dy = dy_a ? dy_a->template data<T>() : nullptr;
+  a.dh_last = dh_last_a ? dh_last_a->template data<T>() : nullptr;
+  a.dc_last = dc_last_a ? dc_last_a->template data<T>() : nullptr;
+
+  if (grad_mask & ~kGradAll) throw py::value_error("grad_mask has bits beyond GRAD_ALL");
+  if (!lstm) grad_mask &= ~kGradC0;
+  if (!in.bias) grad_mask &= ~kGradBias;
+  a.grad_mask = grad_mask;
+  auto want = [&](int bit, const py::object& obj, const char* name,
+                  const std::vector<Index>& shape, T** ptr) {
+    if (!(grad_mask & bit)) return;  // not requested: the argument is ignored
+    const auto out = arrays.Float(obj, std::string(name) + " (requested by grad_mask)", true,
+                                  true);
+    RequireShape(out, shape, "(the shape of its input)");
+    *ptr = out->template data<T>();
+  };
+  want(kGradX, dx, "dx", in.x->shape, &a.dx);
+  want(kGradH0, dh0, "dh0", {d.B, d.H}, &a.dh0);
+  want(kGradC0, dc0, "dc0", {d.B, d.H}, &a.dc0);
+  want(kGradKernel, dkernel, "dkernel", in.kernel->shape, &a.dkernel);
+  want(kGradRecurrentKernel, drk, "drecurrent_kernel", in.rk->shape, &a.drecurrent_kernel);
+  if (in.bias) want(kGradBias, dbias, "dbias", in.bias->shape, &a.dbias);
+  const auto ws = arrays.Float(workspace, "workspace", true, true);
+  RequireAtLeast(*ws, BackwardWorkspaceSize(in.cell, d, grad_mask));
+  a.workspace = ws->template data<T>();
+
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  DeviceGuard guard(arrays.Device(stream));
+  arrays.WaitForProducers(s);
+  CudaOptions options;
+  options.allow_tf32 = allow_tf32;
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = BackwardCuda(a, s, options);
+  }
+  Run(error);
+}
+
+// Reads x's dtype to pick the instantiation.
+std::pair<char, int> DtypeOf(const py::object& x) {
+  const DeviceArray a = Parse(x, "x");
+  if (a.kind == 'f' && (a.itemsize == 4 || a.itemsize == 8)) return {a.kind, a.itemsize};
+  throw py::type_error(std::string("x has dtype ") + TypeName(a.kind, a.itemsize) +
+                       ", expected float32 or float64");
+}
+
+void ForwardAny(const std::string& cell, const py::object& x, const py::object& h0,
+                const py::object& c0, const py::object& kernel, const py::object& rk,
+                const py::object& bias, const py::object& mask, const py::object& y,
+                const py::object& h_last, const py::object& c_last, const py::object& gates,
+                const py::object& aux, const py::object& h_prev, const py::object& workspace,
+                bool time_major, bool go_backwards, std::intptr_t stream, bool allow_tf32) {
+  const auto [kind, itemsize] = DtypeOf(x);
+  Arrays arrays(kind, itemsize);
+  if (itemsize == 4)
+    Forward<float>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, y, h_last, c_last, gates,
+                   aux, h_prev, workspace, time_major, go_backwards, stream, allow_tf32);
+  else
+    Forward<double>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, y, h_last, c_last, gates,
+                    aux, h_prev, workspace, time_major, go_backwards, stream, allow_tf32);
+}
+
+void BackwardAny(const std::string& cell, const py::object& x, const py::object& h0,
+                 const py::object& c0, const py::object& kernel, const py::object& rk,
+                 const py::object& bias, const py::object& mask, const py::object& gates,
+                 const py::object& aux, const py::object& h_prev, const py::object& dy,
+                 const py::object& dh_last, const py::object& dc_last, const py::object& dx,
+                 const py::object& dh0, const py::object& dc0, const py::object& dkernel,
+                 const py::object& drk, const py::object& dbias, const py::object& workspace,
+                 int grad_mask, bool time_major, bool go_backwards, std::intptr_t stream,
+                 bool allow_tf32) {
+  const auto [kind, itemsize] = DtypeOf(x);
+  Arrays arrays(kind, itemsize);
+  if (itemsize == 4)
+    Backward<float>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, gates, aux, h_prev, dy,
+                    dh_last, dc_last, dx, dh0, dc0, dkernel, drk, dbias, workspace, grad_mask,
+                    time_major, go_backwards, stream, allow_tf32);
+  else
+    Backward<double>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, gates, aux, h_prev, dy,
+                     dh_last, dc_last, dx, dh0, dc0, dkernel, drk, dbias, workspace, grad_mask,
+                     time_major, go_backwards, stream, allow_tf32);
+}
+
+Dims MakeDims(Index T, Index B, Index I, Index H) {
+  if (T < 0 || B < 0 || I < 0 || H < 0) throw py::value_error("sizes must be non-negative");
+  Dims d;
+  d.T = T, d.B = B, d.I = I, d.H = H;
+  return d;
+}
+
+py::dict ForwardSizes(const std::string& cell_name, Index T, Index B, Index I, Index H,
+                      bool training) {
+  const CellKind cell = ParseCell(cell_name);
+  const Dims d = MakeDims(T, B, I, H);
+  const CacheSizes cs = training ? TrainingCacheSizes(cell, d) : CacheSizes{0, 0, 0};
+  py::dict out;
+  out["gates"] = cs.gates, out["aux"] = cs.aux, out["h_prev"] = cs.h_prev;
+  out["workspace"] = ForwardWorkspaceSize(cell, d, training);
+  return out;
+}
+
+Index BackwardSize(const std::string& cell_name, Index T, Index B, Index I, Index H,
+                   int grad_mask, bool has_bias) {
+  const CellKind cell = ParseCell(cell_name);
+  if (cell != CellKind::kLstm) grad_mask &= ~kGradC0;
+  if (!has_bias) grad_mask &= ~kGradBias;
+  return BackwardWorkspaceSize(cell, MakeDims(T, B, I, H), grad_mask);
+}
+
+int DeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::string CublasLibrary() {
+  bool ok = false;
+  const std::string what = CudaBlasLibrary(&ok);
+  if (!ok) throw std::runtime_error(what);
+  return what;
+}
+
+}  // namespace
+}  // namespace tfcells
+
+PYBIND11_MODULE(_tfcells_cuda, m) {
+  using namespace pybind11::literals;
+  m.doc() =
+      "tfcells CUDA kernels over device memory (__cuda_array_interface__), without "
+      "TensorFlow. The caller allocates outputs, cache and workspace (see forward_sizes, "
+      "backward_workspace_size); calls enqueue work on `stream` and do not synchronise.";
+  const py::none none;
+  m.def("forward", &tfcells::ForwardAny, "cell"_a, "x"_a, "h0"_a, "c0"_a, "kernel"_a,
+        "recurrent_kernel"_a, "bias"_a, "mask"_a, py::kw_only(), "y"_a, "h_last"_a,
+        "c_last"_a = none, "gates"_a = none, "aux"_a = none, "h_prev"_a = none, "workspace"_a,
+        "time_major"_a = false, "go_backwards"_a = false, "stream"_a = 0,
+        "allow_tf32"_a = false,
+        "Forward pass. Training when gates/aux/h_prev (the cache) are given.");
+  m.def("backward", &tfcells::BackwardAny, "cell"_a, "x"_a, "h0"_a, "c0"_a, "kernel"_a,
+        "recurrent_kernel"_a, "bias"_a, "mask"_a, "gates"_a, "aux"_a, "h_prev"_a, "dy"_a,
+        "dh_last"_a, "dc_last"_a, py::kw_only(), "dx"_a = none, "dh0"_a = none, "dc0"_a = none,
+        "dkernel"_a = none, "drecurrent_kernel"_a = none, "dbias"_a = none, "workspace"_a,
+        "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "time_major"_a = false,
+        "go_backwards"_a = false, "stream"_a = 0, "allow_tf32"_a = false,
+        "Backward pass: writes the gradients named by grad_mask into the given arrays.");
+  m.def("forward_sizes", &tfcells::ForwardSizes, "cell"_a, "T"_a, "B"_a, "I"_a, "H"_a,
+        "training"_a = true,
+        "Element counts of the training cache (gates, aux, h_prev) and the forward workspace.");
+  m.def("backward_workspace_size", &tfcells::BackwardSize, "cell"_a, "T"_a, "B"_a, "I"_a,
+        "H"_a, "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "has_bias"_a = true);
+  m.def("device_count", &tfcells::DeviceCount, "CUDA devices visible (0 when none or no driver)");
+  m.def("cublas_library", &tfcells::CublasLibrary,
+        "The cuBLAS file the kernels use (loading it); raises RuntimeError if none loads.");
+  m.attr("GRAD_X") = static_cast<int>(tfcells::kGradX);
+  m.attr("GRAD_H0") = static_cast<int>(tfcells::kGradH0);
+  m.attr("GRAD_C0") = static_cast<int>(tfcells::kGradC0);
+  m.attr("GRAD_KERNEL") = static_cast<int>(tfcells::kGradKernel);
+  m.attr("GRAD_RECURRENT_KERNEL") = static_cast<int>(tfcells::kGradRecurrentKernel);
+  m.attr("GRAD_BIAS") = static_cast<int>(tfcells::kGradBias);
+  m.attr("GRAD_ALL") = static_cast<int>(tfcells::kGradAll);
+}

@@ -1,0 +1,131 @@
+// GPU kernels of the fused recurrent ops, in their own library (_tfcells_gpu_ops.so) that is
+// loaded only when the running TensorFlow is a CUDA build, after _tfcells_ops.so (which
+// registers the ops themselves: this file only registers kernels).
+//
+// The kernels are the shared OpKernels of rnn_kernels.h: they validate inputs and allocate
+// outputs and scratch through TensorFlow's allocator; GpuLauncher then enqueues the core's CUDA
+// path on the op's own stream, on the op's device. Nothing synchronises the device.
+#include "../cuda/cuda_rnn.h"
+#include "rnn_kernels.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "xla/stream_executor/stream.h"
+#include "xla/stream_executor/stream_executor.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace tfcells {
+namespace {
+
+// float32 GEMMs on TF32 tensor cores: off unless TFCELLS_CUDA_TF32=1 or
+// tfcells_gpu_set_allow_tf32(1), so that results match the CPU kernels.
+std::atomic<bool>& AllowTf32() {
+  static std::atomic<bool> allow{[] {
+    const char* env = std::getenv("TFCELLS_CUDA_TF32");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }()};
+  return allow;
+}
+
+// The op's CUDA stream and device (TensorFlow's GetGpuStream, without the header that needs
+// nvcc).
+tensorflow::Status OpStream(tensorflow::OpKernelContext* ctx, cudaStream_t* stream,
+                            int* device) {
+  tensorflow::DeviceContext* dc = ctx->op_device_context();
+  stream_executor::Stream* s = dc ? dc->stream() : nullptr;
+  if (s == nullptr)
+    return tensorflow::errors::Internal("tfcells: the op has no GPU stream (is it placed on ",
+                                        "a GPU?)");
+  *stream = reinterpret_cast<cudaStream_t>(s->platform_specific_handle().stream);
+  *device = s->parent() ? s->parent()->device_ordinal() : -1;
+  if (*stream == nullptr)
+    return tensorflow::errors::Internal("tfcells: the op's stream has no CUDA handle");
+  return tensorflow::OkStatus();
+}
+
+// Runs `enqueue` with the op's device current (TensorFlow usually has it current already),
+// restoring the caller's device afterwards.
+template <typename F>
+void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
+  cudaStream_t stream = nullptr;
+  int device = -1;
+  OP_REQUIRES_OK(ctx, OpStream(ctx, &stream, &device));
+  int previous = -1;
+  if (device >= 0) {
+    cudaError_t e = cudaGetDevice(&previous);
+    if (e == cudaSuccess && previous != device) e = cudaSetDevice(device);
+    OP_REQUIRES(ctx, e == cudaSuccess,
+                tensorflow::errors::Internal("tfcells: cannot select GPU ", device, ": ",
+                                             cudaGetErrorString(e)));
+  }
+  CudaOptions options;
+  options.allow_tf32 = AllowTf32().load();
+  const std::string error = enqueue(stream, options);
+  if (device >= 0 && previous >= 0 && previous != device) cudaSetDevice(previous);
+  OP_REQUIRES(ctx, error.empty(),
+              tensorflow::errors::Internal(ctx->op_kernel().name(), ": ", what, ": ", error));
+}
+
+struct GpuLauncher {
+  template <typename T>
+  static void Forward(tensorflow::OpKernelContext* ctx, const ForwardArgs<T>& a) {
+    OnOpDevice(ctx, "CUDA forward pass", [&](cudaStream_t stream, const CudaOptions& options) {
+      return ForwardCuda(a, stream, options);
+    });
+  }
+  template <typename T>
+  static void Backward(tensorflow::OpKernelContext* ctx, const BackwardArgs<T>& a) {
+    OnOpDevice(ctx, "CUDA backward pass", [&](cudaStream_t stream, const CudaOptions& options) {
+      return BackwardCuda(a, stream, options);
+    });
+  }
+};
+
+#define TFCELLS_REGISTER_GPU(OP, T)                                                    \
+  REGISTER_KERNEL_BUILDER(                                                             \
+      Name("Tfcells" #OP).Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"),       \
+      RnnForwardOp<T, GpuLauncher>);                                                   \
+  REGISTER_KERNEL_BUILDER(                                                             \
+      Name("Tfcells" #OP "Grad").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"), \
+      RnnGradOp<T, GpuLauncher>);
+
+#define TFCELLS_REGISTER_GPU_ALL(OP) \
+  TFCELLS_REGISTER_GPU(OP, float)    \
+  TFCELLS_REGISTER_GPU(OP, double)
+
+TFCELLS_REGISTER_GPU_ALL(Lstm)
+TFCELLS_REGISTER_GPU_ALL(Gru)
+TFCELLS_REGISTER_GPU_ALL(SimpleRnn)
+
+}  // namespace
+}  // namespace tfcells
+
+#define TFCELLS_EXPORT extern "C" __attribute__((visibility("default")))
+
+// Read by tfcells through ctypes: the work counters of this library's copy of the core (the
+// CPU library has its own; add the two).
+TFCELLS_EXPORT void tfcells_gpu_work_counters(std::int64_t out[7]) {
+  const tfcells::WorkCounters& c = tfcells::Counters();
+  const std::int64_t values[7] = {c.forward_calls, c.backward_calls, c.grad_x, c.grad_h0,
+                                  c.grad_kernel, c.grad_recurrent_kernel, c.grad_bias};
+  for (int i = 0; i < 7; ++i) out[i] = values[i];
+}
+
+TFCELLS_EXPORT void tfcells_gpu_set_allow_tf32(int allow) {
+  tfcells::AllowTf32().store(allow != 0);
+}
+TFCELLS_EXPORT int tfcells_gpu_allow_tf32() { return tfcells::AllowTf32().load() ? 1 : 0; }
+
+// Which cuBLAS the GPU kernels use; writes a NUL-terminated path (or the reason none loads)
+// into buf and returns 1 if one loaded, 0 if not.
+TFCELLS_EXPORT int tfcells_gpu_cublas_library(char* buf, int size) {
+  bool ok = false;
+  const std::string what = tfcells::CudaBlasLibrary(&ok);
+  if (buf != nullptr && size > 0) {
+    const size_t n = std::min<size_t>(what.size(), size_t(size) - 1);
+    std::memcpy(buf, what.data(), n);
+    buf[n] = '\0';
+  }
+  return ok ? 1 : 0;
+}
