@@ -11,9 +11,14 @@
 
 namespace tfcells {
 
+// Whether row b takes this step. Kept as a comparison of T values, not a bool, so that the
+// selects below vectorise on the CPU; every functor computes both outcomes and selects, which
+// keeps the loops branch-free (and a NaN in the unused outcome never leaks through a select).
+// `mask` is never null: the driver substitutes an all-true row (ld 0) when there is no mask.
 template <typename T>
 TFCELLS_HD bool RowActive(const StepMatrix<const bool>& mask, Index b) {
-  return !mask || mask(b, 0);
+  const T keep = mask(b, 0) ? T(1) : T(0);
+  return keep != T(0);
 }
 
 template <typename T>
@@ -40,22 +45,18 @@ struct LstmForwardPoint {
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
-    T h_new, c_new;
-    if (RowActive<T>(mask, b)) {
-      const T i = Sigmoid(gates(b, j) + rec(b, j) + BiasAt(bias, j));
-      const T f = Sigmoid(gates(b, H + j) + rec(b, H + j) + BiasAt(bias, H + j));
-      const T g = Tanh(gates(b, 2 * H + j) + rec(b, 2 * H + j) + BiasAt(bias, 2 * H + j));
-      const T o = Sigmoid(gates(b, 3 * H + j) + rec(b, 3 * H + j) + BiasAt(bias, 3 * H + j));
-      c_new = f * c_prev(b, j) + i * g;
-      h_new = o * Tanh(c_new);
-      gates(b, j) = i;
-      gates(b, H + j) = f;
-      gates(b, 2 * H + j) = g;
-      gates(b, 3 * H + j) = o;
-    } else {
-      c_new = c_prev(b, j);
-      h_new = h_prev(b, j);
-    }
+    const bool active = RowActive<T>(mask, b);
+    const T i = Sigmoid(gates(b, j) + rec(b, j) + BiasAt(bias, j));
+    const T f = Sigmoid(gates(b, H + j) + rec(b, H + j) + BiasAt(bias, H + j));
+    const T g = Tanh(gates(b, 2 * H + j) + rec(b, 2 * H + j) + BiasAt(bias, 2 * H + j));
+    const T o = Sigmoid(gates(b, 3 * H + j) + rec(b, 3 * H + j) + BiasAt(bias, 3 * H + j));
+    const T c_step = f * c_prev(b, j) + i * g;
+    const T c_new = active ? c_step : c_prev(b, j);
+    const T h_new = active ? o * Tanh(c_step) : h_prev(b, j);
+    gates(b, j) = i;
+    gates(b, H + j) = f;
+    gates(b, 2 * H + j) = g;
+    gates(b, 3 * H + j) = o;
     c(b, j) = c_new;
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
@@ -72,22 +73,19 @@ struct LstmBackwardPoint {
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
+    const bool active = RowActive<T>(mask, b);
     const T dh_total = dh(b, j) + GradAt(dy, b, j);
-    if (!RowActive<T>(mask, b)) {
-      dgates(b, j) = dgates(b, H + j) = dgates(b, 2 * H + j) = dgates(b, 3 * H + j) = T(0);
-      dh(b, j) = dh_total;
-      return;  // dc passes through unchanged
-    }
     const T i = gates(b, j), f = gates(b, H + j), g = gates(b, 2 * H + j),
             o = gates(b, 3 * H + j);
     const T tc = Tanh(c(b, j));
     const T dc_total = dc(b, j) + dh_total * o * TanhGradFromOutput(tc);
-    dgates(b, j) = dc_total * g * SigmoidGradFromOutput(i);
-    dgates(b, H + j) = dc_total * c_prev(b, j) * SigmoidGradFromOutput(f);
-    dgates(b, 2 * H + j) = dc_total * i * TanhGradFromOutput(g);
-    dgates(b, 3 * H + j) = dh_total * tc * SigmoidGradFromOutput(o);
-    dc(b, j) = dc_total * f;
-    dh(b, j) = T(0);
+    dgates(b, j) = active ? dc_total * g * SigmoidGradFromOutput(i) : T(0);
+    dgates(b, H + j) = active ? dc_total * c_prev(b, j) * SigmoidGradFromOutput(f) : T(0);
+    dgates(b, 2 * H + j) = active ? dc_total * i * TanhGradFromOutput(g) : T(0);
+    dgates(b, 3 * H + j) = active ? dh_total * tc * SigmoidGradFromOutput(o) : T(0);
+    // A masked row passes dh and dc straight to the previous step.
+    dc(b, j) = active ? dc_total * f : dc(b, j);
+    dh(b, j) = active ? T(0) : dh_total;
   }
 };
 
@@ -106,22 +104,18 @@ struct GruResetAfterForwardPoint {
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
-    T h_new;
-    if (RowActive<T>(mask, b)) {
-      const Index G = 3 * H;
-      const T z = Sigmoid(gates(b, j) + BiasAt(bias, j) + rec(b, j) + BiasAt(bias, G + j));
-      const T r = Sigmoid(gates(b, H + j) + BiasAt(bias, H + j) + rec(b, H + j) +
-                          BiasAt(bias, G + H + j));
-      const T rec_h = rec(b, 2 * H + j) + BiasAt(bias, G + 2 * H + j);
-      const T hh = Tanh(gates(b, 2 * H + j) + BiasAt(bias, 2 * H + j) + r * rec_h);
-      h_new = z * h_prev(b, j) + (T(1) - z) * hh;
-      gates(b, j) = z;
-      gates(b, H + j) = r;
-      gates(b, 2 * H + j) = hh;
-      if (rec_h_cache) rec_h_cache(b, j) = rec_h;
-    } else {
-      h_new = h_prev(b, j);
-    }
+    const bool active = RowActive<T>(mask, b);
+    const Index G = 3 * H;
+    const T z = Sigmoid(gates(b, j) + BiasAt(bias, j) + rec(b, j) + BiasAt(bias, G + j));
+    const T r = Sigmoid(gates(b, H + j) + BiasAt(bias, H + j) + rec(b, H + j) +
+                        BiasAt(bias, G + H + j));
+    const T rec_h = rec(b, 2 * H + j) + BiasAt(bias, G + 2 * H + j);
+    const T hh = Tanh(gates(b, 2 * H + j) + BiasAt(bias, 2 * H + j) + r * rec_h);
+    const T h_new = active ? z * h_prev(b, j) + (T(1) - z) * hh : h_prev(b, j);
+    gates(b, j) = z;
+    gates(b, H + j) = r;
+    gates(b, 2 * H + j) = hh;
+    if (rec_h_cache) rec_h_cache(b, j) = rec_h;
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
   }
@@ -137,21 +131,17 @@ struct GruResetAfterBackwardPoint {
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
+    const bool active = RowActive<T>(mask, b);
     const T dh_total = dh(b, j) + GradAt(dy, b, j);
-    if (!RowActive<T>(mask, b)) {
-      for (int k = 0; k < 3; ++k) dgates_x(b, k * H + j) = dgates_rec(b, k * H + j) = T(0);
-      dh(b, j) = dh_total;
-      return;
-    }
     const T z = gates(b, j), r = gates(b, H + j), hh = gates(b, 2 * H + j);
-    const T dhh = dh_total * (T(1) - z) * TanhGradFromOutput(hh);
-    const T dz = dh_total * (h_prev(b, j) - hh) * SigmoidGradFromOutput(z);
-    const T dr = dhh * rec_h(b, j) * SigmoidGradFromOutput(r);
+    const T dhh = active ? dh_total * (T(1) - z) * TanhGradFromOutput(hh) : T(0);
+    const T dz = active ? dh_total * (h_prev(b, j) - hh) * SigmoidGradFromOutput(z) : T(0);
+    const T dr = active ? dhh * rec_h(b, j) * SigmoidGradFromOutput(r) : T(0);
     dgates_x(b, j) = dgates_rec(b, j) = dz;
     dgates_x(b, H + j) = dgates_rec(b, H + j) = dr;
     dgates_x(b, 2 * H + j) = dhh;
     dgates_rec(b, 2 * H + j) = dhh * r;
-    dh(b, j) = dh_total * z;
+    dh(b, j) = active ? dh_total * z : dh_total;
   }
 };
 
@@ -187,15 +177,11 @@ struct GruResetBeforeForwardState {  // phase 2: candidate and new state
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
-    T h_new;
-    if (RowActive<T>(mask, b)) {
-      const T z = gates(b, j);
-      const T hh = Tanh(gates(b, 2 * H + j) + rec_h(b, j) + BiasAt(bias, 2 * H + j));
-      gates(b, 2 * H + j) = hh;
-      h_new = z * h_prev(b, j) + (T(1) - z) * hh;
-    } else {
-      h_new = h_prev(b, j);
-    }
+    const bool active = RowActive<T>(mask, b);
+    const T z = gates(b, j);
+    const T hh = Tanh(gates(b, 2 * H + j) + rec_h(b, j) + BiasAt(bias, 2 * H + j));
+    const T h_new = active ? z * h_prev(b, j) + (T(1) - z) * hh : h_prev(b, j);
+    gates(b, 2 * H + j) = hh;
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
   }
@@ -210,16 +196,12 @@ struct GruResetBeforeBackwardState {  // phase 1: dz, dhh
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
+    const bool active = RowActive<T>(mask, b);
     const T dh_total = dh(b, j) + GradAt(dy, b, j);
-    if (!RowActive<T>(mask, b)) {
-      dgates(b, j) = dgates(b, 2 * H + j) = T(0);
-      dh(b, j) = dh_total;
-      return;
-    }
     const T z = gates(b, j), hh = gates(b, 2 * H + j);
-    dgates(b, j) = dh_total * (h_prev(b, j) - hh) * SigmoidGradFromOutput(z);
-    dgates(b, 2 * H + j) = dh_total * (T(1) - z) * TanhGradFromOutput(hh);
-    dh(b, j) = dh_total * z;
+    dgates(b, j) = active ? dh_total * (h_prev(b, j) - hh) * SigmoidGradFromOutput(z) : T(0);
+    dgates(b, 2 * H + j) = active ? dh_total * (T(1) - z) * TanhGradFromOutput(hh) : T(0);
+    dh(b, j) = active ? dh_total * z : dh_total;
   }
 };
 
@@ -232,13 +214,11 @@ struct GruResetBeforeBackwardGates {  // phase 2: dr, from d(r * h_prev)
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
-    if (!RowActive<T>(mask, b)) {
-      dgates(b, H + j) = T(0);
-      return;
-    }
+    const bool active = RowActive<T>(mask, b);
     const T r = gates(b, H + j);
-    dgates(b, H + j) = d_reset_h(b, j) * h_prev(b, j) * SigmoidGradFromOutput(r);
-    dh(b, j) += d_reset_h(b, j) * r;
+    dgates(b, H + j) =
+        active ? d_reset_h(b, j) * h_prev(b, j) * SigmoidGradFromOutput(r) : T(0);
+    dh(b, j) += active ? d_reset_h(b, j) * r : T(0);
   }
 };
 
@@ -254,13 +234,10 @@ struct SimpleRnnForwardPoint {
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
-    T h_new;
-    if (RowActive<T>(mask, b)) {
-      h_new = Tanh(gates(b, j) + rec(b, j) + BiasAt(bias, j));
-      gates(b, j) = h_new;
-    } else {
-      h_new = h_prev(b, j);
-    }
+    const bool active = RowActive<T>(mask, b);
+    const T h_step = Tanh(gates(b, j) + rec(b, j) + BiasAt(bias, j));
+    const T h_new = active ? h_step : h_prev(b, j);
+    gates(b, j) = h_step;
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
   }
@@ -274,14 +251,10 @@ struct SimpleRnnBackwardPoint {
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
+    const bool active = RowActive<T>(mask, b);
     const T dh_total = dh(b, j) + GradAt(dy, b, j);
-    if (!RowActive<T>(mask, b)) {
-      dgates(b, j) = T(0);
-      dh(b, j) = dh_total;
-      return;
-    }
-    dgates(b, j) = dh_total * TanhGradFromOutput(gates(b, j));
-    dh(b, j) = T(0);
+    dgates(b, j) = active ? dh_total * TanhGradFromOutput(gates(b, j)) : T(0);
+    dh(b, j) = active ? T(0) : dh_total;
   }
 };
 

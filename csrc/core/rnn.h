@@ -11,6 +11,7 @@
 //   Gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc)   row-major C = op(A)op(B) + βC
 //   ForEach(rows, cols, functor)                                      functor(b, j) for all b, j
 //   ColumnSum(rows, cols, a, lda, out)                                out[j] = Σ_r a[r, j]
+//   TrueFlag()                        a `true` in the device's memory, the mask of no mask
 // and the caller provides every buffer (outputs, cache, workspace), so nothing is allocated here.
 #pragma once
 
@@ -124,6 +125,12 @@ struct ZeroOrCopyPoint {
   TFCELLS_HD void operator()(Index b, Index j) const { dst(b, j) = src ? src(b, j) : T(0); }
 };
 
+// The mask column of time t; without a mask, every row reads the same `true`.
+template <typename Backend>
+StepMatrix<const bool> MaskAt(Backend& be, const bool* mask, const Dims& d, Index t) {
+  return mask ? AtStep(mask, d, t, 1) : StepMatrix<const bool>(be.TrueFlag(), 0);
+}
+
 }  // namespace detail
 
 template <typename T, typename Backend>
@@ -159,7 +166,7 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
     const StepMatrix<const T> h_prev =
         s == 0 ? Plain(a.h0, H) : StepMatrix<const T>(AtStep(a.y, d, s - 1, H));
     const StepMatrix<T> h = AtStep(a.y, d, s, H);
-    const StepMatrix<const bool> mask = AtStep(a.mask, d, t, 1);
+    const StepMatrix<const bool> mask = detail::MaskAt(be, a.mask, d, t);
     const StepMatrix<T> h_next_cache =
         (training && s + 1 < d.T) ? AtStep(a.h_prev, d, d.InputTime(s + 1), H)
                                   : StepMatrix<T>();
@@ -264,7 +271,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
     const StepMatrix<const T> gates = AtStep(a.gates, d, t, GH);
     const StepMatrix<const T> h_prev = AtStep(a.h_prev, d, t, H);
     const StepMatrix<const T> dy = AtStep(a.dy, d, s, H);
-    const StepMatrix<const bool> mask = AtStep(a.mask, d, t, 1);
+    const StepMatrix<const bool> mask = detail::MaskAt(be, a.mask, d, t);
     // The GEMM into dh at s == 0 only serves dh0.
     const bool carry_to_prev = s > 0 || (m & kGradH0);
 

@@ -13,11 +13,17 @@ struct CpuBackend {
             const double* b, Index ldb, double beta, double* c, Index ldc);
 
   template <typename F>
-  void ForEach(Index rows, Index cols, const F& f) {
+  void ForEach(Index rows, Index cols, const F& functor) {
+    const F f = functor;  // a local copy: its pointers provably not clobbered by the stores
     for (Index b = 0; b < rows; ++b) {
 #pragma omp simd
       for (Index j = 0; j < cols; ++j) f(b, j);
     }
+  }
+
+  const bool* TrueFlag() const {
+    static const bool kTrue = true;
+    return &kTrue;
   }
 
   template <typename T>
