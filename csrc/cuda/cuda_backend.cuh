@@ -16,6 +16,7 @@
 #include "../core/rnn.h"
 #include "cublas_loader.h"
 #include "cuda_rnn.h"
+#include "gemm_mapping.h"
 
 namespace tfcells {
 namespace cuda_detail {
@@ -147,8 +148,7 @@ class CudaBackend {
     return false;
   }
 
-  // Row-major C[m,n] = op(A) op(B) + beta C is column-major Cᵀ = op(B)ᵀ op(A)ᵀ + beta Cᵀ: the
-  // same buffers with the operands swapped.
+  // Row-major to column-major: gemm_mapping.h.
   template <typename T>
   void GemmImpl(bool trans_a, bool trans_b, Index m, Index n, Index k, const T* a, Index lda,
                 const T* b, Index ldb, T beta, T* c, Index ldc) {
@@ -157,12 +157,11 @@ class CudaBackend {
       ForEach(m, n, cuda_detail::ScalePoint<T>{StepMatrix<T>(c, ldc), beta});
       return;
     }
-    for (Index v : {m, n, k, lda, ldb, ldc}) {
-      if (v > INT_MAX) {
-        error_ = "a GEMM dimension (" + std::to_string(v) +
-                 ") exceeds cuBLAS' 32-bit limit; split the batch or the sequence";
-        return;
-      }
+    ColumnMajorGemm<T> g;
+    const std::string bad = ToColumnMajor(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, &g);
+    if (!bad.empty()) {
+      error_ = bad;
+      return;
     }
     if (!CheckBlas(api_->set_stream(handle_, stream_), "cublasSetStream")) return;
     const bool tf32 = std::is_same<T, float>::value && options_.allow_tf32;
@@ -171,15 +170,15 @@ class CudaBackend {
                    "cublasSetMathMode"))
       return;
     const T one = T(1);
-    const int op_a = trans_a ? cublas::kOpT : cublas::kOpN;
-    const int op_b = trans_b ? cublas::kOpT : cublas::kOpN;
+    const int op_first = g.trans_first ? cublas::kOpT : cublas::kOpN;
+    const int op_second = g.trans_second ? cublas::kOpT : cublas::kOpN;
     cublas::Status status;
     if constexpr (std::is_same<T, float>::value) {
-      status = api_->sgemm(handle_, op_b, op_a, int(n), int(m), int(k), &one, b, int(ldb), a,
-                           int(lda), &beta, c, int(ldc));
+      status = api_->sgemm(handle_, op_first, op_second, g.m, g.n, g.k, &one, g.first,
+                           g.ld_first, g.second, g.ld_second, &beta, g.c, g.ldc);
     } else {
-      status = api_->dgemm(handle_, op_b, op_a, int(n), int(m), int(k), &one, b, int(ldb), a,
-                           int(lda), &beta, c, int(ldc));
+      status = api_->dgemm(handle_, op_first, op_second, g.m, g.n, g.k, &one, g.first,
+                           g.ld_first, g.second, g.ld_second, &beta, g.c, g.ldc);
     }
     CheckBlas(status, std::is_same<T, float>::value ? "cublasSgemm" : "cublasDgemm");
   }

@@ -1,0 +1,595 @@
+"""The CUDA kernels: CUDA vs the CPU core, LSTM/GRU vs cuDNN (PyTorch), and bad input.
+
+Most of this file needs a GPU, the `_tfcells_cuda` module and PyTorch or CuPy; without them
+those tests are skipped with the reason. It runs without TensorFlow: the compiled modules are
+taken from tfcells when it imports, else from $TFCELLS_CUDA_MODULE_DIR (a build directory,
+e.g. one configured with -DTFCELLS_BUILD_TF_OPS=OFF on a GPU machine that has no TensorFlow).
+
+What runs everywhere: the build check (with nvcc present, the CUDA code was compiled and the
+GPU kernel library registers its kernels), and the module's checks of bad arrays that need no
+device (fake __cuda_array_interface__ objects).
+"""
+
+import importlib
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _import_compiled(name):
+    """tfcells.<name>, else <name> from $TFCELLS_CUDA_MODULE_DIR; (module, why not)."""
+    errors = []
+    try:
+        return importlib.import_module(f"tfcells.{name}"), None
+    except Exception as e:  # tfcells absent, TensorFlow absent, module not built
+        errors.append(f"tfcells.{name}: {type(e).__name__}: {e}")
+    directory = os.environ.get("TFCELLS_CUDA_MODULE_DIR")
+    if directory:
+        sys.path.insert(0, directory)
+        try:
+            return importlib.import_module(name), None
+        except Exception as e:
+            errors.append(f"{name} from {directory}: {type(e).__name__}: {e}")
+        finally:
+            sys.path.remove(directory)
+    else:
+        errors.append("TFCELLS_CUDA_MODULE_DIR is not set")
+    return None, "; ".join(errors)
+
+
+cuda_module, CUDA_MODULE_MISSING = _import_compiled("_tfcells_cuda")
+core_module, CORE_MODULE_MISSING = _import_compiled("_tfcells_core")
+
+torch = cupy = None
+try:
+    import torch  # noqa: F811
+    if not torch.cuda.is_available():
+        torch = None
+except Exception:
+    torch = None
+if torch is None:
+    try:
+        import cupy  # noqa: F811
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            cupy = None
+    except Exception:
+        cupy = None
+
+
+def _gpu_skip_reason():
+    if cuda_module is None:
+        return f"the _tfcells_cuda module is not available ({CUDA_MODULE_MISSING})"
+    if cuda_module.device_count() == 0:
+        return "no CUDA GPU on this machine"
+    if torch is None and cupy is None:
+        return "neither PyTorch with CUDA nor CuPy is installed to hand device arrays over"
+    try:
+        cuda_module.cublas_library()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+GPU_SKIP = _gpu_skip_reason()
+needs_gpu = pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+needs_module = pytest.mark.skipif(
+    cuda_module is None, reason=f"the _tfcells_cuda module is not available ({CUDA_MODULE_MISSING})")
+needs_core = pytest.mark.skipif(
+    core_module is None, reason=f"the CPU core module is not available ({CORE_MODULE_MISSING})")
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch with CUDA (cuDNN) is not installed")
+
+CELLS = ["lstm", "gru", "gru_reset_before", "simple_rnn"]
+GATES = {"lstm": 4, "gru": 3, "gru_reset_before": 3, "simple_rnn": 1}
+GRAD_BITS = ["GRAD_X", "GRAD_H0", "GRAD_C0", "GRAD_KERNEL", "GRAD_RECURRENT_KERNEL", "GRAD_BIAS"]
+GRAD_NAMES = {"GRAD_X": "dx", "GRAD_H0": "dh0", "GRAD_C0": "dc0", "GRAD_KERNEL": "dkernel",
+              "GRAD_RECURRENT_KERNEL": "drecurrent_kernel", "GRAD_BIAS": "dbias"}
+
+# --------------------------------------------------------------------- device arrays
+
+
+class Device:
+    """Host <-> device copies and allocation through PyTorch or CuPy, on the current stream."""
+
+    def __init__(self):
+        self.lib = "torch" if torch is not None else "cupy"
+
+    def put(self, a):
+        a = np.ascontiguousarray(a)
+        if self.lib == "torch":
+            return torch.from_numpy(a.copy()).cuda()
+        return cupy.asarray(a)
+
+    def empty(self, shape, dtype, fill=np.nan):
+        shape = tuple(int(s) for s in shape)
+        if self.lib == "torch":
+            t = torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device="cuda")
+        else:
+            t = cupy.empty(shape, dtype=dtype)
+        if np.dtype(dtype).kind == "f":
+            t.fill_(fill) if self.lib == "torch" else t.fill(fill)
+        return t
+
+    def get(self, t):
+        return t.cpu().numpy() if self.lib == "torch" else cupy.asnumpy(t)
+
+    @property
+    def stream(self):
+        if self.lib == "torch":
+            return torch.cuda.current_stream().cuda_stream
+        return cupy.cuda.get_current_stream().ptr
+
+    def sync(self):
+        torch.cuda.synchronize() if self.lib == "torch" else cupy.cuda.runtime.deviceSynchronize()
+
+
+def cuda_forward(dev, cell, inputs, time_major=False, go_backwards=False, training=True,
+                 allow_tf32=False):
+    """Runs the CUDA forward pass on host inputs; returns host outputs like the CPU module."""
+    x = inputs["x"]
+    T, B = (x.shape[0], x.shape[1]) if time_major else (x.shape[1], x.shape[0])
+    I, H = x.shape[2], inputs["recurrent_kernel"].shape[0]
+    dt = x.dtype
+    sizes = cuda_module.forward_sizes(cell, T, B, I, H, training)
+    d = {k: (None if v is None else dev.put(v)) for k, v in inputs.items()}
+    out = {"y": dev.empty((T, B, H) if time_major else (B, T, H), dt),
+           "h_last": dev.empty((B, H), dt)}
+    if cell == "lstm":
+        out["c_last"] = dev.empty((B, H), dt)
+    if training:
+        for k in ("gates", "aux", "h_prev"):
+            out[k] = dev.empty((sizes[k],), dt)
+    ws = dev.empty((sizes["workspace"],), dt)
+    cuda_module.forward(cell, d["x"], d["h0"], d.get("c0"), d["kernel"], d["recurrent_kernel"],
+                        d.get("bias"), d.get("mask"), workspace=ws, time_major=time_major,
+                        go_backwards=go_backwards, stream=dev.stream, allow_tf32=allow_tf32,
+                        **out)
+    dev.sync()
+    return {k: dev.get(v) for k, v in out.items()}
+
+
+def cuda_backward(dev, cell, inputs, cache, grads, grad_mask, time_major=False,
+                  go_backwards=False, allow_tf32=False, sentinel=np.nan):
+    """Runs the CUDA backward pass; returns every gradient buffer (unrequested ones too, so
+    that tests can see they were never written: they keep `sentinel`)."""
+    x = inputs["x"]
+    T, B = (x.shape[0], x.shape[1]) if time_major else (x.shape[1], x.shape[0])
+    I, H = x.shape[2], inputs["recurrent_kernel"].shape[0]
+    dt = x.dtype
+    has_bias = inputs.get("bias") is not None
+    d = {k: (None if v is None else dev.put(v)) for k, v in {**inputs, **cache, **grads}.items()}
+    shapes = {"dx": x.shape, "dh0": (B, H), "dc0": (B, H), "dkernel": inputs["kernel"].shape,
+              "drecurrent_kernel": inputs["recurrent_kernel"].shape}
+    if has_bias:
+        shapes["dbias"] = inputs["bias"].shape
+    out = {k: dev.empty(s, dt, fill=sentinel) for k, s in shapes.items()}
+    ws = dev.empty((cuda_module.backward_workspace_size(cell, T, B, I, H, grad_mask, has_bias),),
+                   dt)
+    cuda_module.backward(cell, d["x"], d["h0"], d.get("c0"), d["kernel"],
+                         d["recurrent_kernel"], d.get("bias"), d.get("mask"), d["gates"],
+                         d.get("aux"), d["h_prev"], d.get("dy"), d.get("dh_last"),
+                         d.get("dc_last"), workspace=ws, grad_mask=grad_mask,
+                         time_major=time_major, go_backwards=go_backwards, stream=dev.stream,
+                         allow_tf32=allow_tf32, **out)
+    dev.sync()
+    return {k: dev.get(v) for k, v in out.items()}
+
+
+def cpu_forward(cell, inputs, time_major=False, go_backwards=False, training=True):
+    i = inputs
+    return core_module.forward(cell, i["x"], i["h0"], i.get("c0"), i["kernel"],
+                               i["recurrent_kernel"], i.get("bias"), i.get("mask"),
+                               time_major=time_major, go_backwards=go_backwards,
+                               training=training)
+
+
+def cpu_backward(cell, inputs, cache, grads, grad_mask, time_major=False, go_backwards=False):
+    i = inputs
+    return core_module.backward(cell, i["x"], i["h0"], i.get("c0"), i["kernel"],
+                                i["recurrent_kernel"], i.get("bias"), i.get("mask"),
+                                time_major, go_backwards, cache["gates"], cache["aux"],
+                                cache["h_prev"], grads.get("dy"), grads.get("dh_last"),
+                                grads.get("dc_last"), grad_mask)
+
+
+def make_problem(rng, cell, T, B, I, H, dtype, time_major=False, with_bias=True,
+                 with_mask=False):
+    G = GATES[cell]
+    seq = (T, B) if time_major else (B, T)
+    inputs = {
+        "x": rng.standard_normal(seq + (I,)).astype(dtype),
+        "h0": (0.5 * rng.standard_normal((B, H))).astype(dtype),
+        "kernel": (rng.standard_normal((I, G * H)) / np.sqrt(max(I, 1))).astype(dtype),
+        "recurrent_kernel": (rng.standard_normal((H, G * H)) / np.sqrt(max(H, 1))).astype(dtype),
+    }
+    if cell == "lstm":
+        inputs["c0"] = (0.5 * rng.standard_normal((B, H))).astype(dtype)
+    if with_bias:
+        shape = (2, G * H) if cell == "gru" else (G * H,)
+        inputs["bias"] = (0.3 * rng.standard_normal(shape)).astype(dtype)
+    if with_mask:
+        mask = rng.random(seq) > 0.3
+        if mask.size:  # a fully masked step and a fully masked sequence
+            if time_major:
+                mask[0, :] = False
+            else:
+                mask[:, 0] = False
+                mask[0, :] = False
+        inputs["mask"] = mask
+    grads = {"dy": rng.standard_normal(seq + (H,)).astype(dtype),
+             "dh_last": rng.standard_normal((B, H)).astype(dtype)}
+    if cell == "lstm":
+        grads["dc_last"] = rng.standard_normal((B, H)).astype(dtype)
+    return inputs, grads
+
+
+def all_grad_masks(cell):
+    bits = [b for b in GRAD_BITS if cell == "lstm" or b != "GRAD_C0"]
+    for n in range(len(bits) + 1):
+        for combo in itertools.combinations(bits, n):
+            yield combo, sum(getattr(cuda_module, b) for b in combo)
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-9, atol=1e-9) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
+
+
+# ------------------------------------------------------------------- runs everywhere
+
+
+def _nvcc():
+    return shutil.which("nvcc") or next(
+        (p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+
+
+def test_cuda_sources_compiled_where_nvcc_exists():
+    """With nvcc on the machine, the build must have compiled the CUDA code (so CI keeps it
+    compiling); the GPU kernel library must load into the installed TensorFlow (a CPU build
+    too) and register a GPU kernel, float and double, for each of the six ops."""
+    if _nvcc() is None:
+        pytest.skip("no nvcc on this machine: the CUDA code is not built here")
+    try:
+        import tfcells
+    except Exception as e:
+        pytest.skip(f"tfcells does not import here ({type(e).__name__}: {e})")
+    info = tfcells.build_info()
+    assert info["cuda"] is True, f"nvcc is at {_nvcc()} but tfcells was built without CUDA"
+    assert cuda_module is not None, CUDA_MODULE_MISSING
+    from tfcells import _build_info
+    gpu_lib = os.path.join(os.path.dirname(os.path.abspath(_build_info.__file__)),
+                           "_tfcells_gpu_ops.so")
+    assert os.path.exists(gpu_lib), f"{gpu_lib} was not built"
+    # In a child process, so that this process' TensorFlow never sees the GPU kernels.
+    code = f"""
+import tensorflow as tf, tfcells
+from tensorflow.python.framework import kernels
+tf.load_op_library({gpu_lib!r})
+for op in ["TfcellsLstm", "TfcellsGru", "TfcellsSimpleRnn"]:
+    for name in (op, op + "Grad"):
+        got = {{(k.device_type, k.constraint[0].allowed_values.list.type[0])
+               for k in kernels.get_registered_kernels_for_op(name).kernel}}
+        assert {{("GPU", 1), ("GPU", 2)}} <= got, (name, got)
+print("ok")
+"""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gemm_operand_mapping_runs_the_driver_like_row_major(tmp_path):
+    """The CUDA backend's row-major to column-major cuBLAS mapping (csrc/cuda/gemm_mapping.h),
+    checked on the host: csrc/cuda/host_check.cc runs every cell, layout, mask and gradient
+    mask through the driver with the mapped GEMMs (and BLAS' leading-dimension rules) and
+    with plain row-major ones."""
+    source = os.path.join(REPO, "csrc", "cuda", "host_check.cc")
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if not os.path.exists(source) or cxx is None:
+        pytest.skip("needs the source tree and a C++ compiler")
+    exe = str(tmp_path / "host_check")
+    build = subprocess.run([cxx, "-std=c++17", "-O1", "-I", os.path.join(REPO, "csrc"), source,
+                            os.path.join(REPO, "csrc", "core", "validate.cc"), "-o", exe],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("cases ok"), run.stdout
+
+
+class FakeDeviceArray:
+    """An object exposing a hand-written __cuda_array_interface__."""
+
+    def __init__(self, shape, typestr="<f4", ptr=1 << 20, strides=None, readonly=False,
+                 version=3, **extra):
+        self.__cuda_array_interface__ = dict(shape=tuple(shape), typestr=typestr,
+                                             data=(ptr, readonly), strides=strides,
+                                             version=version, **extra)
+
+
+def _fake_lstm(T=3, B=2, I=4, H=5, **override):
+    args = dict(x=FakeDeviceArray((B, T, I)), h0=FakeDeviceArray((B, H)),
+                c0=FakeDeviceArray((B, H)), kernel=FakeDeviceArray((I, 4 * H)),
+                recurrent_kernel=FakeDeviceArray((H, 4 * H)), bias=FakeDeviceArray((4 * H,)),
+                mask=None, y=FakeDeviceArray((B, T, H)), h_last=FakeDeviceArray((B, H)),
+                c_last=FakeDeviceArray((B, H)), workspace=FakeDeviceArray((1000,)))
+    args.update(override)
+    return args
+
+
+def _call_forward(args):
+    a = dict(args)
+    positional = [a.pop(k) for k in ("x", "h0", "c0", "kernel", "recurrent_kernel", "bias",
+                                      "mask")]
+    return cuda_module.forward("lstm", *positional, **a)
+
+
+@needs_module
+@pytest.mark.parametrize("override, error, match", [
+    (dict(x=np.zeros((2, 3, 4), np.float32)), TypeError, "__cuda_array_interface__"),
+    (dict(x=FakeDeviceArray((2, 3, 4), strides=(4, 8, 24))), ValueError, "C-contiguous"),
+    (dict(h0=FakeDeviceArray((2, 5), ptr=(1 << 20) + 2)), ValueError, "aligned"),
+    (dict(h0=FakeDeviceArray((2, 5), typestr="<f8")), TypeError, "float64.*float32"),
+    (dict(x=FakeDeviceArray((2, 3, 4), typestr="<i4")), TypeError, "float32 or float64"),
+    (dict(kernel=FakeDeviceArray((4, 19))), ValueError, "kernel must have shape"),
+    (dict(mask=FakeDeviceArray((2, 3), typestr="<f4")), TypeError, "mask.*bool"),
+    (dict(mask=FakeDeviceArray((3, 2), typestr="|b1")), ValueError, "mask must have shape"),
+    (dict(y=FakeDeviceArray((2, 3, 6))), ValueError, "y must have shape"),
+    (dict(y=FakeDeviceArray((2, 3, 5), readonly=True)), ValueError, "read-only"),
+    (dict(workspace=FakeDeviceArray((3,))), ValueError, "workspace must hold at least"),
+    (dict(c0=None), ValueError, "c0 is required"),
+    (dict(h0=FakeDeviceArray((2, 5), mask=FakeDeviceArray((2, 5)))), ValueError, "masked"),
+])
+def test_bad_arrays_rejected_before_any_launch(override, error, match):
+    with pytest.raises(error, match=match):
+        _call_forward(_fake_lstm(**override))
+
+
+@needs_module
+def test_packed_strides_and_extent_one_axes_accepted_up_to_the_device_check():
+    """Explicit C-contiguous strides (and any stride on an extent-1 axis) pass the layout
+    checks; the call then fails only at the device query (no GPU) or not at all."""
+    args = _fake_lstm(B=1, x=FakeDeviceArray((1, 3, 4), strides=(999, 16, 4)))
+    if GPU_SKIP is None:
+        pytest.skip("a GPU is present: fake pointers would be queried for real")
+    with pytest.raises((RuntimeError, ValueError), match="memory|device|GPU"):
+        _call_forward(args)
+
+
+@needs_module
+def test_sizes_helpers_match_the_core_layout():
+    s = cuda_module.forward_sizes("lstm", 7, 3, 5, 4, True)
+    assert s == {"gates": 7 * 3 * 16, "aux": 7 * 3 * 4, "h_prev": 7 * 3 * 4,
+                 "workspace": 3 * 16 + 2 * 3 * 4}
+    assert cuda_module.forward_sizes("simple_rnn", 7, 3, 5, 4, False)["aux"] == 0
+    # Frozen everything and no dx: the gate gradients of one step are enough.
+    frozen = cuda_module.GRAD_H0 | cuda_module.GRAD_C0
+    assert cuda_module.backward_workspace_size("lstm", 7, 3, 5, 4, frozen) == 3 * 16 + 3 * 3 * 4
+    with pytest.raises(ValueError, match="cell must be"):
+        cuda_module.forward_sizes("lstmx", 1, 1, 1, 1)
+
+
+# --------------------------------------------------------------- CUDA vs CPU (GPU only)
+
+
+def _compare_cell(dev, rng, cell, dtype, T, B, I, H, time_major, go_backwards, with_bias,
+                  with_mask):
+    inputs, grads = make_problem(rng, cell, T, B, I, H, dtype, time_major, with_bias, with_mask)
+    tol = tolerance(dtype)
+    ref = cpu_forward(cell, inputs, time_major, go_backwards)
+    got = cuda_forward(dev, cell, inputs, time_major, go_backwards)
+    for k in ("y", "h_last", "c_last", "gates", "aux", "h_prev"):
+        if k in got:
+            np.testing.assert_allclose(got[k].reshape(ref[k].shape), ref[k], **tol,
+                                       err_msg=f"{cell} forward {k}")
+    inference = cuda_forward(dev, cell, inputs, time_major, go_backwards, training=False)
+    for k in ("y", "h_last", "c_last"):
+        if k in inference:
+            np.testing.assert_allclose(inference[k], ref[k], **tol, err_msg=f"{cell} inference {k}")
+    cache = {k: ref[k] for k in ("gates", "aux", "h_prev")}
+    for combo, grad_mask in all_grad_masks(cell):
+        want = cpu_backward(cell, inputs, cache, grads, grad_mask, time_major, go_backwards)
+        have = cuda_backward(dev, cell, inputs, cache, grads, grad_mask, time_major, go_backwards)
+        for bit in GRAD_BITS:
+            name = GRAD_NAMES[bit]
+            if name not in have:
+                continue
+            if bit in combo and name in want:
+                np.testing.assert_allclose(have[name], want[name], **tol,
+                                           err_msg=f"{cell} {name} with {combo}")
+            else:  # not requested: never written
+                assert np.isnan(have[name]).all(), f"{cell}: {name} written though not requested"
+
+
+@needs_gpu
+@needs_core
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cuda_matches_cpu_random_shapes_every_grad_mask(cell, dtype):
+    dev = Device()
+    rng = np.random.default_rng(sum(map(ord, cell)) + np.dtype(dtype).itemsize)
+    for trial in range(6):
+        T, B, I, H = (int(v) for v in rng.integers(1, [9, 6, 10, 9]))
+        time_major, go_backwards, with_bias, with_mask = (bool(v) for v in rng.integers(0, 2, 4))
+        if trial == 0:  # always one plain case
+            time_major = go_backwards = with_mask = False
+            with_bias = True
+        _compare_cell(dev, rng, cell, dtype, T, B, I, H, time_major, go_backwards, with_bias,
+                      with_mask)
+
+
+@needs_gpu
+@needs_core
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T, B, I, H", [(0, 3, 4, 5), (4, 0, 3, 5), (3, 2, 0, 4), (2, 3, 4, 0)])
+def test_cuda_matches_cpu_empty_dimensions(cell, T, B, I, H):
+    dev = Device()
+    _compare_cell(dev, np.random.default_rng(5), cell, np.float64, T, B, I, H, False, False,
+                  True, False)
+
+
+@needs_gpu
+@needs_core
+@pytest.mark.parametrize("cell", CELLS)
+def test_cuda_matches_cpu_larger(cell):
+    """Shapes past one block of the pointwise and reduction kernels."""
+    dev = Device()
+    rng = np.random.default_rng(11)
+    _compare_cell(dev, rng, cell, np.float64, 17, 33, 70, 129, False, False, True, True)
+    _compare_cell(dev, rng, cell, np.float32, 9, 65, 40, 300, True, True, True, False)
+
+
+@needs_gpu
+def test_tf32_flag_runs_and_stays_close():
+    dev = Device()
+    inputs, _ = make_problem(np.random.default_rng(2), "lstm", 5, 8, 64, 64, np.float32)
+    exact = cuda_forward(dev, "lstm", inputs)
+    tf32 = cuda_forward(dev, "lstm", inputs, allow_tf32=True)
+    np.testing.assert_allclose(tf32["y"], exact["y"], rtol=0, atol=2e-2)
+
+
+# ------------------------------------------------------------------ bad input on a GPU
+
+
+@needs_gpu
+def test_host_memory_rejected_on_a_gpu_machine():
+    dev = Device()
+    inputs, _ = make_problem(np.random.default_rng(0), "simple_rnn", 2, 2, 3, 4, np.float32)
+    d = {k: dev.put(v) for k, v in inputs.items()}
+    host = np.zeros((2, 2, 3), np.float32)
+    fake = FakeDeviceArray(host.shape, ptr=host.ctypes.data)
+    sizes = cuda_module.forward_sizes("simple_rnn", 2, 2, 3, 4, False)
+    with pytest.raises(ValueError, match="not in GPU memory"):
+        cuda_module.forward("simple_rnn", fake, d["h0"], None, d["kernel"],
+                            d["recurrent_kernel"], d["bias"], None,
+                            y=dev.empty((2, 2, 4), np.float32),
+                            h_last=dev.empty((2, 4), np.float32),
+                            workspace=dev.empty((sizes["workspace"],), np.float32))
+
+
+@needs_gpu
+@needs_torch
+def test_non_contiguous_tensor_rejected():
+    x = torch.zeros((3, 2, 4), device="cuda").transpose(0, 1)
+    h0 = torch.zeros((2, 5), device="cuda")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cuda_module.forward("simple_rnn", x, h0, None, torch.zeros((4, 5), device="cuda"),
+                            torch.zeros((5, 5), device="cuda"), None, None,
+                            y=torch.zeros((2, 3, 5), device="cuda"), h_last=h0,
+                            workspace=torch.zeros((1000,), device="cuda"))
+
+
+@needs_gpu
+@needs_torch
+def test_cpu_tensor_rejected():
+    with pytest.raises(TypeError, match="__cuda_array_interface__"):
+        cuda_module.forward("simple_rnn", torch.zeros((2, 3, 4)), None, None, None, None, None,
+                            None, y=None, h_last=None, workspace=None)
+
+
+# --------------------------------------------------------------- vs cuDNN (PyTorch)
+
+
+def _torch_reference(cell, inputs, grads, dtype):
+    """One forward and backward of torch.nn.LSTM/GRU (cuDNN) with the Keras weights mapped."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    tdt = getattr(torch, np.dtype(dtype).name)
+    x = inputs["x"]
+    I, H = x.shape[2], inputs["recurrent_kernel"].shape[0]
+    t = lambda a: torch.tensor(a, dtype=tdt, device="cuda", requires_grad=True)  # noqa: E731
+    K, R, b = inputs["kernel"], inputs["recurrent_kernel"], inputs["bias"]
+    if cell == "lstm":
+        net = torch.nn.LSTM(I, H, batch_first=True).to(device="cuda", dtype=tdt)
+        order = [0, 1, 2, 3]  # i, f, g, o = Keras' i, f, c, o
+        b_ih, b_hh = b, np.zeros_like(b)
+    else:
+        net = torch.nn.GRU(I, H, batch_first=True).to(device="cuda", dtype=tdt)
+        order = [1, 0, 2]  # torch r, z, n from Keras z, r, h
+        b_ih, b_hh = b[0], b[1]
+
+    def blocks(m):  # Keras [.., G*H] -> torch [G*H, ..] in torch's gate order
+        return np.concatenate([m[..., k * H:(k + 1) * H] for k in order], axis=-1).T
+
+    with torch.no_grad():
+        net.weight_ih_l0.copy_(torch.tensor(blocks(K)))
+        net.weight_hh_l0.copy_(torch.tensor(blocks(R)))
+        net.bias_ih_l0.copy_(torch.tensor(blocks(b_ih[None])[:, 0]))
+        net.bias_hh_l0.copy_(torch.tensor(blocks(b_hh[None])[:, 0]))
+    xt, h0 = t(x), t(inputs["h0"][None])
+    if cell == "lstm":
+        c0 = t(inputs["c0"][None])
+        y, (hn, cn) = net(xt, (h0, c0))
+    else:
+        y, hn = net(xt, h0)
+    loss = (y * torch.tensor(grads["dy"], device="cuda", dtype=tdt)).sum() + (
+        hn[0] * torch.tensor(grads["dh_last"], device="cuda", dtype=tdt)).sum()
+    if cell == "lstm":
+        loss = loss + (cn[0] * torch.tensor(grads["dc_last"], device="cuda", dtype=tdt)).sum()
+    loss.backward()
+
+    def unblocks(g):  # torch [G*H, ..] -> Keras [.., G*H]
+        g = g.detach().cpu().numpy().T
+        out = np.empty_like(g)
+        for dst, src in enumerate(order):
+            out[..., dst * H:(dst + 1) * H] = g[..., src * H:(src + 1) * H]
+        # order is its own inverse for both cells
+        return out
+
+    out = {"y": y.detach().cpu().numpy(), "h_last": hn[0].detach().cpu().numpy(),
+           "dx": xt.grad.cpu().numpy(), "dh0": h0.grad[0].cpu().numpy(),
+           "dkernel": unblocks(net.weight_ih_l0.grad),
+           "drecurrent_kernel": unblocks(net.weight_hh_l0.grad)}
+    dbias_ih = unblocks(net.bias_ih_l0.grad[:, None])[0]
+    dbias_hh = unblocks(net.bias_hh_l0.grad[:, None])[0]
+    out["dbias"] = dbias_ih if cell == "lstm" else np.stack([dbias_ih, dbias_hh])
+    if cell == "lstm":
+        out["c_last"] = cn[0].detach().cpu().numpy()
+        out["dc0"] = c0.grad[0].cpu().numpy()
+    return out
+
+
+FREEZE_CONFIGS = {
+    "all_trainable": ["GRAD_X", "GRAD_H0", "GRAD_C0", "GRAD_KERNEL", "GRAD_RECURRENT_KERNEL",
+                      "GRAD_BIAS"],
+    "kernel_frozen": ["GRAD_X", "GRAD_H0", "GRAD_C0", "GRAD_RECURRENT_KERNEL", "GRAD_BIAS"],
+    "both_frozen": ["GRAD_X", "GRAD_H0", "GRAD_C0", "GRAD_BIAS"],
+    "both_frozen_no_dx": ["GRAD_H0", "GRAD_C0", "GRAD_BIAS"],
+}
+
+
+@needs_gpu
+@needs_torch
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_matches_cudnn(cell, dtype):
+    dev = Device()
+    rng = np.random.default_rng(7 + len(cell))
+    tol = dict(rtol=1e-7, atol=1e-7) if dtype == np.float64 else dict(rtol=1e-3, atol=1e-3)
+    for T, B, I, H in [(5, 3, 4, 6), (13, 8, 33, 17), (7, 16, 64, 128)]:
+        inputs, grads = make_problem(rng, cell, T, B, I, H, dtype)
+        ref = _torch_reference(cell, inputs, grads, dtype)
+        fwd = cuda_forward(dev, cell, inputs)
+        for k in ("y", "h_last", "c_last"):
+            if k in ref:
+                np.testing.assert_allclose(fwd[k], ref[k], **tol, err_msg=f"{cell} {k}")
+        cache = {k: fwd[k] for k in ("gates", "aux", "h_prev")}
+        for config, bits in FREEZE_CONFIGS.items():
+            grad_mask = sum(getattr(cuda_module, b) for b in bits)
+            got = cuda_backward(dev, cell, inputs, cache, grads, grad_mask)
+            for bit in bits:
+                name = GRAD_NAMES[bit]
+                if name in ref:
+                    np.testing.assert_allclose(got[name], ref[name], **tol,
+                                               err_msg=f"{cell} {config} {name} vs cuDNN")
+            for bit in set(GRAD_BITS) - set(bits):
+                name = GRAD_NAMES[bit]
+                if name in got:
+                    assert np.isnan(got[name]).all(), f"{cell} {config}: {name} was computed"
