@@ -236,7 +236,7 @@ class _FusedRNN:
         name = self.name
         if tree.is_nested(sequences):
             return
-        shape = sequences.shape
+        shape = tf.TensorShape(sequences.shape)
         if shape.rank is not None and shape.rank != 3:
             raise ValueError(
                 f'Input 0 of layer "{name}" is incompatible with the layer: expected ndim=3 '
@@ -250,7 +250,8 @@ class _FusedRNN:
                 f'Input 0 of layer "{name}" is incompatible with the layer: expected axis -1 '
                 f"of input shape to have value {kernel.shape[0]} (the feature size the layer "
                 f"was built with), but received input with shape {tuple(shape)}")
-        batch = shape[0] if shape.rank == 3 else None
+        dims = list(shape) if shape.rank == 3 else [None, None, None]
+        batch = dims[0]
         if initial_state is not None:
             flat = tree.flatten(initial_state)
             expected = []
@@ -277,10 +278,10 @@ class _FusedRNN:
             ok_rank = len(mask_shape) == 2 or (len(mask_shape) == 3 and mask_shape[2] in (1,
                                                                                         None))
             ok = ok_rank and all(m is None or s is None or m == s
-                                 for m, s in zip(mask_shape[:2], tuple(shape)[:2]))
+                                 for m, s in zip(mask_shape[:2], dims[:2]))
             if not ok:
                 raise ValueError(
-                    f'Layer "{name}": mask must have shape {tuple(shape)[:2]} ([batch, '
+                    f'Layer "{name}": mask must have shape {tuple(dims[:2])} ([batch, '
                     f"timesteps], like the input), but received shape {mask_shape}")
 
     # -- the loop --------------------------------------------------------------------------
