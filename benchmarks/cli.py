@@ -14,8 +14,9 @@ QUICK_CONFIGS = {
     "gru": ["all_trainable", "both_frozen_no_dx", "inference"],
     "simple_rnn": ["all_trainable", "both_frozen_no_dx", "inference"],
 }
-# --full: every configuration for every cell at the base shape, then one dimension at a time.
-SWEEPS = {"T": (25, 50, 100, 200), "B": (16, 32, 64, 128), "H": (64, 128, 256, 512)}
+# --full: every configuration for every cell at the base shape, then one dimension at a time
+# scaled by these factors (T 25..200, B 16..128, I=H 64..512 around the default shape).
+SWEEP_FACTORS = (0.25, 0.5, 1, 2)
 SWEEP_CONFIG = "all_trainable"
 
 
@@ -47,7 +48,8 @@ def parse_args(argv):
                       help="default: T,B,I,H = 100,64,256,256; all configs for LSTM, "
                            f"{', '.join(QUICK_CONFIGS['gru'])} for GRU and SimpleRNN")
     mode.add_argument("--full", action="store_true",
-                      help="all cells and configs, then sweeps of T, B and H (I=H) for "
+                      help="all cells and configs, then sweeps of T, B and H (I=H) at "
+                           f"{', '.join(f'{f:g}' for f in SWEEP_FACTORS)}x the shape, for "
                            f"{SWEEP_CONFIG}")
     p.add_argument("--cells", type=_list(CELLS), help=f"comma list of {', '.join(CELLS)}")
     p.add_argument("--configs", type=_list(list(CONFIGS)),
@@ -58,6 +60,9 @@ def parse_args(argv):
     p.add_argument("--shape", type=_shape, help="T,B,I,H (default 100,64,256,256)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--reps", type=int, help="timed repetitions (default: 5 quick, 7 full)")
+    p.add_argument("--budget", type=float, metavar="S",
+                   help="seconds per contender's timing block, after which it stops at 3 or "
+                        "more repetitions (default: 3 quick, none full; 0: none)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed calls before the repetitions, after the checked first call")
     p.add_argument("--threads", type=int,
@@ -84,7 +89,8 @@ def plan(args):
         configs = args.configs or (list(CONFIGS) if args.full else QUICK_CONFIGS[cell])
         tasks += [runner.Task(cell, CONFIGS[c], base) for c in configs]
     if args.full:
-        for dim, values in SWEEPS.items():
+        for dim in ("T", "B", "H"):
+            values = sorted({max(1, round(getattr(base, dim) * f)) for f in SWEEP_FACTORS})
             for cell in cells:
                 for v in values:
                     size = {"T": dict(T=v), "B": dict(B=v), "H": dict(I=v, H=v)}[dim]
@@ -145,6 +151,7 @@ def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
     reps = args.reps or (7 if args.full else 5)
+    budget = args.budget if args.budget is not None else (None if args.full else 3.0)
     warnings = machine.set_threads(args.threads) if args.threads else []
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -157,7 +164,8 @@ def main(argv=None):
     impls = args.impls or list(contenders.REGISTRY)
     tasks = plan(args)
     meta = {"machine": machine.info(),
-            "settings": {"reps": reps, "warmup": args.warmup, "threads": args.threads,
+            "settings": {"reps": reps, "warmup": args.warmup, "budget_s": budget or None,
+                         "threads": args.threads,
                          "device": args.device, "dtype": args.dtype, "impls": impls,
                          "argv": list(sys.argv[1:] if argv is None else argv)},
             "warnings": warnings}
@@ -167,12 +175,12 @@ def main(argv=None):
         for task in tasks:
             progress.start(f"{task.cell} {task.config.name} {task.shape}")
             records += runner.run_task(task, impls, args.dtype, args.device, reps,
-                                       args.warmup)
+                                       args.warmup, budget or None)
             progress.advance()
     finally:
         progress.close()
     meta["wall_s"] = time.perf_counter() - start
-    meta["load_average_end"] = machine.info()["load_average"]
+    meta["machine"]["load_average_end"] = machine.load_average()
 
     print(report.markdown(records, meta))
     if args.json:

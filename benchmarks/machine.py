@@ -93,6 +93,10 @@ def _version(module):
         return None
 
 
+def load_average():
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def info():
     import numpy as np
 
@@ -119,5 +123,5 @@ def info():
         "tfcells_build": build,
         "numpy_blas": blas,
         "threads": threads(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
     }

@@ -158,6 +158,34 @@ def _growth(by_value, impls):
     return f"Growth from {values[0]} to {values[-1]}: " + ", ".join(parts) + "."
 
 
+def _load(values):
+    return f"{values[0]:.2f}" if values else "—"
+
+
+def _reps_text(records, settings):
+    done = [r["reps"] for r in records if r.get("reps")]
+    if not done or min(done) == max(done) == settings["reps"]:
+        return f"{settings['reps']} repetitions"
+    span = f"{min(done)}" if min(done) == max(done) else f"{min(done)}–{max(done)}"
+    return (f"{span} repetitions (up to {settings['reps']}, fewer once a "
+            f"contender's block passed {settings['budget_s']:g} s)")
+
+
+def _busy(m):
+    """Other work on the machine skews every number; say so where the numbers are."""
+    cores, start, end = m.get("logical_cores"), m.get("load_average"), m.get("load_average_end")
+    if not cores or not start:
+        return ""
+    # At the end the load includes this run's own threads (up to one per core).
+    if start[0] <= cores / 2 and (not end or end[0] <= cores + 1):
+        return ""
+    worst = max(start[0], end[0] if end else 0)
+    return (f"the machine was busy (1-minute load average up to {worst:.1f} on "
+            f"{m['logical_cores']} cores): other processes competed for the cores, and "
+            "multi-threaded BLAS-based steps (the floor, tfcells, PyTorch) suffer most. "
+            "Compare ratios within this run with care; rerun on an idle machine.")
+
+
 def markdown(records, meta):
     m = meta["machine"]
     th = m["threads"]
@@ -168,13 +196,16 @@ def markdown(records, meta):
            f"(OpenBLAS {m['numpy_blas']}), PyTorch {m['versions']['torch'] or 'not installed'}.",
            "Threads: TF intra-op {tf_intra_op} / inter-op {tf_inter_op} (0 = one per core), "
            "tfcells GEMM {tfcells_gemm}, NumPy BLAS {numpy_blas}, PyTorch {torch}. "
-           "Load average at start: {load}.".format(
-               load=", ".join(f"{v:.2f}" for v in m["load_average"] or ()),
+           "1-minute load average at start {load0}, at the end {load1}.".format(
+               load0=_load(m.get("load_average")), load1=_load(m.get("load_average_end")),
                torch=th.get("torch", "—"), **{k: v for k, v in th.items() if k != "torch"}),
            f"One training step = forward + backward (tf.GradientTape in tf.function) of "
            f"sum(outputs·dy) w.r.t. what the configuration leaves trainable; inference = "
-           f"forward only. {meta['settings']['reps']} repetitions after "
-           f"{meta['settings']['warmup']} warm-up; wall time {meta['wall_s']:.0f} s."]
+           f"forward only. {_reps_text(records, meta['settings'])} after a checked first "
+           f"call and {meta['settings']['warmup']} warm-up; wall time {meta['wall_s']:.0f} s."]
+    busy = _busy(m)
+    if busy:
+        out += ["", f"**Warning: {busy}**"]
     for (cell, dtype, device, T, B, I, H), by_config in _groups(records, sweep=False).items():
         out += ["", f"## {cell}: T={T} B={B} I={I} H={H}, {dtype}, {device}", "",
                 _main_table(by_config)]
@@ -252,7 +283,9 @@ def plot(path, records, meta):
             floor_pts = sorted({r[dim]: r["floor_ms"] for r in pts}.items())
             if floor_pts:
                 ax.plot(*zip(*floor_pts), "k--", label="GEMM floor")
-            ax.set_xlabel(dim)
+            ax.set_xscale("log", base=2)  # log-log: a line of slope 1 is linear growth
+            ax.set_yscale("log")
+            ax.set_xlabel(dim + (" (= I)" if dim == "H" else ""))
             ax.set_ylabel("ms")
             ax.set_title(f"{cell} {pts[0]['config'] if pts else ''}: scaling in {dim}",
                          fontsize=9)

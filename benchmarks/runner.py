@@ -1,6 +1,7 @@
 """Runs one task (cell, config, shape): build every contender, check it, time it, record it."""
 
 import dataclasses
+import time
 import traceback
 
 from . import check, contenders, floor, timing
@@ -50,7 +51,7 @@ def _error(e):
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
 
 
-def run_task(task, impls, dtype, device, reps, warmup, floor_enabled=True):
+def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enabled=True):
     """Returns one record per contender in `impls` (names in contenders.REGISTRY).
 
     Each contender's first call (tracing included) produces the values that are checked; a
@@ -70,8 +71,12 @@ def run_task(task, impls, dtype, device, reps, warmup, floor_enabled=True):
             rec.update(status="skipped", detail=reason)
             continue
         try:
+            start = time.perf_counter()
             step = con.build(work)
-            outputs[impl] = step.fetch(step.run())
+            raw = step.run()
+            # Build and first call, tracing included: what a user waits before step one.
+            rec["setup_s"] = time.perf_counter() - start
+            outputs[impl] = step.fetch(raw)
             steps[impl] = step
         except Exception as e:  # one broken contender must not end the whole run
             rec.update(status="error", detail=_error(e))
@@ -100,7 +105,7 @@ def run_task(task, impls, dtype, device, reps, warmup, floor_enabled=True):
     with_floor = floor_enabled and device == "cpu"
     if with_floor:
         timed[_FLOOR] = floor.floor_callable(task.cell, task.config, task.shape, dtype)
-    stats = {impl: timing.measure(fn, reps, warmup) for impl, fn in timed.items()}
+    stats = {impl: timing.measure(fn, reps, warmup, budget_s) for impl, fn in timed.items()}
 
     flops = floor.flops(task.cell, task.config, task.shape)
     floor_stats = stats.pop(_FLOOR) if with_floor else None

@@ -29,7 +29,16 @@ def summarize(times_ms):
     }
 
 
-def measure(fn, reps, warmup):
+def measure(fn, reps, warmup, budget_s=None, min_reps=3):
+    """Times fn `reps` times after `warmup` untimed calls. With a budget, stops early once
+    min_reps are done and budget_s has passed: on a loaded machine a step can take 10x
+    longer, and --quick must still finish in its time."""
     for _ in range(warmup):
         fn()
-    return summarize([time_call(fn) for _ in range(reps)])
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps:
+        times.append(time_call(fn))
+        if budget_s and len(times) >= min_reps and time.perf_counter() - start > budget_s:
+            break
+    return summarize(times)

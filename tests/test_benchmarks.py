@@ -151,6 +151,20 @@ def test_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_full_sweeps(tmp_path, capsys):
+    rc, data = _run(tmp_path, "--full", "--shape", "4,4,4,4", "--cells", "simple_rnn",
+                    "--configs", "all_trainable", "--impls", "tfcells")
+    assert rc == 0
+    sweeps = {}
+    for r in data["records"]:
+        if r["sweep"]:
+            sweeps.setdefault(r["sweep"], []).append(r)
+    assert {d: sorted(r[d] for r in rs) for d, rs in sweeps.items()} == \
+        {"T": [1, 2, 4, 8], "B": [1, 2, 4, 8], "H": [1, 2, 4, 8]}
+    assert all(r["I"] == r["H"] for r in sweeps["H"])
+    assert "time against T" in capsys.readouterr().out
+
+
 def test_gpu_without_gpu_says_so(capsys):
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU")
