@@ -57,9 +57,10 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
     Each contender's first call (tracing included) produces the values that are checked; a
     contender that disagrees with the reference (the first one that ran: tfcells by default)
     is not timed. Then each contender, and the GEMM floor, is timed in its own block of
-    warm-up and repetitions. Not round-robin: each framework's thread pool keeps spinning for
-    a while after its work, and would steal the cores from whichever ran next (measured: the
-    floor of a tiny step 30x slower right after a TF step).
+    warm-up and repetitions. Not round-robin: each library's thread pool (TF's, OpenBLAS',
+    OpenMP's) spins for a while after its work and steals the cores from whichever runs next
+    (seen here: a tiny step's floor 30x slower round-robin than alone); the warm-up call at
+    the start of each block absorbs that.
     """
     work = make_workload(task.cell, task.config, task.shape, dtype, device)
     records, steps, outputs = {}, {}, {}
