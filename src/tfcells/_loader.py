@@ -9,8 +9,9 @@ from . import _build_info
 
 # The compiled files sit beside the generated _build_info.py (in an editable install that is
 # not this source directory).
-OPS_LIBRARY_PATH = os.path.join(os.path.dirname(os.path.abspath(_build_info.__file__)),
-                                "_tfcells_ops.so")
+_LIBRARY_DIR = os.path.dirname(os.path.abspath(_build_info.__file__))
+OPS_LIBRARY_PATH = os.path.join(_LIBRARY_DIR, "_tfcells_ops.so")
+GPU_OPS_LIBRARY_PATH = os.path.join(_LIBRARY_DIR, "_tfcells_gpu_ops.so")
 
 REBUILD_HINT = (
     "Rebuild tfcells against the installed TensorFlow: "
@@ -34,3 +35,13 @@ c_library = ctypes.CDLL(OPS_LIBRARY_PATH)
 c_library.tfcells_work_counters.argtypes = [ctypes.POINTER(ctypes.c_int64)]
 c_library.tfcells_set_gemm_threads.argtypes = [ctypes.c_int]
 c_library.tfcells_gemm_threads.restype = ctypes.c_int
+
+# GPU kernels live in their own library (the ops are registered by the CPU one). Loaded only
+# into a CUDA build of TensorFlow: tensorflow-cpu has no GPU device to run them on.
+gpu_c_library = None
+if _build_info.CUDA and tf.test.is_built_with_cuda() and os.path.exists(GPU_OPS_LIBRARY_PATH):
+    tf.load_op_library(GPU_OPS_LIBRARY_PATH)
+    gpu_c_library = ctypes.CDLL(GPU_OPS_LIBRARY_PATH)
+    gpu_c_library.tfcells_gpu_work_counters.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    gpu_c_library.tfcells_gpu_set_allow_tf32.argtypes = [ctypes.c_int]
+    gpu_c_library.tfcells_gpu_allow_tf32.restype = ctypes.c_int

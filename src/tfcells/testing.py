@@ -1,19 +1,27 @@
-"""Introspection for tests: how often each piece of gradient work ran in the CPU kernels."""
+"""Introspection for tests: how often each piece of gradient work ran in the kernels."""
 
 import ctypes
 
-from ._loader import c_library
+from ._loader import c_library, gpu_c_library
 
 _COUNTER_NAMES = ("forward_calls", "backward_calls", "grad_x", "grad_h0", "grad_kernel",
                   "grad_recurrent_kernel", "grad_bias")
 
 
 def work_counters():
-    """Process-wide counts since start-up: forward and backward op runs, and how often each
-    gradient (dx, dh0, dkernel, drecurrent_kernel, dbias) was actually computed."""
-    values = (ctypes.c_int64 * len(_COUNTER_NAMES))()
-    c_library.tfcells_work_counters(values)
-    return dict(zip(_COUNTER_NAMES, values))
+    """Process-wide counts since start-up (CPU and GPU kernels together): forward and backward
+    op runs, and how often each gradient (dx, dh0, dkernel, drecurrent_kernel, dbias) was
+    actually computed."""
+    totals = dict.fromkeys(_COUNTER_NAMES, 0)
+    for library, reader in ((c_library, "tfcells_work_counters"),
+                            (gpu_c_library, "tfcells_gpu_work_counters")):
+        if library is None:
+            continue
+        values = (ctypes.c_int64 * len(_COUNTER_NAMES))()
+        getattr(library, reader)(values)
+        for name, value in zip(_COUNTER_NAMES, values):
+            totals[name] += value
+    return totals
 
 
 class CountWork:
