@@ -10,6 +10,7 @@
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/platform/threadpool.h"
 
 namespace tfcells {
 namespace {
@@ -118,14 +119,33 @@ REGISTER_OP("TfcellsSimpleRnnGrad")
 namespace tfcells {
 namespace {
 
+// Large GEMMs are split across TensorFlow's intra-op pool (the op itself runs on an inter-op
+// thread, so waiting here never starves the pool).
 struct CpuLauncher {
   template <typename T>
-  static void Forward(tensorflow::OpKernelContext*, const ForwardArgs<T>& a) {
-    ForwardCpu(a);
+  static void Forward(tensorflow::OpKernelContext* ctx, const ForwardArgs<T>& a) {
+    WithPool(ctx, [&](const CpuOptions& options) { ForwardCpu(a, options); });
   }
   template <typename T>
-  static void Backward(tensorflow::OpKernelContext*, const BackwardArgs<T>& a) {
-    BackwardCpu(a);
+  static void Backward(tensorflow::OpKernelContext* ctx, const BackwardArgs<T>& a) {
+    WithPool(ctx, [&](const CpuOptions& options) { BackwardCpu(a, options); });
+  }
+
+  template <typename Run>
+  static void WithPool(tensorflow::OpKernelContext* ctx, const Run& run) {
+    const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    tensorflow::thread::ThreadPool* pool = workers->workers;
+    const ParallelRunner runner = [pool](int tasks, const std::function<void(int)>& fn) {
+      // One task per shard: a cost this high makes ParallelFor hand out single units.
+      pool->ParallelFor(tasks, /*cost_per_unit=*/1'000'000'000,
+                        [&fn](std::int64_t begin, std::int64_t end) {
+                          for (std::int64_t i = begin; i < end; ++i) fn(static_cast<int>(i));
+                        });
+    };
+    CpuOptions options;
+    options.runner = &runner;
+    options.max_tasks = workers->num_threads;
+    run(options);
   }
 };
 

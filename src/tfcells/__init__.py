@@ -25,11 +25,14 @@ def build_info():
 
 
 def set_cpu_gemm_threads(threads):
-    """Threads the CPU GEMMs may use (0 restores the default: one per core)."""
+    """Caps how many threads of TensorFlow's intra-op pool one large CPU GEMM is split across
+    (0, the default: the whole pool, i.e. tf.config.threading.get_intra_op_parallelism_threads()
+    or one per core). Small per-step GEMMs always run on one thread."""
     _c_library.tfcells_set_gemm_threads(int(threads))
 
 
 def cpu_gemm_threads():
+    """The cap set by set_cpu_gemm_threads (0: none)."""
     return _c_library.tfcells_gemm_threads()
 
 

@@ -1,12 +1,17 @@
-// CPU backend: OpenBLAS GEMMs (its own thread pool) and vectorised single-thread pointwise
-// loops. The pointwise work is O(B*H) per step against O(B*H*G*H) for the GEMMs.
+// CPU backend: single-threaded OpenBLAS GEMMs, large ones split across the caller's thread
+// pool, and vectorised single-thread pointwise loops (O(B*H) per step against O(B*H*G*H) for
+// the GEMMs).
 #pragma once
 
 #include "../common.h"
+#include "cpu_rnn.h"
 
 namespace tfcells {
 
 struct CpuBackend {
+  const ParallelRunner* runner = nullptr;
+  int max_tasks = 1;
+
   void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a, Index lda,
             const float* b, Index ldb, float beta, float* c, Index ldc);
   void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const double* a, Index lda,

@@ -2,61 +2,108 @@
 
 #include <cblas.h>
 
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+
 #include "cpu_backend.h"
 
 namespace tfcells {
 
 namespace {
 
+std::atomic<int> gemm_threads_setting{0};
+
 CBLAS_TRANSPOSE Op(bool trans) { return trans ? CblasTrans : CblasNoTrans; }
 
-// BLAS rejects k == 0 (its leading dimensions would be 0); the product is then empty.
+void Blas(bool ta, bool tb, Index m, Index n, Index k, const float* a, Index lda,
+          const float* b, Index ldb, float beta, float* c, Index ldc) {
+  scipy_cblas_sgemm(CblasRowMajor, Op(ta), Op(tb), m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+}
+void Blas(bool ta, bool tb, Index m, Index n, Index k, const double* a, Index lda,
+          const double* b, Index ldb, double beta, double* c, Index ldc) {
+  scipy_cblas_dgemm(CblasRowMajor, Op(ta), Op(tb), m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Below this many flops a GEMM runs on the calling thread: splitting a per-step GEMM of a
+// small layer costs more in hand-offs than it saves.
+constexpr double kMinParallelFlops = 64e6;
+
 template <typename T>
-bool ScaleIfEmpty(Index m, Index n, Index k, T beta, T* c, Index ldc) {
-  if (m == 0 || n == 0) return true;
-  if (k > 0) return false;
-  for (Index i = 0; i < m; ++i)
-    for (Index j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
-  return true;
+void SplitGemm(const CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k, const T* a,
+               Index lda, const T* b, Index ldb, T beta, T* c, Index ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // BLAS rejects k == 0 (its leading dimensions would be 0): C = beta * C
+    for (Index i = 0; i < m; ++i)
+      for (Index j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  int tasks = be.runner ? be.max_tasks : 1;
+  if (2.0 * m * n * k < kMinParallelFlops) tasks = 1;
+  // Split the larger side of C into contiguous blocks, one per task.
+  const bool by_rows = m >= n;
+  const Index extent = by_rows ? m : n, align = by_rows ? 8 : 16;
+  const Index block = ((extent + tasks - 1) / tasks + align - 1) / align * align;
+  tasks = static_cast<int>(std::min<Index>(tasks, (extent + block - 1) / block));
+  if (tasks <= 1) {
+    Blas(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  (*be.runner)(tasks, [&](int task) {
+    const Index begin = task * block, size = std::min(block, extent - begin);
+    if (by_rows)  // rows of C are rows of op(A)
+      Blas(ta, tb, size, n, k, ta ? a + begin : a + begin * lda, lda, b, ldb, beta,
+           c + begin * ldc, ldc);
+    else  // columns of C are columns of op(B)
+      Blas(ta, tb, m, size, k, a, lda, tb ? b + begin * ldb : b + begin, ldb, beta, c + begin,
+           ldc);
+  });
+}
+
+// OpenBLAS' own threads busy-wait for each other; on a loaded machine (or beside TensorFlow's
+// pools) every GEMM then waits for descheduled threads. tfcells runs OpenBLAS single-threaded
+// and parallelises large GEMMs itself, through the caller's pool.
+CpuBackend MakeBackend(const CpuOptions& options) {
+  static std::once_flag once;
+  std::call_once(once, [] { scipy_openblas_set_num_threads(1); });
+  CpuBackend be;
+  be.runner = options.runner;
+  const int cap = gemm_threads_setting.load();
+  be.max_tasks = std::max(1, cap > 0 ? std::min(cap, options.max_tasks) : options.max_tasks);
+  return be;
 }
 
 }  // namespace
 
 void CpuBackend::Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a,
                       Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) {
-  if (ScaleIfEmpty(m, n, k, beta, c, ldc)) return;
-  scipy_cblas_sgemm(CblasRowMajor, Op(trans_a), Op(trans_b), m, n, k, 1.0f, a, lda, b, ldb,
-                    beta, c, ldc);
+  SplitGemm(*this, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 
 void CpuBackend::Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const double* a,
                       Index lda, const double* b, Index ldb, double beta, double* c,
                       Index ldc) {
-  if (ScaleIfEmpty(m, n, k, beta, c, ldc)) return;
-  scipy_cblas_dgemm(CblasRowMajor, Op(trans_a), Op(trans_b), m, n, k, 1.0, a, lda, b, ldb, beta,
-                    c, ldc);
+  SplitGemm(*this, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 
-void ForwardCpu(const ForwardArgs<float>& args) {
-  CpuBackend be;
+void ForwardCpu(const ForwardArgs<float>& args, const CpuOptions& options) {
+  CpuBackend be = MakeBackend(options);
   Forward(be, args);
 }
-void ForwardCpu(const ForwardArgs<double>& args) {
-  CpuBackend be;
+void ForwardCpu(const ForwardArgs<double>& args, const CpuOptions& options) {
+  CpuBackend be = MakeBackend(options);
   Forward(be, args);
 }
-void BackwardCpu(const BackwardArgs<float>& args) {
-  CpuBackend be;
+void BackwardCpu(const BackwardArgs<float>& args, const CpuOptions& options) {
+  CpuBackend be = MakeBackend(options);
   Backward(be, args);
 }
-void BackwardCpu(const BackwardArgs<double>& args) {
-  CpuBackend be;
+void BackwardCpu(const BackwardArgs<double>& args, const CpuOptions& options) {
+  CpuBackend be = MakeBackend(options);
   Backward(be, args);
 }
 
-void SetCpuGemmThreads(int threads) {
-  scipy_openblas_set_num_threads(threads > 0 ? threads : 0);
-}
-int CpuGemmThreads() { return scipy_openblas_get_num_threads(); }
+void SetCpuGemmThreads(int threads) { gemm_threads_setting.store(std::max(0, threads)); }
+int CpuGemmThreads() { return gemm_threads_setting.load(); }
 
 }  // namespace tfcells

@@ -1,16 +1,28 @@
 // The CPU entry points of the core: forward and backward of every cell.
 #pragma once
 
+#include <functional>
+
 #include "../rnn.h"
 
 namespace tfcells {
 
-void ForwardCpu(const ForwardArgs<float>& args);
-void ForwardCpu(const ForwardArgs<double>& args);
-void BackwardCpu(const BackwardArgs<float>& args);
-void BackwardCpu(const BackwardArgs<double>& args);
+// Runs fn(0), ..., fn(tasks - 1), possibly in parallel, and returns when all have finished.
+// The TensorFlow kernels pass TensorFlow's intra-op thread pool; without one, GEMMs run on the
+// calling thread.
+using ParallelRunner = std::function<void(int tasks, const std::function<void(int)>& fn)>;
 
-// Threads OpenBLAS may use for one GEMM (0: its default, one per core).
+struct CpuOptions {
+  const ParallelRunner* runner = nullptr;
+  int max_tasks = 1;  // how many pieces a large GEMM may be split into
+};
+
+void ForwardCpu(const ForwardArgs<float>& args, const CpuOptions& options = {});
+void ForwardCpu(const ForwardArgs<double>& args, const CpuOptions& options = {});
+void BackwardCpu(const BackwardArgs<float>& args, const CpuOptions& options = {});
+void BackwardCpu(const BackwardArgs<double>& args, const CpuOptions& options = {});
+
+// Cap on the parallel pieces of one GEMM; 0 (the default) lets the caller's pool decide.
 void SetCpuGemmThreads(int threads);
 int CpuGemmThreads();
 
