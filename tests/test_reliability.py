@@ -117,3 +117,31 @@ def test_concurrent_calls_match_serial_calls():
     for (y_s, g_s), (y_c, g_c) in zip(serial, results):
         np.testing.assert_array_equal(y_s, y_c)
         np.testing.assert_array_equal(g_s, g_c)
+
+
+def test_failed_call_leaves_stateful_layer_states_untouched():
+    import tfcells
+    layer = tfcells.LSTM(5, stateful=True, return_state=True)
+    x = tf.random.normal([2, 3, 4], seed=1)
+    layer(x)
+    before = [s.numpy().copy() for s in layer.states]
+    with pytest.raises(ValueError):
+        layer(tf.random.normal([2, 3, 7]))  # feature size differs from the built one
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
+        layer(x, mask=tf.ones([3, 2], tf.bool))  # mask of the wrong shape
+    for b, s in zip(before, layer.states):
+        np.testing.assert_array_equal(b, s.numpy())
+
+
+def test_failed_training_step_leaves_weights_untouched():
+    import keras
+    import tfcells
+    model = keras.Sequential([keras.Input((None, 4)), tfcells.GRU(6), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.random.rand(8, 5, 4).astype("float32"), np.random.rand(8, 1).astype("float32")
+    model.fit(x, y, epochs=1, verbose=0)
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(Exception):
+        model.fit(np.random.rand(8, 5, 3).astype("float32"), y, epochs=1, verbose=0)
+    for b, w in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(b, w)
