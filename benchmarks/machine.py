@@ -4,6 +4,7 @@ import datetime
 import os
 import platform
 import sys
+import time
 
 from . import floor
 
@@ -91,6 +92,42 @@ def _version(module):
         return __import__(module).__version__
     except Exception:
         return None
+
+
+def _busy_cpu_seconds():
+    """CPU seconds all processes have used (steal included: the hypervisor's share is
+    lost to us too), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherWork:
+    """Measures how many cores other processes kept busy while a block ran.
+
+    The load average lags by a minute; this is exact for the block, and tells which numbers
+    a neighbour's compile or test run has skewed.
+    """
+
+    def __enter__(self):
+        self._busy, self._self = _busy_cpu_seconds(), sum(os.times()[:2])
+        self._wall = time.perf_counter()
+        self.cores = None
+        return self
+
+    def __exit__(self, *exc):
+        busy = _busy_cpu_seconds()
+        wall = time.perf_counter() - self._wall
+        # /proc/stat counts in 10 ms ticks: shorter blocks would give noise, not a number.
+        if busy is not None and self._busy is not None and wall >= 0.5:
+            mine = sum(os.times()[:2]) - self._self
+            cores = os.cpu_count() or 1
+            self.cores = min(cores, max(0.0, (busy - self._busy - mine) / wall))
+        return False
 
 
 def load_average():

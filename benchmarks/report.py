@@ -29,13 +29,28 @@ def _num(v):
     return f"{v:.3f}"
 
 
+# Cores other processes kept busy during a timing block above which its result is marked.
+DISTURBED_CORES = 0.25
+
+
+def _disturbed(cores):
+    return cores is not None and cores > DISTURBED_CORES
+
+
 def _cell_time(rec):
     if rec is None or rec["status"] == "skipped":
         return "—"
     if rec["status"] not in TIMED:
         return rec["status"].upper()  # MISMATCH or ERROR: not timed, see the notes
     text = f"{_num(rec['median_ms'])} ±{_num(rec['iqr_ms'] / 2)}"
-    return text + " ?" if rec["status"] == "unverified" else text
+    if rec["status"] == "unverified":
+        text += " ?"
+    return text + " ⚠" if _disturbed(rec.get("other_cores")) else text
+
+
+def _floor_time(rec):
+    text = _num(rec["floor_ms"])
+    return text + " ⚠" if _disturbed(rec.get("floor_other_cores")) else text
 
 
 def _ratio(a, b):
@@ -89,7 +104,7 @@ def _main_table(by_config):
         rel_text = "—" if rel is None else f"{rel:.2f}"
         if model is not None:
             rel_text += f" ({model:.2f})"
-        row = [config, f"{any_rec['flops'] / 1e9:.3g}", _num(any_rec["floor_ms"])]
+        row = [config, f"{any_rec['flops'] / 1e9:.3g}", _floor_time(any_rec)]
         row += [_cell_time(by_impl.get(i)) for i in impls]
         row += ["—" if speedup is None else f"{speedup:.2f}×", rel_text]
         row += [_num(by_impl[i].get("floor_ratio")) if i in by_impl else "—" for i in impls]
@@ -133,7 +148,7 @@ def _sweep_tables(records):
             for value, by_impl in by_value.items():
                 any_rec = next(iter(by_impl.values()))
                 rows.append([str(value), f"{any_rec['flops'] / 1e9:.3g}",
-                             _num(any_rec["floor_ms"])]
+                             _floor_time(any_rec)]
                             + [_cell_time(by_impl.get(i)) for i in impls]
                             + [_num(by_impl[i].get("floor_ratio")) if i in by_impl else "—"
                                for i in impls])
@@ -171,19 +186,17 @@ def _reps_text(records, settings):
             f"contender's block passed {settings['budget_s']:g} s)")
 
 
-def _busy(m):
-    """Other work on the machine skews every number; say so where the numbers are."""
-    cores, start, end = m.get("logical_cores"), m.get("load_average"), m.get("load_average_end")
-    if not cores or not start:
+def _busy(records, m):
+    """Other work on the machine skews the numbers; say so where the numbers are."""
+    blocks = [r.get("other_cores") for r in records] + \
+        [r.get("floor_other_cores") for r in records]
+    hit = [c for c in blocks if _disturbed(c)]
+    if not hit:
         return ""
-    # At the end the load includes this run's own threads (up to one per core).
-    if start[0] <= cores / 2 and (not end or end[0] <= cores + 1):
-        return ""
-    worst = max(start[0], end[0] if end else 0)
-    return (f"the machine was busy (1-minute load average up to {worst:.1f} on "
-            f"{m['logical_cores']} cores): other processes competed for the cores, and "
-            "multi-threaded BLAS-based steps (the floor, tfcells, PyTorch) suffer most. "
-            "Compare ratios within this run with care; rerun on an idle machine.")
+    return (f"other processes kept up to {max(hit):.1f} of {m['logical_cores']} cores busy "
+            f"during {len(hit)} timing blocks (marked ⚠, more than {DISTURBED_CORES:g} core "
+            "on average). Those numbers are skewed, multi-threaded BLAS-based steps (the "
+            "floor, tfcells, PyTorch) most; rerun on an idle machine.")
 
 
 def markdown(records, meta):
@@ -203,7 +216,7 @@ def markdown(records, meta):
            f"sum(outputs·dy) w.r.t. what the configuration leaves trainable; inference = "
            f"forward only. {_reps_text(records, meta['settings'])} after a checked first "
            f"call and {meta['settings']['warmup']} warm-up; wall time {meta['wall_s']:.0f} s."]
-    busy = _busy(m)
+    busy = _busy(records, m)
     if busy:
         out += ["", f"**Warning: {busy}**"]
     for (cell, dtype, device, T, B, I, H), by_config in _groups(records, sweep=False).items():
@@ -217,7 +230,8 @@ def markdown(records, meta):
             "(1.0: all time spent in GEMMs at the BLAS rate). keras ÷ tfcells > 1: tfcells is "
             "faster. tfcells ÷ all_trainable: time relative to tfcells' all-trainable step, "
             "with the GEMM FLOP model's ratio in parentheses. MISMATCH: values differ from the "
-            "reference, so not timed; ?: no other contender confirmed the values."]
+            "reference, so not timed; ?: no other contender confirmed the values; ⚠: other "
+            "processes used the cores while this was timed."]
     notes = _notes(records)
     if notes:
         out += ["", "Notes:"] + notes

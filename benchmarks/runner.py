@@ -4,7 +4,7 @@ import dataclasses
 import time
 import traceback
 
-from . import check, contenders, floor, timing
+from . import check, contenders, floor, machine, timing
 from .workload import make_workload
 
 _FLOOR = "gemm_floor"
@@ -106,14 +106,19 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
     with_floor = floor_enabled and device == "cpu"
     if with_floor:
         timed[_FLOOR] = floor.floor_callable(task.cell, task.config, task.shape, dtype)
-    stats = {impl: timing.measure(fn, reps, warmup, budget_s) for impl, fn in timed.items()}
+    stats = {}
+    for impl, fn in timed.items():
+        with machine.OtherWork() as other:
+            stats[impl] = timing.measure(fn, reps, warmup, budget_s)
+        stats[impl]["other_cores"] = other.cores
 
     flops = floor.flops(task.cell, task.config, task.shape)
     floor_stats = stats.pop(_FLOOR) if with_floor else None
     floor_ms = floor_stats["median_ms"] if floor_stats else None
     for impl, rec in records.items():
         rec.update(flops=flops, floor_ms=floor_ms,
-                   floor_iqr_ms=floor_stats["iqr_ms"] if floor_stats else None)
+                   floor_iqr_ms=floor_stats["iqr_ms"] if floor_stats else None,
+                   floor_other_cores=floor_stats["other_cores"] if floor_stats else None)
         if impl not in stats:
             continue
         rec.update(stats[impl])

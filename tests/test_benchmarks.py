@@ -21,7 +21,8 @@ from benchmarks.workload import CONFIGS, Shape  # noqa: E402
 TINY = ["--shape", "3,2,4,5", "--reps", "1", "--warmup", "0", "--no-progress"]
 REQUIRED = {"cell", "config", "impl", "T", "B", "I", "H", "dtype", "device", "median_ms",
             "status", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "max_ms", "floor_ms",
-            "floor_ratio", "flops", "gflops", "peak_mem_mb", "mode", "check"}
+            "floor_ratio", "flops", "gflops", "peak_mem_mb", "mode", "check", "other_cores",
+            "setup_s", "times_ms", "reps"}
 
 
 def _run(tmp_path, *args):
