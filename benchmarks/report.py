@@ -207,8 +207,9 @@ def markdown(records, meta):
            f"TensorFlow {m['versions']['tensorflow']}, Keras {m['versions']['keras']}, "
            f"tfcells {m['versions']['tfcells']}, NumPy {m['versions']['numpy']} "
            f"(OpenBLAS {m['numpy_blas']}), PyTorch {m['versions']['torch'] or 'not installed'}.",
-           "Threads: TF intra-op {tf_intra_op} / inter-op {tf_inter_op} (0 = one per core), "
-           "tfcells GEMM {tfcells_gemm}, NumPy BLAS {numpy_blas}, PyTorch {torch}. "
+           "Threads: TF intra-op {tf_intra_op} / inter-op {tf_inter_op}, tfcells GEMM "
+           "{tfcells_gemm} (0: the library's default, one per core), NumPy BLAS {numpy_blas}, "
+           "PyTorch {torch}. "
            "1-minute load average at start {load0}, at the end {load1}.".format(
                load0=_load(m.get("load_average")), load1=_load(m.get("load_average_end")),
                torch=th.get("torch", "—"), **{k: v for k, v in th.items() if k != "torch"}),
