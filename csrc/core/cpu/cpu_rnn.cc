@@ -27,7 +27,7 @@ void Blas(bool ta, bool tb, Index m, Index n, Index k, const double* a, Index ld
 
 // Below this many flops a GEMM runs on the calling thread: splitting a per-step GEMM of a
 // small layer costs more in hand-offs than it saves.
-constexpr double kMinParallelFlops = 64e6;
+constexpr double kMinParallelFlops = 4e6;
 
 template <typename T>
 void SplitGemm(const CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k, const T* a,
