@@ -2,21 +2,13 @@
 catches a contender that computes something else. No timing is asserted."""
 
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-# benchmarks/ lives at the repo root, not in the installed package; plain `pytest` (unlike
-# `python -m pytest`) does not put the root on sys.path.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-tf = pytest.importorskip("tensorflow")
-pytest.importorskip("tfcells")
-
-from benchmarks import cli, contenders, floor  # noqa: E402
-from benchmarks.workload import CONFIGS, Shape  # noqa: E402
+from tfcells.benchmarks import cli, contenders, floor
+from tfcells.benchmarks.workload import CONFIGS, Shape
 
 TINY = ["--shape", "3,2,4,5", "--reps", "1", "--warmup", "0", "--no-progress"]
 REQUIRED = {"cell", "config", "impl", "T", "B", "I", "H", "dtype", "device", "median_ms",

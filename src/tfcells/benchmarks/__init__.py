@@ -1,4 +1,5 @@
-"""tfcells' benchmark suite: `python -m benchmarks --help`.
+"""tfcells' benchmark suite: `python -m benchmarks --help` from the repository root,
+`python -m tfcells.benchmarks` or the `tfcells-bench` console script anywhere.
 
 Modules: workload (cells, freeze configs, shapes, data), contenders (the implementations, in
 one registry), check (values compared before timing), floor (GEMM floor and FLOP model),

@@ -191,3 +191,8 @@ def main(argv=None):
     # say so in the exit status too (results are written all the same).
     failed = [r for r in records if r["status"] in ("mismatch", "error", "unverified")]
     return 1 if failed else 0
+
+
+def entry_point():
+    """The `tfcells-bench` console script."""
+    sys.exit(main())
