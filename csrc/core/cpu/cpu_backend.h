@@ -3,12 +3,15 @@
 // the GEMMs).
 #pragma once
 
+#include <algorithm>
+
 #include "../common.h"
 #include "cpu_rnn.h"
 
 namespace tfcells {
 
 struct CpuBackend {
+  static constexpr Index kMinParallelElements = 8192;
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;
 
@@ -17,10 +20,24 @@ struct CpuBackend {
   void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const double* a, Index lda,
             const double* b, Index ldb, double beta, double* c, Index ldc);
 
+  // Rows are split across the pool when there is enough work to pay for the hand-off.
   template <typename F>
   void ForEach(Index rows, Index cols, const F& functor) {
+    const int tasks = (runner && rows * cols >= kMinParallelElements)
+                          ? static_cast<int>(std::min<Index>(max_tasks, rows))
+                          : 1;
+    if (tasks <= 1) return ForEachRow(0, rows, cols, functor);
+    const Index block = (rows + tasks - 1) / tasks;
+    (*runner)(tasks, [&](int task) {
+      const Index begin = task * block;
+      ForEachRow(begin, std::min(rows, begin + block), cols, functor);
+    });
+  }
+
+  template <typename F>
+  static void ForEachRow(Index begin, Index end, Index cols, const F& functor) {
     const F f = functor;  // a local copy: its pointers provably not clobbered by the stores
-    for (Index b = 0; b < rows; ++b) {
+    for (Index b = begin; b < end; ++b) {
 #pragma omp simd
       for (Index j = 0; j < cols; ++j) f(b, j);
     }
