@@ -403,8 +403,28 @@ _FUSED_DOC = """
 # Layers
 
 
+class _FusedKerasLayer(_FusedRNN):
+    """What tfcells.LSTM, GRU and SimpleRNN share on top of their Keras base class."""
+
+    def _init_keras_layer(self, cell, input_spec, input_gradient, use_fused, use_cudnn=None,
+                          **rnn_kwargs):
+        # Keras' own constructor, after the cell it would have built (ours, with the flags).
+        keras.layers.RNN.__init__(self, cell, **rnn_kwargs)
+        self.input_spec = input_spec
+        if use_cudnn is not None:
+            if use_cudnn not in ("auto", True, False):
+                raise ValueError("Invalid valid received for argument `use_cudnn`. Expected "
+                                 "one of {'auto', True, False}. Received: "
+                                 f"use_cudnn={use_cudnn}")
+            self.use_cudnn = use_cudnn
+        self._init_fused(input_gradient, use_fused)
+
+    def get_config(self):
+        return {**super().get_config(), **self.cell._flag_config(), **self._fused_config()}
+
+
 @_register
-class LSTM(_FusedRNN, keras.layers.LSTM):
+class LSTM(_FusedKerasLayer, keras.layers.LSTM):
     __doc__ = ("`keras.layers.LSTM` running the whole sequence through `tfcells.ops.lstm`.\n\n"
                "Same arguments, weights and results as `keras.layers.LSTM`; the fused op runs "
                "when activation is tanh and recurrent_activation sigmoid, unroll is False and "
@@ -435,23 +455,15 @@ class LSTM(_FusedRNN, keras.layers.LSTM):
             kernel_trainable=kernel_trainable,
             recurrent_kernel_trainable=recurrent_kernel_trainable,
             bias_trainable=bias_trainable)
-        keras.layers.RNN.__init__(
-            self, cell, return_sequences=return_sequences, return_state=return_state,
+        self._init_keras_layer(
+            cell, InputSpec(ndim=3), input_gradient, use_fused, use_cudnn=use_cudnn,
+            return_sequences=return_sequences, return_state=return_state,
             go_backwards=go_backwards, stateful=stateful, unroll=unroll,
             activity_regularizer=activity_regularizer, **kwargs)
-        self.input_spec = InputSpec(ndim=3)
-        if use_cudnn not in ("auto", True, False):
-            raise ValueError("Invalid valid received for argument `use_cudnn`. Expected one "
-                             f"of {{'auto', True, False}}. Received: use_cudnn={use_cudnn}")
-        self.use_cudnn = use_cudnn
-        self._init_fused(input_gradient, use_fused)
-
-    def get_config(self):
-        return {**super().get_config(), **self.cell._flag_config(), **self._fused_config()}
 
 
 @_register
-class GRU(_FusedRNN, keras.layers.GRU):
+class GRU(_FusedKerasLayer, keras.layers.GRU):
     __doc__ = ("`keras.layers.GRU` running the whole sequence through `tfcells.ops.gru`.\n\n"
                "Same arguments, weights and results as `keras.layers.GRU` (reset_after True "
                "or False); the fused op runs when activation is tanh and recurrent_activation "
@@ -481,23 +493,15 @@ class GRU(_FusedRNN, keras.layers.GRU):
             kernel_trainable=kernel_trainable,
             recurrent_kernel_trainable=recurrent_kernel_trainable,
             bias_trainable=bias_trainable)
-        keras.layers.RNN.__init__(
-            self, cell, return_sequences=return_sequences, return_state=return_state,
+        self._init_keras_layer(
+            cell, InputSpec(ndim=3), input_gradient, use_fused, use_cudnn=use_cudnn,
+            return_sequences=return_sequences, return_state=return_state,
             go_backwards=go_backwards, stateful=stateful, unroll=unroll,
             activity_regularizer=activity_regularizer, **kwargs)
-        self.input_spec = InputSpec(ndim=3)
-        if use_cudnn not in ("auto", True, False):
-            raise ValueError("Invalid valid received for argument `use_cudnn`. Expected one "
-                             f"of {{'auto', True, False}}. Received: use_cudnn={use_cudnn}")
-        self.use_cudnn = use_cudnn
-        self._init_fused(input_gradient, use_fused)
-
-    def get_config(self):
-        return {**super().get_config(), **self.cell._flag_config(), **self._fused_config()}
 
 
 @_register
-class SimpleRNN(_FusedRNN, keras.layers.SimpleRNN):
+class SimpleRNN(_FusedKerasLayer, keras.layers.SimpleRNN):
     __doc__ = ("`keras.layers.SimpleRNN` running the whole sequence through "
                "`tfcells.ops.simple_rnn`.\n\nSame arguments, weights and results as "
                "`keras.layers.SimpleRNN`; the fused op runs when activation is tanh, unroll is "
@@ -525,14 +529,10 @@ class SimpleRNN(_FusedRNN, keras.layers.SimpleRNN):
             kernel_trainable=kernel_trainable,
             recurrent_kernel_trainable=recurrent_kernel_trainable,
             bias_trainable=bias_trainable)
-        keras.layers.RNN.__init__(
-            self, cell, return_sequences=return_sequences, return_state=return_state,
+        self._init_keras_layer(
+            cell, [InputSpec(ndim=3)], input_gradient, use_fused,
+            return_sequences=return_sequences, return_state=return_state,
             go_backwards=go_backwards, stateful=stateful, unroll=unroll, **kwargs)
-        self.input_spec = [InputSpec(ndim=3)]
-        self._init_fused(input_gradient, use_fused)
-
-    def get_config(self):
-        return {**super().get_config(), **self.cell._flag_config(), **self._fused_config()}
 
 
 @_register
