@@ -16,23 +16,12 @@
 #include <vector>
 
 #include "../cuda/cuda_rnn.h"
+#include "cells.h"
 
 namespace py = pybind11;
 
 namespace tfcells {
 namespace {
-
-CellKind ParseCell(const std::string& name) {
-  static const std::map<std::string, CellKind> cells = {
-      {"lstm", CellKind::kLstm},
-      {"gru", CellKind::kGruResetAfter},
-      {"gru_reset_before", CellKind::kGruResetBefore},
-      {"simple_rnn", CellKind::kSimpleRnn}};
-  auto it = cells.find(name);
-  if (it == cells.end())
-    throw py::value_error("cell must be lstm, gru, gru_reset_before or simple_rnn, got " + name);
-  return it->second;
-}
 
 std::string ShapeString(const std::vector<Index>& s) {
   std::string out = "[";
