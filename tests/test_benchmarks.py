@@ -163,3 +163,53 @@ def test_gpu_without_gpu_says_so(capsys):
         pytest.skip("this machine has a GPU")
     assert cli.main([*TINY, "--device", "gpu"]) == 2
     assert "not available in this build" in capsys.readouterr().err
+
+
+def test_fit_tiny(tmp_path, monkeypatch, capsys):
+    """--fit on a tiny set: one record per (scenario, impl), the table, the loss check, and a
+    frozen weight that trains after all is caught."""
+    from tfcells.benchmarks import fit
+
+    def _run_argv(tmp_path, argv):
+        path = tmp_path / "fit.json"
+        rc = cli.main([*argv, "--json", str(path)])
+        with open(path) as f:
+            return rc, json.load(f)
+
+    tiny = ["--fit", "--fit-samples", "64", "--fit-len", "6", "--fit-epochs", "1",
+            "--no-progress"]
+    rc, data = _run_argv(tmp_path, [*tiny, "--fit-scenarios",
+                                    "frozen_embedding,first_lstm_kernel_frozen"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert data["meta"]["settings"]["fit"]["samples"] == 64
+    by = {(r["config"], r["impl"]): r for r in data["records"]}
+    assert set(by) == {(s, i) for s in ("frozen_embedding", "first_lstm_kernel_frozen")
+                       for i in ("keras", "tfcells")}
+    for r in by.values():
+        assert (r["cell"], r["status"], r["T"], r["B"]) == ("model", "ok", 6, 64), r
+        assert r["samples_per_s"] > 0 and r["median_ms"] > 0 and r["reps"] == 1
+        assert r["frozen_bit_identical"] is True
+        assert r["check"]["loss_rel_diff"] <= fit.LOSS_RTOL
+        assert not r.get("fused_fallback")
+    assert "| scenario | keras samples/s | tfcells samples/s |" in out
+    assert "| frozen_embedding |" in out and "bit-identical" in out
+
+    # A tfcells model whose "frozen" first LSTM trains after all: not timed, exit status 1.
+    init = fit._Model.__init__
+
+    def unfreeze(self, impl, scenario, size, weights):
+        init(self, impl, scenario, size, weights)
+        if impl == "tfcells":
+            self.lstm_1.trainable = True  # before fit traces: its weights now train
+
+    monkeypatch.setattr(fit._Model, "__init__", unfreeze)
+    rc, data = _run_argv(tmp_path, [*tiny, "--fit-scenarios", "first_lstm_frozen"])
+    out = capsys.readouterr().out
+    by = {r["impl"]: r for r in data["records"]}
+    assert rc == 1
+    assert by["keras"]["status"] == "ok"
+    bad = by["tfcells"]
+    assert bad["status"] == "mismatch" and bad["samples_per_s"] is None
+    assert "lstm_1/kernel changed" in bad["detail"]
+    assert "MISMATCH" in out and "CHANGED" in out

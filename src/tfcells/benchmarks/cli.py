@@ -4,7 +4,7 @@ import argparse
 import sys
 import time
 
-from . import contenders, machine, report, runner
+from . import contenders, fit, machine, report, runner
 from .workload import CELLS, CONFIGS, Shape
 
 BASE_SHAPE = Shape(T=100, B=64, I=256, H=256)
@@ -51,6 +51,19 @@ def parse_args(argv):
                       help="all cells and configs, then sweeps of T, B and H (I=H) at "
                            f"{', '.join(f'{f:g}' for f in SWEEP_FACTORS)}x the shape, for "
                            f"{SWEEP_CONFIG}")
+    p.add_argument("--fit", action="store_true",
+                   help="instead of the per-layer steps: end-to-end model.fit throughput of "
+                        "Embedding + 2-layer LSTM + Dense on synthetic text, Keras' layers vs "
+                        "tfcells', per freeze scenario ("
+                        + ", ".join(fit.SCENARIOS) + "); default "
+                        f"{fit.QUICK_SIZE.samples} sequences x {fit.QUICK_SIZE.epochs} timed "
+                        f"epochs, with --full {fit.FULL_SIZE.samples} x "
+                        f"{fit.FULL_SIZE.epochs}. Uses --threads, --json, --device")
+    p.add_argument("--fit-samples", type=int, metavar="N", help="--fit: sequences per epoch")
+    p.add_argument("--fit-len", type=int, metavar="T", help="--fit: sequence length")
+    p.add_argument("--fit-epochs", type=int, metavar="N", help="--fit: timed epochs")
+    p.add_argument("--fit-scenarios", type=_list(list(fit.SCENARIOS)),
+                   help=f"--fit: comma list of {', '.join(fit.SCENARIOS)} (default: all)")
     p.add_argument("--cells", type=_list(CELLS), help=f"comma list of {', '.join(CELLS)}")
     p.add_argument("--configs", type=_list(list(CONFIGS)),
                    help=f"comma list of {', '.join(CONFIGS)}")
@@ -77,6 +90,21 @@ def parse_args(argv):
         p.error("--reps must be at least 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    fit_opts = [o for o, v in (("--fit-samples", args.fit_samples), ("--fit-len", args.fit_len),
+                               ("--fit-epochs", args.fit_epochs),
+                               ("--fit-scenarios", args.fit_scenarios)) if v is not None]
+    if fit_opts and not args.fit:
+        p.error(f"{', '.join(fit_opts)} need --fit")
+    if args.fit:
+        kernel_opts = [o for o, v in (("--cells", args.cells), ("--configs", args.configs),
+                                      ("--impls", args.impls), ("--shape", args.shape),
+                                      ("--reps", args.reps), ("--budget", args.budget),
+                                      ("--plot", args.plot)) if v is not None]
+        if kernel_opts:
+            p.error(f"--fit does not use {', '.join(kernel_opts)}")
+        if min(v for v in (args.fit_samples, args.fit_len, args.fit_epochs, 1)
+               if v is not None) < 1:
+            p.error("--fit-samples, --fit-len and --fit-epochs must be at least 1")
     return args
 
 
@@ -161,6 +189,9 @@ def main(argv=None):
             print(reason, file=sys.stderr)
             return 2
 
+    if args.fit:
+        return _main_fit(args, argv, start, warnings)
+
     impls = args.impls or list(contenders.REGISTRY)
     tasks = plan(args)
     meta = {"machine": machine.info(),
@@ -190,6 +221,35 @@ def main(argv=None):
     # A contender that computes other numbers than the reference, or fails, is a finding:
     # say so in the exit status too (results are written all the same).
     failed = [r for r in records if r["status"] in ("mismatch", "error", "unverified")]
+    return 1 if failed else 0
+
+
+def _main_fit(args, argv, start, warnings):
+    """--fit: the model.fit comparison (fit.py), its own table, the same JSON layout."""
+    base = fit.FULL_SIZE if args.full else fit.QUICK_SIZE
+    size = fit.FitSize(samples=args.fit_samples or base.samples,
+                       seq_len=args.fit_len or base.seq_len,
+                       epochs=args.fit_epochs or base.epochs, batch=base.batch)
+    scenarios = args.fit_scenarios or list(fit.SCENARIOS)
+    meta = {"machine": machine.info(),
+            "settings": {"threads": args.threads, "device": args.device, "dtype": "float32",
+                         "impls": list(fit.IMPLS),
+                         "fit": {**vars(size), "vocab": fit.VOCAB, "embed": fit.EMBED,
+                                 "units": fit.UNITS, "scenarios": scenarios,
+                                 "loss_rtol": fit.LOSS_RTOL},
+                         "argv": list(sys.argv[1:] if argv is None else argv)},
+            "warnings": warnings}
+    progress = _Progress(len(scenarios), not args.no_progress)
+    try:
+        records = fit.run(size, scenarios, args.device, progress)
+    finally:
+        progress.close()
+    meta["wall_s"] = time.perf_counter() - start
+    meta["machine"]["load_average_end"] = machine.load_average()
+    print(report.fit_markdown(records, meta))
+    if args.json:
+        report.write_json(args.json, records, meta)
+    failed = [r for r in records if r["status"] in ("mismatch", "error")]
     return 1 if failed else 0
 
 

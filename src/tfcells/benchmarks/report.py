@@ -239,6 +239,91 @@ def markdown(records, meta):
     return "\n".join(out) + "\n"
 
 
+def _fit_rate(rec):
+    if rec is None:
+        return "—"
+    if rec["status"] not in TIMED or rec.get("samples_per_s") is None:
+        return rec["status"].upper()  # MISMATCH or ERROR: not timed, see the notes
+    text = f"{rec['samples_per_s']:.0f}"
+    return text + " ⚠" if _disturbed(rec.get("other_cores")) else text
+
+
+def _fit_loss_check(keras, tfc):
+    if keras is None or tfc is None or "check" not in tfc:
+        return "—"
+    rel = tfc["check"]["loss_rel_diff"]
+    ok = "MISMATCH" if "loss" in tfc["detail"] and tfc["status"] == "mismatch" else "ok"
+    return (f"{ok}: {keras['loss_warmup']:.4f} vs {tfc['loss_warmup']:.4f} "
+            f"(rel. diff {rel:.1e})")
+
+
+def _fit_frozen(by_impl, scenario):
+    if scenario == "all_trainable":
+        return "— (none frozen)"
+    flags = [r.get("frozen_bit_identical") for r in by_impl.values()]
+    if not flags or any(f is None for f in flags):
+        return "—"
+    return "bit-identical" if all(flags) else "CHANGED"
+
+
+def fit_markdown(records, meta):
+    """--fit: one table, scenario by scenario, Keras' layers against tfcells'."""
+    m = meta["machine"]
+    size = meta["settings"]["fit"]
+    th = m["threads"]
+    out = [f"# tfcells model.fit benchmark — {m['date']}", "",
+           f"{m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB; "
+           f"TensorFlow {m['versions']['tensorflow']}, Keras {m['versions']['keras']}, "
+           f"tfcells {m['versions']['tfcells']}. Threads: TF intra-op {th['tf_intra_op']} / "
+           f"inter-op {th['tf_inter_op']}, tfcells GEMM {th['tfcells_gemm']} (0: one per "
+           f"core). 1-minute load average at start {_load(m.get('load_average'))}, at the "
+           f"end {_load(m.get('load_average_end'))}.",
+           f"Model: Embedding({size['vocab']}, {size['embed']}, mask_zero=True) → "
+           f"LSTM({size['units']}, return_sequences=True) → LSTM({size['units']}) → "
+           f"Dense(1, sigmoid); Adam, binary cross-entropy, jit_compile=False. Data: "
+           f"{size['samples']} synthetic sequences of length {size['seq_len']} (about half "
+           f"padded), batch {size['batch']}, shuffle=False. One untimed warm-up epoch "
+           f"(tracing), then {size['epochs']} timed epochs; wall time {meta['wall_s']:.0f} s."]
+    busy = _busy(records, m)
+    if busy:
+        out += ["", f"**Warning: {busy}**"]
+    by_scenario = OrderedDict()
+    for r in records:
+        by_scenario.setdefault(r["config"], OrderedDict())[r["impl"]] = r
+    rows = [["scenario", "keras samples/s", "tfcells samples/s", "speed-up (tfcells ÷ keras)",
+             "loss check (warm-up epoch, keras vs tfcells)", "frozen weights after fit",
+             "loss last epoch (keras / tfcells)"]]
+    for scenario, by_impl in by_scenario.items():
+        keras, tfc = by_impl.get("keras"), by_impl.get("tfcells")
+        k = keras.get("samples_per_s") if keras and keras["status"] in TIMED else None
+        t = tfc.get("samples_per_s") if tfc and tfc["status"] in TIMED else None
+        speedup = _ratio(t, k)
+        last = [r.get("loss_last") if r else None for r in (keras, tfc)]
+        rows.append([scenario, _fit_rate(keras), _fit_rate(tfc),
+                     "—" if speedup is None else f"{speedup:.2f}×",
+                     _fit_loss_check(keras, tfc), _fit_frozen(by_impl, scenario),
+                     " / ".join("—" if v is None else f"{v:.4f}" for v in last)])
+    out += ["", _table(rows), "",
+            "samples/s: median over the timed epochs of samples ÷ epoch wall time. "
+            "speed-up > 1: tfcells is faster. Loss check: mean loss of the warm-up epoch "
+            "(same initial weights, same batches), relative difference against Keras; "
+            f"MISMATCH above {meta['settings']['fit']['loss_rtol']:g} (then not timed). "
+            "Frozen weights: every weight the scenario freezes equals its initial value bit "
+            "for bit after the warm-up and after the timed epochs, in both models. "
+            "⚠: other processes used the cores while this was timed.", "", "Scenarios:"]
+    seen = OrderedDict()
+    for r in records:
+        seen.setdefault(r["config"], r.get("frozen", ""))
+    out += [f"- {name}: {what}" for name, what in seen.items()]
+    notes = [f"- {r['config']}, {r['impl']}: **{r['status']}** — {r['detail']}"
+             for r in records if r["status"] != "ok"]
+    notes += [f"- {r['config']}, tfcells ran Keras' loop: {r['fused_fallback']}"
+              for r in records if r.get("fused_fallback")]
+    if notes:
+        out += ["", "Notes:"] + notes
+    return "\n".join(out) + "\n"
+
+
 def write_json(path, records, meta):
     with open(path, "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
