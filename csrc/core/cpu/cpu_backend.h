@@ -48,14 +48,25 @@ struct CpuBackend {
     return &kTrue;
   }
 
+  // Column blocks are split across the pool: each output element has one writer, and the
+  // summation order (row by row) does not depend on the split, so results are deterministic.
   template <typename T>
   void ColumnSum(Index rows, Index cols, const T* a, Index lda, T* out) {
-    for (Index j = 0; j < cols; ++j) out[j] = T(0);
-    for (Index r = 0; r < rows; ++r) {
-      const T* row = a + r * lda;
+    const int tasks = (runner && rows * cols >= kMinParallelElements)
+                          ? static_cast<int>(std::min<Index>(max_tasks, (cols + 15) / 16))
+                          : 1;
+    const Index block = ((cols + tasks - 1) / tasks + 15) / 16 * 16;
+    auto sum = [&](int task) {
+      const Index begin = task * block, end = std::min(cols, begin + block);
+      for (Index j = begin; j < end; ++j) out[j] = T(0);
+      for (Index r = 0; r < rows; ++r) {
+        const T* row = a + r * lda;
 #pragma omp simd
-      for (Index j = 0; j < cols; ++j) out[j] += row[j];
-    }
+        for (Index j = begin; j < end; ++j) out[j] += row[j];
+      }
+    };
+    if (tasks <= 1) return sum(0);
+    (*runner)(tasks, sum);
   }
 };
 
