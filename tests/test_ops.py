@@ -458,3 +458,19 @@ def test_deterministic_run_to_run():
         np.testing.assert_array_equal(a, b)
     for name in cell.grad_inputs:
         np.testing.assert_array_equal(first[1][name], second[1][name])
+
+
+# The CPU kernels parallelise in two ways, chosen by size: large steps split each GEMM and
+# pointwise loop across threads; small steps with a large batch run batch shards, each on
+# one thread for the whole sequence. Both must give the reference's numbers.
+PARALLEL_SHAPES = {"split_steps": (16, 3, 8, 512), "batch_shards": (40, 5, 6, 24)}
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("path", sorted(PARALLEL_SHAPES))
+@pytest.mark.parametrize("go_backwards", [False, True], ids=["forwards", "backwards"])
+def test_parallel_paths(cell, path, go_backwards):
+    B, T, I, H = PARALLEL_SHAPES[path]
+    inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=13)
+    mask = make_mask("random", B, T, False, seed=13)
+    check_against_reference(cell, inputs, mask, False, go_backwards, tf.float64)

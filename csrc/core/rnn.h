@@ -12,6 +12,10 @@
 //   ForEach(rows, cols, functor)                                      functor(b, j) for all b, j
 //   ColumnSum(rows, cols, a, lda, out)                                out[j] = Σ_r a[r, j]
 //   TrueFlag()                        a `true` in the device's memory, the mask of no mask
+//   ForRowShards(rows, step_flops, fn)  fn(backend, b0, b1) over a partition of the batch rows;
+//                                     each shard runs the whole time loop for its rows (the
+//                                     recurrence never mixes rows), so shards need no per-step
+//                                     synchronisation
 // and the caller provides every buffer (outputs, cache, workspace), so nothing is allocated here.
 #pragma once
 
@@ -125,6 +129,12 @@ struct ZeroOrCopyPoint {
   TFCELLS_HD void operator()(Index b, Index j) const { dst(b, j) = src ? src(b, j) : T(0); }
 };
 
+// The same matrix from batch row b0 on (a shard's view).
+template <typename T>
+TFCELLS_HD StepMatrix<T> FromRow(StepMatrix<T> m, Index b0) {
+  return m ? StepMatrix<T>(m.data + b0 * m.ld, m.ld) : m;
+}
+
 // The mask column of time t; without a mask, every row reads the same `true`.
 template <typename Backend>
 StepMatrix<const bool> MaskAt(Backend& be, const bool* mask, const Dims& d, Index t) {
@@ -160,63 +170,74 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
   if (training) be.ForEach(B, H, detail::CopyPoint<T>{AtStep(a.h_prev, d, d.InputTime(0), H),
                                                       Plain(a.h0, H)});
 
-  for (Index s = 0; s < d.T; ++s) {
-    const Index t = d.InputTime(s);
-    const StepMatrix<T> gates = AtStep(gx_all, d, t, GH);
-    const StepMatrix<const T> h_prev =
-        s == 0 ? Plain(a.h0, H) : StepMatrix<const T>(AtStep(a.y, d, s - 1, H));
-    const StepMatrix<T> h = AtStep(a.y, d, s, H);
-    const StepMatrix<const bool> mask = detail::MaskAt(be, a.mask, d, t);
-    const StepMatrix<T> h_next_cache =
-        (training && s + 1 < d.T) ? AtStep(a.h_prev, d, d.InputTime(s + 1), H)
-                                  : StepMatrix<T>();
-    // State kept per step: the cache when training, else alternating slots.
-    auto aux_at = [&](Index step) -> StepMatrix<T> {
-      return training ? AtStep(a.aux, d, d.InputTime(step), H)
-                      : Plain(state_pingpong + (step & 1) * B * H, H);
+  // The time loop, for batch rows [b0, b1) (every matrix below is that shard's view).
+  auto run_rows = [&](Backend& sb, Index b0, Index b1) {
+    const Index n = b1 - b0;
+    auto at = [&](T* seq, Index t, Index width) {
+      return detail::FromRow(AtStep(seq, d, t, width), b0);
     };
+    auto plain = [&](T* m, Index width) { return Plain(m + b0 * width, width); };
+    auto plain_in = [&](const T* m, Index width) { return Plain(m + b0 * width, width); };
+    T* rec_rows = rec + b0 * GH;
+    for (Index s = 0; s < d.T; ++s) {
+      const Index t = d.InputTime(s);
+      const StepMatrix<T> gates = at(gx_all, t, GH);
+      const StepMatrix<const T> h_prev =
+          s == 0 ? plain_in(a.h0, H) : StepMatrix<const T>(at(a.y, s - 1, H));
+      const StepMatrix<T> h = at(a.y, s, H);
+      const StepMatrix<const bool> mask = detail::FromRow(detail::MaskAt(sb, a.mask, d, t), b0);
+      const StepMatrix<T> h_next_cache =
+          (training && s + 1 < d.T) ? at(a.h_prev, d.InputTime(s + 1), H) : StepMatrix<T>();
+      // State kept per step: the cache when training, else alternating slots.
+      auto aux_at = [&](Index step) -> StepMatrix<T> {
+        return training ? at(a.aux, d.InputTime(step), H)
+                        : plain(state_pingpong + (step & 1) * B * H, H);
+      };
 
-    switch (a.cell) {
-      case CellKind::kLstm: {
-        be.Gemm(false, false, B, GH, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH, T(0),
-                rec, GH);
-        const StepMatrix<const T> c_prev =
-            s == 0 ? Plain(a.c0, H) : StepMatrix<const T>(aux_at(s - 1));
-        be.ForEach(B, H, LstmForwardPoint<T>{gates, Plain(rec, GH), a.bias, h_prev, c_prev,
-                                             mask, h, aux_at(s), h_next_cache, H});
-        break;
-      }
-      case CellKind::kGruResetAfter: {
-        be.Gemm(false, false, B, GH, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH, T(0),
-                rec, GH);
-        be.ForEach(B, H, GruResetAfterForwardPoint<T>{
-                             gates, Plain(rec, GH), a.bias, h_prev, mask, h,
-                             training ? aux_at(s) : StepMatrix<T>(), h_next_cache, H});
-        break;
-      }
-      case CellKind::kGruResetBefore: {
-        T* rec_zr = rec;
-        T* rec_h = rec + B * 2 * H;
-        be.Gemm(false, false, B, 2 * H, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH,
-                T(0), rec_zr, 2 * H);
-        const StepMatrix<T> reset_h = aux_at(s);
-        be.ForEach(B, H, GruResetBeforeForwardGates<T>{gates, Plain(rec_zr, 2 * H), a.bias,
-                                                       h_prev, reset_h, H});
-        be.Gemm(false, false, B, H, H, reset_h.data, reset_h.ld, a.recurrent_kernel + 2 * H,
-                GH, T(0), rec_h, H);
-        be.ForEach(B, H, GruResetBeforeForwardState<T>{gates, Plain(rec_h, H), a.bias, h_prev,
-                                                       mask, h, h_next_cache, H});
-        break;
-      }
-      case CellKind::kSimpleRnn: {
-        be.Gemm(false, false, B, GH, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH, T(0),
-                rec, GH);
-        be.ForEach(B, H, SimpleRnnForwardPoint<T>{gates, Plain(rec, GH), a.bias, h_prev, mask,
-                                                  h, h_next_cache, H});
-        break;
+      switch (a.cell) {
+        case CellKind::kLstm: {
+          sb.Gemm(false, false, n, GH, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH, T(0),
+                  rec_rows, GH);
+          const StepMatrix<const T> c_prev =
+              s == 0 ? plain_in(a.c0, H) : StepMatrix<const T>(aux_at(s - 1));
+          sb.ForEach(n, H, LstmForwardPoint<T>{gates, Plain(rec_rows, GH), a.bias, h_prev,
+                                               c_prev, mask, h, aux_at(s), h_next_cache, H});
+          break;
+        }
+        case CellKind::kGruResetAfter: {
+          sb.Gemm(false, false, n, GH, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH, T(0),
+                  rec_rows, GH);
+          sb.ForEach(n, H, GruResetAfterForwardPoint<T>{
+                               gates, Plain(rec_rows, GH), a.bias, h_prev, mask, h,
+                               training ? aux_at(s) : StepMatrix<T>(), h_next_cache, H});
+          break;
+        }
+        case CellKind::kGruResetBefore: {
+          // rec holds h_prev·W_h[:, :2H] as [B, 2H], then (r*h_prev)·W_h[:, 2H:] as [B, H].
+          T* rec_zr = rec + b0 * 2 * H;
+          T* rec_h = rec + B * 2 * H + b0 * H;
+          sb.Gemm(false, false, n, 2 * H, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH,
+                  T(0), rec_zr, 2 * H);
+          const StepMatrix<T> reset_h = aux_at(s);
+          sb.ForEach(n, H, GruResetBeforeForwardGates<T>{gates, Plain(rec_zr, 2 * H), a.bias,
+                                                         h_prev, reset_h, H});
+          sb.Gemm(false, false, n, H, H, reset_h.data, reset_h.ld, a.recurrent_kernel + 2 * H,
+                  GH, T(0), rec_h, H);
+          sb.ForEach(n, H, GruResetBeforeForwardState<T>{gates, Plain(rec_h, H), a.bias, h_prev,
+                                                         mask, h, h_next_cache, H});
+          break;
+        }
+        case CellKind::kSimpleRnn: {
+          sb.Gemm(false, false, n, GH, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH, T(0),
+                  rec_rows, GH);
+          sb.ForEach(n, H, SimpleRnnForwardPoint<T>{gates, Plain(rec_rows, GH), a.bias, h_prev,
+                                                    mask, h, h_next_cache, H});
+          break;
+        }
       }
     }
-  }
+  };
+  be.ForRowShards(B, 2.0 * B * H * GH, run_rows);
   be.ForEach(B, H, detail::CopyPoint<T>{Plain(a.h_last, H), AtStep(a.y, d, d.T - 1, H)});
   if (a.cell == CellKind::kLstm) {
     const StepMatrix<T> c_final = training ? AtStep(a.aux, d, d.InputTime(d.T - 1), H)
@@ -261,64 +282,81 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   T* dh = ws;
   T* dc = ws + B * H;
   T* d_reset_h = ws + 2 * B * H;
-  be.ForEach(B, H, detail::ZeroOrCopyPoint<T>{Plain(dh, H), Plain(a.dh_last, H)});
-  if (a.cell == CellKind::kLstm)
-    be.ForEach(B, H, detail::ZeroOrCopyPoint<T>{Plain(dc, H), Plain(a.dc_last, H)});
+  // The backward time loop, for batch rows [b0, b1) (every matrix is that shard's view).
+  auto run_rows = [&](Backend& sb, Index b0, Index b1) {
+    const Index n = b1 - b0;
+    auto at_out = [&](T* seq, Index t, Index width) {
+      return detail::FromRow(AtStep(seq, d, t, width), b0);
+    };
+    auto at = [&](const T* seq, Index t, Index width) {
+      return detail::FromRow(AtStep(seq, d, t, width), b0);
+    };
+    auto plain = [&](T* m, Index width) { return Plain(m + b0 * width, width); };
+    auto plain_in = [&](const T* m, Index width) {
+      return m ? Plain(m + b0 * width, width) : StepMatrix<const T>();
+    };
+    const StepMatrix<T> dh_rows = plain(dh, H), dc_rows = plain(dc, H);
+    sb.ForEach(n, H, detail::ZeroOrCopyPoint<T>{dh_rows, plain_in(a.dh_last, H)});
+    if (a.cell == CellKind::kLstm)
+      sb.ForEach(n, H, detail::ZeroOrCopyPoint<T>{dc_rows, plain_in(a.dc_last, H)});
 
-  for (Index s = d.T - 1; s >= 0; --s) {
-    const Index t = d.InputTime(s);
-    const StepMatrix<T> dgates = keep_all ? AtStep(dgates_all, d, t, GH) : Plain(dgates_all, GH);
-    const StepMatrix<const T> gates = AtStep(a.gates, d, t, GH);
-    const StepMatrix<const T> h_prev = AtStep(a.h_prev, d, t, H);
-    const StepMatrix<const T> dy = AtStep(a.dy, d, s, H);
-    const StepMatrix<const bool> mask = detail::MaskAt(be, a.mask, d, t);
-    // The GEMM into dh at s == 0 only serves dh0.
-    const bool carry_to_prev = s > 0 || (m & kGradH0);
+    for (Index s = d.T - 1; s >= 0; --s) {
+      const Index t = d.InputTime(s);
+      const StepMatrix<T> dgates =
+          keep_all ? at_out(dgates_all, t, GH) : plain(dgates_all, GH);
+      const StepMatrix<const T> gates = at(a.gates, t, GH);
+      const StepMatrix<const T> h_prev = at(a.h_prev, t, H);
+      const StepMatrix<const T> dy = at(a.dy, s, H);
+      const StepMatrix<const bool> mask = detail::FromRow(detail::MaskAt(sb, a.mask, d, t), b0);
+      // The GEMM into dh at s == 0 only serves dh0.
+      const bool carry_to_prev = s > 0 || (m & kGradH0);
 
-    switch (a.cell) {
-      case CellKind::kLstm: {
-        const StepMatrix<const T> c_prev =
-            s == 0 ? Plain(a.c0, H) : AtStep(a.aux, d, d.InputTime(s - 1), H);
-        be.ForEach(B, H, LstmBackwardPoint<T>{gates, AtStep(a.aux, d, t, H), c_prev, dy, mask,
-                                              dgates, Plain(dh, H), Plain(dc, H), H});
-        if (carry_to_prev)
-          be.Gemm(false, true, B, H, GH, dgates.data, dgates.ld, a.recurrent_kernel, GH, T(1),
-                  dh, H);
-        break;
-      }
-      case CellKind::kGruResetAfter: {
-        const StepMatrix<T> dgates_rec =
-            keep_all_rec ? AtStep(dgates_rec_all, d, t, GH) : Plain(dgates_rec_all, GH);
-        be.ForEach(B, H, GruResetAfterBackwardPoint<T>{gates, AtStep(a.aux, d, t, H), h_prev,
-                                                       dy, mask, dgates, dgates_rec,
-                                                       Plain(dh, H), H});
-        if (carry_to_prev)
-          be.Gemm(false, true, B, H, GH, dgates_rec.data, dgates_rec.ld, a.recurrent_kernel,
-                  GH, T(1), dh, H);
-        break;
-      }
-      case CellKind::kGruResetBefore: {
-        be.ForEach(B, H, GruResetBeforeBackwardState<T>{gates, h_prev, dy, mask, dgates,
-                                                        Plain(dh, H), H});
-        // d(r * h_prev) = dhh · W_hhᵀ
-        be.Gemm(false, true, B, H, H, dgates.data + 2 * H, dgates.ld,
-                a.recurrent_kernel + 2 * H, GH, T(0), d_reset_h, H);
-        be.ForEach(B, H, GruResetBeforeBackwardGates<T>{gates, h_prev, Plain(d_reset_h, H),
-                                                        mask, dgates, Plain(dh, H), H});
-        if (carry_to_prev)
-          be.Gemm(false, true, B, H, 2 * H, dgates.data, dgates.ld, a.recurrent_kernel, GH,
-                  T(1), dh, H);
-        break;
-      }
-      case CellKind::kSimpleRnn: {
-        be.ForEach(B, H, SimpleRnnBackwardPoint<T>{gates, dy, mask, dgates, Plain(dh, H), H});
-        if (carry_to_prev)
-          be.Gemm(false, true, B, H, GH, dgates.data, dgates.ld, a.recurrent_kernel, GH, T(1),
-                  dh, H);
-        break;
+      switch (a.cell) {
+        case CellKind::kLstm: {
+          const StepMatrix<const T> c_prev =
+              s == 0 ? plain_in(a.c0, H) : at(a.aux, d.InputTime(s - 1), H);
+          sb.ForEach(n, H, LstmBackwardPoint<T>{gates, at(a.aux, t, H), c_prev, dy, mask,
+                                                dgates, dh_rows, dc_rows, H});
+          if (carry_to_prev)
+            sb.Gemm(false, true, n, H, GH, dgates.data, dgates.ld, a.recurrent_kernel, GH,
+                    T(1), dh_rows.data, H);
+          break;
+        }
+        case CellKind::kGruResetAfter: {
+          const StepMatrix<T> dgates_rec =
+              keep_all_rec ? at_out(dgates_rec_all, t, GH) : plain(dgates_rec_all, GH);
+          sb.ForEach(n, H, GruResetAfterBackwardPoint<T>{gates, at(a.aux, t, H), h_prev, dy,
+                                                         mask, dgates, dgates_rec, dh_rows, H});
+          if (carry_to_prev)
+            sb.Gemm(false, true, n, H, GH, dgates_rec.data, dgates_rec.ld, a.recurrent_kernel,
+                    GH, T(1), dh_rows.data, H);
+          break;
+        }
+        case CellKind::kGruResetBefore: {
+          const StepMatrix<T> d_reset_rows = plain(d_reset_h, H);
+          sb.ForEach(n, H, GruResetBeforeBackwardState<T>{gates, h_prev, dy, mask, dgates,
+                                                          dh_rows, H});
+          // d(r * h_prev) = dhh · W_hhᵀ
+          sb.Gemm(false, true, n, H, H, dgates.data + 2 * H, dgates.ld,
+                  a.recurrent_kernel + 2 * H, GH, T(0), d_reset_rows.data, H);
+          sb.ForEach(n, H, GruResetBeforeBackwardGates<T>{gates, h_prev, d_reset_rows, mask,
+                                                          dgates, dh_rows, H});
+          if (carry_to_prev)
+            sb.Gemm(false, true, n, H, 2 * H, dgates.data, dgates.ld, a.recurrent_kernel, GH,
+                    T(1), dh_rows.data, H);
+          break;
+        }
+        case CellKind::kSimpleRnn: {
+          sb.ForEach(n, H, SimpleRnnBackwardPoint<T>{gates, dy, mask, dgates, dh_rows, H});
+          if (carry_to_prev)
+            sb.Gemm(false, true, n, H, GH, dgates.data, dgates.ld, a.recurrent_kernel, GH,
+                    T(1), dh_rows.data, H);
+          break;
+        }
       }
     }
-  }
+  };
+  be.ForRowShards(B, 2.0 * B * H * GH, run_rows);
 
   auto& counters = Counters();
   if (m & kGradH0) {

@@ -109,6 +109,12 @@ class CudaBackend {
     GemmImpl(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
   }
 
+  // One shard: the GPU parallelises inside each step.
+  template <typename F>
+  void ForRowShards(Index rows, double /*step_flops*/, const F& fn) {
+    fn(*this, Index(0), rows);
+  }
+
   // A `true` in device memory (of the current device), the mask row of "no mask".
   const bool* TrueFlag() const { return true_flag_; }
 

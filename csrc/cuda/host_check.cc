@@ -24,6 +24,7 @@ void Loop(Index rows, Index cols, const F& f) {
     for (Index j = 0; j < cols; ++j) f(b, j);
 }
 
+template <typename Backend>  // the derived backend, handed to ForRowShards' callback
 struct HostParts {
   template <typename F>
   void ForEach(Index rows, Index cols, const F& f) {
@@ -41,10 +42,14 @@ struct HostParts {
     static const bool kTrue = true;
     return &kTrue;
   }
+  template <typename F>
+  void ForRowShards(Index rows, double, const F& fn) {  // one shard, as the CUDA backend
+    fn(static_cast<Backend&>(*this), Index(0), rows);
+  }
 };
 
 // The reference: row-major, as the driver means it.
-struct RowMajorBackend : HostParts {
+struct RowMajorBackend : HostParts<RowMajorBackend> {
   template <typename T>
   void Gemm(bool ta, bool tb, Index m, Index n, Index k, const T* a, Index lda, const T* b,
             Index ldb, T beta, T* c, Index ldc) {
@@ -59,7 +64,7 @@ struct RowMajorBackend : HostParts {
 };
 
 // What the CUDA backend does: empty products handled before, the rest mapped to column-major.
-struct MappedBackend : HostParts {
+struct MappedBackend : HostParts<MappedBackend> {
   int calls = 0;
   template <typename T>
   void Gemm(bool ta, bool tb, Index m, Index n, Index k, const T* a, Index lda, const T* b,

@@ -12,6 +12,8 @@ namespace tfcells {
 
 struct CpuBackend {
   static constexpr Index kMinParallelElements = 8192;
+  static constexpr Index kMinShardRows = 16;
+  static constexpr double kMaxShardedStepFlops = 16e6;
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;
 
@@ -19,6 +21,23 @@ struct CpuBackend {
             const float* b, Index ldb, float beta, float* c, Index ldc);
   void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const double* a, Index lda,
             const double* b, Index ldb, double beta, double* c, Index ldc);
+
+  // Batch shards run on the pool, each on one thread from the first step to the last, when a
+  // step's recurrent GEMM is too small to split well (step_flops: for all rows): no per-step
+  // hand-offs then. Larger steps stay in one shard and split each GEMM and pointwise loop,
+  // which measured faster (each shard would pack the whole recurrent kernel every step).
+  template <typename F>
+  void ForRowShards(Index rows, double step_flops, const F& fn) {
+    int tasks = runner ? static_cast<int>(std::min<Index>(max_tasks, rows / kMinShardRows)) : 1;
+    if (step_flops >= kMaxShardedStepFlops) tasks = 1;
+    if (tasks <= 1) return fn(*this, Index(0), rows);
+    const Index block = (rows + tasks - 1) / tasks;
+    (*runner)(tasks, [&](int task) {
+      CpuBackend shard;  // sequential inside the shard
+      const Index begin = task * block;
+      fn(shard, begin, std::min(rows, begin + block));
+    });
+  }
 
   // Rows are split across the pool when there is enough work to pay for the hand-off.
   template <typename F>
