@@ -5,12 +5,15 @@
 //  - inference and training forward passes agree;
 //  - the full backward pass matches central finite differences of a weighted-sum loss;
 //  - every gradient mask produces exactly the requested gradients, bit-identical to the full
-//    pass, and never writes to the buffers of the others.
+//    pass, and never writes to the buffers of the others;
+//  - with a thread-pool runner (batch shards, split GEMMs and loops) the results match the
+//    sequential ones.
 #include <cmath>
 #include <cstdio>
 #include <functional>
 #include <limits>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "../cpu/cpu_rnn.h"
@@ -41,6 +44,7 @@ struct Problem {
   Case c;
   Vec x, h0, c0, kernel, recurrent_kernel, bias, w_y, w_h, w_c;
   std::vector<char> mask;  // bool storage
+  CpuOptions options;      // sequential unless a test sets a runner
 
   explicit Problem(const Case& cs, unsigned seed) : c(cs) {
     std::mt19937 rng(seed);
@@ -94,7 +98,7 @@ struct Problem {
     a.y = r.y.data(), a.h_last = r.h_last.data(), a.c_last = r.c_last.data();
     if (training) a.gates = r.gates.data(), a.aux = r.aux.data(), a.h_prev = r.h_prev.data();
     a.workspace = workspace.data();
-    ForwardCpu(a);
+    ForwardCpu(a, options);
     return r;
   }
 
@@ -132,7 +136,7 @@ struct Problem {
     a.drecurrent_kernel = g[4].data(), a.dbias = g[5].data();
     a.workspace = workspace.data();
     (void)G;
-    BackwardCpu(a);
+    BackwardCpu(a, options);
     return g;
   }
 };
@@ -191,6 +195,41 @@ void Run(const Case& cs, unsigned seed) {
   }
 }
 
+// Each task on its own thread: enough to exercise every parallel path of the CPU backend.
+const ParallelRunner kThreads = [](int tasks, const std::function<void(int)>& fn) {
+  std::vector<std::thread> threads;
+  for (int i = 1; i < tasks; ++i) threads.emplace_back(fn, i);
+  fn(0);
+  for (std::thread& t : threads) t.join();
+};
+
+bool Close(const Vec& a, const Vec& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (!(std::fabs(a[i] - b[i]) <= 1e-12 * (1 + std::fabs(b[i])))) return false;
+  return true;
+}
+
+// Shapes large enough for batch shards (many rows, small steps) and for split GEMMs and
+// pointwise loops (large steps).
+void RunParallel(const Case& cs, unsigned seed) {
+  Problem p(cs, seed);
+  const Problem::Result seq_fwd = p.Forward(true);
+  int all = kGradAll;
+  if (cs.cell != CellKind::kLstm) all &= ~kGradC0;
+  if (!cs.bias) all &= ~kGradBias;
+  const std::vector<Vec> seq = p.Backward(seq_fwd, all);
+  p.options.runner = &kThreads;
+  p.options.max_tasks = 3;
+  const Problem::Result par_fwd = p.Forward(true);
+  EXPECT(Close(par_fwd.y, seq_fwd.y), cs.name);
+  EXPECT(Close(par_fwd.h_last, seq_fwd.h_last), cs.name);
+  EXPECT(Close(par_fwd.gates, seq_fwd.gates), cs.name);
+  const std::vector<Vec> par = p.Backward(par_fwd, all);
+  for (int k = 0; k < 6; ++k)
+    if (all & kBits[k]) EXPECT(Close(par[k], seq[k]), cs.name);
+}
+
 }  // namespace
 }  // namespace tfcells
 
@@ -218,6 +257,17 @@ int main() {
           Run(cs, seed++);
           ++cases;
         }
+  const Index parallel_shapes[][4] = {{5, 50, 3, 6}, {3, 32, 5, 300}};  // T, B, I, H
+  for (const auto& c : cells)
+    for (const auto& s : parallel_shapes)
+      for (int layout = 0; layout < 4; ++layout) {
+        Case cs{c.cell, c.name, {}, true, layout < 2};
+        cs.d.T = s[0], cs.d.B = s[1], cs.d.I = s[2], cs.d.H = s[3];
+        cs.d.time_major = layout & 1;
+        cs.d.go_backwards = layout & 2;
+        RunParallel(cs, seed++);
+        ++cases;
+      }
   std::printf("core self-test: %d cases, %d failures\n", cases, failures);
   return failures == 0 ? 0 : 1;
 }
