@@ -173,17 +173,16 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
   // The time loop, for batch rows [b0, b1) (every matrix below is that shard's view).
   auto run_rows = [&](Backend& sb, Index b0, Index b1) {
     const Index n = b1 - b0;
-    auto at = [&](T* seq, Index t, Index width) {
+    auto at = [&](auto* seq, Index t, Index width) {
       return detail::FromRow(AtStep(seq, d, t, width), b0);
     };
-    auto plain = [&](T* m, Index width) { return Plain(m + b0 * width, width); };
-    auto plain_in = [&](const T* m, Index width) { return Plain(m + b0 * width, width); };
+    auto plain = [&](auto* buf, Index width) { return Plain(buf + b0 * width, width); };
     T* rec_rows = rec + b0 * GH;
     for (Index s = 0; s < d.T; ++s) {
       const Index t = d.InputTime(s);
       const StepMatrix<T> gates = at(gx_all, t, GH);
       const StepMatrix<const T> h_prev =
-          s == 0 ? plain_in(a.h0, H) : StepMatrix<const T>(at(a.y, s - 1, H));
+          s == 0 ? plain(a.h0, H) : StepMatrix<const T>(at(a.y, s - 1, H));
       const StepMatrix<T> h = at(a.y, s, H);
       const StepMatrix<const bool> mask = detail::FromRow(detail::MaskAt(sb, a.mask, d, t), b0);
       const StepMatrix<T> h_next_cache =
@@ -199,7 +198,7 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
           sb.Gemm(false, false, n, GH, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH, T(0),
                   rec_rows, GH);
           const StepMatrix<const T> c_prev =
-              s == 0 ? plain_in(a.c0, H) : StepMatrix<const T>(aux_at(s - 1));
+              s == 0 ? plain(a.c0, H) : StepMatrix<const T>(aux_at(s - 1));
           sb.ForEach(n, H, LstmForwardPoint<T>{gates, Plain(rec_rows, GH), a.bias, h_prev,
                                                c_prev, mask, h, aux_at(s), h_next_cache, H});
           break;
@@ -253,11 +252,13 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   const int m = a.grad_mask;
   Counters().backward_calls++;
   if (d.T == 0 || B == 0 || H == 0) {  // no step ran: the initial state is the final state
-    if (m & kGradH0) be.ForEach(B, H, detail::ZeroOrCopyPoint<T>{Plain(a.dh0, H), Plain(a.dh_last, H)});
+    if (m & kGradH0)
+      be.ForEach(B, H, detail::ZeroOrCopyPoint<T>{Plain(a.dh0, H), Plain(a.dh_last, H)});
     if (a.cell == CellKind::kLstm && (m & kGradC0))
       be.ForEach(B, H, detail::ZeroOrCopyPoint<T>{Plain(a.dc0, H), Plain(a.dc_last, H)});
     // With no steps, the weight gradients are zero.
-    if (m & kGradKernel) be.ForEach(d.I, GH, detail::ZeroOrCopyPoint<T>{Plain(a.dkernel, GH), {}});
+    if (m & kGradKernel)
+      be.ForEach(d.I, GH, detail::ZeroOrCopyPoint<T>{Plain(a.dkernel, GH), {}});
     if (m & kGradRecurrentKernel)
       be.ForEach(H, GH, detail::ZeroOrCopyPoint<T>{Plain(a.drecurrent_kernel, GH), {}});
     if ((m & kGradBias) && a.bias) {
@@ -285,25 +286,21 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   // The backward time loop, for batch rows [b0, b1) (every matrix is that shard's view).
   auto run_rows = [&](Backend& sb, Index b0, Index b1) {
     const Index n = b1 - b0;
-    auto at_out = [&](T* seq, Index t, Index width) {
+    auto at = [&](auto* seq, Index t, Index width) {
       return detail::FromRow(AtStep(seq, d, t, width), b0);
     };
-    auto at = [&](const T* seq, Index t, Index width) {
-      return detail::FromRow(AtStep(seq, d, t, width), b0);
-    };
-    auto plain = [&](T* m, Index width) { return Plain(m + b0 * width, width); };
-    auto plain_in = [&](const T* m, Index width) {
-      return m ? Plain(m + b0 * width, width) : StepMatrix<const T>();
+    auto plain = [&](auto* buf, Index width) {
+      return buf ? Plain(buf + b0 * width, width) : decltype(Plain(buf, width))();
     };
     const StepMatrix<T> dh_rows = plain(dh, H), dc_rows = plain(dc, H);
-    sb.ForEach(n, H, detail::ZeroOrCopyPoint<T>{dh_rows, plain_in(a.dh_last, H)});
+    sb.ForEach(n, H, detail::ZeroOrCopyPoint<T>{dh_rows, plain(a.dh_last, H)});
     if (a.cell == CellKind::kLstm)
-      sb.ForEach(n, H, detail::ZeroOrCopyPoint<T>{dc_rows, plain_in(a.dc_last, H)});
+      sb.ForEach(n, H, detail::ZeroOrCopyPoint<T>{dc_rows, plain(a.dc_last, H)});
 
     for (Index s = d.T - 1; s >= 0; --s) {
       const Index t = d.InputTime(s);
       const StepMatrix<T> dgates =
-          keep_all ? at_out(dgates_all, t, GH) : plain(dgates_all, GH);
+          keep_all ? at(dgates_all, t, GH) : plain(dgates_all, GH);
       const StepMatrix<const T> gates = at(a.gates, t, GH);
       const StepMatrix<const T> h_prev = at(a.h_prev, t, H);
       const StepMatrix<const T> dy = at(a.dy, s, H);
@@ -314,7 +311,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
       switch (a.cell) {
         case CellKind::kLstm: {
           const StepMatrix<const T> c_prev =
-              s == 0 ? plain_in(a.c0, H) : at(a.aux, d.InputTime(s - 1), H);
+              s == 0 ? plain(a.c0, H) : at(a.aux, d.InputTime(s - 1), H);
           sb.ForEach(n, H, LstmBackwardPoint<T>{gates, at(a.aux, t, H), c_prev, dy, mask,
                                                 dgates, dh_rows, dc_rows, H});
           if (carry_to_prev)
@@ -324,7 +321,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
         }
         case CellKind::kGruResetAfter: {
           const StepMatrix<T> dgates_rec =
-              keep_all_rec ? at_out(dgates_rec_all, t, GH) : plain(dgates_rec_all, GH);
+              keep_all_rec ? at(dgates_rec_all, t, GH) : plain(dgates_rec_all, GH);
           sb.ForEach(n, H, GruResetAfterBackwardPoint<T>{gates, at(a.aux, t, H), h_prev, dy,
                                                          mask, dgates, dgates_rec, dh_rows, H});
           if (carry_to_prev)
