@@ -308,12 +308,23 @@ def test_stacked_cells_with_dropout_match_keras():
     _compare(theirs, ours, x, mask=MASK, training=True)
 
 
-def test_tfcells_cells_inside_keras_rnn_run_keras_loop():
+@pytest.mark.parametrize("stacked", [False, True], ids=["list", "StackedRNNCells"])
+def test_keras_rnn_wrapping_tfcells_cells_runs_fused(stacked):
+    cells = _cells(tfcells)
+    ours = keras.layers.RNN(keras.layers.StackedRNNCells(cells) if stacked else cells,
+                            return_sequences=True)
+    assert isinstance(ours, tfcells.RNN) and isinstance(ours, keras.layers.RNN)
     theirs = keras.layers.RNN(_cells(keras.layers), return_sequences=True)
-    ours = keras.layers.RNN(_cells(tfcells), return_sequences=True)
+    assert type(theirs) is keras.layers.RNN  # Keras' own cells: untouched
     x = _x()
     _build_and_copy(theirs, ours, x)
-    _compare(theirs, ours, x, mask=MASK, fused=False)
+    with CountWork() as work:
+        ours(x)
+    assert work.delta["forward_calls"] == len(cells)  # one fused op per cell, not per step
+    _compare(theirs, ours, x, mask=MASK)
+    # Saved as tfcells>RNN; loads (fused) where tfcells is importable.
+    restored = keras.layers.deserialize(keras.layers.serialize(ours))
+    assert isinstance(restored, tfcells.RNN)
 
 
 def test_tfcells_rnn_with_keras_cell_runs_keras_loop():

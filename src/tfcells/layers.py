@@ -7,10 +7,11 @@ cuDNN path uses) is replaced: when the configuration is one the kernels implemen
 sequence runs through `tfcells.ops.lstm/gru/simple_rnn`; otherwise Keras' own per-step loop
 runs (see `fused_unsupported_reason`). Either way the numbers are Keras'.
 
-The cells `tfcells.LSTMCell`, `GRUCell` and `SimpleRNNCell` subclass Keras' cells. Inside
-`keras.layers.RNN` they are ordinary Keras cells run step by step (Keras' RNN layer offers no
-hook that sees the whole sequence); wrap them in `tfcells.RNN` (a `keras.layers.RNN`) to run
-them, alone or as a `StackedRNNCells`, through the fused ops.
+The cells `tfcells.LSTMCell`, `GRUCell` and `SimpleRNNCell` subclass Keras' cells.
+`tfcells.RNN` (a `keras.layers.RNN`) runs them, alone, as a list or as a `StackedRNNCells`,
+through the fused ops, one op per cell for the whole sequence. Keras' RNN layer offers no hook
+that sees the whole sequence, so once tfcells is imported, `keras.layers.RNN(cell)` whose cells
+are all tfcells cells builds a `tfcells.RNN` (the only change tfcells makes to Keras).
 
 Freezing: `kernel_trainable`, `recurrent_kernel_trainable` and `bias_trainable` (constructor
 arguments of the layers and cells), `layer.cell.kernel.trainable = False` after build and
@@ -541,8 +542,9 @@ class RNN(_FusedRNN, keras.layers.RNN):
                "`cell` is a tfcells cell, a list of them or a `StackedRNNCells` of them; "
                "a stack runs one fused op per cell over the whole sequence. Any other cell (or "
                "an unsupported configuration) runs Keras' per-step loop, exactly as "
-               "`keras.layers.RNN` would. `keras.layers.RNN` itself runs tfcells cells step by "
-               "step (correct, but not fused): Keras' RNN layer has no whole-sequence hook.\n\n"
+               "`keras.layers.RNN` would. Once tfcells is imported, `keras.layers.RNN(cell)` "
+               "with tfcells cells builds this layer (see _fuse_keras_rnn_of_tfcells_cells)."
+               "\n\n"
                "Arguments: those of `keras.layers.RNN`, plus `input_gradient` and `use_fused` "
                "(see `tfcells.LSTM`); freeze weights through the cells' flags.")
 
@@ -556,3 +558,33 @@ class RNN(_FusedRNN, keras.layers.RNN):
 
     def get_config(self):
         return {**super().get_config(), **self._fused_config()}
+
+
+def _only_tfcells_cells(cell):
+    if isinstance(cell, keras.layers.StackedRNNCells):
+        cell = cell.cells
+    cells = cell if isinstance(cell, (list, tuple)) else [cell]
+    return bool(cells) and all(_cell_kind(c)[0] is not None for c in cells)
+
+
+def _fuse_keras_rnn_of_tfcells_cells():
+    """Makes `keras.layers.RNN(cell)` build a `tfcells.RNN` when every cell is a tfcells cell.
+
+    Keras' RNN layer hands its cell one step at a time and offers no whole-sequence hook, so
+    this is the one place where tfcells changes Keras: construction of exactly
+    `keras.layers.RNN` (not of its subclasses) with tfcells cells returns the subclass
+    `tfcells.RNN`, which takes the same arguments, passes every isinstance check, runs the
+    fused ops, and is saved as `tfcells>RNN`. Any other `keras.layers.RNN` is untouched.
+    """
+    keras_new = keras.layers.RNN.__new__
+
+    def __new__(cls, *args, **kwargs):
+        if cls is keras.layers.RNN and _only_tfcells_cells(
+                args[0] if args else kwargs.get("cell")):
+            cls = RNN
+        return keras_new(cls, *args, **kwargs)
+
+    keras.layers.RNN.__new__ = staticmethod(__new__)
+
+
+_fuse_keras_rnn_of_tfcells_cells()
