@@ -326,6 +326,23 @@ void Run(const std::string& error) {
   if (!error.empty()) throw std::runtime_error("tfcells CUDA: " + error);
 }
 
+// Runs a core entry point on `stream` (an int, as Python passes it) on the arrays' device,
+// after the producers of the inputs, with the GIL released; raises on a reported error.
+template <typename Entry>
+void Launch(Arrays& arrays, std::intptr_t stream, bool allow_tf32, const Entry& entry) {
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  DeviceGuard guard(arrays.Device(stream));
+  arrays.WaitForProducers(s);
+  CudaOptions options;
+  options.allow_tf32 = allow_tf32;
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = entry(s, options);
+  }
+  Run(error);
+}
+
 template <typename T>
 void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
              const py::object& h0, const py::object& c0, const py::object& kernel,
@@ -376,17 +393,8 @@ void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   }
   a.workspace = ws->template data<T>();
 
-  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  DeviceGuard guard(arrays.Device(stream));
-  arrays.WaitForProducers(s);
-  CudaOptions options;
-  options.allow_tf32 = allow_tf32;
-  std::string error;
-  {
-    py::gil_scoped_release release;
-    error = ForwardCuda(a, s, options);
-  }
-  Run(error);
+  Launch(arrays, stream, allow_tf32,
+         [&](cudaStream_t s, const CudaOptions& o) { return ForwardCuda(a, s, o); });
 }
 
 template <typename T>
@@ -452,17 +460,8 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   RequireAtLeast(*ws, BackwardWorkspaceSize(in.cell, d, grad_mask));
   a.workspace = ws->template data<T>();
 
-  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  DeviceGuard guard(arrays.Device(stream));
-  arrays.WaitForProducers(s);
-  CudaOptions options;
-  options.allow_tf32 = allow_tf32;
-  std::string error;
-  {
-    py::gil_scoped_release release;
-    error = BackwardCuda(a, s, options);
-  }
-  Run(error);
+  Launch(arrays, stream, allow_tf32,
+         [&](cudaStream_t s, const CudaOptions& o) { return BackwardCuda(a, s, o); });
 }
 
 // Reads x's dtype to pick the instantiation.
