@@ -69,6 +69,14 @@ std::string ValidateShapes(CellKind cell, bool time_major, const std::vector<Ind
     if (*mask != want)
       return Mismatch("mask", *mask, want, time_major ? "([T, B] like x)" : "([B, T] like x)");
   }
+  // The CPU BLAS takes 32-bit sizes and leading dimensions (the largest: all T*B rows, and a
+  // batch-major row of the gates, T*G*H): refuse what would overflow them.
+  const Index kMaxBlasSize = 2147483647;
+  if (d.T * d.B > kMaxBlasSize || d.T * GH > kMaxBlasSize || d.I > kMaxBlasSize ||
+      d.T * d.I > kMaxBlasSize)
+    return "x of shape " + ShapeString(x) + " with H = " + std::to_string(d.H) +
+           " is too large: T*B rows and T*" + std::to_string(G) +
+           "*H must each stay below 2^31 (split the sequence or the batch)";
   *dims = d;
   return "";
 }

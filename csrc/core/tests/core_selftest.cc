@@ -268,6 +268,18 @@ int main() {
         RunParallel(cs, seed++);
         ++cases;
       }
+  // Shapes whose GEMMs would overflow the BLAS' 32-bit sizes are refused before any buffer
+  // exists (only shapes are passed here).
+  {
+    Dims d;
+    const std::string error = ValidateShapes(CellKind::kLstm, false, {1 << 20, 1 << 12, 8},
+                                             {1 << 20, 4}, {1 << 20, 4}, {8, 16}, {4, 16},
+                                             nullptr, nullptr, &d);
+    EXPECT(error.find("too large") != std::string::npos, "huge shapes");
+    EXPECT(ValidateShapes(CellKind::kLstm, false, {2, 3, 8}, {2, 4}, {2, 4}, {8, 16}, {4, 16},
+                          nullptr, nullptr, &d).empty(), "small shapes");
+    ++cases;
+  }
   std::printf("core self-test: %d cases, %d failures\n", cases, failures);
   return failures == 0 ? 0 : 1;
 }
