@@ -248,6 +248,8 @@ def test_frozen_rejects_unknown_names():
     inputs = make_inputs(cell, 2, 3, 4, 5, tf.float32)
     with pytest.raises(ValueError, match="frozen names unknown inputs.*'kernal'"):
         tfcells.ops.simple_rnn(**inputs, frozen=("kernal",))
+    with pytest.raises(ValueError, match=r"frozen names unknown inputs \['c0'\]"):
+        tfcells.ops.simple_rnn(**inputs, frozen=("c0",))  # only the LSTM has c0
 
 
 def test_variables_trainable_and_not():

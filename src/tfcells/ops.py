@@ -111,12 +111,13 @@ def _run(cell, fn, values, time_major, go_backwards, frozen, training, extra_att
         tensors["mask"] = mask
 
     frozen = set(frozen)
-    unknown = frozen - set(GRAD_BITS)
+    freezable = set(GRAD_BITS) & set(cell.inputs)
+    unknown = frozen - freezable
     if unknown:
         raise ValueError(f"tfcells.{fn}: frozen names unknown inputs {sorted(unknown)}; "
-                         f"choose from {sorted(n for n in GRAD_BITS if n in cell.inputs)}")
+                         f"choose from {sorted(freezable)}")
     frozen_bits = 0
-    for name in frozen & set(cell.inputs):
+    for name in frozen:
         frozen_bits |= GRAD_BITS[name]
         # The tape then sees no path to this input, and records nothing if no input is left.
         tensors[name] = tf.stop_gradient(tensors[name])
