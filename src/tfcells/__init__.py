@@ -25,9 +25,10 @@ def build_info():
 
 
 def set_cpu_gemm_threads(threads):
-    """Caps how many threads of TensorFlow's intra-op pool one large CPU GEMM is split across
-    (0, the default: the whole pool, i.e. tf.config.threading.get_intra_op_parallelism_threads()
-    or one per core). Small per-step GEMMs always run on one thread."""
+    """Caps how many threads of TensorFlow's intra-op pool one CPU op of tfcells uses: large
+    GEMMs, pointwise loops and batch shards are split across at most this many (0, the
+    default: the whole pool, i.e. tf.config.threading.get_intra_op_parallelism_threads() or one
+    per core; 1: single-threaded). Work too small to pay for a hand-off stays on one thread."""
     _c_library.tfcells_set_gemm_threads(int(threads))
 
 
