@@ -1,4 +1,5 @@
-// What both pybind11 modules (NumPy/CPU and CUDA) share: the cell names they accept.
+// What both pybind11 modules (NumPy/CPU and CUDA) share: the cell names they accept and the
+// gradient-mask constants they export.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -21,6 +22,16 @@ inline CellKind ParseCell(const std::string& name) {
     throw pybind11::value_error(
         "cell must be lstm, gru, gru_reset_before or simple_rnn, got " + name);
   return it->second;
+}
+
+inline void AddGradBits(pybind11::module_& m) {
+  m.attr("GRAD_X") = static_cast<int>(kGradX);
+  m.attr("GRAD_H0") = static_cast<int>(kGradH0);
+  m.attr("GRAD_C0") = static_cast<int>(kGradC0);
+  m.attr("GRAD_KERNEL") = static_cast<int>(kGradKernel);
+  m.attr("GRAD_RECURRENT_KERNEL") = static_cast<int>(kGradRecurrentKernel);
+  m.attr("GRAD_BIAS") = static_cast<int>(kGradBias);
+  m.attr("GRAD_ALL") = static_cast<int>(kGradAll);
 }
 
 }  // namespace tfcells

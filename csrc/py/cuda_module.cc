@@ -582,11 +582,5 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
   m.def("device_count", &tfcells::DeviceCount, "CUDA devices visible (0 when none or no driver)");
   m.def("cublas_library", &tfcells::CublasLibrary,
         "The cuBLAS file the kernels use (loading it); raises RuntimeError if none loads.");
-  m.attr("GRAD_X") = static_cast<int>(tfcells::kGradX);
-  m.attr("GRAD_H0") = static_cast<int>(tfcells::kGradH0);
-  m.attr("GRAD_C0") = static_cast<int>(tfcells::kGradC0);
-  m.attr("GRAD_KERNEL") = static_cast<int>(tfcells::kGradKernel);
-  m.attr("GRAD_RECURRENT_KERNEL") = static_cast<int>(tfcells::kGradRecurrentKernel);
-  m.attr("GRAD_BIAS") = static_cast<int>(tfcells::kGradBias);
-  m.attr("GRAD_ALL") = static_cast<int>(tfcells::kGradAll);
+  tfcells::AddGradBits(m);
 }

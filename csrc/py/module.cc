@@ -164,11 +164,5 @@ PYBIND11_MODULE(_tfcells_core, m) {
   // their own instantiation.
   tfcells::Bind<float>(m);
   tfcells::Bind<double>(m);
-  m.attr("GRAD_X") = static_cast<int>(tfcells::kGradX);
-  m.attr("GRAD_H0") = static_cast<int>(tfcells::kGradH0);
-  m.attr("GRAD_C0") = static_cast<int>(tfcells::kGradC0);
-  m.attr("GRAD_KERNEL") = static_cast<int>(tfcells::kGradKernel);
-  m.attr("GRAD_RECURRENT_KERNEL") = static_cast<int>(tfcells::kGradRecurrentKernel);
-  m.attr("GRAD_BIAS") = static_cast<int>(tfcells::kGradBias);
-  m.attr("GRAD_ALL") = static_cast<int>(tfcells::kGradAll);
+  tfcells::AddGradBits(m);
 }

@@ -210,18 +210,22 @@ def main(argv=None):
             progress.advance()
     finally:
         progress.close()
+    return _finish(args, records, meta, start, report.markdown,
+                   failing=("mismatch", "error", "unverified"), plot=True)
+
+
+def _finish(args, records, meta, start, markdown, failing, plot=False):
+    """Prints the table, writes the JSON (and plot), and turns findings into the exit status."""
     meta["wall_s"] = time.perf_counter() - start
     meta["machine"]["load_average_end"] = machine.load_average()
-
-    print(report.markdown(records, meta))
+    print(markdown(records, meta))
     if args.json:
         report.write_json(args.json, records, meta)
-    if args.plot:
+    if plot and args.plot:
         report.plot(args.plot, records, meta)
     # A contender that computes other numbers than the reference, or fails, is a finding:
     # say so in the exit status too (results are written all the same).
-    failed = [r for r in records if r["status"] in ("mismatch", "error", "unverified")]
-    return 1 if failed else 0
+    return 1 if any(r["status"] in failing for r in records) else 0
 
 
 def _main_fit(args, argv, start, warnings):
@@ -244,13 +248,8 @@ def _main_fit(args, argv, start, warnings):
         records = fit.run(size, scenarios, args.device, progress)
     finally:
         progress.close()
-    meta["wall_s"] = time.perf_counter() - start
-    meta["machine"]["load_average_end"] = machine.load_average()
-    print(report.fit_markdown(records, meta))
-    if args.json:
-        report.write_json(args.json, records, meta)
-    failed = [r for r in records if r["status"] in ("mismatch", "error")]
-    return 1 if failed else 0
+    return _finish(args, records, meta, start, report.fit_markdown,
+                   failing=("mismatch", "error"))
 
 
 def entry_point():
