@@ -68,8 +68,14 @@ struct Problem {
     for (size_t i = 0; i < mask.size(); ++i) mask[i] = (rng() % 3) != 0;
   }
 
-  const bool* mask_ptr() const {
-    return c.mask ? reinterpret_cast<const bool*>(mask.data()) : nullptr;
+  // The inputs the forward and backward arguments share.
+  template <typename Args>
+  void SetInputs(Args* a) const {
+    a->cell = c.cell;
+    a->d = c.d;
+    a->x = x.data(), a->h0 = h0.data(), a->c0 = c0.data(), a->kernel = kernel.data();
+    a->recurrent_kernel = recurrent_kernel.data(), a->bias = c.bias ? bias.data() : nullptr;
+    a->mask = c.mask ? reinterpret_cast<const bool*>(mask.data()) : nullptr;
   }
 
   struct Result {
@@ -90,11 +96,7 @@ struct Problem {
     }
     Vec workspace(ForwardWorkspaceSize(c.cell, d, training) + 1);
     ForwardArgs<double> a;
-    a.cell = c.cell;
-    a.d = d;
-    a.x = x.data(), a.h0 = h0.data(), a.c0 = c0.data(), a.kernel = kernel.data();
-    a.recurrent_kernel = recurrent_kernel.data(), a.bias = c.bias ? bias.data() : nullptr;
-    a.mask = mask_ptr();
+    SetInputs(&a);
     a.y = r.y.data(), a.h_last = r.h_last.data(), a.c_last = r.c_last.data();
     if (training) a.gates = r.gates.data(), a.aux = r.aux.data(), a.h_prev = r.h_prev.data();
     a.workspace = workspace.data();
@@ -116,18 +118,13 @@ struct Problem {
   // beforehand (and passed anyway) so that a stray write would show.
   std::vector<Vec> Backward(const Result& fwd, int grad_mask) const {
     const Dims& d = c.d;
-    const Index G = GateCount(c.cell);
     const double nan = std::numeric_limits<double>::quiet_NaN();
     std::vector<Vec> g = {Vec(x.size(), nan), Vec(h0.size(), nan), Vec(c0.size(), nan),
                           Vec(kernel.size(), nan), Vec(recurrent_kernel.size(), nan),
                           Vec(bias.size(), nan)};
     Vec workspace(BackwardWorkspaceSize(c.cell, d, grad_mask) + 1);
     BackwardArgs<double> a;
-    a.cell = c.cell;
-    a.d = d;
-    a.x = x.data(), a.h0 = h0.data(), a.c0 = c0.data(), a.kernel = kernel.data();
-    a.recurrent_kernel = recurrent_kernel.data(), a.bias = c.bias ? bias.data() : nullptr;
-    a.mask = mask_ptr();
+    SetInputs(&a);
     a.gates = fwd.gates.data(), a.aux = fwd.aux.data(), a.h_prev = fwd.h_prev.data();
     a.dy = w_y.data(), a.dh_last = w_h.data();
     a.dc_last = c.cell == CellKind::kLstm ? w_c.data() : nullptr;
@@ -135,7 +132,6 @@ struct Problem {
     a.dx = g[0].data(), a.dh0 = g[1].data(), a.dc0 = g[2].data(), a.dkernel = g[3].data();
     a.drecurrent_kernel = g[4].data(), a.dbias = g[5].data();
     a.workspace = workspace.data();
-    (void)G;
     BackwardCpu(a, options);
     return g;
   }
