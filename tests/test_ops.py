@@ -462,9 +462,10 @@ def test_deterministic_run_to_run():
         np.testing.assert_array_equal(first[1][name], second[1][name])
 
 
-# The CPU kernels parallelise in two ways, chosen by size: large steps split each GEMM and
-# pointwise loop across threads; small steps with a large batch run batch shards, each on
-# one thread for the whole sequence. Both must give the reference's numbers.
+# The CPU kernels parallelise in two ways, chosen by size: a batch large enough to give every
+# thread a shard runs batch shards, each on one thread for the whole sequence; a small batch
+# with large steps splits each step's GEMM and pointwise loop across threads. Both must give
+# the reference's numbers.
 PARALLEL_SHAPES = {"split_steps": (16, 3, 8, 512), "batch_shards": (40, 5, 6, 24)}
 
 

@@ -9,6 +9,9 @@
 //
 // The driver is written against a Backend that provides:
 //   Gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc)   row-major C = op(A)op(B) + βC
+//   StepOperand(trans, k, n, w, ld)   op(W) [k, n] (W, or Wᵀ of W [n, k]) prepared once for
+//                                     the GEMM of every step (the CPU packs it into panels)
+//   StepGemm(m, a, lda, operand, beta, c, ldc)                        C = A·op(W) + βC
 //   ForEach(rows, cols, functor)                                      functor(b, j) for all b, j
 //   ColumnSum(rows, cols, a, lda, out)                                out[j] = Σ_r a[r, j]
 //   TrueFlag()                        a `true` in the device's memory, the mask of no mask
@@ -170,6 +173,13 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
   if (training) be.ForEach(B, H, detail::CopyPoint<T>{AtStep(a.h_prev, d, d.InputTime(0), H),
                                                       Plain(a.h0, H)});
 
+  // The recurrent kernel as every step's GEMM reads it. GRU with reset_after=False multiplies
+  // its z,r columns and its candidate columns separately (the other cells leave w_hh empty).
+  const bool split_candidate = a.cell == CellKind::kGruResetBefore;
+  const auto w_h = be.StepOperand(false, H, split_candidate ? 2 * H : GH, a.recurrent_kernel, GH);
+  const auto w_hh = be.StepOperand(false, H, split_candidate ? H : 0, a.recurrent_kernel + 2 * H,
+                                   GH);
+
   // The time loop, for batch rows [b0, b1) (every matrix below is that shard's view).
   auto run_rows = [&](Backend& sb, Index b0, Index b1) {
     const Index n = b1 - b0;
@@ -195,8 +205,7 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
 
       switch (a.cell) {
         case CellKind::kLstm: {
-          sb.Gemm(false, false, n, GH, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH, T(0),
-                  rec_rows, GH);
+          sb.StepGemm(n, h_prev.data, h_prev.ld, w_h, T(0), rec_rows, GH);
           const StepMatrix<const T> c_prev =
               s == 0 ? plain(a.c0, H) : StepMatrix<const T>(aux_at(s - 1));
           sb.ForEach(n, H, LstmForwardPoint<T>{gates, Plain(rec_rows, GH), a.bias, h_prev,
@@ -204,8 +213,7 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
           break;
         }
         case CellKind::kGruResetAfter: {
-          sb.Gemm(false, false, n, GH, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH, T(0),
-                  rec_rows, GH);
+          sb.StepGemm(n, h_prev.data, h_prev.ld, w_h, T(0), rec_rows, GH);
           sb.ForEach(n, H, GruResetAfterForwardPoint<T>{
                                gates, Plain(rec_rows, GH), a.bias, h_prev, mask, h,
                                training ? aux_at(s) : StepMatrix<T>(), h_next_cache, H});
@@ -215,20 +223,17 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
           // rec holds h_prev·W_h[:, :2H] as [B, 2H], then (r*h_prev)·W_h[:, 2H:] as [B, H].
           T* rec_zr = rec + b0 * 2 * H;
           T* rec_h = rec + B * 2 * H + b0 * H;
-          sb.Gemm(false, false, n, 2 * H, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH,
-                  T(0), rec_zr, 2 * H);
+          sb.StepGemm(n, h_prev.data, h_prev.ld, w_h, T(0), rec_zr, 2 * H);
           const StepMatrix<T> reset_h = aux_at(s);
           sb.ForEach(n, H, GruResetBeforeForwardGates<T>{gates, Plain(rec_zr, 2 * H), a.bias,
                                                          h_prev, reset_h, H});
-          sb.Gemm(false, false, n, H, H, reset_h.data, reset_h.ld, a.recurrent_kernel + 2 * H,
-                  GH, T(0), rec_h, H);
+          sb.StepGemm(n, reset_h.data, reset_h.ld, w_hh, T(0), rec_h, H);
           sb.ForEach(n, H, GruResetBeforeForwardState<T>{gates, Plain(rec_h, H), a.bias, h_prev,
                                                          mask, h, h_next_cache, H});
           break;
         }
         case CellKind::kSimpleRnn: {
-          sb.Gemm(false, false, n, GH, H, h_prev.data, h_prev.ld, a.recurrent_kernel, GH, T(0),
-                  rec_rows, GH);
+          sb.StepGemm(n, h_prev.data, h_prev.ld, w_h, T(0), rec_rows, GH);
           sb.ForEach(n, H, SimpleRnnForwardPoint<T>{gates, Plain(rec_rows, GH), a.bias, h_prev,
                                                     mask, h, h_next_cache, H});
           break;
@@ -283,6 +288,16 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   T* dh = ws;
   T* dc = ws + B * H;
   T* d_reset_h = ws + 2 * B * H;
+
+  // The recurrent kernel, transposed, as the GEMM carrying dh to the previous step reads it
+  // (only the first processed step carries nothing when dh0 is not wanted). GRU with
+  // reset_after=False: its z,r rows and its candidate rows separately.
+  const bool split_candidate = a.cell == CellKind::kGruResetBefore;
+  const bool carries = d.T > 1 || (m & kGradH0);
+  const auto w_h_t = be.StepOperand(true, split_candidate ? 2 * H : GH, carries ? H : 0,
+                                    a.recurrent_kernel, GH);
+  const auto w_hh_t = be.StepOperand(true, H, split_candidate ? H : 0,
+                                     a.recurrent_kernel + 2 * H, GH);
   // The backward time loop, for batch rows [b0, b1) (every matrix is that shard's view).
   auto run_rows = [&](Backend& sb, Index b0, Index b1) {
     const Index n = b1 - b0;
@@ -315,8 +330,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
           sb.ForEach(n, H, LstmBackwardPoint<T>{gates, at(a.aux, t, H), c_prev, dy, mask,
                                                 dgates, dh_rows, dc_rows, H});
           if (carry_to_prev)
-            sb.Gemm(false, true, n, H, GH, dgates.data, dgates.ld, a.recurrent_kernel, GH,
-                    T(1), dh_rows.data, H);
+            sb.StepGemm(n, dgates.data, dgates.ld, w_h_t, T(1), dh_rows.data, H);
           break;
         }
         case CellKind::kGruResetAfter: {
@@ -325,8 +339,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
           sb.ForEach(n, H, GruResetAfterBackwardPoint<T>{gates, at(a.aux, t, H), h_prev, dy,
                                                          mask, dgates, dgates_rec, dh_rows, H});
           if (carry_to_prev)
-            sb.Gemm(false, true, n, H, GH, dgates_rec.data, dgates_rec.ld, a.recurrent_kernel,
-                    GH, T(1), dh_rows.data, H);
+            sb.StepGemm(n, dgates_rec.data, dgates_rec.ld, w_h_t, T(1), dh_rows.data, H);
           break;
         }
         case CellKind::kGruResetBefore: {
@@ -334,20 +347,17 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
           sb.ForEach(n, H, GruResetBeforeBackwardState<T>{gates, h_prev, dy, mask, dgates,
                                                           dh_rows, H});
           // d(r * h_prev) = dhh · W_hhᵀ
-          sb.Gemm(false, true, n, H, H, dgates.data + 2 * H, dgates.ld,
-                  a.recurrent_kernel + 2 * H, GH, T(0), d_reset_rows.data, H);
+          sb.StepGemm(n, dgates.data + 2 * H, dgates.ld, w_hh_t, T(0), d_reset_rows.data, H);
           sb.ForEach(n, H, GruResetBeforeBackwardGates<T>{gates, h_prev, d_reset_rows, mask,
                                                           dgates, dh_rows, H});
           if (carry_to_prev)
-            sb.Gemm(false, true, n, H, 2 * H, dgates.data, dgates.ld, a.recurrent_kernel, GH,
-                    T(1), dh_rows.data, H);
+            sb.StepGemm(n, dgates.data, dgates.ld, w_h_t, T(1), dh_rows.data, H);
           break;
         }
         case CellKind::kSimpleRnn: {
           sb.ForEach(n, H, SimpleRnnBackwardPoint<T>{gates, dy, mask, dgates, dh_rows, H});
           if (carry_to_prev)
-            sb.Gemm(false, true, n, H, GH, dgates.data, dgates.ld, a.recurrent_kernel, GH,
-                    T(1), dh_rows.data, H);
+            sb.StepGemm(n, dgates.data, dgates.ld, w_h_t, T(1), dh_rows.data, H);
           break;
         }
       }

@@ -109,6 +109,23 @@ class CudaBackend {
     GemmImpl(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
   }
 
+  // cuBLAS reads the recurrent kernel where it lies: nothing to prepare.
+  template <typename T>
+  struct Operand {
+    bool trans;
+    Index k, n;
+    const T* w;
+    Index ld;
+  };
+  template <typename T>
+  Operand<T> StepOperand(bool trans, Index k, Index n, const T* w, Index ld) const {
+    return {trans, k, n, w, ld};
+  }
+  template <typename T>
+  void StepGemm(Index m, const T* a, Index lda, const Operand<T>& w, T beta, T* c, Index ldc) {
+    GemmImpl(false, w.trans, m, w.n, w.k, a, lda, w.w, w.ld, beta, c, ldc);
+  }
+
   // One shard: the GPU parallelises inside each step.
   template <typename F>
   void ForRowShards(Index rows, double /*step_flops*/, const F& fn) {

@@ -1,12 +1,13 @@
-// CPU backend: single-threaded OpenBLAS GEMMs, large ones split across the caller's thread
-// pool, and vectorised single-thread pointwise loops (O(B*H) per step against O(B*H*G*H) for
-// the GEMMs).
+// CPU backend: single-threaded OpenBLAS GEMMs over all T*B rows and our own packed GEMM for
+// each step's recurrent product (step_gemm.h), large ones split across the caller's thread
+// pool, and vectorised pointwise loops (O(B*H) per step against O(B*H*G*H) for the GEMMs).
 #pragma once
 
 #include <algorithm>
 
 #include "../common.h"
 #include "cpu_rnn.h"
+#include "step_gemm.h"
 
 namespace tfcells {
 
@@ -14,6 +15,9 @@ struct CpuBackend {
   static constexpr Index kMinParallelElements = 8192;
   static constexpr Index kMinShardRows = 16;
   static constexpr double kMaxShardedStepFlops = 16e6;
+  // Below this many flops a GEMM runs on the calling thread: splitting a per-step GEMM of a
+  // small layer costs more in hand-offs than it saves.
+  static constexpr double kMinParallelGemmFlops = 4e6;
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;
 
@@ -22,14 +26,38 @@ struct CpuBackend {
   void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const double* a, Index lda,
             const double* b, Index ldb, double beta, double* c, Index ldc);
 
-  // Batch shards run on the pool, each on one thread from the first step to the last, when a
-  // step's recurrent GEMM is too small to split well (step_flops: for all rows): no per-step
-  // hand-offs then. Larger steps stay in one shard and split each GEMM and pointwise loop,
-  // which measured faster (each shard would pack the whole recurrent kernel every step).
+  template <typename T>
+  PackedOperand<T> StepOperand(bool trans, Index k, Index n, const T* w, Index ld) const {
+    return PackedOperand<T>(trans, k, n, w, ld);
+  }
+
+  // Large steps split the operand's column panels across the pool; each output element has
+  // one writer and the same sum order either way.
+  template <typename T>
+  void StepGemm(Index m, const T* a, Index lda, const PackedOperand<T>& w, T beta, T* c,
+                Index ldc) {
+    const Index panels = w.Panels();
+    if (m == 0 || panels == 0) return;
+    const int tasks = (runner && 2.0 * m * w.n() * w.k() >= kMinParallelGemmFlops)
+                          ? static_cast<int>(std::min<Index>(max_tasks, panels))
+                          : 1;
+    if (tasks <= 1) return w.Multiply(m, a, lda, beta, c, ldc, 0, panels);
+    const Index block = (panels + tasks - 1) / tasks;
+    (*runner)(tasks, [&](int task) {
+      const Index begin = task * block;
+      w.Multiply(m, a, lda, beta, c, ldc, begin, std::min(panels, begin + block));
+    });
+  }
+
+  // Batch shards run on the pool, each on one thread from the first step to the last: no
+  // per-step hand-offs, and the packed step GEMM is as fast on a shard's rows as on all of
+  // them. Only when there are too few rows to give every thread a shard and a step is large
+  // does one shard split each step's GEMM and pointwise loop across the pool instead
+  // (step_flops: for all rows).
   template <typename F>
   void ForRowShards(Index rows, double step_flops, const F& fn) {
     int tasks = runner ? static_cast<int>(std::min<Index>(max_tasks, rows / kMinShardRows)) : 1;
-    if (step_flops >= kMaxShardedStepFlops) tasks = 1;
+    if (tasks < max_tasks && step_flops >= kMaxShardedStepFlops) tasks = 1;
     if (tasks <= 1) return fn(*this, Index(0), rows);
     const Index block = (rows + tasks - 1) / tasks;
     (*runner)(tasks, [&](int task) {

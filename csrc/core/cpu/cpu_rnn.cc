@@ -25,10 +25,6 @@ void Blas(bool ta, bool tb, Index m, Index n, Index k, const double* a, Index ld
   scipy_cblas_dgemm(CblasRowMajor, Op(ta), Op(tb), m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc);
 }
 
-// Below this many flops a GEMM runs on the calling thread: splitting a per-step GEMM of a
-// small layer costs more in hand-offs than it saves.
-constexpr double kMinParallelFlops = 4e6;
-
 template <typename T>
 void SplitGemm(const CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k, const T* a,
                Index lda, const T* b, Index ldb, T beta, T* c, Index ldc) {
@@ -39,7 +35,7 @@ void SplitGemm(const CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k
     return;
   }
   int tasks = be.runner ? be.max_tasks : 1;
-  if (2.0 * m * n * k < kMinParallelFlops) tasks = 1;
+  if (2.0 * m * n * k < CpuBackend::kMinParallelGemmFlops) tasks = 1;
   // Split the larger side of C into contiguous blocks, one per task.
   const bool by_rows = m >= n;
   const Index extent = by_rows ? m : n, align = by_rows ? 8 : 16;
