@@ -8,6 +8,7 @@ against the same reference before it is timed.
 
 import numpy as np
 
+from . import timing, torchmap
 from .workload import CELLS
 
 REGISTRY = {}  # name -> Contender, in registration (= report) order
@@ -20,16 +21,21 @@ def register(contender):
 
 class Step:
 
-    def __init__(self, run, fetch, framework):
-        self.run = run  # () -> raw result; returns only once the work is done
+    def __init__(self, run, fetch, framework, measure=timing.measure):
+        self.run = run  # () -> raw result; see Contender.measure for when it returns
         self.fetch = fetch  # raw result -> {"y": ..., grad name: ...} as NumPy, Keras layout
-        self.framework = framework  # "tf" or "torch": which memory statistics apply
+        self.framework = framework  # "tf", "torch" or "cuda": which memory statistics apply
+        self.measure = measure  # (run, reps, warmup, budget_s) -> timing statistics
 
 
 class Contender:
     name = ""
     label = ""
     cells = CELLS
+    # How its steps are timed: timing.measure, by the wall clock, so run() must return only
+    # once the work is done; or timing.measure_cuda_events, on the GPU's clock, so run() only
+    # enqueues the work on PyTorch's current CUDA stream.
+    measure = staticmethod(timing.measure)
 
     def unavailable(self):
         """Why this contender cannot run on this machine at all, or None."""
@@ -105,7 +111,10 @@ class TFContender(Contender):
 
         def run():
             with tf.device(device):
-                return step(x, dy)
+                out = step(x, dy)
+            if work.device == "gpu":
+                tf.test.experimental.sync_devices()  # the kernels run after step() returns
+            return out
 
         def fetch(raw):
             y, grads = raw
@@ -248,12 +257,10 @@ class BlockLSTMContender(TFContender):
 
 # ---------------------------------------------------------------------------- PyTorch
 
-def _torch_blocks(cell):
-    """Gate-block permutation Keras -> PyTorch: GRU z,r,h -> r,z,n; LSTM i,f,c,o matches."""
-    return [1, 0, 2] if cell == "gru" else None
-
-
 class TorchContender(Contender):
+    """torch.nn.LSTM / GRU / RNN with the workload's weights (torchmap), on the CPU or, with
+    --device gpu, on CUDA (cuDNN)."""
+
     name = "torch"
     label = "PyTorch"
 
@@ -265,91 +272,67 @@ class TorchContender(Contender):
         return None
 
     def unsupported(self, work):
-        if work.device != "cpu":
-            return "the PyTorch contender runs on CPU only"  # cuDNN: see the CUDA work
+        if work.device == "gpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                return f"PyTorch {torch.__version__} sees no CUDA GPU"
         return super().unsupported(work)
 
     def build(self, work):
         import torch
 
         dtype = getattr(torch, work.dtype)
-        perm = _torch_blocks(work.cell)
-        H = work.shape.H
-
-        def to_torch(m):  # Keras [in, G*H] -> PyTorch [G*H, in], PyTorch gate order
-            if perm is not None:
-                m = np.concatenate([np.split(m, 3, axis=-1)[p] for p in perm], axis=-1)
-            return torch.from_numpy(np.ascontiguousarray(m.T if m.ndim == 2 else m))
-
-        def to_keras(m):
-            m = m.T if m.ndim == 2 else m
-            if perm is not None:
-                inv = np.argsort(perm)
-                m = np.concatenate([np.split(m, 3, axis=-1)[p] for p in inv], axis=-1)
-            return m
-
-        cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "simple_rnn": torch.nn.RNN}
-        modules = []
-        n_in = work.shape.I
-        for layer in range(work.config.layers):
-            w = self.layer_weights(work, layer)
-            mod = cls[work.cell](n_in, H, batch_first=True, dtype=dtype)
-            two_biases = work.cell == "gru"  # Keras' reset_after GRU has both, others one
-            with torch.no_grad():
-                mod.weight_ih_l0.copy_(to_torch(w["kernel"]))
-                mod.weight_hh_l0.copy_(to_torch(w["recurrent_kernel"]))
-                mod.bias_ih_l0.copy_(to_torch(w["bias"][0] if two_biases else w["bias"]))
-                mod.bias_hh_l0.copy_(to_torch(w["bias"][1]) if two_biases else
-                                     torch.zeros(mod.bias_hh_l0.shape, dtype=dtype))
-            top = layer == work.config.layers - 1
-            wanted = set(work.grads) if top else set()
-            mod.weight_ih_l0.requires_grad_("kernel" in wanted)
-            mod.weight_hh_l0.requires_grad_("recurrent_kernel" in wanted)
-            mod.bias_ih_l0.requires_grad_("bias" in wanted)
-            mod.bias_hh_l0.requires_grad_("bias" in wanted and two_biases)
-            modules.append(mod)
-            n_in = H
-
-        x = torch.from_numpy(work.x)
-        dy = torch.from_numpy(work.dy)
+        device = "cuda" if work.device == "gpu" else "cpu"
         names = work.grads
-        top = modules[-1]
-        params = {"kernel": [top.weight_ih_l0], "recurrent_kernel": [top.weight_hh_l0],
-                  "bias": [top.bias_ih_l0] + ([top.bias_hh_l0] if work.cell == "gru" else [])}
+        top = work.config.layers - 1
+        modules = [torchmap.make_module(torch, work.cell, self.layer_weights(work, layer),
+                                        names if layer == top else (), dtype, device)
+                   for layer in range(work.config.layers)]
+        x = torch.from_numpy(work.x).to(device)
+        dy = torch.from_numpy(work.dy).to(device)
+        params = {n: [getattr(modules[-1], p) for p in torchmap.params_of(work.cell, n)]
+                  for n in names if n != "x"}
 
         def forward(x):
             for mod in modules:
-                x = mod(x)[0]
-            return x
+                x, state = mod(x)
+            return x, state
 
         if work.config.train:
-            def run():
+            def compute():
                 xin = x.detach().requires_grad_("x" in names)
-                y = forward(xin)
-                loss = (y * dy).sum()
+                y, state = forward(xin)
                 sources = [xin] if "x" in names else []
-                for n in names:
-                    sources += params.get(n, [])
-                return y.detach(), torch.autograd.grad(loss, sources)
+                sources += [p for n in names if n != "x" for p in params[n]]
+                # grad_outputs=dy: the gradient of sum(y * dy), as the TF contenders take it.
+                return y.detach(), state, torch.autograd.grad(y, sources, grad_outputs=dy)
         else:
-            def run():
+            def compute():
                 with torch.inference_mode():
-                    return forward(x), ()
+                    return (*forward(x), ())
+
+        run = compute
+        if device == "cuda" and self.measure is timing.measure:
+            def run():  # timed by the wall clock: wait for the GPU
+                out = compute()
+                torch.cuda.synchronize()
+                return out
 
         def fetch(raw):
-            y, grads = raw
-            out = {"y": y.numpy()}
-            grads = list(grads)
+            y, state, grads = raw
+            h, c = state if work.cell == "lstm" else (state, None)
+            out = {"y": y.cpu().numpy(), "h_last": h[0].detach().cpu().numpy()}
+            if c is not None:
+                out["c_last"] = c[0].detach().cpu().numpy()
+            grads = [g.cpu().numpy() for g in grads]
             if "x" in names:
-                out["x"] = grads.pop(0).numpy()
-            for n in names:
-                if n == "x":
-                    continue
-                got = [to_keras(grads.pop(0).numpy()) for _ in params[n]]
-                out[n] = np.stack(got) if len(got) > 1 else got[0]
+                out["x"] = grads.pop(0)
+            for n in params:
+                out[n] = torchmap.to_keras(work.cell, [grads.pop(0) for _ in params[n]])
             return out
 
-        return Step(run, fetch, "torch")
+        return Step(run, fetch, "torch", self.measure)
 
 
 register(TfcellsContender())

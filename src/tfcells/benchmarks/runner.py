@@ -51,8 +51,11 @@ def _error(e):
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
 
 
-def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enabled=True):
-    """Returns one record per contender in `impls` (names in contenders.REGISTRY).
+def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enabled=True,
+             registry=None, tolerance=None):
+    """Returns one record per contender in `impls`, names in `registry` (default:
+    contenders.REGISTRY; the GPU suite's is gpu.REGISTRY). `tolerance` overrides the value
+    check's tolerance for the dtype (TF32 GEMMs round more).
 
     Each contender's first call (tracing included) produces the values that are checked; a
     contender that disagrees with the reference (the first one that ran: tfcells by default)
@@ -65,7 +68,7 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
     work = make_workload(task.cell, task.config, task.shape, dtype, device)
     records, steps, outputs = {}, {}, {}
     for impl in impls:
-        con = contenders.REGISTRY[impl]
+        con = (registry or contenders.REGISTRY)[impl]
         rec = records[impl] = _base_record(task, impl, dtype, device)
         reason = con.unavailable() or con.unsupported(work)
         if reason:
@@ -88,7 +91,7 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
         for impl, out in outputs.items():
             if impl == reference:
                 continue
-            ok, errors, message = check.compare(out, outputs[reference], dtype)
+            ok, errors, message = check.compare(out, outputs[reference], dtype, tolerance)
             records[impl]["check"] = {"reference": reference, "max_rel_err": errors}
             if ok:
                 agreed = True
@@ -101,15 +104,16 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
             records[reference].update(status="unverified",
                                       detail="no other contender computes the same values")
 
-    timed = {impl: step.run for impl, step in steps.items()}
+    timed = {impl: (step.run, step.measure) for impl, step in steps.items()}
     # The floor is NumPy on the CPU; a GPU run has no comparable floor here.
     with_floor = floor_enabled and device == "cpu"
     if with_floor:
-        timed[_FLOOR] = floor.floor_callable(task.cell, task.config, task.shape, dtype)
+        timed[_FLOOR] = (floor.floor_callable(task.cell, task.config, task.shape, dtype),
+                         timing.measure)
     stats = {}
-    for impl, fn in timed.items():
+    for impl, (fn, measure) in timed.items():
         with machine.OtherWork() as other:
-            stats[impl] = timing.measure(fn, reps, warmup, budget_s)
+            stats[impl] = measure(fn, reps, warmup, budget_s)
         stats[impl]["other_cores"] = other.cores
 
     flops = floor.flops(task.cell, task.config, task.shape)
