@@ -5,6 +5,8 @@ Dense on a synthetic text set, Keras' layers vs tfcells', per freeze scenario (f
 
 Modules: workload (cells, freeze configs, shapes, data), contenders (the implementations, in
 one registry), check (values compared before timing), floor (GEMM floor and FLOP model),
-timing, runner (one task), fit (the --fit model.fit comparison), machine (threads, machine
-facts), report (Markdown, JSON, PNG), cli (the plan and the entry point).
+timing, runner (one task), fit (the --fit model.fit comparison), gpu (--device gpu: which
+suite runs, and tfcells' CUDA kernels through the pybind11 module against cuDNN), torchmap
+(Keras weights in PyTorch's layout), machine (threads, machine facts), report (Markdown, JSON,
+PNG), cli (the plan and the entry point).
 """

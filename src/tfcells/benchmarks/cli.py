@@ -4,7 +4,7 @@ import argparse
 import sys
 import time
 
-from . import contenders, fit, machine, report, runner
+from . import check, contenders, fit, gpu, machine, report, runner
 from .workload import CELLS, CONFIGS, Shape
 
 BASE_SHAPE = Shape(T=100, B=64, I=256, H=256)
@@ -18,6 +18,10 @@ QUICK_CONFIGS = {
 # scaled by these factors (T 25..200, B 16..128, I=H 64..512 around the default shape).
 SWEEP_FACTORS = (0.25, 0.5, 1, 2)
 SWEEP_CONFIG = "all_trainable"
+# Per device: timed repetitions (--quick, --full) and warm-up calls. A GPU step takes
+# milliseconds, and its first calls pay for cuBLAS/cuDNN plan selection.
+REPS = {"cpu": (5, 7), "gpu": (20, 50)}
+WARMUP = {"cpu": 1, "gpu": 3}
 
 
 def _list(choices):
@@ -46,7 +50,9 @@ def parse_args(argv):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help="default: T,B,I,H = 100,64,256,256; all configs for LSTM, "
-                           f"{', '.join(QUICK_CONFIGS['gru'])} for GRU and SimpleRNN")
+                           f"{', '.join(QUICK_CONFIGS['gru'])} for GRU and SimpleRNN. With "
+                           "--device gpu: the shapes "
+                           + " and ".join(f"{s.T},{s.B},{s.I},{s.H}" for s in gpu.SHAPES))
     mode.add_argument("--full", action="store_true",
                       help="all cells and configs, then sweeps of T, B and H (I=H) at "
                            f"{', '.join(f'{f:g}' for f in SWEEP_FACTORS)}x the shape, for "
@@ -67,29 +73,43 @@ def parse_args(argv):
     p.add_argument("--cells", type=_list(CELLS), help=f"comma list of {', '.join(CELLS)}")
     p.add_argument("--configs", type=_list(list(CONFIGS)),
                    help=f"comma list of {', '.join(CONFIGS)}")
-    p.add_argument("--impls", type=_list(list(contenders.REGISTRY)),
-                   help=f"comma list of {', '.join(contenders.REGISTRY)} (default: all; the "
-                        "first one is the reference the others are checked against)")
-    p.add_argument("--shape", type=_shape, help="T,B,I,H (default 100,64,256,256)")
+    p.add_argument("--impls", type=_list(list(contenders.REGISTRY) + list(gpu.REGISTRY)),
+                   help=f"comma list of {', '.join(contenders.REGISTRY)}, or for the "
+                        f"pybind11-vs-cuDNN GPU suite {', '.join(gpu.REGISTRY)} (default: "
+                        "all of the suite; the first one is the reference the others are "
+                        "checked against)")
+    p.add_argument("--shape", type=_shape,
+                   help="T,B,I,H (default 100,64,256,256; on a GPU the two of --quick)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--reps", type=int, help="timed repetitions (default: 5 quick, 7 full)")
+    p.add_argument("--reps", type=int,
+                   help="timed repetitions (default: 5 quick, 7 full; on a GPU 20, 50)")
     p.add_argument("--budget", type=float, metavar="S",
                    help="seconds per contender's timing block, after which it stops at 3 or "
                         "more repetitions (default: 3 quick, none full; 0: none)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed calls before the repetitions, after the checked first call")
+    p.add_argument("--warmup", type=int,
+                   help="untimed calls before the repetitions, after the checked first call "
+                        "(default: 1; on a GPU 3)")
     p.add_argument("--threads", type=int,
                    help="threads for TF (intra- and inter-op), tfcells' GEMMs, PyTorch and "
                         "NumPy's BLAS (default: each library's own)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="gpu: the suite on TensorFlow's GPU where TensorFlow sees one and "
+                        "tfcells has CUDA kernels; else tfcells' CUDA kernels through the "
+                        "pybind11 module against cuDNN (torch.nn.LSTM/GRU/RNN), for the "
+                        f"configurations {', '.join(gpu.CONFIGS)}; else exit status 2")
+    p.add_argument("--tf32", action="store_true",
+                   help="--device gpu: float32 GEMMs on TF32 tensor cores, for every contender "
+                        "(default: off for all, full float32)")
     p.add_argument("--json", metavar="PATH", help="write one record per result to PATH")
     p.add_argument("--plot", metavar="PATH", help="write a PNG chart to PATH (matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         p.error("--reps must be at least 1")
-    if args.warmup < 0:
+    if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.tf32 and args.device != "gpu":
+        p.error("--tf32 needs --device gpu")
     fit_opts = [o for o, v in (("--fit-samples", args.fit_samples), ("--fit-len", args.fit_len),
                                ("--fit-epochs", args.fit_epochs),
                                ("--fit-scenarios", args.fit_scenarios)) if v is not None]
@@ -108,15 +128,18 @@ def parse_args(argv):
     return args
 
 
-def plan(args):
-    """The tasks to run, in order."""
-    base = args.shape or BASE_SHAPE
+def plan(args, bases=(BASE_SHAPE,), quick_configs=QUICK_CONFIGS, full_configs=tuple(CONFIGS)):
+    """The tasks to run, in order: every base shape (or --shape), then with --full the sweeps
+    around the first one."""
+    bases = [args.shape] if args.shape else list(bases)
     cells = args.cells or list(CELLS)
     tasks = []
-    for cell in cells:
-        configs = args.configs or (list(CONFIGS) if args.full else QUICK_CONFIGS[cell])
-        tasks += [runner.Task(cell, CONFIGS[c], base) for c in configs]
+    for shape in bases:
+        for cell in cells:
+            configs = args.configs or list(full_configs if args.full else quick_configs[cell])
+            tasks += [runner.Task(cell, CONFIGS[c], shape) for c in configs]
     if args.full:
+        base = bases[0]
         for dim in ("T", "B", "H"):
             values = sorted({max(1, round(getattr(base, dim) * f)) for f in SWEEP_FACTORS})
             for cell in cells:
@@ -160,57 +183,67 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _gpu_unavailable():
-    import tensorflow as tf
-
-    if not tf.config.list_physical_devices("GPU"):
-        return ("--device gpu: TensorFlow sees no GPU here. GPU numbers come from tfcells' "
-                "CUDA path, which is not available in this build (CPU-only TensorFlow / no "
-                "CUDA kernels); run on a machine with an NVIDIA GPU and a CUDA build.")
-    import tfcells
-
-    if not tfcells.build_info().get("cuda"):
-        return ("--device gpu: TensorFlow sees a GPU, but this tfcells build has no CUDA "
-                "kernels; rebuild tfcells where nvcc is available.")
-    return None
-
-
 def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
-    reps = args.reps or (7 if args.full else 5)
-    budget = args.budget if args.budget is not None else (None if args.full else 3.0)
     warnings = machine.set_threads(args.threads) if args.threads else []
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
+    suite, tf32 = "cpu", None
     if args.device == "gpu":
-        reason = _gpu_unavailable()
+        suite, reason = gpu.which_suite()
         if reason:
             print(reason, file=sys.stderr)
             return 2
-
+        # Explicitly, for every library: TensorFlow and cuDNN default to TF32 on.
+        tf32 = gpu.set_tf32(args.tf32, tensorflow=suite == "tf")
     if args.fit:
+        if suite == "cuda_module":
+            print("--fit --device gpu needs a TensorFlow that sees the GPU", file=sys.stderr)
+            return 2
         return _main_fit(args, argv, start, warnings)
 
-    impls = args.impls or list(contenders.REGISTRY)
-    tasks = plan(args)
+    registry = gpu.REGISTRY if suite == "cuda_module" else contenders.REGISTRY
+    impls = args.impls or list(registry)
+    configs = gpu.CONFIGS if suite == "cuda_module" else tuple(CONFIGS)
+    wrong = [i for i in impls if i not in registry] + \
+        [c for c in args.configs or () if c not in configs]
+    if wrong:
+        print(f"{', '.join(wrong)}: not part of the {suite} suite, which runs "
+              f"{', '.join(registry)} on {', '.join(configs)}", file=sys.stderr)
+        return 2
+    if suite == "cuda_module":
+        tasks = plan(args, gpu.SHAPES, dict.fromkeys(CELLS, gpu.CONFIGS), gpu.CONFIGS)
+    else:
+        tasks = plan(args, gpu.SHAPES) if suite == "tf" else plan(args)
+    reps = args.reps or REPS[args.device][args.full]
+    warmup = WARMUP[args.device] if args.warmup is None else args.warmup
+    budget = args.budget if args.budget is not None else (None if args.full else 3.0)
     meta = {"machine": machine.info(),
-            "settings": {"reps": reps, "warmup": args.warmup, "budget_s": budget or None,
-                         "threads": args.threads,
+            "settings": {"reps": reps, "warmup": warmup, "budget_s": budget or None,
+                         "threads": args.threads, "suite": suite, "tf32": tf32,
                          "device": args.device, "dtype": args.dtype, "impls": impls,
                          "argv": list(sys.argv[1:] if argv is None else argv)},
             "warnings": warnings}
+    if suite == "cuda_module":
+        meta["gpu"] = gpu.device_facts(args.dtype, args.tf32)
+    tolerance = check.TF32_TOLERANCE if args.tf32 and args.dtype == "float32" else None
+    meta["settings"]["tolerance"] = tolerance or check.TOLERANCE[args.dtype]
     progress = _Progress(len(tasks), not args.no_progress)
     records = []
     try:
         for task in tasks:
             progress.start(f"{task.cell} {task.config.name} {task.shape}")
-            records += runner.run_task(task, impls, args.dtype, args.device, reps,
-                                       args.warmup, budget or None)
+            records += runner.run_task(task, impls, args.dtype, args.device, reps, warmup,
+                                       budget or None, registry=registry, tolerance=tolerance)
             progress.advance()
     finally:
         progress.close()
-    return _finish(args, records, meta, start, report.markdown,
+    markdown = report.markdown
+    if suite == "cuda_module":
+        gpu.annotate(records, meta["gpu"]["peak_tflops"], args.tf32)
+        markdown = report.gpu_markdown
+    return _finish(args, records, meta, start, markdown,
                    failing=("mismatch", "error", "unverified"), plot=True)
 
 
@@ -237,6 +270,7 @@ def _main_fit(args, argv, start, warnings):
     scenarios = args.fit_scenarios or list(fit.SCENARIOS)
     meta = {"machine": machine.info(),
             "settings": {"threads": args.threads, "device": args.device, "dtype": "float32",
+                         "tf32": args.tf32 if args.device == "gpu" else None,
                          "impls": list(fit.IMPLS),
                          "fit": {**vars(size), "vocab": fit.VOCAB, "embed": fit.EMBED,
                                  "units": fit.UNITS, "scenarios": scenarios,

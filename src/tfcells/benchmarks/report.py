@@ -3,7 +3,7 @@
 import json
 from collections import OrderedDict
 
-from . import contenders
+from . import contenders, gpu
 from .workload import CONFIGS
 
 TIMED = ("ok", "unverified")  # statuses that carry a time
@@ -11,8 +11,11 @@ BASELINE_CONFIG = "all_trainable"
 SWEEP_DIMS = ("T", "B", "H")
 
 
+IMPLS = {**contenders.REGISTRY, **gpu.REGISTRY}  # every contender: labels, plot colours
+
+
 def _label(impl):
-    con = contenders.REGISTRY.get(impl)
+    con = IMPLS.get(impl)
     return con.label if con is not None and con.label else impl
 
 
@@ -57,6 +60,26 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def _has_floor(records):
+    """The GEMM floor is measured on the CPU only: GPU tables go without its columns."""
+    return any(r.get("floor_ms") for r in records)
+
+
+def _median(rec):
+    return rec["median_ms"] if rec and rec["status"] in TIMED else None
+
+
+def _vs_all_trainable(by_config, config, impl):
+    """impl's time in `config` ÷ its all-trainable time, with the FLOP model's ratio."""
+    base, rec = by_config.get(BASELINE_CONFIG, {}).get(impl), by_config[config].get(impl)
+    rel = _ratio(_median(rec), _median(base))
+    text = "—" if rel is None else f"{rel:.2f}"
+    if base is not None:
+        any_rec = next(iter(by_config[config].values()))
+        text += f" ({any_rec['flops'] / base['flops']:.2f})"
+    return text
+
+
 def _groups(records, sweep):
     """Records by (cell, dtype, device, T, B, I, H), then config, then impl, in run order."""
     groups = OrderedDict()
@@ -86,28 +109,48 @@ def _table(rows):
 
 def _main_table(by_config):
     impls = _impls(by_config)
-    base = by_config.get(BASELINE_CONFIG, {})
-    base_tfc = base.get("tfcells")
-    header = (["config", "GEMM GFLOP", "floor ms"] + [f"{_label(i)} ms" for i in impls]
+    floor = _has_floor(r for by_impl in by_config.values() for r in by_impl.values())
+    header = (["config", "GEMM GFLOP"] + ["floor ms"] * floor
+              + [f"{_label(i)} ms" for i in impls]
               + ["keras ÷ tfcells", "tfcells ÷ all_trainable (FLOP model)"]
-              + [f"floor ratio {_label(i)}" for i in impls])
+              + [f"floor ratio {_label(i)}" for i in impls] * floor)
     rows = [header]
     for config, by_impl in by_config.items():
         any_rec = next(iter(by_impl.values()))
-        tfc, keras = by_impl.get("tfcells"), by_impl.get("keras")
-        t = tfc["median_ms"] if tfc and tfc["status"] in TIMED else None
-        k = keras["median_ms"] if keras and keras["status"] in TIMED else None
-        b = base_tfc["median_ms"] if base_tfc and base_tfc["status"] in TIMED else None
-        model = _ratio(any_rec["flops"], base_tfc["flops"]) if base_tfc else None
-        speedup = _ratio(k, t)
-        rel = _ratio(t, b)
-        rel_text = "—" if rel is None else f"{rel:.2f}"
-        if model is not None:
-            rel_text += f" ({model:.2f})"
-        row = [config, f"{any_rec['flops'] / 1e9:.3g}", _floor_time(any_rec)]
+        speedup = _ratio(_median(by_impl.get("keras")), _median(by_impl.get("tfcells")))
+        row = [config, f"{any_rec['flops'] / 1e9:.3g}"] + [_floor_time(any_rec)] * floor
         row += [_cell_time(by_impl.get(i)) for i in impls]
-        row += ["—" if speedup is None else f"{speedup:.2f}×", rel_text]
-        row += [_num(by_impl[i].get("floor_ratio")) if i in by_impl else "—" for i in impls]
+        row += ["—" if speedup is None else f"{speedup:.2f}×",
+                _vs_all_trainable(by_config, config, "tfcells")]
+        row += [_num(by_impl[i].get("floor_ratio")) if i in by_impl else "—"
+                for i in impls] * floor
+        rows.append(row)
+    return _table(rows)
+
+
+def _gpu_table(by_config, peak):
+    """The pybind11-vs-cuDNN suite: times, ratios to cuDNN, TFLOP/s (records annotated by
+    gpu.annotate)."""
+    impls = _impls(by_config)
+    ours = gpu.REFERENCE
+    peak_text = "" if peak is None else " (% peak)"
+    header = (["config", "GEMM GFLOP"] + [f"{_label(i)} ms" for i in impls]
+              + [f"{_label(ours)} ÷ cuDNN", f"{_label(ours)} ÷ cuDNN all_trainable",
+                 f"{_label(ours)} ÷ all_trainable (FLOP model)"]
+              + [f"{_label(i)} TFLOP/s{peak_text}" for i in impls])
+    rows = [header]
+    for config, by_impl in by_config.items():
+        any_rec, rec = next(iter(by_impl.values())), by_impl.get(ours, {})
+        row = [config, f"{any_rec['flops'] / 1e9:.3g}"]
+        row += [_cell_time(by_impl.get(i)) for i in impls]
+        row += [_num(rec.get("vs_cudnn")), _num(rec.get("vs_cudnn_all_trainable")),
+                _vs_all_trainable(by_config, config, ours)]
+        for i in impls:
+            r = by_impl.get(i, {})
+            text = _num(r.get("tflops"))
+            if r.get("peak_fraction") is not None:
+                text += f" ({100 * r['peak_fraction']:.0f} %)"
+            row.append(text)
         rows.append(row)
     return _table(rows)
 
@@ -140,18 +183,20 @@ def _sweep_tables(records):
             for r in sorted(sel, key=lambda r: r[dim]):
                 by_value.setdefault(r[dim], OrderedDict())[r["impl"]] = r
             impls = _impls(by_value)
+            floor = _has_floor(sel)
             fixed = ", ".join(f"{d}={ref[d]}" for d in others) + \
                 (f", I={ref['I']}" if dim != "H" else ", I=H")
             out.append(f"\n### {cell} {config}: time against {dim} ({fixed}, {dtype})\n")
-            rows = [[dim, "GEMM GFLOP", "floor ms"] + [f"{_label(i)} ms" for i in impls]
-                    + [f"floor ratio {_label(i)}" for i in impls]]
+            rows = [[dim, "GEMM GFLOP"] + ["floor ms"] * floor
+                    + [f"{_label(i)} ms" for i in impls]
+                    + [f"floor ratio {_label(i)}" for i in impls] * floor]
             for value, by_impl in by_value.items():
                 any_rec = next(iter(by_impl.values()))
-                rows.append([str(value), f"{any_rec['flops'] / 1e9:.3g}",
-                             _floor_time(any_rec)]
+                rows.append([str(value), f"{any_rec['flops'] / 1e9:.3g}"]
+                            + [_floor_time(any_rec)] * floor
                             + [_cell_time(by_impl.get(i)) for i in impls]
                             + [_num(by_impl[i].get("floor_ratio")) if i in by_impl else "—"
-                               for i in impls])
+                               for i in impls] * floor)
             out.append(_table(rows))
             growth = _growth(by_value, impls)
             if growth:
@@ -217,15 +262,11 @@ def markdown(records, meta):
            f"sum(outputs·dy) w.r.t. what the configuration leaves trainable; inference = "
            f"forward only. {_reps_text(records, meta['settings'])} after a checked first "
            f"call and {meta['settings']['warmup']} warm-up; wall time {meta['wall_s']:.0f} s."]
-    busy = _busy(records, m)
-    if busy:
-        out += ["", f"**Warning: {busy}**"]
-    for (cell, dtype, device, T, B, I, H), by_config in _groups(records, sweep=False).items():
-        out += ["", f"## {cell}: T={T} B={B} I={I} H={H}, {dtype}, {device}", "",
-                _main_table(by_config)]
-    sweeps = _sweep_tables(records)
-    if sweeps:
-        out += ["", "## Scaling (--full sweeps)"] + sweeps
+    if meta["settings"]["device"] == "gpu":
+        out.append(f"On TensorFlow's GPU: each step waits for the device (sync_devices, "
+                   f"torch.cuda.synchronize) before the clock stops; TF32 in effect: "
+                   f"{meta['settings']['tf32']}; no GEMM floor (it is measured on the CPU).")
+    out += _sections(records, m, _main_table)
     out += ["", "Times are medians in ms, ± half the interquartile range. floor = the step's "
             "GEMMs alone (same shapes) in NumPy on this machine; floor ratio = floor ÷ median "
             "(1.0: all time spent in GEMMs at the BLAS rate). keras ÷ tfcells > 1: tfcells is "
@@ -233,10 +274,58 @@ def markdown(records, meta):
             "with the GEMM FLOP model's ratio in parentheses. MISMATCH: values differ from the "
             "reference, so not timed; ?: no other contender confirmed the values; ⚠: other "
             "processes used the cores while this was timed."]
+    return "\n".join(out + _notes_section(records)) + "\n"
+
+
+def _sections(records, machine, table):
+    """The busy warning, then one table per (cell, shape) and the sweeps."""
+    out = []
+    busy = _busy(records, machine)
+    if busy:
+        out += ["", f"**Warning: {busy}**"]
+    for (cell, dtype, device, T, B, I, H), by_config in _groups(records, sweep=False).items():
+        out += ["", f"## {cell}: T={T} B={B} I={I} H={H}, {dtype}, {device}", "",
+                table(by_config)]
+    sweeps = _sweep_tables(records)
+    if sweeps:
+        out += ["", "## Scaling (--full sweeps)"] + sweeps
+    return out
+
+
+def _notes_section(records):
     notes = _notes(records)
-    if notes:
-        out += ["", "Notes:"] + notes
-    return "\n".join(out) + "\n"
+    return ["", "Notes:"] + notes if notes else []
+
+
+def gpu_markdown(records, meta):
+    """--device gpu without a GPU TensorFlow: tfcells' CUDA kernels against cuDNN."""
+    m, g, st = meta["machine"], meta["gpu"], meta["settings"]
+    peak = (f"{g['peak_tflops']:g} TFLOP/s ({g['peak_source']})" if g["peak_tflops"] else
+            "unknown for this GPU and dtype")
+    out = [f"# tfcells GPU benchmark: CUDA kernels vs cuDNN — {m['date']}", "",
+           f"{g['name']}; CUDA {g['cuda']}, cuDNN {g['cudnn']}, PyTorch {g['torch']}, cuBLAS "
+           f"{g['cublas']}; tfcells {m['versions']['tfcells']}; host {m['cpu']}, "
+           f"{m['logical_cores']} logical cores.",
+           f"{st['dtype']}, TF32 {'ON' if g['tf32'] else 'OFF'} for both; nominal dense peak "
+           f"{peak}.",
+           "One training step = tfcells' CUDA forward (keeping the training cache) and its "
+           "backward with the configuration's gradient mask, through tfcells._tfcells_cuda on "
+           "PyTorch CUDA tensors; against torch.nn.LSTM/GRU/RNN (cuDNN) forward and "
+           "torch.autograd.grad of sum(y·dy) w.r.t. what the configuration leaves trainable. "
+           "Same weights, x and dy, zero initial states; y, the final states and every "
+           f"gradient both compute agree within {st['tolerance']:g} of the largest magnitude "
+           f"before either is timed. {_reps_text(records, st)} after a checked first call "
+           f"and {st['warmup']} warm-up, each between CUDA events; wall time "
+           f"{meta['wall_s']:.0f} s."]
+    out += _sections(records, m, lambda by_config: _gpu_table(by_config, g["peak_tflops"]))
+    out += ["", "Times are medians in ms on CUDA events, ± half the interquartile range. "
+            "÷ cuDNN: tfcells' time ÷ cuDNN's in the same configuration (< 1: tfcells is "
+            "faster); ÷ cuDNN all_trainable: ÷ cuDNN's all-trainable step of the same shape. "
+            "TFLOP/s: the GEMM FLOP model ÷ median (pointwise work not counted). Targets "
+            "(issue 6): all-trainable ratio ≤ 1.25; every frozen configuration's ÷ cuDNN "
+            "all_trainable < 1. MISMATCH: values differ from the reference, so not timed; ?: "
+            "no other contender confirmed the values."]
+    return "\n".join(out + _notes_section(records)) + "\n"
 
 
 def _fit_rate(rec):
@@ -329,6 +418,11 @@ def write_json(path, records, meta):
         json.dump({"meta": meta, "records": records}, f, indent=1)
 
 
+def _color(impl, colors):
+    """One colour per contender across all panels."""
+    return colors[list(IMPLS).index(impl) % len(colors)] if impl in IMPLS else "black"
+
+
 def plot(path, records, meta):
     import matplotlib  # lazily: only --plot needs it
 
@@ -348,7 +442,8 @@ def plot(path, records, meta):
         impls = _impls(by_config)
         floor_recs = [next(iter(by_config[c].values())) for c in configs]
         series = [("GEMM floor (NumPy)", None, [
-            (r["floor_ms"], None) if r["floor_ms"] else None for r in floor_recs])]
+            (r["floor_ms"], None) if r["floor_ms"] else None for r in floor_recs])] \
+            if _has_floor(floor_recs) else []
         for impl in impls:
             recs = [by_config[c].get(impl) for c in configs]
             series.append((_label(impl), impl, [
@@ -359,10 +454,9 @@ def plot(path, records, meta):
             xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(configs))]
             heights = [v[0] if v else 0 for v in values]
             errs = [[v[1][j] if v and v[1] else 0 for v in values] for j in (0, 1)]
-            # One colour per contender across all panels; the floor hatched grey.
+            # The floor hatched grey.
             style = dict(color="lightgray", hatch="//", edgecolor="gray") if impl is None else \
-                dict(color=colors[list(contenders.REGISTRY).index(impl) % len(colors)]
-                     if impl in contenders.REGISTRY else "black", yerr=errs, capsize=2)
+                dict(color=_color(impl, colors), yerr=errs, capsize=2)
             ax.bar(xs, heights, width, label=name, **style)
         ax.set_xticks(range(len(configs)))
         ax.set_xticklabels(configs, rotation=15, fontsize=8)
@@ -379,8 +473,8 @@ def plot(path, records, meta):
             for impl in OrderedDict.fromkeys(r["impl"] for r in pts):
                 sel = sorted((r for r in pts if r["impl"] == impl), key=lambda r: r[dim])
                 ax.plot([r[dim] for r in sel], [r["median_ms"] for r in sel], "o-",
-                        label=_label(impl))
-            floor_pts = sorted({r[dim]: r["floor_ms"] for r in pts}.items())
+                        label=_label(impl), color=_color(impl, colors))
+            floor_pts = sorted({r[dim]: r["floor_ms"] for r in pts if r["floor_ms"]}.items())
             if floor_pts:
                 ax.plot(*zip(*floor_pts), "k--", label="GEMM floor")
             ax.set_xscale("log", base=2)  # log-log: a line of slope 1 is linear growth
@@ -391,7 +485,8 @@ def plot(path, records, meta):
                          fontsize=9)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
-    fig.suptitle(f"tfcells benchmark, {meta['machine']['cpu']}, {meta['machine']['date']}")
+    where = meta["gpu"]["name"] if meta.get("gpu", {}).get("name") else meta["machine"]["cpu"]
+    fig.suptitle(f"tfcells benchmark, {where}, {meta['machine']['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
