@@ -167,8 +167,7 @@ class TfcellsCudaStep:
                        arrays.put(w["kernel"]), arrays.put(w["recurrent_kernel"]),
                        arrays.put(w["bias"]), None]  # x, h0, c0, kernels, bias, mask
         sizes = module.forward_sizes(cell, T, B, I, H, True)
-        self.cache = [arrays.empty(sizes[k]) if sizes[k] else None
-                      for k in ("gates", "aux", "h_prev")]
+        self.cache = [arrays.empty(sizes[k]) for k in ("gates", "aux", "h_prev")]
         self.outputs = {"y": arrays.empty(B, T, H), "h_last": arrays.empty(B, H),
                         "c_last": arrays.empty(B, H) if lstm else None}
         self.forward_workspace = arrays.empty(sizes["workspace"])
