@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <atomic>
 #include <mutex>
+#include <thread>
+#include <vector>
 
 #include "cpu_backend.h"
 
@@ -69,7 +71,34 @@ CpuBackend MakeBackend(const CpuOptions& options) {
   return be;
 }
 
+template <typename T>
+void StepProducts(Index count, Index m, Index k, Index n, const T* a, const T* w, T* out,
+                  int threads) {
+  const PackedOperand<T> operand(false, k, n, w, n);
+  threads = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, m)));
+  const Index block = (m + threads - 1) / threads;
+  auto rows = [&](Index begin, Index end) {
+    for (Index t = 0; t < count && begin < end; ++t)
+      operand.Multiply(end - begin, a + (t * m + begin) * k, k, T(0), out + begin * n, n, 0,
+                       operand.Panels());
+  };
+  std::vector<std::thread> pool;
+  for (int i = 1; i < threads; ++i)
+    pool.emplace_back(rows, i * block, std::min(m, (i + 1) * block));
+  rows(0, std::min(m, block));
+  for (auto& thread : pool) thread.join();
+}
+
 }  // namespace
+
+void StepProductsCpu(Index count, Index m, Index k, Index n, const float* a, const float* w,
+                     float* out, int threads) {
+  StepProducts(count, m, k, n, a, w, out, threads);
+}
+void StepProductsCpu(Index count, Index m, Index k, Index n, const double* a, const double* w,
+                     double* out, int threads) {
+  StepProducts(count, m, k, n, a, w, out, threads);
+}
 
 void CpuBackend::Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a,
                       Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) {

@@ -22,6 +22,14 @@ void ForwardCpu(const ForwardArgs<double>& args, const CpuOptions& options = {})
 void BackwardCpu(const BackwardArgs<float>& args, const CpuOptions& options = {});
 void BackwardCpu(const BackwardArgs<double>& args, const CpuOptions& options = {});
 
+// The recurrence's per-step products alone, as this backend runs them: out = a[t]·w for
+// t = 0..count-1 (a: [count, m, k], w: [k, n], out: [m, n], all row-major), w prepared once,
+// the m rows split over `threads` std::threads. The benchmark's GEMM floor times it.
+void StepProductsCpu(Index count, Index m, Index k, Index n, const float* a, const float* w,
+                     float* out, int threads);
+void StepProductsCpu(Index count, Index m, Index k, Index n, const double* a, const double* w,
+                     double* out, int threads);
+
 // Cap on the parallel pieces of one GEMM; 0 (the default) lets the caller's pool decide.
 void SetCpuGemmThreads(int threads);
 int CpuGemmThreads();

@@ -1,9 +1,12 @@
-"""The GEMM floor: the time of a step's matrix products alone, at the rate NumPy's BLAS reaches
-on this machine, and the FLOP model that counts them.
+"""The GEMM floor: the time of a step's matrix products alone, each group of them at the best
+rate this machine's GEMMs reach (NumPy's BLAS, or for the per-step products of the recurrence
+tfcells' own packed step GEMM, whichever is faster here), and the FLOP model that counts them.
 
 A fused recurrent kernel spends nearly all its time in these GEMMs; the rest (gates, copies,
 the framework) is overhead, so floor_ms / median_ms says how close an implementation gets to
-what the hardware allows.
+what the hardware allows. Taking the faster GEMM keeps the floor a floor: tfcells' step GEMM
+beats NumPy's BLAS at the recurrence's skinny shapes, and a floor built from the slower one
+would let a kernel look faster than its own GEMMs.
 """
 
 import ctypes
@@ -71,15 +74,46 @@ def _operands(gemm, dtype, rng):
     return a, b, c
 
 
+def _numpy_products(a, b, c):
+    def run():
+        for a_t in a:  # one BLAS call per step for the recurrence, one for the big GEMMs
+            np.matmul(a_t, b, out=c)
+
+    return run
+
+
+def _step_products(a, b, c):
+    """tfcells' packed step GEMM (b prepared once, rows split over the cores), or None where
+    the compiled module is missing."""
+    try:
+        from tfcells import _tfcells_core
+    except ImportError:
+        return None
+    threads = blas_threads() or os.cpu_count() or 1
+    return lambda: _tfcells_core.step_products(a, b, c, threads)
+
+
+def _fastest(candidates, tries=2):
+    return min(candidates, key=lambda fn: min(timing.time_call(fn) for _ in range(tries)))
+
+
 def floor_callable(cell, config, shape, dtype):
-    """A function that runs all of the step's GEMMs once, with preallocated operands."""
+    """A function that runs all of the step's GEMMs once, with preallocated operands: each
+    per-step group through the faster of NumPy's BLAS and tfcells' step GEMM (chosen here by
+    timing both), the single large GEMMs through NumPy's BLAS."""
     rng = np.random.default_rng(0)
-    work = [_operands(g, dtype, rng) for g in gemms(cell, config, shape)]
+    runs = []
+    for g in gemms(cell, config, shape):
+        a, b, c = _operands(g, dtype, rng)
+        candidates = [_numpy_products(a, b, c)]
+        if g.count > 1 and not g.trans_a:
+            candidates.append(_step_products(a, b, c))
+        candidates = [fn for fn in candidates if fn is not None]
+        runs.append(candidates[0] if len(candidates) == 1 else _fastest(candidates))
 
     def run():
-        for a, b, c in work:
-            for a_t in a:  # one BLAS call per step for the recurrence, one for the big GEMMs
-                np.matmul(a_t, b, out=c)
+        for fn in runs:
+            fn()
 
     return run
 
