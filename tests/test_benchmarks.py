@@ -129,8 +129,10 @@ def test_flop_model_shares():
 
 
 def test_floor_runs_its_gemms():
-    fn = floor.floor_callable("gru", CONFIGS["all_trainable"], Shape(2, 3, 4, 5), "float32")
-    fn()  # shapes must line up: a wrong Gemm raises here
+    paths = floor.floor_callables("gru", CONFIGS["all_trainable"], Shape(2, 3, 4, 5), "float32")
+    assert sorted(paths) == ["numpy", "tfcells"]
+    for fn in paths.values():
+        fn()  # shapes must line up: a wrong Gemm raises here
     labels = [g.label for g in floor.gemms("gru", CONFIGS["both_frozen_no_dx"], Shape(2, 3, 4, 5))]
     assert labels == ["X·W_x", "h·W_h", "dG·W_hᵀ"]
 

@@ -1,5 +1,5 @@
-"""The CPU backend's packed step GEMM, through the entry point the benchmark's GEMM floor uses
-(every op test also runs it inside the recurrences)."""
+"""The CPU backend's GEMM paths (the packed step GEMM, the thread-split large GEMM) through the
+entry point the benchmark's GEMM floor uses (every op test also runs them inside the ops)."""
 
 import numpy as np
 import pytest
@@ -16,31 +16,48 @@ SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 13, 1, 33), (4, 64, 256, 96), (2, 25, 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("count,m,k,n", SHAPES)
 @pytest.mark.parametrize("threads", [1, 3])
-def test_step_products_match_numpy(dtype, count, m, k, n, threads):
+def test_products_match_numpy(dtype, count, m, k, n, threads):
     rng = np.random.default_rng(count * 1000 + m)
     a = rng.standard_normal((count, m, k)).astype(dtype)
     w = rng.standard_normal((k, n)).astype(dtype)
     out = np.full((m, n), np.nan, dtype)  # every element must be written
-    core.step_products(a, w, out, threads)
+    core.products(a, w, out, threads)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, a[-1] @ w, rtol=tol, atol=tol * np.sqrt(k))
 
 
-def test_step_products_rejects_mismatched_shapes():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_transposed_product_matches_numpy(threads):
+    """count == 1 takes the split BLAS path; trans_a reads a [1, k, m] as its transpose (the
+    weight gradients' Xᵀ·dG), large enough (> 4 MFLOP) to be split across the threads."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((1, 300, 70)).astype(np.float32)  # k=300, m=70
+    w = rng.standard_normal((300, 130)).astype(np.float32)
+    out = np.full((70, 130), np.nan, np.float32)
+    core.products(a, w, out, threads, trans_a=True)
+    np.testing.assert_allclose(out, a[0].T @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_products_rejects_mismatched_shapes():
     a = np.zeros((2, 4, 5), np.float32)
-    with pytest.raises(ValueError, match="step_products"):
-        core.step_products(a, np.zeros((6, 3), np.float32), np.zeros((4, 3), np.float32))
-    with pytest.raises(ValueError, match="step_products"):
-        core.step_products(a, np.zeros((5, 3), np.float32), np.zeros((4, 2), np.float32))
+    with pytest.raises(ValueError, match="products needs"):
+        core.products(a, np.zeros((6, 3), np.float32), np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match="products needs"):
+        core.products(a, np.zeros((5, 3), np.float32), np.zeros((4, 2), np.float32))
+    with pytest.raises(ValueError, match="products needs"):  # trans_a takes one product
+        core.products(a, np.zeros((4, 3), np.float32), np.zeros((5, 3), np.float32),
+                      trans_a=True)
 
 
-def test_floor_candidates_compute_the_same_products():
-    """The floor times the faster of two implementations of each per-step group: both must do
-    the same work (here: the same last product, the one left in the output)."""
-    g = floor.Gemm("h·W_h", m=20, k=24, n=72, count=5)
-    a, b, c = floor._operands(g, np.float32, np.random.default_rng(1))
+@pytest.mark.parametrize("gemm", [floor.Gemm("h·W_h", m=20, k=24, n=72, count=5),
+                                  floor.Gemm("dW=Xᵀ·dG", m=24, k=300, n=72, trans_a=True)],
+                         ids=["per_step", "transposed"])
+def test_floor_candidates_compute_the_same_products(gemm):
+    """The floor times the faster of two implementations of each group: both must do the same
+    work (here: the same last product, the one left in the output)."""
+    a, b, c = floor._operands(gemm, np.float32, np.random.default_rng(1))
     floor._numpy_products(a, b, c)()
     expected = c.copy()
     c[:] = np.nan
-    floor._step_products(a, b, c)()
-    np.testing.assert_allclose(c, expected, rtol=1e-5, atol=1e-5)
+    floor._tfcells_products(a, b, c, gemm.trans_a)()
+    np.testing.assert_allclose(c, expected, rtol=1e-4, atol=1e-4)

@@ -142,23 +142,28 @@ py::dict Backward(const std::string& cell_name, const Array<T>& x, const Array<T
   return out;
 }
 
-// out = a[t]·w for every t (see StepProductsCpu): the benchmark's floor for the per-step GEMMs.
+// A step's GEMMs alone, as the ops run them (see ProductsCpu): the benchmark's GEMM floor.
 template <typename T>
-void StepProducts(const Array<T>& a, const Array<T>& w, py::array_t<T, py::array::c_style> out,
-                  int threads) {
-  if (a.ndim() != 3 || w.ndim() != 2 || out.ndim() != 2 || a.shape(2) != w.shape(0) ||
-      out.shape(0) != a.shape(1) || out.shape(1) != w.shape(1))
-    throw py::value_error("step_products needs a [count, m, k], w [k, n], out [m, n]");
+void Products(const Array<T>& a, const Array<T>& w, py::array_t<T, py::array::c_style> out,
+              int threads, bool trans_a) {
+  // a [count, m, k], or [1, k, m] read transposed
+  const bool ok = a.ndim() == 3 && w.ndim() == 2 && out.ndim() == 2 &&
+                  a.shape(trans_a ? 1 : 2) == w.shape(0) &&
+                  out.shape(0) == a.shape(trans_a ? 2 : 1) && out.shape(1) == w.shape(1) &&
+                  (!trans_a || a.shape(0) == 1);
+  if (!ok)
+    throw py::value_error("products needs a [count, m, k] (trans_a: [1, k, m]), w [k, n], "
+                          "out [m, n]");
   T* dst = out.mutable_data();  // throws if out is read-only
+  const Index m = out.shape(0), k = w.shape(0), n = w.shape(1);
   py::gil_scoped_release release;
-  StepProductsCpu(a.shape(0), a.shape(1), a.shape(2), w.shape(1), a.data(), w.data(), dst,
-                  threads);
+  ProductsCpu(a.shape(0), trans_a, m, k, n, a.data(), w.data(), dst, threads);
 }
 
 template <typename T>
 void Bind(py::module_& m) {
-  m.def("step_products", &StepProducts<T>, py::arg("a"), py::arg("w"), py::arg("out"),
-        py::arg("threads") = 1);
+  m.def("products", &Products<T>, py::arg("a"), py::arg("w"), py::arg("out"),
+        py::arg("threads") = 1, py::arg("trans_a") = false);
   m.def("forward", &Forward<T>, py::arg("cell"), py::arg("x"), py::arg("h0"), py::arg("c0"),
         py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("mask"),
         py::arg("time_major") = false, py::arg("go_backwards") = false,

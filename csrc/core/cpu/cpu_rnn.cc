@@ -72,8 +72,20 @@ CpuBackend MakeBackend(const CpuOptions& options) {
 }
 
 template <typename T>
-void StepProducts(Index count, Index m, Index k, Index n, const T* a, const T* w, T* out,
-                  int threads) {
+void Products(Index count, bool trans_a, Index m, Index k, Index n, const T* a, const T* w,
+              T* out, int threads) {
+  threads = std::max(1, threads);
+  if (count == 1) {
+    const ParallelRunner runner = [](int tasks, const std::function<void(int)>& fn) {
+      std::vector<std::thread> pool;
+      for (int i = 1; i < tasks; ++i) pool.emplace_back(fn, i);
+      fn(0);
+      for (auto& thread : pool) thread.join();
+    };
+    CpuBackend be = MakeBackend({&runner, threads});
+    be.Gemm(trans_a, false, m, n, k, a, trans_a ? m : k, w, n, T(0), out, n);
+    return;
+  }
   const PackedOperand<T> operand(false, k, n, w, n);
   threads = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, m)));
   const Index block = (m + threads - 1) / threads;
@@ -91,13 +103,13 @@ void StepProducts(Index count, Index m, Index k, Index n, const T* a, const T* w
 
 }  // namespace
 
-void StepProductsCpu(Index count, Index m, Index k, Index n, const float* a, const float* w,
-                     float* out, int threads) {
-  StepProducts(count, m, k, n, a, w, out, threads);
+void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const float* a,
+                 const float* w, float* out, int threads) {
+  Products(count, trans_a, m, k, n, a, w, out, threads);
 }
-void StepProductsCpu(Index count, Index m, Index k, Index n, const double* a, const double* w,
-                     double* out, int threads) {
-  StepProducts(count, m, k, n, a, w, out, threads);
+void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
+                 const double* w, double* out, int threads) {
+  Products(count, trans_a, m, k, n, a, w, out, threads);
 }
 
 void CpuBackend::Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a,

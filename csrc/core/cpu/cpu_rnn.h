@@ -22,13 +22,15 @@ void ForwardCpu(const ForwardArgs<double>& args, const CpuOptions& options = {})
 void BackwardCpu(const BackwardArgs<float>& args, const CpuOptions& options = {});
 void BackwardCpu(const BackwardArgs<double>& args, const CpuOptions& options = {});
 
-// The recurrence's per-step products alone, as this backend runs them: out = a[t]·w for
-// t = 0..count-1 (a: [count, m, k], w: [k, n], out: [m, n], all row-major), w prepared once,
-// the m rows split over `threads` std::threads. The benchmark's GEMM floor times it.
-void StepProductsCpu(Index count, Index m, Index k, Index n, const float* a, const float* w,
-                     float* out, int threads);
-void StepProductsCpu(Index count, Index m, Index k, Index n, const double* a, const double* w,
-                     double* out, int threads);
+// A step's GEMMs alone, as this backend runs them inside the ops, on `threads` std::threads:
+// the benchmark's GEMM floor times them. out[m, n] = op(a[t])·w for t = 0..count-1, with
+// w [k, n] and a [count, m, k] (trans_a: a [1, k, m], read transposed), all row-major.
+//   count == 1: one large GEMM split across the threads (the input projection, dx, dW);
+//   count > 1:  the recurrence's per-step products, w packed once, rows split (no trans_a).
+void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const float* a,
+                 const float* w, float* out, int threads);
+void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
+                 const double* w, double* out, int threads);
 
 // Cap on the parallel pieces of one GEMM; 0 (the default) lets the caller's pool decide.
 void SetCpuGemmThreads(int threads);

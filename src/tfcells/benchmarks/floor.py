@@ -1,12 +1,12 @@
-"""The GEMM floor: the time of a step's matrix products alone, each group of them at the best
-rate this machine's GEMMs reach (NumPy's BLAS, or for the per-step products of the recurrence
-tfcells' own packed step GEMM, whichever is faster here), and the FLOP model that counts them.
+"""The GEMM floor: the time of a step's matrix products alone, each group of them through the
+faster of NumPy's BLAS and tfcells' own GEMM path (its packed step GEMM for the recurrence, its
+thread-split BLAS calls for the large products), and the FLOP model that counts them.
 
 A fused recurrent kernel spends nearly all its time in these GEMMs; the rest (gates, copies,
 the framework) is overhead, so floor_ms / median_ms says how close an implementation gets to
-what the hardware allows. Taking the faster GEMM keeps the floor a floor: tfcells' step GEMM
-beats NumPy's BLAS at the recurrence's skinny shapes, and a floor built from the slower one
-would let a kernel look faster than its own GEMMs.
+what the hardware allows. Taking the faster path keeps the floor a floor: tfcells' GEMMs beat
+NumPy's BLAS at the recurrence's skinny shapes, and a floor built from the slower one would
+let a kernel look faster than its own GEMMs.
 """
 
 import ctypes
@@ -16,7 +16,6 @@ import os
 
 import numpy as np
 
-from . import timing
 from .workload import GATES, trainable_names
 
 
@@ -82,44 +81,37 @@ def _numpy_products(a, b, c):
     return run
 
 
-def _step_products(a, b, c):
-    """tfcells' packed step GEMM (b prepared once, rows split over the cores), or None where
-    the compiled module is missing."""
+def _tfcells_products(a, b, c, trans_a):
+    """The same products through tfcells' CPU GEMM path, on as many threads as NumPy's BLAS
+    uses; None where the compiled module is missing."""
     try:
         from tfcells import _tfcells_core
     except ImportError:
         return None
     threads = blas_threads() or os.cpu_count() or 1
-    return lambda: _tfcells_core.step_products(a, b, c, threads)
+    base = a.transpose(0, 2, 1) if trans_a else a  # _operands' stored (contiguous) array
+    return lambda: _tfcells_core.products(base, b, c, threads, trans_a)
 
 
-def _fastest(candidates, tries=2):
-    return min(candidates, key=lambda fn: min(timing.time_call(fn) for _ in range(tries)))
-
-
-def floor_callable(cell, config, shape, dtype):
-    """A function that runs all of the step's GEMMs once, with preallocated operands: each
-    per-step group through the faster of NumPy's BLAS and tfcells' step GEMM (chosen here by
-    timing both), the single large GEMMs through NumPy's BLAS."""
+def floor_callables(cell, config, shape, dtype):
+    """{GEMM path: a function that runs all of the step's GEMMs once} for NumPy's BLAS and, where
+    compiled, tfcells' GEMM path, with preallocated operands. Each is timed in its own block and
+    the floor is the faster: mixing the two inside one step would time each after the other's
+    spinning threads (seen here: tfcells' products 2x slower right after NumPy's)."""
     rng = np.random.default_rng(0)
-    runs = []
-    for g in gemms(cell, config, shape):
-        a, b, c = _operands(g, dtype, rng)
-        candidates = [_numpy_products(a, b, c)]
-        if g.count > 1 and not g.trans_a:
-            candidates.append(_step_products(a, b, c))
-        candidates = [fn for fn in candidates if fn is not None]
-        runs.append(candidates[0] if len(candidates) == 1 else _fastest(candidates))
+    operands = [(g, _operands(g, dtype, rng)) for g in gemms(cell, config, shape)]
+    paths = {"numpy": [_numpy_products(a, b, c) for _, (a, b, c) in operands]}
+    ours = [_tfcells_products(a, b, c, g.trans_a) for g, (a, b, c) in operands]
+    if all(fn is not None for fn in ours):
+        paths["tfcells"] = ours
 
-    def run():
-        for fn in runs:
-            fn()
+    def sequence(fns):
+        def run():
+            for fn in fns:
+                fn()
+        return run
 
-    return run
-
-
-def measure_floor(cell, config, shape, dtype, reps, warmup=1):
-    return timing.measure(floor_callable(cell, config, shape, dtype), reps, warmup)
+    return {name: sequence(fns) for name, fns in paths.items()}
 
 
 # NumPy's OpenBLAS has its own thread pool; reach it through the library NumPy loaded.

@@ -268,8 +268,10 @@ def markdown(records, meta):
                    f"{meta['settings']['tf32']}; no GEMM floor (it is measured on the CPU).")
     out += _sections(records, m, _main_table)
     out += ["", "Times are medians in ms, ± half the interquartile range. floor = the step's "
-            "GEMMs alone (same shapes) in NumPy on this machine; floor ratio = floor ÷ median "
-            "(1.0: all time spent in GEMMs at the BLAS rate). keras ÷ tfcells > 1: tfcells is "
+            "GEMMs alone (same shapes) on this machine, through NumPy's BLAS or tfcells' own "
+            "GEMM path, whichever was faster (each timed in its own block; JSON: floor_path); "
+            "floor ratio = floor ÷ median (1.0: all time spent in GEMMs at the best GEMM rate). "
+            "keras ÷ tfcells > 1: tfcells is "
             "faster. tfcells ÷ all_trainable: time relative to tfcells' all-trainable step, "
             "with the GEMM FLOP model's ratio in parentheses. MISMATCH: values differ from the "
             "reference, so not timed; ?: no other contender confirmed the values; ⚠: other "
@@ -441,7 +443,7 @@ def plot(path, records, meta):
         configs = [c for c in CONFIGS if c in by_config]
         impls = _impls(by_config)
         floor_recs = [next(iter(by_config[c].values())) for c in configs]
-        series = [("GEMM floor (NumPy)", None, [
+        series = [("GEMM floor", None, [
             (r["floor_ms"], None) if r["floor_ms"] else None for r in floor_recs])] \
             if _has_floor(floor_recs) else []
         for impl in impls:

@@ -8,6 +8,7 @@ from . import check, contenders, floor, machine, timing
 from .workload import make_workload
 
 _FLOOR = "gemm_floor"
+QUIET_S = 0.25  # pause before each timed block: other pools' spinning threads go idle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +63,9 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
     is not timed. Then each contender, and the GEMM floor, is timed in its own block of
     warm-up and repetitions. Not round-robin: each library's thread pool (TF's, OpenBLAS',
     OpenMP's) spins for a while after its work and steals the cores from whichever runs next
-    (seen here: a tiny step's floor 30x slower round-robin than alone); the warm-up call at
-    the start of each block absorbs that.
+    (seen here: a tiny step's floor 30x slower round-robin than alone). So each block starts
+    after a quiet pause long enough for those spins to end (NumPy's OpenBLAS spins ~0.1 s:
+    a SimpleRNN step timed right after it took 17-19 ms instead of 10-12).
     """
     work = make_workload(task.cell, task.config, task.shape, dtype, device)
     records, steps, outputs = {}, {}, {}
@@ -108,21 +110,29 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
     # The floor is NumPy on the CPU; a GPU run has no comparable floor here.
     with_floor = floor_enabled and device == "cpu"
     if with_floor:
-        timed[_FLOOR] = (floor.floor_callable(task.cell, task.config, task.shape, dtype),
-                         timing.measure)
+        for path, fn in floor.floor_callables(task.cell, task.config, task.shape,
+                                              dtype).items():
+            timed[_FLOOR + ":" + path] = (fn, timing.measure)
     stats = {}
     for impl, (fn, measure) in timed.items():
+        time.sleep(QUIET_S)
         with machine.OtherWork() as other:
             stats[impl] = measure(fn, reps, warmup, budget_s)
         stats[impl]["other_cores"] = other.cores
 
     flops = floor.flops(task.cell, task.config, task.shape)
-    floor_stats = stats.pop(_FLOOR) if with_floor else None
+    # The floor: the faster GEMM path's block.
+    floor_paths = {k: stats.pop(k) for k in list(stats) if k.startswith(_FLOOR + ":")}
+    floor_stats = None
+    if floor_paths:
+        path = min(floor_paths, key=lambda k: floor_paths[k]["median_ms"])
+        floor_stats = dict(floor_paths[path], path=path.split(":", 1)[1])
     floor_ms = floor_stats["median_ms"] if floor_stats else None
     for impl, rec in records.items():
         rec.update(flops=flops, floor_ms=floor_ms,
                    floor_iqr_ms=floor_stats["iqr_ms"] if floor_stats else None,
-                   floor_other_cores=floor_stats["other_cores"] if floor_stats else None)
+                   floor_other_cores=floor_stats["other_cores"] if floor_stats else None,
+                   floor_path=floor_stats["path"] if floor_stats else None)
         if impl not in stats:
             continue
         rec.update(stats[impl])
