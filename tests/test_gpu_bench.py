@@ -338,3 +338,34 @@ def test_peaks():
     assert gpu.peak_for("NVIDIA H200", "float32", True) == ("H200", 494.7)
     assert gpu.peak_for("NVIDIA H100 80GB HBM3", "float64", False) == (None, None)
     assert gpu.peak_for("Tesla T4", "float32", False) == (None, None)
+
+
+# ------------------------------------------------------------ a GPU machine without TensorFlow
+
+
+def test_gpu_suite_choice_without_tensorflow():
+    """On a GPU machine with PyTorch but no TensorFlow, `import tfcells` still works (only its
+    TensorFlow parts say why they are missing) and `--device gpu` reaches the pybind11 suite's
+    checks. Simulated in a child process where importing tensorflow fails."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+sys.modules["tensorflow"] = None  # import tensorflow -> ImportError
+import tfcells
+try:
+    tfcells.LSTM
+except ImportError as e:
+    assert "needs TensorFlow" in str(e), e
+else:
+    raise AssertionError("tfcells.LSTM without TensorFlow")
+from tfcells.benchmarks import cli, gpu
+suite, why = gpu.which_suite()
+assert suite is None and "TensorFlow does not import" in why, why
+assert cli.main(["--device", "gpu", "--no-progress"]) == 2
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

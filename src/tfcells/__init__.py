@@ -4,39 +4,17 @@ The backward pass of every op computes only the gradients that are needed: a fro
 an input that needs no gradient or an initial state that is a constant costs no work.
 """
 
-from . import _build_info
-from ._loader import c_library as _c_library
-from . import ops
-from .ops import lstm, gru, simple_rnn
-from .layers import LSTM, GRU, SimpleRNN, LSTMCell, GRUCell, SimpleRNNCell, RNN
+try:
+    import tensorflow as _tensorflow  # noqa: F401
+except ImportError as _error:
+    # A GPU machine with PyTorch but no TensorFlow can still run the compiled kernel modules
+    # (tfcells._tfcells_core, tfcells._tfcells_cuda) and `python -m benchmarks --device gpu`;
+    # everything else says why it is missing.
+    _NO_TENSORFLOW = str(_error)
 
-__version__ = _build_info.VERSION
-
-
-def build_info():
-    """How this tfcells was built: versions, and whether CUDA kernels were compiled."""
-    return {
-        "version": _build_info.VERSION,
-        "tensorflow_version": _build_info.TENSORFLOW_VERSION,
-        "cuda": _build_info.CUDA,
-        "compiler": _build_info.COMPILER,
-        "native_arch": _build_info.NATIVE_ARCH,
-    }
-
-
-def set_cpu_gemm_threads(threads):
-    """Caps how many threads of TensorFlow's intra-op pool one CPU op of tfcells uses: large
-    GEMMs, pointwise loops and batch shards are split across at most this many (0, the
-    default: the whole pool, i.e. tf.config.threading.get_intra_op_parallelism_threads() or one
-    per core; 1: single-threaded). Work too small to pay for a hand-off stays on one thread."""
-    _c_library.tfcells_set_gemm_threads(int(threads))
-
-
-def cpu_gemm_threads():
-    """The cap set by set_cpu_gemm_threads (0: none)."""
-    return _c_library.tfcells_gemm_threads()
-
-
-__all__ = ["ops", "lstm", "gru", "simple_rnn", "build_info", "set_cpu_gemm_threads",
-           "cpu_gemm_threads", "__version__", "LSTM", "GRU", "SimpleRNN", "LSTMCell", "GRUCell",
-           "SimpleRNNCell", "RNN"]
+    def __getattr__(name):
+        raise ImportError(f"tfcells.{name} needs TensorFlow, which does not import here "
+                          f"({_NO_TENSORFLOW}); install requirements.txt")
+else:
+    from ._tensorflow_api import *  # noqa: F401,F403
+    from ._tensorflow_api import __all__, __version__  # noqa: F401

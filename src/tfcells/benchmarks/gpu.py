@@ -9,6 +9,10 @@ torch.nn.LSTM / GRU / RNN (cuDNN) with the same weights, inputs and dy, one trai
 freeze configuration, checked for equal values before it is timed with CUDA events.
 """
 
+import importlib
+import os
+import sys
+
 import numpy as np
 
 from . import contenders, timing
@@ -38,13 +42,29 @@ def peak_for(device_name, dtype, tf32):
     return None, None
 
 
-def _cuda_module():
-    """(tfcells._tfcells_cuda, None), or (None, why it is not usable)."""
+def _import_cuda_module():
+    """tfcells._tfcells_cuda from the installed package, else `_tfcells_cuda` from the build
+    directory $TFCELLS_CUDA_MODULE_DIR (a GPU machine without TensorFlow builds only the
+    pybind11 modules with CMake; tests/test_cuda.py finds them the same way)."""
     try:
         from tfcells import _tfcells_cuda as module
+        return module
+    except ImportError:
+        directory = os.environ.get("TFCELLS_CUDA_MODULE_DIR")
+        if not directory:
+            raise
+        sys.path.insert(0, directory)
+        return importlib.import_module("_tfcells_cuda")
+
+
+def _cuda_module():
+    """(the _tfcells_cuda module, None), or (None, why it is not usable)."""
+    try:
+        module = _import_cuda_module()
     except ImportError as e:
         return None, (f"tfcells._tfcells_cuda does not import ({e}): this tfcells build has "
-                      "no CUDA code; rebuild it where nvcc is available")
+                      "no CUDA code; rebuild it where nvcc is available, or point "
+                      "$TFCELLS_CUDA_MODULE_DIR at a CMake build directory holding it")
     if module.device_count() == 0:
         return None, "the CUDA runtime finds no GPU"
     try:
@@ -67,10 +87,16 @@ def _torch_cuda():
 
 def which_suite():
     """("tf" or "cuda_module", None): the GPU suite this machine can run; (None, why none)."""
-    import tensorflow as tf
-    from tfcells import _loader
-
-    tf_gpus = tf.config.list_physical_devices("GPU")
+    try:
+        import tensorflow as tf
+        from tfcells import _loader
+    except ImportError as e:  # a GPU machine with PyTorch and no TensorFlow
+        tf, tf_gpus, why_tf = None, [], f"TensorFlow does not import ({e})"
+    else:
+        tf_gpus = tf.config.list_physical_devices("GPU")
+        why_tf = ("TensorFlow sees no GPU (tensorflow-cpu, or no NVIDIA GPU)" if not tf_gpus
+                  else "TensorFlow sees a GPU, but tfcells' GPU kernels are not loaded (this "
+                  "tfcells build has no CUDA kernels; rebuild it where nvcc is available)")
     if tf_gpus and _loader.gpu_c_library is not None:
         # PyTorch, a contender, needs GPU memory too: TF must not take it all up front.
         for device in tf_gpus:
@@ -79,9 +105,6 @@ def which_suite():
             except RuntimeError:  # the GPU is already initialised (main() run twice)
                 pass
         return "tf", None
-    why_tf = ("TensorFlow sees no GPU (tensorflow-cpu, or no NVIDIA GPU)" if not tf_gpus else
-              "TensorFlow sees a GPU, but tfcells' GPU kernels are not loaded (this tfcells "
-              "build has no CUDA kernels; rebuild it where nvcc is available)")
     torch, why_not = _torch_cuda()
     if torch is not None:
         module, why_not = _cuda_module()

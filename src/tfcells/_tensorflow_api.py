@@ -1,0 +1,38 @@
+"""The TensorFlow side of tfcells: its ops, Keras layers and build facts."""
+
+from . import _build_info
+from ._loader import c_library as _c_library
+from . import ops
+from .ops import lstm, gru, simple_rnn
+from .layers import LSTM, GRU, SimpleRNN, LSTMCell, GRUCell, SimpleRNNCell, RNN
+
+__version__ = _build_info.VERSION
+
+
+def build_info():
+    """How this tfcells was built: versions, and whether CUDA kernels were compiled."""
+    return {
+        "version": _build_info.VERSION,
+        "tensorflow_version": _build_info.TENSORFLOW_VERSION,
+        "cuda": _build_info.CUDA,
+        "compiler": _build_info.COMPILER,
+        "native_arch": _build_info.NATIVE_ARCH,
+    }
+
+
+def set_cpu_gemm_threads(threads):
+    """Caps how many threads of TensorFlow's intra-op pool one CPU op of tfcells uses: large
+    GEMMs, pointwise loops and batch shards are split across at most this many (0, the
+    default: the whole pool, i.e. tf.config.threading.get_intra_op_parallelism_threads() or one
+    per core; 1: single-threaded). Work too small to pay for a hand-off stays on one thread."""
+    _c_library.tfcells_set_gemm_threads(int(threads))
+
+
+def cpu_gemm_threads():
+    """The cap set by set_cpu_gemm_threads (0: none)."""
+    return _c_library.tfcells_gemm_threads()
+
+
+__all__ = ["ops", "lstm", "gru", "simple_rnn", "build_info", "set_cpu_gemm_threads",
+           "cpu_gemm_threads", "__version__", "LSTM", "GRU", "SimpleRNN", "LSTMCell", "GRUCell",
+           "SimpleRNNCell", "RNN"]
