@@ -116,6 +116,28 @@ std::string ValidateShapes(CellKind cell, bool time_major, const std::vector<Ind
                            const std::vector<Index>* bias, const std::vector<Index>* mask,
                            Dims* dims);
 
+// StepOperand/StepGemm for a backend whose Gemm reads the operand where it lies (cuBLAS): a
+// base class, Derived being the backend.
+template <typename Derived>
+struct InPlaceStepOperands {
+  template <typename T>
+  struct Operand {
+    bool trans;
+    Index k, n;
+    const T* w;
+    Index ld;
+  };
+  template <typename T>
+  Operand<T> StepOperand(bool trans, Index k, Index n, const T* w, Index ld) const {
+    return {trans, k, n, w, ld};
+  }
+  template <typename T>
+  void StepGemm(Index m, const T* a, Index lda, const Operand<T>& w, T beta, T* c, Index ldc) {
+    static_cast<Derived&>(*this).Gemm(false, w.trans, m, w.n, w.k, a, lda, w.w, w.ld, beta, c,
+                                      ldc);
+  }
+};
+
 namespace detail {
 
 template <typename T>

@@ -82,7 +82,7 @@ struct ScalePoint {
 
 }  // namespace cuda_detail
 
-class CudaBackend {
+class CudaBackend : public InPlaceStepOperands<CudaBackend> {
  public:
   CudaBackend(cudaStream_t stream, const CudaOptions& options)
       : stream_(stream), options_(options) {
@@ -107,23 +107,6 @@ class CudaBackend {
   void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const double* a, Index lda,
             const double* b, Index ldb, double beta, double* c, Index ldc) {
     GemmImpl(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
-  }
-
-  // cuBLAS reads the recurrent kernel where it lies: nothing to prepare.
-  template <typename T>
-  struct Operand {
-    bool trans;
-    Index k, n;
-    const T* w;
-    Index ld;
-  };
-  template <typename T>
-  Operand<T> StepOperand(bool trans, Index k, Index n, const T* w, Index ld) const {
-    return {trans, k, n, w, ld};
-  }
-  template <typename T>
-  void StepGemm(Index m, const T* a, Index lda, const Operand<T>& w, T beta, T* c, Index ldc) {
-    GemmImpl(false, w.trans, m, w.n, w.k, a, lda, w.w, w.ld, beta, c, ldc);
   }
 
   // One shard: the GPU parallelises inside each step.

@@ -25,7 +25,7 @@ void Loop(Index rows, Index cols, const F& f) {
 }
 
 template <typename Backend>  // the derived backend, handed to ForRowShards' callback
-struct HostParts {
+struct HostParts : InPlaceStepOperands<Backend> {
   template <typename F>
   void ForEach(Index rows, Index cols, const F& f) {
     Loop(rows, cols, f);
