@@ -238,8 +238,10 @@ int main() {
                {CellKind::kGruResetAfter, "gru"},
                {CellKind::kGruResetBefore, "gru_reset_before"},
                {CellKind::kSimpleRnn, "simple_rnn"}};
+  // The last shape takes the step GEMM past one row block (6 or 12 rows, by vector width)
+  // and past one column panel, with remainders in both.
   const Index shapes[][4] = {{1, 1, 1, 1}, {3, 2, 4, 5}, {4, 3, 2, 3}, {0, 2, 3, 4},
-                             {3, 0, 2, 3}, {2, 3, 3, 1}};  // T, B, I, H
+                             {3, 0, 2, 3}, {2, 3, 3, 1}, {2, 13, 3, 17}};  // T, B, I, H
   int cases = 0;
   unsigned seed = 1;
   for (const auto& c : cells)
