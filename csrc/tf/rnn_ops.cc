@@ -5,6 +5,8 @@
 // produces only the gradients named by `grad_mask` (GradBits, csrc/core/common.h); the others
 // are returned as empty tensors. `frozen` on the forward op records the GradBits its caller
 // ruled out, for the Python gradient function to honour.
+#include <new>
+
 #include "../core/cpu/cpu_rnn.h"
 #include "rnn_kernels.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
@@ -145,7 +147,12 @@ struct CpuLauncher {
     CpuOptions options;
     options.runner = &runner;
     options.max_tasks = workers->num_threads;
-    run(options);
+    try {
+      run(options);
+    } catch (const std::bad_alloc&) {  // the packed recurrent kernel (as large as W_h)
+      ctx->CtxFailure(tensorflow::errors::ResourceExhausted(
+          "tfcells: out of memory for the packed recurrent kernel"));
+    }
   }
 };
 
