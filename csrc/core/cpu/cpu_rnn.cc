@@ -71,34 +71,23 @@ CpuBackend MakeBackend(const CpuOptions& options) {
   return be;
 }
 
+// Through the same backend, sharding and split rules as the ops, on std::threads.
 template <typename T>
 void Products(Index count, bool trans_a, Index m, Index k, Index n, const T* a, const T* w,
               T* out, int threads) {
-  threads = std::max(1, threads);
-  if (count == 1) {
-    const ParallelRunner runner = [](int tasks, const std::function<void(int)>& fn) {
-      std::vector<std::thread> pool;
-      for (int i = 1; i < tasks; ++i) pool.emplace_back(fn, i);
-      fn(0);
-      for (auto& thread : pool) thread.join();
-    };
-    CpuBackend be = MakeBackend({&runner, threads});
-    be.Gemm(trans_a, false, m, n, k, a, trans_a ? m : k, w, n, T(0), out, n);
-    return;
-  }
-  const PackedOperand<T> operand(false, k, n, w, n);
-  threads = static_cast<int>(std::max<Index>(1, std::min<Index>(threads, m)));
-  const Index block = (m + threads - 1) / threads;
-  auto rows = [&](Index begin, Index end) {
-    for (Index t = 0; t < count && begin < end; ++t)
-      operand.Multiply(end - begin, a + (t * m + begin) * k, k, T(0), out + begin * n, n, 0,
-                       operand.Panels());
+  const ParallelRunner runner = [](int tasks, const std::function<void(int)>& fn) {
+    std::vector<std::thread> pool;
+    for (int i = 1; i < tasks; ++i) pool.emplace_back(fn, i);
+    fn(0);
+    for (auto& thread : pool) thread.join();
   };
-  std::vector<std::thread> pool;
-  for (int i = 1; i < threads; ++i)
-    pool.emplace_back(rows, i * block, std::min(m, (i + 1) * block));
-  rows(0, std::min(m, block));
-  for (auto& thread : pool) thread.join();
+  CpuBackend be = MakeBackend({&runner, std::max(1, threads)});
+  if (count == 1) return be.Gemm(trans_a, false, m, n, k, a, trans_a ? m : k, w, n, T(0), out, n);
+  const auto operand = be.StepOperand(false, k, n, w, n);
+  be.ForRowShards(m, 2.0 * m * k * n, [&](CpuBackend& shard, Index b0, Index b1) {
+    for (Index t = 0; t < count; ++t)
+      shard.StepGemm(b1 - b0, a + (t * m + b0) * k, k, operand, T(0), out + b0 * n, n);
+  });
 }
 
 }  // namespace

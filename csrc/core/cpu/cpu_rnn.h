@@ -26,7 +26,8 @@ void BackwardCpu(const BackwardArgs<double>& args, const CpuOptions& options = {
 // the benchmark's GEMM floor times them. out[m, n] = op(a[t])·w for t = 0..count-1, with
 // w [k, n] and a [count, m, k] (trans_a: a [1, k, m], read transposed), all row-major.
 //   count == 1: one large GEMM split across the threads (the input projection, dx, dW);
-//   count > 1:  the recurrence's per-step products, w packed once, rows split (no trans_a).
+//   count > 1:  the recurrence's per-step products (no trans_a): w packed once, then batch
+//               shards or split steps, by the ops' own rules.
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const float* a,
                  const float* w, float* out, int threads);
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
