@@ -198,9 +198,9 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
   // The recurrent kernel as every step's GEMM reads it. GRU with reset_after=False multiplies
   // its z,r columns and its candidate columns separately (the other cells leave w_hh empty).
   const bool split_candidate = a.cell == CellKind::kGruResetBefore;
+  const T* candidate_kernel = split_candidate ? a.recurrent_kernel + 2 * H : a.recurrent_kernel;
   const auto w_h = be.StepOperand(false, H, split_candidate ? 2 * H : GH, a.recurrent_kernel, GH);
-  const auto w_hh = be.StepOperand(false, H, split_candidate ? H : 0, a.recurrent_kernel + 2 * H,
-                                   GH);
+  const auto w_hh = be.StepOperand(false, H, split_candidate ? H : 0, candidate_kernel, GH);
 
   // The time loop, for batch rows [b0, b1) (every matrix below is that shard's view).
   auto run_rows = [&](Backend& sb, Index b0, Index b1) {
@@ -315,11 +315,11 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   // (only the first processed step carries nothing when dh0 is not wanted). GRU with
   // reset_after=False: its z,r rows and its candidate rows separately.
   const bool split_candidate = a.cell == CellKind::kGruResetBefore;
+  const T* candidate_kernel = split_candidate ? a.recurrent_kernel + 2 * H : a.recurrent_kernel;
   const bool carries = d.T > 1 || (m & kGradH0);
   const auto w_h_t = be.StepOperand(true, split_candidate ? 2 * H : GH, carries ? H : 0,
                                     a.recurrent_kernel, GH);
-  const auto w_hh_t = be.StepOperand(true, H, split_candidate ? H : 0,
-                                     a.recurrent_kernel + 2 * H, GH);
+  const auto w_hh_t = be.StepOperand(true, H, split_candidate ? H : 0, candidate_kernel, GH);
   // The backward time loop, for batch rows [b0, b1) (every matrix is that shard's view).
   auto run_rows = [&](Backend& sb, Index b0, Index b1) {
     const Index n = b1 - b0;
