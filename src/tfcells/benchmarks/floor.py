@@ -1,6 +1,6 @@
-"""The GEMM floor: the time of a step's matrix products alone, each group of them through the
-faster of NumPy's BLAS and tfcells' own GEMM path (its packed step GEMM for the recurrence, its
-thread-split BLAS calls for the large products), and the FLOP model that counts them.
+"""The GEMM floor: the time of a step's matrix products alone, all of them through NumPy's BLAS
+or all through tfcells' own GEMM path (its packed step GEMM for the recurrence, its thread-split
+BLAS calls for the large products), whichever is faster, and the FLOP model that counts them.
 
 A fused recurrent kernel spends nearly all its time in these GEMMs; the rest (gates, copies,
 the framework) is overhead, so floor_ms / median_ms says how close an implementation gets to
