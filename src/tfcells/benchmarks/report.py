@@ -223,12 +223,17 @@ def _load(values):
 
 
 def _reps_text(records, settings):
+    per_block = (settings["reps"] + 1) // 2  # runner.run_task: two blocks per contender
     done = [r["reps"] for r in records if r.get("reps")]
-    if not done or min(done) == max(done) == settings["reps"]:
-        return f"{settings['reps']} repetitions"
-    span = f"{min(done)}" if min(done) == max(done) else f"{min(done)}–{max(done)}"
-    return (f"{span} repetitions (up to {settings['reps']}, fewer once a "
-            f"contender's block passed {settings['budget_s']:g} s)")
+    if not done or min(done) == max(done) == per_block:
+        counted = f"{per_block} repetitions"
+    else:
+        span = f"{min(done)}" if min(done) == max(done) else f"{min(done)}–{max(done)}"
+        counted = (f"{span} repetitions (up to {per_block}, fewer once a block passed "
+                   f"{settings['budget_s']:g} s)")
+    return (f"After a checked first call, two blocks per contender (the second round in "
+            f"reverse order), each {settings['warmup']} warm-up and {counted}; the faster "
+            "block's median counts (JSON: block_medians_ms)")
 
 
 def _busy(records, m):
@@ -260,8 +265,8 @@ def markdown(records, meta):
                torch=th.get("torch", "—"), **{k: v for k, v in th.items() if k != "torch"}),
            f"One training step = forward + backward (tf.GradientTape in tf.function) of "
            f"sum(outputs·dy) w.r.t. what the configuration leaves trainable; inference = "
-           f"forward only. {_reps_text(records, meta['settings'])} after a checked first "
-           f"call and {meta['settings']['warmup']} warm-up; wall time {meta['wall_s']:.0f} s."]
+           f"forward only. {_reps_text(records, meta['settings'])}; wall time "
+           f"{meta['wall_s']:.0f} s."]
     if meta["settings"]["device"] == "gpu":
         out.append(f"On TensorFlow's GPU: each step waits for the device (sync_devices, "
                    f"torch.cuda.synchronize) before the clock stops; TF32 in effect: "
@@ -316,9 +321,8 @@ def gpu_markdown(records, meta):
            "torch.autograd.grad of sum(y·dy) w.r.t. what the configuration leaves trainable. "
            "Same weights, x and dy, zero initial states; y, the final states and every "
            f"gradient both compute agree within {st['tolerance']:g} of the largest magnitude "
-           f"before either is timed. {_reps_text(records, st)} after a checked first call "
-           f"and {st['warmup']} warm-up, each between CUDA events; wall time "
-           f"{meta['wall_s']:.0f} s."]
+           f"before either is timed. {_reps_text(records, st)}, each repetition between CUDA "
+           f"events; wall time {meta['wall_s']:.0f} s."]
     out += _sections(records, m, lambda by_config: _gpu_table(by_config, g["peak_tflops"]))
     out += ["", "Times are medians in ms on CUDA events, ± half the interquartile range. "
             "÷ cuDNN: tfcells' time ÷ cuDNN's in the same configuration (< 1: tfcells is "
