@@ -54,7 +54,10 @@ def _import_cuda_module():
         if not directory:
             raise
         sys.path.insert(0, directory)
-        return importlib.import_module("_tfcells_cuda")
+        try:  # once imported, the module stays in sys.modules; the path need not
+            return importlib.import_module("_tfcells_cuda")
+        finally:
+            sys.path.remove(directory)
 
 
 def _cuda_module():

@@ -3,7 +3,7 @@
 import json
 from collections import OrderedDict
 
-from . import contenders, gpu
+from . import contenders, gpu, runner
 from .workload import CONFIGS
 
 TIMED = ("ok", "unverified")  # statuses that carry a time
@@ -223,7 +223,7 @@ def _load(values):
 
 
 def _reps_text(records, settings):
-    per_block = (settings["reps"] + 1) // 2  # runner.run_task: two blocks per contender
+    per_block = runner.block_reps(settings["reps"])
     done = [r["reps"] for r in records if r.get("reps")]
     if not done or min(done) == max(done) == per_block:
         counted = f"{per_block} repetitions"

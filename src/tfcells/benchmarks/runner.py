@@ -11,6 +11,11 @@ _FLOOR = "gemm_floor"
 QUIET_S = 0.12  # before each timed block: NumPy's OpenBLAS threads spin 2^28 cycles, ~0.08 s
 
 
+def block_reps(reps):
+    """Repetitions in each of a contender's two timing blocks (run_task)."""
+    return max(1, (reps + 1) // 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     cell: str
@@ -125,7 +130,7 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
             fn, measure = timed[impl]
             time.sleep(QUIET_S)
             with machine.OtherWork() as other:
-                block = measure(fn, max(1, (reps + 1) // 2), warmup, budget_s)
+                block = measure(fn, block_reps(reps), warmup, budget_s)
             block["other_cores"] = other.cores
             blocks[impl].append(block)
     stats = {}
