@@ -104,7 +104,8 @@ def test_grad_op_rejects_a_foreign_cache():
     with pytest.raises(InvalidArgument, match="gates must hold the forward op's training cache"):
         tfcells.ops.ops_module.tfcells_lstm_grad(
             x, args["h0"], args["c0"], args["kernel"], args["recurrent_kernel"], args["bias"],
-            tf.zeros([0], tf.bool), tf.zeros([7]), tf.zeros([B * T * H]),
+            tf.zeros([0], tf.bool), tf.zeros([0]), tf.zeros([0]), tf.zeros([7]),
+            tf.zeros([B * T * H]),
             tf.zeros([B * T * H]), tf.zeros([0]), tf.zeros([0]), tf.zeros([0]), grad_mask=63)
 
 
@@ -130,3 +131,17 @@ def test_build_info():
     assert info["tensorflow_version"] == tf.__version__
     assert info["version"] == tfcells.__version__
     assert isinstance(info["cuda"], bool)
+
+
+def test_dropout_mask_shapes():
+    args = lstm_args()
+    with pytest.raises(InvalidArgument, match=r"recurrent_dropout must have shape \[4, 2, 5\] "
+                                              r"\(one mask per gate and batch entry"):
+        tfcells.ops.lstm(**args, recurrent_dropout_mask=tf.ones([1, B, H]))
+    with pytest.raises(InvalidArgument, match=r"input_dropout must have shape \[3, 2, 4\]"):
+        tfcells.ops.gru(**gru_args(), input_dropout_mask=tf.ones([3, B, I + 1]))
+    with pytest.raises(ValueError, match=r"recurrent_dropout_mask must have rank 3 "
+                                         r"\(\[4, B, H\]: one mask per gate\)"):
+        tfcells.ops.lstm(**args, recurrent_dropout_mask=tf.ones([B, H]))
+    with pytest.raises(TypeError, match="input_dropout_mask has dtype float64"):
+        tfcells.ops.lstm(**args, input_dropout_mask=tf.ones([4, B, I], tf.float64))

@@ -116,20 +116,24 @@ def assert_close(actual, expected, dtype, what):
 
 
 def check_against_reference(cell, inputs, mask, time_major, go_backwards, dtype,
-                            watched=None, frozen=()):
-    """Runs the op in `dtype` and the reference in float64; compares values and gradients."""
+                            watched=None, frozen=(), dropout=None):
+    """Runs the op in `dtype` and the reference in float64; compares values and gradients.
+
+    dropout: optional dict of input_dropout_mask / recurrent_dropout_mask for both."""
     watched = watched if watched is not None else [
         n for n in cell.grad_inputs if inputs.get(n) is not None]
     inputs64 = cast_inputs(inputs, tf.float64)
     weights64 = loss_weights(cell, inputs64, time_major)
+    dropout = dropout or {}
     ref_out, ref_grads = run_with_grads(cell.ref, inputs64, watched, weights64, mask=mask,
-                                        time_major=time_major, go_backwards=go_backwards)
+                                        time_major=time_major, go_backwards=go_backwards,
+                                        **cast_inputs(dropout, tf.float64))
     ours_in = cast_inputs(inputs, dtype)
     weights = [tf.cast(w, dtype) for w in weights64]
     with CountWork() as work:
         out, grads = run_with_grads(cell.op, ours_in, watched, weights, mask=mask,
                                     time_major=time_major, go_backwards=go_backwards,
-                                    frozen=frozen)
+                                    frozen=frozen, **cast_inputs(dropout, dtype))
     for name, o, r in zip(["outputs", "h_last", "c_last"], out, ref_out):
         assert o.dtype == dtype
         assert_close(o, r, dtype, f"{cell} {name}")
@@ -477,3 +481,69 @@ def test_parallel_paths(cell, path, go_backwards):
     inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=13)
     mask = make_mask("random", B, T, False, seed=13)
     check_against_reference(cell, inputs, mask, False, go_backwards, tf.float64)
+
+
+# ---------------------------------------------------------------------------------- dropout
+# Keras' implementation=1 dropout: gate g reads x ⊙ input_mask[g] and h_prev ⊙ recurrent_mask[g]
+# at every step. The reference multiplies gate by gate (reference._products).
+
+DROPOUT_KINDS = {"input": ("input_dropout_mask",), "recurrent": ("recurrent_dropout_mask",),
+                 "both": ("input_dropout_mask", "recurrent_dropout_mask")}
+
+
+def make_dropout(cell, B, I, H, kind, rate=0.3, seed=0):
+    """Keras-like scaled masks (0 or 1/(1-rate)), a different one per gate."""
+    rng = np.random.default_rng(seed + 2)
+    widths = {"input_dropout_mask": I, "recurrent_dropout_mask": H}
+    return {name: tf.constant((rng.random((cell.gates, B, widths[name])) >= rate) / (1 - rate))
+            for name in DROPOUT_KINDS[kind]}
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("kind", sorted(DROPOUT_KINDS))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["batch_major", "time_major", "backwards",
+                                                 "time_major_backwards"])
+def test_dropout_values_and_gradients_float64(cell, kind, layout):
+    B, T, I, H = 4, 5, 9, 13
+    time_major, go_backwards = layout
+    inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=21, time_major=time_major)
+    mask = make_mask("random", B, T, time_major, seed=21)
+    check_against_reference(cell, inputs, mask, time_major, go_backwards, tf.float64,
+                            dropout=make_dropout(cell, B, I, H, kind, seed=21))
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("path", sorted(PARALLEL_SHAPES))
+def test_dropout_float32_and_parallel_paths(cell, path):
+    B, T, I, H = PARALLEL_SHAPES[path]
+    inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=22)
+    dropout = make_dropout(cell, B, I, H, "both", seed=22)
+    for dtype in (tf.float64, tf.float32):
+        check_against_reference(cell, inputs, None, False, True, dtype, dropout=dropout)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("skipped", [("x",), ("kernel",), ("recurrent_kernel",),
+                                     ("kernel", "recurrent_kernel", "bias"),
+                                     ("x", "kernel", "recurrent_kernel", "bias")],
+                         ids=lambda s: "+".join(s))
+def test_dropout_with_frozen_inputs(cell, skipped):
+    """Freezing still skips work with dropout masks, and what is computed stays exact."""
+    inputs = make_inputs(cell, 3, 4, 5, 6, tf.float64, seed=23)
+    needed = [n for n in cell.grad_inputs if n not in skipped]
+    work = check_against_reference(cell, inputs, make_mask("random", 3, 4, False, seed=23),
+                                   False, False, tf.float64, watched=cell.grad_inputs,
+                                   frozen=skipped,
+                                   dropout=make_dropout(cell, 3, 5, 6, "both", seed=23))
+    expected = _expected_work(cell, needed)
+    got = {k: work[k] for k in expected}
+    assert got == expected, f"work done {got}, expected {expected}"
+
+
+def test_dropout_masks_of_ones_change_nothing():
+    cell = CELLS[0]
+    inputs = make_inputs(cell, 3, 4, 5, 6, tf.float32, seed=24)
+    plain = cell.op(**inputs)
+    ones = {"input_dropout_mask": tf.ones([4, 3, 5]), "recurrent_dropout_mask": tf.ones([4, 3, 6])}
+    for a, b in zip(plain, cell.op(**inputs, **ones)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

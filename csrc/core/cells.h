@@ -26,6 +26,12 @@ TFCELLS_HD T BiasAt(const T* bias, Index k) {
   return bias ? bias[k] : T(0);
 }
 
+// An optional dropout mask: absent means 1.
+template <typename T>
+TFCELLS_HD T ScaleAt(const StepMatrix<const T>& m, Index b, Index j) {
+  return m ? m(b, j) : T(1);
+}
+
 // dy may be absent (no gradient flows into the output sequence).
 template <typename T>
 TFCELLS_HD T GradAt(const StepMatrix<const T>& g, Index b, Index j) {
@@ -154,7 +160,8 @@ struct GruResetBeforeForwardGates {  // phase 1: z, r and r * h_prev
   StepMatrix<const T> rec_zr;   // h_prev·W_h[:, :2H]
   const T* bias;
   StepMatrix<const T> h_prev;
-  StepMatrix<T> reset_h;        // out: r * h_prev
+  StepMatrix<const T> h_dropout;  // the candidate's recurrent dropout mask, or null
+  StepMatrix<T> reset_h;          // out: r * h_prev (⊙ h_dropout)
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
@@ -162,7 +169,7 @@ struct GruResetBeforeForwardGates {  // phase 1: z, r and r * h_prev
     const T r = Sigmoid(gates(b, H + j) + rec_zr(b, H + j) + BiasAt(bias, H + j));
     gates(b, j) = z;
     gates(b, H + j) = r;
-    reset_h(b, j) = r * h_prev(b, j);
+    reset_h(b, j) = r * (h_prev(b, j) * ScaleAt(h_dropout, b, j));
   }
 };
 
@@ -207,18 +214,18 @@ struct GruResetBeforeBackwardState {  // phase 1: dz, dhh
 
 template <typename T>
 struct GruResetBeforeBackwardGates {  // phase 2: dr, from d(r * h_prev)
-  StepMatrix<const T> gates, h_prev, d_reset_h;
+  StepMatrix<const T> gates, h_prev, h_dropout, d_reset_h;  // h_dropout: as in the forward
   StepMatrix<const bool> mask;
   StepMatrix<T> dgates;  // out: r column
-  StepMatrix<T> dh;      // accumulates d(r * h_prev) * r
+  StepMatrix<T> dh;      // accumulates d(r * h_prev) * r (⊙ h_dropout)
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
-    const T r = gates(b, H + j);
+    const T r = gates(b, H + j), scale = ScaleAt(h_dropout, b, j);
     dgates(b, H + j) =
-        active ? d_reset_h(b, j) * h_prev(b, j) * SigmoidGradFromOutput(r) : T(0);
-    dh(b, j) += active ? d_reset_h(b, j) * r : T(0);
+        active ? d_reset_h(b, j) * (h_prev(b, j) * scale) * SigmoidGradFromOutput(r) : T(0);
+    dh(b, j) += active ? d_reset_h(b, j) * r * scale : T(0);
   }
 };
 

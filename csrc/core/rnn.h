@@ -6,6 +6,9 @@
 //           carries dh to the previous step; then each requested weight/input gradient is one
 //           GEMM over all T*B rows (dW_x = xᵀ·dG, dW_h = h_prevᵀ·dG, dx = dG·W_xᵀ) and db a
 //           column sum. Each is skipped, and its buffer never touched, when its GradBit is clear.
+// Dropout (Keras' implementation=1, optional): gate g reads x ⊙ mx_g and h_prev ⊙ mh_g, so the
+//           products above run gate by gate on masked copies (W[:, g] a column block), and the
+//           gradients reaching x and h_prev are masked the same way.
 //
 // The driver is written against a Backend that provides:
 //   Gemm(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc)   row-major C = op(A)op(B) + βC
@@ -22,7 +25,9 @@
 // and the caller provides every buffer (outputs, cache, workspace), so nothing is allocated here.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -43,6 +48,11 @@ struct ForwardArgs {
   const T* recurrent_kernel = nullptr;  // [H, G*H]
   const T* bias = nullptr;              // optional: [G*H]; GRU reset_after: [2, 3H]
   const bool* mask = nullptr;           // optional: [B,T] ([T,B] if time_major)
+  // Optional dropout, as Keras applies it while training: at every step gate g reads
+  // x ⊙ input_dropout[g] and h_prev ⊙ recurrent_dropout[g] ([G,B,I] and [G,B,H]: one mask
+  // row per batch entry for all steps, holding 0 or 1/(1-rate)).
+  const T* input_dropout = nullptr;
+  const T* recurrent_dropout = nullptr;
   T* y = nullptr;                       // [B,T,H] ([T,B,H]), in processing order
   T* h_last = nullptr;                  // [B,H]
   T* c_last = nullptr;                  // [B,H], LSTM only
@@ -60,6 +70,7 @@ struct BackwardArgs {
   const T *x = nullptr, *h0 = nullptr, *c0 = nullptr;
   const T *kernel = nullptr, *recurrent_kernel = nullptr, *bias = nullptr;
   const bool* mask = nullptr;
+  const T *input_dropout = nullptr, *recurrent_dropout = nullptr;  // as in ForwardArgs
   const T *gates = nullptr, *aux = nullptr, *h_prev = nullptr;  // the forward's cache
   const T* dy = nullptr;       // optional: gradient w.r.t. y
   const T* dh_last = nullptr;  // optional
@@ -80,9 +91,16 @@ inline CacheSizes TrainingCacheSizes(CellKind cell, const Dims& d) {
           rows * d.H};
 }
 
-inline Index ForwardWorkspaceSize(CellKind cell, const Dims& d, bool training) {
+// Which optional dropout masks a call has (they need scratch of their own).
+struct DropoutInputs {
+  bool input = false, recurrent = false;
+};
+
+inline Index ForwardWorkspaceSize(CellKind cell, const Dims& d, bool training,
+                                  DropoutInputs dropout = {}) {
   const Index gh = GateCount(cell) * d.H;
-  return (training ? 0 : d.Rows() * gh) + d.B * gh + 2 * d.B * d.H;
+  return (training ? 0 : d.Rows() * gh) + d.B * gh + 2 * d.B * d.H +
+         (dropout.input ? d.Rows() * d.I : 0) + (dropout.recurrent ? d.B * d.H : 0);
 }
 
 // Whether the backward pass keeps the gate gradients of all steps (a later GEMM needs them).
@@ -90,12 +108,18 @@ inline bool KeepsAllGateGrads(int grad_mask) {
   return grad_mask & (kGradX | kGradKernel | kGradRecurrentKernel | kGradBias);
 }
 
-inline Index BackwardWorkspaceSize(CellKind cell, const Dims& d, int grad_mask) {
+inline Index BackwardWorkspaceSize(CellKind cell, const Dims& d, int grad_mask,
+                                   DropoutInputs dropout = {}) {
   const Index gh = GateCount(cell) * d.H;
   const Index steps = KeepsAllGateGrads(grad_mask) ? d.Rows() : d.B;
   const Index rec_steps = (grad_mask & (kGradRecurrentKernel | kGradBias)) ? d.Rows() : d.B;
   const Index dgates_rec = cell == CellKind::kGruResetAfter ? rec_steps * gh : 0;
-  return steps * gh + dgates_rec + 3 * d.B * d.H;
+  // Dropout: masked copies of x or of the h_prev cache for the weight GEMMs (one gate at a
+  // time), and one step's masked product.
+  const Index masked_x = dropout.input && (grad_mask & (kGradX | kGradKernel)) ? d.I : 0;
+  const Index masked_h = dropout.recurrent && (grad_mask & kGradRecurrentKernel) ? d.H : 0;
+  return steps * gh + dgates_rec + 3 * d.B * d.H + d.Rows() * std::max(masked_x, masked_h) +
+         (dropout.recurrent ? d.B * d.H : 0);
 }
 
 // How often each piece of gradient work ran in this process: lets tests prove that a skipped
@@ -115,6 +139,10 @@ std::string ValidateShapes(CellKind cell, bool time_major, const std::vector<Ind
                            const std::vector<Index>& recurrent_kernel,
                            const std::vector<Index>* bias, const std::vector<Index>* mask,
                            Dims* dims);
+// Checks the dropout masks' shapes against valid dims (either may be null: absent).
+std::string ValidateDropoutShapes(CellKind cell, const Dims& d,
+                                  const std::vector<Index>* input_dropout,
+                                  const std::vector<Index>* recurrent_dropout);
 
 // StepOperand/StepGemm for a backend whose Gemm reads the operand where it lies (cuBLAS): a
 // base class, Derived being the backend.
@@ -160,6 +188,21 @@ TFCELLS_HD StepMatrix<T> FromRow(StepMatrix<T> m, Index b0) {
   return m ? StepMatrix<T>(m.data + b0 * m.ld, m.ld) : m;
 }
 
+// dst = src ⊙ scale (or dst += src ⊙ scale), where row r of src reads the dropout-mask row of
+// its batch entry, (r / div) % B: div = T for all rows batch-major, 1 time-major or for one
+// step's rows (scale then starts at the shard's first row).
+template <typename T>
+struct ScaleRowsPoint {
+  StepMatrix<T> dst;
+  StepMatrix<const T> src, scale;
+  Index div, B;
+  bool accumulate;
+  TFCELLS_HD void operator()(Index r, Index j) const {
+    const T v = src(r, j) * scale((r / div) % B, j);
+    dst(r, j) = accumulate ? dst(r, j) + v : v;
+  }
+};
+
 // The mask column of time t; without a mask, every row reads the same `true`.
 template <typename Backend>
 StepMatrix<const bool> MaskAt(Backend& be, const bool* mask, const Dims& d, Index t) {
@@ -167,6 +210,14 @@ StepMatrix<const bool> MaskAt(Backend& be, const bool* mask, const Dims& d, Inde
 }
 
 }  // namespace detail
+
+// Gate g's recurrent dropout mask from batch row b0 on (null without recurrent dropout).
+template <typename Args>
+auto RecurrentDropout(const Args& a, int g, Index b0) {
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(a.recurrent_dropout)>>;
+  const T* m = a.recurrent_dropout;
+  return m ? StepMatrix<const T>(m + (g * a.d.B + b0) * a.d.H, a.d.H) : StepMatrix<const T>();
+}
 
 template <typename T, typename Backend>
 void Forward(Backend& be, const ForwardArgs<T>& a) {
@@ -188,9 +239,24 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
   T* rec = ws;
   ws += B * GH;
   T* state_pingpong = ws;  // inference: LSTM cell state or GRU r*h_prev, two [B,H] slots
+  ws += 2 * B * H;
+  T* dropped_x = a.input_dropout ? ws : nullptr;  // x ⊙ one gate's mask, all rows
+  if (a.input_dropout) ws += d.Rows() * d.I;
+  T* dropped_h = ws;  // with recurrent dropout: h_prev ⊙ one gate's mask, one step
 
   // Input projection for every step at once; biases are added in the pointwise kernels.
-  be.Gemm(false, false, d.Rows(), GH, d.I, a.x, d.I, a.kernel, GH, T(0), gx_all, GH);
+  if (a.input_dropout) {
+    for (int g = 0; g < G; ++g) {
+      be.ForEach(d.Rows(), d.I, detail::ScaleRowsPoint<T>{
+                                    Plain(dropped_x, d.I), Plain(a.x, d.I),
+                                    Plain(a.input_dropout + g * B * d.I, d.I),
+                                    d.time_major ? 1 : d.T, B, false});
+      be.Gemm(false, false, d.Rows(), H, d.I, dropped_x, d.I, a.kernel + g * H, GH, T(0),
+              gx_all + g * H, GH);
+    }
+  } else {
+    be.Gemm(false, false, d.Rows(), GH, d.I, a.x, d.I, a.kernel, GH, T(0), gx_all, GH);
+  }
 
   if (training) be.ForEach(B, H, detail::CopyPoint<T>{AtStep(a.h_prev, d, d.InputTime(0), H),
                                                       Plain(a.h0, H)});
@@ -199,8 +265,28 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
   // its z,r columns and its candidate columns separately (the other cells leave w_hh empty).
   const bool split_candidate = a.cell == CellKind::kGruResetBefore;
   const T* candidate_kernel = split_candidate ? a.recurrent_kernel + 2 * H : a.recurrent_kernel;
-  const auto w_h = be.StepOperand(false, H, split_candidate ? 2 * H : GH, a.recurrent_kernel, GH);
+  // Gates whose product h_prev·W_h runs before the pointwise kernel (reset_after=False: z, r).
+  const int product_gates = split_candidate ? 2 : G;
+  const bool rec_dropout = a.recurrent_dropout != nullptr;
+  const auto w_h = be.StepOperand(false, H, rec_dropout ? 0 : product_gates * H,
+                                  a.recurrent_kernel, GH);
   const auto w_hh = be.StepOperand(false, H, split_candidate ? H : 0, candidate_kernel, GH);
+  // With recurrent dropout each gate multiplies its own masked h_prev by its column block.
+  decltype(be.StepOperand(false, H, 0, a.recurrent_kernel, GH)) w_h_gate[4];
+  if (rec_dropout)
+    for (int g = 0; g < product_gates; ++g)
+      w_h_gate[g] = be.StepOperand(false, H, H, a.recurrent_kernel + g * H, GH);
+  // rec[:, gates] = h_prev·W_h for the product gates, one shard's n rows from b0.
+  auto recurrent_product = [&](Backend& sb, Index n, Index b0, StepMatrix<const T> h_prev,
+                               T* out, Index ld_out) {
+    if (!rec_dropout) return sb.StepGemm(n, h_prev.data, h_prev.ld, w_h, T(0), out, ld_out);
+    const StepMatrix<T> dropped = Plain(dropped_h + b0 * H, H);
+    for (int g = 0; g < product_gates; ++g) {
+      sb.ForEach(n, H, detail::ScaleRowsPoint<T>{dropped, h_prev,
+                                                 RecurrentDropout(a, g, b0), 1, n, false});
+      sb.StepGemm(n, dropped.data, H, w_h_gate[g], T(0), out + g * H, ld_out);
+    }
+  };
 
   // The time loop, for batch rows [b0, b1) (every matrix below is that shard's view).
   auto run_rows = [&](Backend& sb, Index b0, Index b1) {
@@ -227,7 +313,7 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
 
       switch (a.cell) {
         case CellKind::kLstm: {
-          sb.StepGemm(n, h_prev.data, h_prev.ld, w_h, T(0), rec_rows, GH);
+          recurrent_product(sb, n, b0, h_prev, rec_rows, GH);
           const StepMatrix<const T> c_prev =
               s == 0 ? plain(a.c0, H) : StepMatrix<const T>(aux_at(s - 1));
           sb.ForEach(n, H, LstmForwardPoint<T>{gates, Plain(rec_rows, GH), a.bias, h_prev,
@@ -235,7 +321,7 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
           break;
         }
         case CellKind::kGruResetAfter: {
-          sb.StepGemm(n, h_prev.data, h_prev.ld, w_h, T(0), rec_rows, GH);
+          recurrent_product(sb, n, b0, h_prev, rec_rows, GH);
           sb.ForEach(n, H, GruResetAfterForwardPoint<T>{
                                gates, Plain(rec_rows, GH), a.bias, h_prev, mask, h,
                                training ? aux_at(s) : StepMatrix<T>(), h_next_cache, H});
@@ -245,17 +331,18 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
           // rec holds h_prev·W_h[:, :2H] as [B, 2H], then (r*h_prev)·W_h[:, 2H:] as [B, H].
           T* rec_zr = rec + b0 * 2 * H;
           T* rec_h = rec + B * 2 * H + b0 * H;
-          sb.StepGemm(n, h_prev.data, h_prev.ld, w_h, T(0), rec_zr, 2 * H);
+          recurrent_product(sb, n, b0, h_prev, rec_zr, 2 * H);
           const StepMatrix<T> reset_h = aux_at(s);
           sb.ForEach(n, H, GruResetBeforeForwardGates<T>{gates, Plain(rec_zr, 2 * H), a.bias,
-                                                         h_prev, reset_h, H});
+                                                         h_prev, RecurrentDropout(a, 2, b0),
+                                                         reset_h, H});
           sb.StepGemm(n, reset_h.data, reset_h.ld, w_hh, T(0), rec_h, H);
           sb.ForEach(n, H, GruResetBeforeForwardState<T>{gates, Plain(rec_h, H), a.bias, h_prev,
                                                          mask, h, h_next_cache, H});
           break;
         }
         case CellKind::kSimpleRnn: {
-          sb.StepGemm(n, h_prev.data, h_prev.ld, w_h, T(0), rec_rows, GH);
+          recurrent_product(sb, n, b0, h_prev, rec_rows, GH);
           sb.ForEach(n, H, SimpleRnnForwardPoint<T>{gates, Plain(rec_rows, GH), a.bias, h_prev,
                                                     mask, h, h_next_cache, H});
           break;
@@ -310,6 +397,12 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   T* dh = ws;
   T* dc = ws + B * H;
   T* d_reset_h = ws + 2 * B * H;
+  ws += 3 * B * H;
+  const bool in_dropout = a.input_dropout != nullptr, rec_dropout = a.recurrent_dropout != nullptr;
+  T* masked_rows = ws;  // dropout: x or h_prev ⊙ one gate's mask (or dx's part), all rows
+  ws += d.Rows() * std::max(in_dropout && (m & (kGradX | kGradKernel)) ? d.I : 0,
+                            rec_dropout && (m & kGradRecurrentKernel) ? H : 0);
+  T* step_product = ws;  // recurrent dropout: one gate's share of dh_prev, one step
 
   // The recurrent kernel, transposed, as the GEMM carrying dh to the previous step reads it
   // (only the first processed step carries nothing when dh0 is not wanted). GRU with
@@ -317,9 +410,26 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   const bool split_candidate = a.cell == CellKind::kGruResetBefore;
   const T* candidate_kernel = split_candidate ? a.recurrent_kernel + 2 * H : a.recurrent_kernel;
   const bool carries = d.T > 1 || (m & kGradH0);
-  const auto w_h_t = be.StepOperand(true, split_candidate ? 2 * H : GH, carries ? H : 0,
+  const int product_gates = split_candidate ? 2 : G;
+  const auto w_h_t = be.StepOperand(true, product_gates * H, carries && !rec_dropout ? H : 0,
                                     a.recurrent_kernel, GH);
   const auto w_hh_t = be.StepOperand(true, H, split_candidate ? H : 0, candidate_kernel, GH);
+  decltype(be.StepOperand(true, H, 0, a.recurrent_kernel, GH)) w_h_t_gate[4];
+  if (rec_dropout && carries)
+    for (int g = 0; g < product_gates; ++g)
+      w_h_t_gate[g] = be.StepOperand(true, H, H, a.recurrent_kernel + g * H, GH);
+  // dh_prev += dG·W_hᵀ over the product gates; with recurrent dropout, gate by gate
+  // (dG_g·W_h[:, g]ᵀ) ⊙ m_g, since gate g read h_prev ⊙ m_g.
+  auto carry_product = [&](Backend& sb, Index n, Index b0, const T* dg, Index ld_dg,
+                           StepMatrix<T> dh_rows) {
+    if (!rec_dropout) return sb.StepGemm(n, dg, ld_dg, w_h_t, T(1), dh_rows.data, H);
+    const StepMatrix<T> product = Plain(step_product + b0 * H, H);
+    for (int g = 0; g < product_gates; ++g) {
+      sb.StepGemm(n, dg + g * H, ld_dg, w_h_t_gate[g], T(0), product.data, H);
+      sb.ForEach(n, H, detail::ScaleRowsPoint<T>{dh_rows, product,
+                                                 RecurrentDropout(a, g, b0), 1, n, true});
+    }
+  };
   // The backward time loop, for batch rows [b0, b1) (every matrix is that shard's view).
   auto run_rows = [&](Backend& sb, Index b0, Index b1) {
     const Index n = b1 - b0;
@@ -351,8 +461,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
               s == 0 ? plain(a.c0, H) : at(a.aux, d.InputTime(s - 1), H);
           sb.ForEach(n, H, LstmBackwardPoint<T>{gates, at(a.aux, t, H), c_prev, dy, mask,
                                                 dgates, dh_rows, dc_rows, H});
-          if (carry_to_prev)
-            sb.StepGemm(n, dgates.data, dgates.ld, w_h_t, T(1), dh_rows.data, H);
+          if (carry_to_prev) carry_product(sb, n, b0, dgates.data, dgates.ld, dh_rows);
           break;
         }
         case CellKind::kGruResetAfter: {
@@ -360,8 +469,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
               keep_all_rec ? at(dgates_rec_all, t, GH) : plain(dgates_rec_all, GH);
           sb.ForEach(n, H, GruResetAfterBackwardPoint<T>{gates, at(a.aux, t, H), h_prev, dy,
                                                          mask, dgates, dgates_rec, dh_rows, H});
-          if (carry_to_prev)
-            sb.StepGemm(n, dgates_rec.data, dgates_rec.ld, w_h_t, T(1), dh_rows.data, H);
+          if (carry_to_prev) carry_product(sb, n, b0, dgates_rec.data, dgates_rec.ld, dh_rows);
           break;
         }
         case CellKind::kGruResetBefore: {
@@ -370,16 +478,15 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
                                                           dh_rows, H});
           // d(r * h_prev) = dhh · W_hhᵀ
           sb.StepGemm(n, dgates.data + 2 * H, dgates.ld, w_hh_t, T(0), d_reset_rows.data, H);
-          sb.ForEach(n, H, GruResetBeforeBackwardGates<T>{gates, h_prev, d_reset_rows, mask,
-                                                          dgates, dh_rows, H});
-          if (carry_to_prev)
-            sb.StepGemm(n, dgates.data, dgates.ld, w_h_t, T(1), dh_rows.data, H);
+          sb.ForEach(n, H, GruResetBeforeBackwardGates<T>{
+                               gates, h_prev, RecurrentDropout(a, 2, b0), d_reset_rows, mask,
+                               dgates, dh_rows, H});
+          if (carry_to_prev) carry_product(sb, n, b0, dgates.data, dgates.ld, dh_rows);
           break;
         }
         case CellKind::kSimpleRnn: {
           sb.ForEach(n, H, SimpleRnnBackwardPoint<T>{gates, dy, mask, dgates, dh_rows, H});
-          if (carry_to_prev)
-            sb.StepGemm(n, dgates.data, dgates.ld, w_h_t, T(1), dh_rows.data, H);
+          if (carry_to_prev) carry_product(sb, n, b0, dgates.data, dgates.ld, dh_rows);
           break;
         }
       }
@@ -397,24 +504,52 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   // Gradients of the input-side pre-activations, and of the recurrent-side ones.
   const T* dg_in = dgates_all;
   const T* dg_rec = a.cell == CellKind::kGruResetAfter ? dgates_rec_all : dgates_all;
+  // Row r of a sequence buffer belongs to batch entry (r / div) % B.
+  const Index div = d.time_major ? 1 : d.T;
+  auto mask_rows = [&](const T* src, Index width, const T* masks, int g, bool accumulate,
+                       T* dst) {
+    be.ForEach(rows, width, detail::ScaleRowsPoint<T>{Plain(dst, width), Plain(src, width),
+                                                      Plain(masks + g * B * width, width),
+                                                      div, B, accumulate});
+  };
   if (m & kGradX) {
-    be.Gemm(false, true, rows, d.I, GH, dg_in, GH, a.kernel, GH, T(0), a.dx, d.I);
+    if (in_dropout) {  // dx = Σ_g (dG_g·W_x[:, g]ᵀ) ⊙ mx_g
+      for (int g = 0; g < G; ++g) {
+        be.Gemm(false, true, rows, d.I, H, dg_in + g * H, GH, a.kernel + g * H, GH, T(0),
+                masked_rows, d.I);
+        mask_rows(masked_rows, d.I, a.input_dropout, g, g > 0, a.dx);
+      }
+    } else {
+      be.Gemm(false, true, rows, d.I, GH, dg_in, GH, a.kernel, GH, T(0), a.dx, d.I);
+    }
     counters.grad_x++;
   }
   if (m & kGradKernel) {
-    be.Gemm(true, false, d.I, GH, rows, a.x, d.I, dg_in, GH, T(0), a.dkernel, GH);
+    if (in_dropout) {  // dW_x[:, g] = (x ⊙ mx_g)ᵀ·dG_g
+      for (int g = 0; g < G; ++g) {
+        mask_rows(a.x, d.I, a.input_dropout, g, false, masked_rows);
+        be.Gemm(true, false, d.I, H, rows, masked_rows, d.I, dg_in + g * H, GH, T(0),
+                a.dkernel + g * H, GH);
+      }
+    } else {
+      be.Gemm(true, false, d.I, GH, rows, a.x, d.I, dg_in, GH, T(0), a.dkernel, GH);
+    }
     counters.grad_kernel++;
   }
   if (m & kGradRecurrentKernel) {
-    if (a.cell == CellKind::kGruResetBefore) {  // the candidate's GEMM took r * h_prev
-      be.Gemm(true, false, H, 2 * H, rows, a.h_prev, H, dg_rec, GH, T(0),
+    if (rec_dropout) {  // dW_h[:, g] = (h_prev ⊙ mh_g)ᵀ·dG_g
+      for (int g = 0; g < product_gates; ++g) {
+        mask_rows(a.h_prev, H, a.recurrent_dropout, g, false, masked_rows);
+        be.Gemm(true, false, H, H, rows, masked_rows, H, dg_rec + g * H, GH, T(0),
+                a.drecurrent_kernel + g * H, GH);
+      }
+    } else {
+      be.Gemm(true, false, H, product_gates * H, rows, a.h_prev, H, dg_rec, GH, T(0),
               a.drecurrent_kernel, GH);
+    }
+    if (split_candidate)  // the candidate's GEMM took r * h_prev (⊙ mh_2), kept in aux
       be.Gemm(true, false, H, H, rows, a.aux, H, dg_rec + 2 * H, GH, T(0),
               a.drecurrent_kernel + 2 * H, GH);
-    } else {
-      be.Gemm(true, false, H, GH, rows, a.h_prev, H, dg_rec, GH, T(0), a.drecurrent_kernel,
-              GH);
-    }
     counters.grad_recurrent_kernel++;
   }
   if ((m & kGradBias) && a.bias) {

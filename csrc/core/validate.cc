@@ -81,4 +81,16 @@ std::string ValidateShapes(CellKind cell, bool time_major, const std::vector<Ind
   return "";
 }
 
+std::string ValidateDropoutShapes(CellKind cell, const Dims& d,
+                                  const std::vector<Index>* input_dropout,
+                                  const std::vector<Index>* recurrent_dropout) {
+  const Index G = GateCount(cell);
+  const char* meaning = "(one mask per gate and batch entry, the same at every step)";
+  if (input_dropout && *input_dropout != std::vector<Index>{G, d.B, d.I})
+    return Mismatch("input_dropout", *input_dropout, {G, d.B, d.I}, meaning);
+  if (recurrent_dropout && *recurrent_dropout != std::vector<Index>{G, d.B, d.H})
+    return Mismatch("recurrent_dropout", *recurrent_dropout, {G, d.B, d.H}, meaning);
+  return "";
+}
+
 }  // namespace tfcells

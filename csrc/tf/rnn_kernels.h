@@ -36,6 +36,8 @@ class RnnOpBase : public tensorflow::OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("go_backwards", &go_backwards_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("has_bias", &has_bias_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("has_mask", &has_mask_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("has_input_dropout", &dropout_.input));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("has_recurrent_dropout", &dropout_.recurrent));
     const std::string& type = ctx->def().op();
     if (type.rfind("TfcellsLstm", 0) == 0) {
       cell_ = CellKind::kLstm;
@@ -68,6 +70,18 @@ class RnnOpBase : public tensorflow::OpKernel {
         ShapeOf(*kernel), ShapeOf(*rk), has_bias_ ? &bias_shape : nullptr,
         has_mask_ ? &mask_shape : nullptr, &a->d);
     if (!error.empty()) return tensorflow::errors::InvalidArgument(name(), ": ", error);
+    const tensorflow::Tensor *input_dropout, *recurrent_dropout;
+    TF_RETURN_IF_ERROR(ctx->input("input_dropout", &input_dropout));
+    TF_RETURN_IF_ERROR(ctx->input("recurrent_dropout", &recurrent_dropout));
+    const std::vector<Index> in_drop_shape = ShapeOf(*input_dropout),
+                             rec_drop_shape = ShapeOf(*recurrent_dropout);
+    const std::string dropout_error =
+        ValidateDropoutShapes(cell_, a->d, dropout_.input ? &in_drop_shape : nullptr,
+                              dropout_.recurrent ? &rec_drop_shape : nullptr);
+    if (!dropout_error.empty())
+      return tensorflow::errors::InvalidArgument(name(), ": ", dropout_error);
+    a->input_dropout = dropout_.input ? DataOrNull<T>(*input_dropout) : nullptr;
+    a->recurrent_dropout = dropout_.recurrent ? DataOrNull<T>(*recurrent_dropout) : nullptr;
     a->cell = cell_;
     a->d.go_backwards = go_backwards_;
     a->x = DataOrNull<T>(*x);
@@ -87,6 +101,7 @@ class RnnOpBase : public tensorflow::OpKernel {
 
   CellKind cell_;
   bool time_major_, go_backwards_, has_bias_, has_mask_;
+  DropoutInputs dropout_;
 };
 
 template <typename T, typename Launcher>
@@ -110,7 +125,7 @@ class RnnForwardOp : public RnnOpBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output("h_prev", {cache.h_prev}, &h_prev));
     tensorflow::Tensor workspace;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
-                                           {ForwardWorkspaceSize(cell_, d, training_)},
+                                           {ForwardWorkspaceSize(cell_, d, training_, dropout_)},
                                            &workspace));
     a.y = DataOrNull<T>(y);
     a.h_last = DataOrNull<T>(h_last);
@@ -145,6 +160,7 @@ class RnnGradOp : public RnnOpBase {
     a.d = d;
     a.x = f.x, a.h0 = f.h0, a.c0 = f.c0, a.kernel = f.kernel;
     a.recurrent_kernel = f.recurrent_kernel, a.bias = f.bias, a.mask = f.mask;
+    a.input_dropout = f.input_dropout, a.recurrent_dropout = f.recurrent_dropout;
     a.grad_mask = grad_mask_;
 
     // The cache must be a training cache of these sizes; incoming gradients match outputs or
@@ -205,7 +221,7 @@ class RnnGradOp : public RnnOpBase {
     }
     tensorflow::Tensor workspace;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
-                                           {BackwardWorkspaceSize(cell_, d, a.grad_mask)},
+                                           {BackwardWorkspaceSize(cell_, d, a.grad_mask, dropout_)},
                                            &workspace));
     a.workspace = DataOrNull<T>(&workspace);
     Launcher::Backward(ctx, a);

@@ -4,7 +4,9 @@
 // the final state(s) and, when `training`, the cache its gradient op reads. The gradient op
 // produces only the gradients named by `grad_mask` (GradBits, csrc/core/common.h); the others
 // are returned as empty tensors. `frozen` on the forward op records the GradBits its caller
-// ruled out, for the Python gradient function to honour.
+// ruled out, for the Python gradient function to honour. The dropout masks (Keras'
+// implementation=1 while training; [G, B, I] and [G, B, H]) are inputs without a gradient,
+// empty unless their has_* attribute is set.
 #include <new>
 
 #include "../core/cpu/cpu_rnn.h"
@@ -54,11 +56,14 @@ tensorflow::Status GradShape(InferenceContext* c) {
       .Attr("time_major: bool = false")        \
       .Attr("go_backwards: bool = false")      \
       .Attr("has_bias: bool = true")           \
-      .Attr("has_mask: bool = false")
+      .Attr("has_mask: bool = false")          \
+      .Attr("has_input_dropout: bool = false") \
+      .Attr("has_recurrent_dropout: bool = false")
 
 REGISTER_OP("TfcellsLstm")
     .Input("x: T").Input("h0: T").Input("c0: T").Input("kernel: T")
     .Input("recurrent_kernel: T").Input("bias: T").Input("mask: bool")
+    .Input("input_dropout: T").Input("recurrent_dropout: T")
     .Output("y: T").Output("h_last: T").Output("c_last: T")
     .Output("gates: T").Output("aux: T").Output("h_prev: T")
     .TFCELLS_COMMON_ATTRS
@@ -68,6 +73,7 @@ REGISTER_OP("TfcellsLstm")
 REGISTER_OP("TfcellsLstmGrad")
     .Input("x: T").Input("h0: T").Input("c0: T").Input("kernel: T")
     .Input("recurrent_kernel: T").Input("bias: T").Input("mask: bool")
+    .Input("input_dropout: T").Input("recurrent_dropout: T")
     .Input("gates: T").Input("aux: T").Input("h_prev: T")
     .Input("dy: T").Input("dh_last: T").Input("dc_last: T")
     .Output("dx: T").Output("dh0: T").Output("dc0: T").Output("dkernel: T")
@@ -79,6 +85,7 @@ REGISTER_OP("TfcellsLstmGrad")
 REGISTER_OP("TfcellsGru")
     .Input("x: T").Input("h0: T").Input("kernel: T")
     .Input("recurrent_kernel: T").Input("bias: T").Input("mask: bool")
+    .Input("input_dropout: T").Input("recurrent_dropout: T")
     .Output("y: T").Output("h_last: T")
     .Output("gates: T").Output("aux: T").Output("h_prev: T")
     .TFCELLS_COMMON_ATTRS
@@ -89,6 +96,7 @@ REGISTER_OP("TfcellsGru")
 REGISTER_OP("TfcellsGruGrad")
     .Input("x: T").Input("h0: T").Input("kernel: T")
     .Input("recurrent_kernel: T").Input("bias: T").Input("mask: bool")
+    .Input("input_dropout: T").Input("recurrent_dropout: T")
     .Input("gates: T").Input("aux: T").Input("h_prev: T")
     .Input("dy: T").Input("dh_last: T")
     .Output("dx: T").Output("dh0: T").Output("dkernel: T")
@@ -101,6 +109,7 @@ REGISTER_OP("TfcellsGruGrad")
 REGISTER_OP("TfcellsSimpleRnn")
     .Input("x: T").Input("h0: T").Input("kernel: T")
     .Input("recurrent_kernel: T").Input("bias: T").Input("mask: bool")
+    .Input("input_dropout: T").Input("recurrent_dropout: T")
     .Output("y: T").Output("h_last: T")
     .Output("gates: T").Output("aux: T").Output("h_prev: T")
     .TFCELLS_COMMON_ATTRS
@@ -110,6 +119,7 @@ REGISTER_OP("TfcellsSimpleRnn")
 REGISTER_OP("TfcellsSimpleRnnGrad")
     .Input("x: T").Input("h0: T").Input("kernel: T")
     .Input("recurrent_kernel: T").Input("bias: T").Input("mask: bool")
+    .Input("input_dropout: T").Input("recurrent_dropout: T")
     .Input("gates: T").Input("aux: T").Input("h_prev: T")
     .Input("dy: T").Input("dh_last: T")
     .Output("dx: T").Output("dh0: T").Output("dkernel: T")

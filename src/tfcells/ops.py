@@ -19,7 +19,10 @@ GRAD_KERNEL = 8
 GRAD_RECURRENT_KERNEL = 16
 GRAD_BIAS = 32
 
-# The gradient bit of each named input; the mask input never has a gradient.
+# The op inputs that never have a gradient: the step mask and the dropout masks.
+_NO_GRADIENT = ("mask", "input_dropout", "recurrent_dropout")
+
+# The gradient bit of each named input.
 GRAD_BITS = {
     "x": GRAD_X,
     "h0": GRAD_H0,
@@ -44,12 +47,12 @@ class _Cell:
 
 
 _LSTM = _Cell("lstm", ops_module.tfcells_lstm, ops_module.tfcells_lstm_grad,
-              ("x", "h0", "c0", "kernel", "recurrent_kernel", "bias", "mask"), 3)
+              ("x", "h0", "c0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 3)
 _GRU = _Cell("gru", ops_module.tfcells_gru, ops_module.tfcells_gru_grad,
-             ("x", "h0", "kernel", "recurrent_kernel", "bias", "mask"), 2)
+             ("x", "h0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 2)
 _SIMPLE_RNN = _Cell("simple_rnn", ops_module.tfcells_simple_rnn,
                     ops_module.tfcells_simple_rnn_grad,
-                    ("x", "h0", "kernel", "recurrent_kernel", "bias", "mask"), 2)
+                    ("x", "h0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 2)
 _CELLS_BY_OP = {"TfcellsLstm": _LSTM, "TfcellsGru": _GRU, "TfcellsSimpleRnn": _SIMPLE_RNN}
 
 
@@ -92,7 +95,7 @@ def _run(cell, fn, values, time_major, go_backwards, frozen, training, extra_att
     layout = "[T, B, I]" if time_major else "[B, T, I]"
     _static_rank_check(x, 3, "x", fn, layout)
     tensors = {"x": x}
-    for name in cell.inputs[1:-1]:
+    for name in cell.inputs[1:-len(_NO_GRADIENT)]:
         if name == "bias" and values["bias"] is None:
             tensors["bias"] = tf.zeros([0], x.dtype)
         else:
@@ -109,6 +112,14 @@ def _run(cell, fn, values, time_major, go_backwards, frozen, training, extra_att
             mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
         _static_rank_check(mask, 2, "mask", fn, "[T, B]" if time_major else "[B, T]")
         tensors["mask"] = mask
+    gates = 4 if cell is _LSTM else (3 if cell is _GRU else 1)
+    for name, width in (("input_dropout", "I"), ("recurrent_dropout", "H")):
+        if values[name] is None:
+            tensors[name] = tf.zeros([0], x.dtype)
+        else:
+            tensors[name] = _as_tensor(values[name], name + "_mask", x.dtype, fn)
+            _static_rank_check(tensors[name], 3, name + "_mask", fn,
+                               f"[{gates}, B, {width}]: one mask per gate")
 
     frozen = set(frozen)
     freezable = set(GRAD_BITS) & set(cell.inputs)
@@ -123,17 +134,20 @@ def _run(cell, fn, values, time_major, go_backwards, frozen, training, extra_att
         tensors[name] = tf.stop_gradient(tensors[name])
 
     if training is None:
-        training = _training_cache_needed([tensors[n] for n in cell.inputs[:-1]])
+        training = _training_cache_needed([tensors[n] for n in cell.inputs if n in GRAD_BITS])
     outputs = cell.op(
         *[tensors[n] for n in cell.inputs],
         time_major=time_major, go_backwards=go_backwards,
         has_bias=values["bias"] is not None, has_mask=values["mask"] is not None,
+        has_input_dropout=values["input_dropout"] is not None,
+        has_recurrent_dropout=values["recurrent_dropout"] is not None,
         training=bool(training), frozen=frozen_bits, **extra_attrs)
     return outputs[:cell.n_outputs]
 
 
 def lstm(x, h0, c0, kernel, recurrent_kernel, bias=None, mask=None, time_major=False,
-         go_backwards=False, frozen=(), training=None):
+         go_backwards=False, frozen=(), training=None, input_dropout_mask=None,
+         recurrent_dropout_mask=None):
     """Runs an LSTM (Keras layout and math) over a whole sequence.
 
     Args:
@@ -145,36 +159,46 @@ def lstm(x, h0, c0, kernel, recurrent_kernel, bias=None, mask=None, time_major=F
       frozen: names of inputs whose gradient is never computed (treated as constants), e.g.
         ("kernel",) for a fixed input projection.
       training: keep the cache for the gradient; None decides from the active tapes.
+      input_dropout_mask, recurrent_dropout_mask: optional [G, B, I] and [G, B, H] (G = 4 for
+        the LSTM, 3 for the GRU, 1 for SimpleRNN): gate g reads x ⊙ input_dropout_mask[g] and
+        h_prev ⊙ recurrent_dropout_mask[g] at every step, as Keras' cells with
+        implementation=1 apply their dropout masks (values 0 or 1/(1-rate)). No gradient
+        flows to the masks.
 
     Returns:
       (outputs [B, T, H] ([T, B, H]), h_last [B, H], c_last [B, H]).
     """
     values = dict(x=x, h0=h0, c0=c0, kernel=kernel, recurrent_kernel=recurrent_kernel,
-                  bias=bias, mask=mask)
+                  bias=bias, mask=mask, input_dropout=input_dropout_mask,
+                  recurrent_dropout=recurrent_dropout_mask)
     return _run(_LSTM, "lstm", values, time_major, go_backwards, frozen, training, {})
 
 
 def gru(x, h0, kernel, recurrent_kernel, bias=None, mask=None, reset_after=True,
-        time_major=False, go_backwards=False, frozen=(), training=None):
+        time_major=False, go_backwards=False, frozen=(), training=None,
+        input_dropout_mask=None, recurrent_dropout_mask=None):
     """Runs a GRU (Keras layout and math, gate order z, r, h) over a whole sequence.
 
     bias is [2, 3H] (input bias, recurrent bias) when reset_after, else [3H].
     Returns (outputs, h_last); see lstm() for the other arguments.
     """
     values = dict(x=x, h0=h0, kernel=kernel, recurrent_kernel=recurrent_kernel, bias=bias,
-                  mask=mask)
+                  mask=mask, input_dropout=input_dropout_mask,
+                  recurrent_dropout=recurrent_dropout_mask)
     return _run(_GRU, "gru", values, time_major, go_backwards, frozen, training,
                 {"reset_after": bool(reset_after)})
 
 
 def simple_rnn(x, h0, kernel, recurrent_kernel, bias=None, mask=None, time_major=False,
-               go_backwards=False, frozen=(), training=None):
+               go_backwards=False, frozen=(), training=None, input_dropout_mask=None,
+               recurrent_dropout_mask=None):
     """Runs a tanh RNN, h' = tanh(x·kernel + h·recurrent_kernel + bias), over a sequence.
 
     Returns (outputs, h_last); see lstm() for the other arguments.
     """
     values = dict(x=x, h0=h0, kernel=kernel, recurrent_kernel=recurrent_kernel, bias=bias,
-                  mask=mask)
+                  mask=mask, input_dropout=input_dropout_mask,
+                  recurrent_dropout=recurrent_dropout_mask)
     return _run(_SIMPLE_RNN, "simple_rnn", values, time_major, go_backwards, frozen, training,
                 {})
 
@@ -201,8 +225,9 @@ def _rnn_grad(op, *output_grads):
     if mask == 0:
         return [None] * n_inputs
     inputs = list(op.inputs)
-    attrs = dict(time_major=op.get_attr("time_major"), go_backwards=op.get_attr("go_backwards"),
-                 has_bias=op.get_attr("has_bias"), has_mask=op.get_attr("has_mask"))
+    attrs = {name: op.get_attr(name) for name in (
+        "time_major", "go_backwards", "has_bias", "has_mask", "has_input_dropout",
+        "has_recurrent_dropout")}
     if cell is _GRU:
         attrs["reset_after"] = op.get_attr("reset_after")
     cache = list(op.outputs[cell.n_outputs:])
