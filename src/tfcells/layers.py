@@ -134,7 +134,7 @@ def _state_count(cell):
     return 2 if isinstance(cell, keras.layers.LSTMCell) else 1
 
 
-def _cell_unsupported_reason(cell, training):
+def _cell_unsupported_reason(cell):
     """Why the fused op cannot run this cell as Keras would (None when it can)."""
     ours, theirs = _cell_kind(cell)
     if ours is None:
@@ -146,12 +146,36 @@ def _cell_unsupported_reason(cell, training):
         return f"activation {cell.activation!r} is not tanh"
     if ours is not SimpleRNNCell and cell.recurrent_activation not in _SIGMOID:
         return f"recurrent_activation {cell.recurrent_activation!r} is not sigmoid"
-    if training and cell.recurrent_dropout > 0:
-        return "recurrent_dropout is applied while training"
-    if (training and ours is not SimpleRNNCell and getattr(cell, "implementation", 2) == 1
-            and 0.0 < cell.dropout < 1.0):
-        return "implementation=1 draws one input-dropout mask per gate while training"
     return None
+
+
+def _dropout_masks(cell, x, h0, training, dtype):
+    """The dropout Keras' cell applies at every step, as the fused op takes it.
+
+    Returns (x, masks): x with a single input mask already applied (implementation=2), and
+    the op's per-gate masks (input and recurrent, [G, B, width]). The masks are the ones
+    RNN.call cached on the cell before inner_loop, so the numbers equal Keras' loop.
+    """
+    masks = {}
+    if not training:
+        return x, masks
+    simple = isinstance(cell, keras.layers.SimpleRNNCell)
+    per_gate = not simple and cell.implementation == 1
+    # LSTMCell and GRUCell skip a rate of 1; SimpleRNNCell applies any mask it has.
+    applies = (lambda rate: rate > 0) if simple else (lambda rate: 0.0 < rate < 1.0)
+
+    def stacked(mask):
+        return tf.stack([tf.cast(m, dtype) for m in (mask if per_gate else [mask])])
+
+    if applies(cell.dropout):
+        mask = cell.get_dropout_mask(x[:, 0, :])
+        if per_gate:
+            masks["input_dropout_mask"] = stacked(mask)
+        else:
+            x = x * tf.cast(mask, x.dtype)[:, None, :]
+    if applies(cell.recurrent_dropout):
+        masks["recurrent_dropout_mask"] = stacked(cell.get_recurrent_dropout_mask(h0))
+    return x, masks
 
 
 def _read(variable, dtype):
@@ -205,14 +229,15 @@ class _FusedRNN:
     def fused_unsupported_reason(self, training=False):
         """None when this layer runs through the fused op, else why Keras' own loop runs.
 
-        `training` matters: recurrent dropout is only applied while training.
+        `training` is accepted for compatibility: no configuration depends on it any more
+        (input and recurrent dropout run fused, with Keras' masks).
         """
         if self.use_fused is False:
             return "use_fused=False"
         if self.unroll:
             return "unroll=True"
         for cell in self._rnn_cells():
-            reason = _cell_unsupported_reason(cell, training)
+            reason = _cell_unsupported_reason(cell)
             if reason is not None:
                 return reason
         return None
@@ -330,17 +355,14 @@ class _FusedRNN:
             ours, _ = _cell_kind(cell)
             n = _state_count(cell)
             states, flat_states = flat_states[:n], flat_states[n:]
-            if training and cell.dropout > 0 and (ours is SimpleRNNCell or cell.dropout < 1):
-                # The cached mask Keras' cell would apply to every step (RNN.call made it).
-                dp_mask = cell.get_dropout_mask(x[:, 0, :])
-                x = x * tf.cast(dp_mask, x.dtype)[:, None, :]
+            x, dropout = _dropout_masks(cell, x, states[0], training, dtype)
             x = tf.cast(x, dtype)
             states = [tf.cast(s, dtype) for s in states]
             kernel = _read(cell.kernel, dtype)
             recurrent_kernel = _read(cell.recurrent_kernel, dtype)
             bias = _read(cell.bias, dtype) if cell.bias is not None else None
             common = dict(mask=step_mask, go_backwards=go_backwards,
-                          frozen=self._frozen_inputs(cell, index == 0))
+                          frozen=self._frozen_inputs(cell, index == 0), **dropout)
             if ours is LSTMCell:
                 y, h, c = _ops.lstm(x, states[0], states[1], kernel, recurrent_kernel, bias,
                                     **common)
@@ -428,8 +450,8 @@ class _FusedKerasLayer(_FusedRNN):
 class LSTM(_FusedKerasLayer, keras.layers.LSTM):
     __doc__ = ("`keras.layers.LSTM` running the whole sequence through `tfcells.ops.lstm`.\n\n"
                "Same arguments, weights and results as `keras.layers.LSTM`; the fused op runs "
-               "when activation is tanh and recurrent_activation sigmoid, unroll is False and "
-               "no recurrent dropout is applied (training), else Keras' loop runs.\n"
+               "when activation is tanh, recurrent_activation sigmoid and unroll False (with "
+               "any dropout and recurrent_dropout), else Keras' loop runs.\n"
                + _FUSED_DOC)
 
     def __init__(self, units, activation="tanh", recurrent_activation="sigmoid",
@@ -467,9 +489,9 @@ class LSTM(_FusedKerasLayer, keras.layers.LSTM):
 class GRU(_FusedKerasLayer, keras.layers.GRU):
     __doc__ = ("`keras.layers.GRU` running the whole sequence through `tfcells.ops.gru`.\n\n"
                "Same arguments, weights and results as `keras.layers.GRU` (reset_after True "
-               "or False); the fused op runs when activation is tanh and recurrent_activation "
-               "sigmoid, unroll is False and no recurrent dropout is applied (training), else "
-               "Keras' loop runs.\n" + _FUSED_DOC)
+               "or False); the fused op runs when activation is tanh, recurrent_activation "
+               "sigmoid and unroll False (with any dropout and recurrent_dropout), else Keras' "
+               "loop runs.\n" + _FUSED_DOC)
 
     def __init__(self, units, activation="tanh", recurrent_activation="sigmoid",
                  use_bias=True, kernel_initializer="glorot_uniform",
@@ -505,8 +527,8 @@ class GRU(_FusedKerasLayer, keras.layers.GRU):
 class SimpleRNN(_FusedKerasLayer, keras.layers.SimpleRNN):
     __doc__ = ("`keras.layers.SimpleRNN` running the whole sequence through "
                "`tfcells.ops.simple_rnn`.\n\nSame arguments, weights and results as "
-               "`keras.layers.SimpleRNN`; the fused op runs when activation is tanh, unroll is "
-               "False and no recurrent dropout is applied (training), else Keras' loop runs.\n"
+               "`keras.layers.SimpleRNN`; the fused op runs when activation is tanh and unroll "
+               "False (with any dropout and recurrent_dropout), else Keras' loop runs.\n"
                + _FUSED_DOC)
 
     def __init__(self, units, activation="tanh", use_bias=True,
