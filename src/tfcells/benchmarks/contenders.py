@@ -9,7 +9,7 @@ against the same reference before it is timed.
 import numpy as np
 
 from . import timing, torchmap
-from .workload import CELLS
+from .workload import CELLS, DROPOUT_RATE
 
 REGISTRY = {}  # name -> Contender, in registration (= report) order
 
@@ -36,6 +36,8 @@ class Contender:
     # once the work is done; or timing.measure_cuda_events, on the GPU's clock, so run() only
     # enqueues the work on PyTorch's current CUDA stream.
     measure = staticmethod(timing.measure)
+    # Whether it can apply Keras' per-gate input and recurrent dropout masks (config.dropout).
+    supports_dropout = False
 
     def unavailable(self):
         """Why this contender cannot run on this machine at all, or None."""
@@ -45,6 +47,8 @@ class Contender:
         """Why this contender cannot run this workload, or None."""
         if work.cell not in self.cells:
             return f"no {work.cell} implementation"
+        if work.config.dropout and not self.supports_dropout:
+            return "no recurrent dropout"
         return None
 
     def layer_weights(self, work, layer):
@@ -130,9 +134,18 @@ def _identity(name, grad):
     return grad
 
 
+def _tf_dropout_masks(work):
+    """The workload's dropout masks as TF constants, per gate: (input list, recurrent list)."""
+    import tensorflow as tf
+
+    return tuple([tf.constant(m) for m in work.dropout_masks[name]]
+                 for name in ("input", "recurrent"))
+
+
 class TfcellsContender(TFContender):
     name = "tfcells"
     label = "tfcells"
+    supports_dropout = True
 
     def unavailable(self):
         try:
@@ -158,10 +171,16 @@ class TfcellsContender(TFContender):
             frozen = tuple(n for n in variables if n not in wanted)
             layers.append((variables, frozen))
 
+        dropout = {}
+        if work.config.dropout:
+            masks = _tf_dropout_masks(work)
+            dropout = {"input_dropout_mask": tf.stack(masks[0]),
+                       "recurrent_dropout_mask": tf.stack(masks[1])}
+
         def forward(x):
             for variables, frozen in layers:
                 x = fn(x, *states, variables["kernel"], variables["recurrent_kernel"],
-                       variables["bias"], frozen=frozen)[0]
+                       variables["bias"], frozen=frozen, **dropout)[0]
             return x
 
         return forward, layers[-1][0], _identity
@@ -170,6 +189,7 @@ class TfcellsContender(TFContender):
 class KerasContender(TFContender):
     name = "keras"
     label = "keras"
+    supports_dropout = True
     _LAYERS = {"lstm": "LSTM", "gru": "GRU", "simple_rnn": "SimpleRNN"}
 
     def make_model(self, work):
@@ -179,10 +199,21 @@ class KerasContender(TFContender):
         n_in = work.shape.I
         for layer in range(work.config.layers):
             w = self.layer_weights(work, layer)
+            rates = {}
+            if work.config.dropout:
+                rates = {"dropout": DROPOUT_RATE, "recurrent_dropout": DROPOUT_RATE}
             rnn = getattr(keras.layers, self._LAYERS[work.cell])(
-                work.shape.H, return_sequences=True, dtype=work.dtype)
+                work.shape.H, return_sequences=True, dtype=work.dtype, **rates)
             rnn.build((work.shape.B, work.shape.T, n_in))
             rnn.set_weights([w["kernel"], w["recurrent_kernel"], w["bias"]])
+            if work.config.dropout:
+                # The cell applies the workload's masks instead of drawing its own (a
+                # SimpleRNNCell takes one mask, the others a list with one per gate).
+                masks = _tf_dropout_masks(work)
+                if work.cell == "simple_rnn":
+                    masks = [m[0] for m in masks]
+                rnn.cell.get_dropout_mask = lambda step_input, m=masks[0]: m
+                rnn.cell.get_recurrent_dropout_mask = lambda state, m=masks[1]: m
             n_in = work.shape.H
             layers.append(rnn)
         # Freeze the Keras way: flags the optimizer (and trainable_weights) respect.

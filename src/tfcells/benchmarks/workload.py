@@ -7,6 +7,7 @@ import numpy as np
 # Gate blocks per cell: the weight matrices are [I, G*H] and [H, G*H].
 GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 CELLS = tuple(GATES)
+DROPOUT_RATE = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,9 @@ class Config:
     recurrent: bool = True  # recurrent kernel trainable
     dx: bool = True  # the input needs a gradient
     stack: bool = False  # 2 layers; the first entirely frozen, the second all trainable
+    # All trainable with dropout and recurrent_dropout at DROPOUT_RATE, as Keras applies them
+    # (implementation=1: one input and one recurrent mask per gate, fixed for the sequence).
+    dropout: bool = False
 
     @property
     def layers(self):
@@ -37,6 +41,7 @@ CONFIGS = {c.name: c for c in (
     Config("both_frozen_no_dx", kernel=False, recurrent=False, dx=False),
     # The second layer's input comes from a frozen layer, so it needs no dx either.
     Config("frozen_layer_in_stack", dx=False, stack=True),
+    Config("dropout", dropout=True),
     Config("inference", train=False, dx=False),
 )}
 
@@ -86,6 +91,9 @@ class Workload:
     x: np.ndarray  # [B, T, I]
     dy: np.ndarray  # [B, T, H]: the loss is sum(outputs * dy), so every output matters
     weights: list  # per layer: {"kernel", "recurrent_kernel", "bias"}
+    # config.dropout: {"input": [G, B, I], "recurrent": [G, B, H]}, Keras-scaled (0 or
+    # 1/(1-rate)); every contender applies these same masks, so values can be checked.
+    dropout_masks: dict = None
     # Framework tensors made from x and dy, shared by that framework's contenders.
     cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -111,4 +119,9 @@ def make_workload(cell, config, shape, dtype, device="cpu", seed=0):
         })
     x = rng.standard_normal([shape.B, shape.T, shape.I]).astype(dtype)
     dy = rng.standard_normal([shape.B, shape.T, shape.H]).astype(dtype)
-    return Workload(cell, config, shape, dtype, device, x, dy, weights)
+    masks = None
+    if config.dropout:
+        keep = 1.0 - DROPOUT_RATE
+        masks = {name: ((rng.random([g, shape.B, width]) < keep) / keep).astype(dtype)
+                 for name, width in (("input", shape.I), ("recurrent", shape.H))}
+    return Workload(cell, config, shape, dtype, device, x, dy, weights, masks)
