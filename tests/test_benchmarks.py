@@ -104,6 +104,29 @@ def test_check_catches_wrong_contenders(tmp_path, monkeypatch, capsys):
     assert "MISMATCH" in out
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "simple_rnn"])
+def test_dropout_config_checks_the_masks(tmp_path, monkeypatch, cell):
+    """tfcells and Keras apply the workload's masks and agree; the same Keras layer with
+    other masks (here: none, Keras' cell at rate 0) is caught before it is timed."""
+
+    class NoMasks(contenders.KerasContender):
+        name = label = "no_masks"
+
+        def make_model(self, work):
+            import dataclasses
+            plain = dataclasses.replace(work, config=CONFIGS["all_trainable"])
+            return super().make_model(plain)
+
+    monkeypatch.setitem(contenders.REGISTRY, "no_masks", NoMasks())
+    rc, data = _run(tmp_path, "--cells", cell, "--configs", "dropout",
+                    "--impls", "tfcells,keras,no_masks,torch")
+    by = {r["impl"]: r for r in data["records"]}
+    assert rc == 1
+    assert by["tfcells"]["status"] == "ok" and by["keras"]["status"] == "ok"
+    assert by["no_masks"]["status"] == "mismatch"
+    assert by["torch"]["status"] == "skipped" and "recurrent dropout" in by["torch"]["detail"]
+
+
 def test_reference_alone_against_everyone_is_unverified(tmp_path, monkeypatch):
     monkeypatch.setitem(contenders.REGISTRY, "wrong_gates", _WrongGates())
     rc, data = _run(tmp_path, "--cells", "lstm", "--configs", "inference",

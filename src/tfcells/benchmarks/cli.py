@@ -11,8 +11,8 @@ BASE_SHAPE = Shape(T=100, B=64, I=256, H=256)
 # --quick: every configuration for LSTM, the extremes for the others (< 2 min on 2 cores).
 QUICK_CONFIGS = {
     "lstm": list(CONFIGS),
-    "gru": ["all_trainable", "both_frozen_no_dx", "inference"],
-    "simple_rnn": ["all_trainable", "both_frozen_no_dx", "inference"],
+    "gru": ["all_trainable", "both_frozen_no_dx", "dropout", "inference"],
+    "simple_rnn": ["all_trainable", "both_frozen_no_dx", "dropout", "inference"],
 }
 # --full: every configuration for every cell at the base shape, then one dimension at a time
 # scaled by these factors (T 25..200, B 16..128, I=H 64..512 around the default shape).
