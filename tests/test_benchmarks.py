@@ -124,7 +124,9 @@ def test_dropout_config_checks_the_masks(tmp_path, monkeypatch, cell):
     assert rc == 1
     assert by["tfcells"]["status"] == "ok" and by["keras"]["status"] == "ok"
     assert by["no_masks"]["status"] == "mismatch"
-    assert by["torch"]["status"] == "skipped" and "recurrent dropout" in by["torch"]["detail"]
+    # PyTorch's nn.LSTM has no recurrent dropout (where it is installed at all).
+    assert by["torch"]["status"] == "skipped"
+    assert any(w in by["torch"]["detail"] for w in ("recurrent dropout", "not installed"))
 
 
 def test_reference_alone_against_everyone_is_unverified(tmp_path, monkeypatch):
