@@ -3,7 +3,7 @@
 // once with every GEMM turned into the column-major call cuBLAS would receive, executed by a
 // reference column-major GEMM that also enforces BLAS' leading-dimension rules (what cuBLAS
 // answers with CUBLAS_STATUS_INVALID_VALUE). Outputs must agree for every cell, layout, mask
-// and gradient mask. Built and run by tests/test_cuda.py:
+// (dropout or not) and gradient mask. Built and run by tests/test_cuda.py:
 //   g++ -std=c++17 -I csrc csrc/cuda/host_check.cc csrc/core/validate.cc -o host_check
 #include <cmath>
 #include <cstdio>
@@ -114,8 +114,9 @@ using Vec = std::vector<double>;
 struct Problem {
   CellKind cell;
   Dims d;
-  bool bias, mask;
+  bool bias, mask, dropout;
   Vec x, h0, c0, kernel, rk, b, dy, dh_last, dc_last;
+  Vec input_dropout, recurrent_dropout;  // [G, B, I], [G, B, H] when dropout
   std::vector<char> m;  // bool storage
 };
 
@@ -141,12 +142,15 @@ Outputs Run(const Problem& p, int grad_mask) {
   o.y.assign(d.T * d.B * d.H, nan), o.h_last.assign(d.B * d.H, nan);
   o.c_last.assign(d.B * d.H, nan), o.gates.assign(cs.gates, nan), o.aux.assign(cs.aux, nan);
   o.h_prev.assign(cs.h_prev, nan);
-  Vec fws(ForwardWorkspaceSize(p.cell, d, true), nan);
+  const DropoutInputs dropout{p.dropout, p.dropout};
+  Vec fws(ForwardWorkspaceSize(p.cell, d, true, dropout), nan);
   const bool* mask = p.mask ? reinterpret_cast<const bool*>(p.m.data()) : nullptr;
   ForwardArgs<double> f;
   f.cell = p.cell, f.d = d, f.x = p.x.data(), f.h0 = p.h0.data(), f.c0 = p.c0.data();
   f.kernel = p.kernel.data(), f.recurrent_kernel = p.rk.data();
   f.bias = p.bias ? p.b.data() : nullptr, f.mask = mask;
+  f.input_dropout = p.dropout ? p.input_dropout.data() : nullptr;
+  f.recurrent_dropout = p.dropout ? p.recurrent_dropout.data() : nullptr;
   f.y = o.y.data(), f.h_last = o.h_last.data(), f.c_last = o.c_last.data();
   f.gates = o.gates.data(), f.aux = o.aux.data(), f.h_prev = o.h_prev.data();
   f.workspace = fws.data();
@@ -156,6 +160,7 @@ Outputs Run(const Problem& p, int grad_mask) {
   BackwardArgs<double> a;
   a.cell = p.cell, a.d = d, a.x = f.x, a.h0 = f.h0, a.c0 = f.c0, a.kernel = f.kernel;
   a.recurrent_kernel = f.recurrent_kernel, a.bias = f.bias, a.mask = mask;
+  a.input_dropout = f.input_dropout, a.recurrent_dropout = f.recurrent_dropout;
   a.gates = o.gates.data(), a.aux = o.aux.data(), a.h_prev = o.h_prev.data();
   a.dy = p.dy.data(), a.dh_last = p.dh_last.data(), a.dc_last = p.dc_last.data();
   a.grad_mask = grad_mask;
@@ -164,7 +169,7 @@ Outputs Run(const Problem& p, int grad_mask) {
   o.dbias.assign((p.cell == CellKind::kGruResetAfter ? 2 : 1) * GH, nan);
   a.dx = o.dx.data(), a.dh0 = o.dh0.data(), a.dc0 = o.dc0.data();
   a.dkernel = o.dkernel.data(), a.drecurrent_kernel = o.drk.data(), a.dbias = o.dbias.data();
-  Vec bws(BackwardWorkspaceSize(p.cell, d, grad_mask), nan);
+  Vec bws(BackwardWorkspaceSize(p.cell, d, grad_mask, dropout), nan);
   a.workspace = bws.data();
   Backward(be, a);
   return o;
@@ -191,14 +196,14 @@ int main() {
   int cases = 0;
   try {
     for (CellKind cell : cells) {
-      for (int layout = 0; layout < 16; ++layout) {
+      for (int layout = 0; layout < 32; ++layout) {
         Problem p;
         p.cell = cell;
         p.d.T = 1 + rng() % 5, p.d.B = 1 + rng() % 4, p.d.I = 1 + rng() % 6;
         p.d.H = 1 + rng() % 5;
-        if (layout == 15) p.d.I = 0;  // empty input projection: the k == 0 path
+        if (layout % 16 == 15) p.d.I = 0;  // empty input projection: the k == 0 path
         p.d.time_major = layout & 1, p.d.go_backwards = layout & 2;
-        p.bias = layout & 4, p.mask = layout & 8;
+        p.bias = layout & 4, p.mask = layout & 8, p.dropout = layout & 16;
         const Dims& d = p.d;
         const Index GH = GateCount(cell) * d.H;
         p.x = Random(rng, d.T * d.B * d.I), p.h0 = Random(rng, d.B * d.H, 0.5);
@@ -207,6 +212,11 @@ int main() {
         p.b = Random(rng, (cell == CellKind::kGruResetAfter ? 2 : 1) * GH, 0.3);
         p.dy = Random(rng, d.T * d.B * d.H), p.dh_last = Random(rng, d.B * d.H);
         p.dc_last = Random(rng, d.B * d.H);
+        // Dropout masks: per gate, scaled like Keras' (0 or 2 here), gate-by-gate products.
+        for (Vec* m : {&p.input_dropout, &p.recurrent_dropout}) {
+          m->resize(GateCount(cell) * d.B * (m == &p.input_dropout ? d.I : d.H));
+          for (auto& v : *m) v = (rng() % 2) * 2.0;
+        }
         p.m.resize(d.T * d.B);
         for (auto& v : p.m) v = (rng() % 3) != 0;
         for (int grad_mask = 0; grad_mask <= kGradAll; ++grad_mask) {
