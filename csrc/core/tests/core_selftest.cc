@@ -38,11 +38,13 @@ struct Case {
   const char* name;
   Dims d;
   bool bias, mask;
+  bool dropout = false;  // per-gate input and recurrent dropout masks
 };
 
 struct Problem {
   Case c;
   Vec x, h0, c0, kernel, recurrent_kernel, bias, w_y, w_h, w_c;
+  Vec input_dropout, recurrent_dropout;  // [G, B, I], [G, B, H]: 0 or 1.5, like Keras' masks
   std::vector<char> mask;  // bool storage
   CpuOptions options;      // sequential unless a test sets a runner
 
@@ -66,7 +68,13 @@ struct Problem {
     fill(w_c, d.B * d.H);
     mask.resize(c.mask ? d.T * d.B : 0);
     for (size_t i = 0; i < mask.size(); ++i) mask[i] = (rng() % 3) != 0;
+    for (Vec* m : {&input_dropout, &recurrent_dropout}) {
+      m->resize(c.dropout ? G * d.B * (m == &input_dropout ? d.I : d.H) : 0);
+      for (double& e : *m) e = (rng() % 3) != 0 ? 1.5 : 0.0;
+    }
   }
+
+  DropoutInputs Dropout() const { return {c.dropout, c.dropout}; }
 
   // The inputs the forward and backward arguments share.
   template <typename Args>
@@ -76,6 +84,8 @@ struct Problem {
     a->x = x.data(), a->h0 = h0.data(), a->c0 = c0.data(), a->kernel = kernel.data();
     a->recurrent_kernel = recurrent_kernel.data(), a->bias = c.bias ? bias.data() : nullptr;
     a->mask = c.mask ? reinterpret_cast<const bool*>(mask.data()) : nullptr;
+    a->input_dropout = c.dropout ? input_dropout.data() : nullptr;
+    a->recurrent_dropout = c.dropout ? recurrent_dropout.data() : nullptr;
   }
 
   struct Result {
@@ -94,7 +104,7 @@ struct Problem {
       r.aux.assign(cs.aux, 0.0);
       r.h_prev.assign(cs.h_prev, 0.0);
     }
-    Vec workspace(ForwardWorkspaceSize(c.cell, d, training) + 1);
+    Vec workspace(ForwardWorkspaceSize(c.cell, d, training, Dropout()) + 1);
     ForwardArgs<double> a;
     SetInputs(&a);
     a.y = r.y.data(), a.h_last = r.h_last.data(), a.c_last = r.c_last.data();
@@ -122,7 +132,7 @@ struct Problem {
     std::vector<Vec> g = {Vec(x.size(), nan), Vec(h0.size(), nan), Vec(c0.size(), nan),
                           Vec(kernel.size(), nan), Vec(recurrent_kernel.size(), nan),
                           Vec(bias.size(), nan)};
-    Vec workspace(BackwardWorkspaceSize(c.cell, d, grad_mask) + 1);
+    Vec workspace(BackwardWorkspaceSize(c.cell, d, grad_mask, Dropout()) + 1);
     BackwardArgs<double> a;
     SetInputs(&a);
     a.gates = fwd.gates.data(), a.aux = fwd.aux.data(), a.h_prev = fwd.h_prev.data();
@@ -247,8 +257,8 @@ int main() {
   for (const auto& c : cells)
     for (const auto& s : shapes)
       for (int layout = 0; layout < 4; ++layout)
-        for (int flags = 0; flags < 4; ++flags) {
-          Case cs{c.cell, c.name, {}, bool(flags & 1), bool(flags & 2)};
+        for (int flags = 0; flags < 8; ++flags) {
+          Case cs{c.cell, c.name, {}, bool(flags & 1), bool(flags & 2), bool(flags & 4)};
           cs.d.T = s[0], cs.d.B = s[1], cs.d.I = s[2], cs.d.H = s[3];
           cs.d.time_major = layout & 1;
           cs.d.go_backwards = layout & 2;
@@ -261,7 +271,7 @@ int main() {
   for (const auto& c : cells)
     for (const auto& s : parallel_shapes)
       for (int layout = 0; layout < 4; ++layout) {
-        Case cs{c.cell, c.name, {}, true, layout < 2};
+        Case cs{c.cell, c.name, {}, true, layout < 2, layout == 1 || layout == 2};
         cs.d.T = s[0], cs.d.B = s[1], cs.d.I = s[2], cs.d.H = s[3];
         cs.d.time_major = layout & 1;
         cs.d.go_backwards = layout & 2;
