@@ -90,6 +90,7 @@ GATES = {"lstm": 4, "gru": 3, "gru_reset_before": 3, "simple_rnn": 1}
 GRAD_BITS = ["GRAD_X", "GRAD_H0", "GRAD_C0", "GRAD_KERNEL", "GRAD_RECURRENT_KERNEL", "GRAD_BIAS"]
 GRAD_NAMES = {"GRAD_X": "dx", "GRAD_H0": "dh0", "GRAD_C0": "dc0", "GRAD_KERNEL": "dkernel",
               "GRAD_RECURRENT_KERNEL": "drecurrent_kernel", "GRAD_BIAS": "dbias"}
+DROPOUT = ("input_dropout", "recurrent_dropout")  # optional keys of `inputs`, keyword arguments
 
 # --------------------------------------------------------------------- device arrays
 
@@ -129,14 +130,25 @@ class Device:
         torch.cuda.synchronize() if self.lib == "torch" else cupy.cuda.runtime.deviceSynchronize()
 
 
+def dropout_args(inputs):
+    """The dropout masks among `inputs` (host or device arrays), as keyword arguments."""
+    return {k: inputs[k] for k in DROPOUT if inputs.get(k) is not None}
+
+
+def dropout_flags(inputs):
+    """Which masks `inputs` has, as the size helpers take them."""
+    return {k: True for k in dropout_args(inputs)}
+
+
 def cuda_forward(dev, cell, inputs, time_major=False, go_backwards=False, training=True,
                  allow_tf32=False):
-    """Runs the CUDA forward pass on host inputs; returns host outputs like the CPU module."""
+    """Runs the CUDA forward pass on host inputs (dropout masks included, if any); returns
+    host outputs like the CPU module."""
     x = inputs["x"]
     T, B = (x.shape[0], x.shape[1]) if time_major else (x.shape[1], x.shape[0])
     I, H = x.shape[2], inputs["recurrent_kernel"].shape[0]
     dt = x.dtype
-    sizes = cuda_module.forward_sizes(cell, T, B, I, H, training)
+    sizes = cuda_module.forward_sizes(cell, T, B, I, H, training, **dropout_flags(inputs))
     d = {k: (None if v is None else dev.put(v)) for k, v in inputs.items()}
     out = {"y": dev.empty((T, B, H) if time_major else (B, T, H), dt),
            "h_last": dev.empty((B, H), dt)}
@@ -149,7 +161,7 @@ def cuda_forward(dev, cell, inputs, time_major=False, go_backwards=False, traini
     cuda_module.forward(cell, d["x"], d["h0"], d.get("c0"), d["kernel"], d["recurrent_kernel"],
                         d.get("bias"), d.get("mask"), workspace=ws, time_major=time_major,
                         go_backwards=go_backwards, stream=dev.stream, allow_tf32=allow_tf32,
-                        **out)
+                        **dropout_args(d), **out)
     dev.sync()
     return {k: dev.get(v) for k, v in out.items()}
 
@@ -169,14 +181,14 @@ def cuda_backward(dev, cell, inputs, cache, grads, grad_mask, time_major=False,
     if has_bias:
         shapes["dbias"] = inputs["bias"].shape
     out = {k: dev.empty(s, dt, fill=sentinel) for k, s in shapes.items()}
-    ws = dev.empty((cuda_module.backward_workspace_size(cell, T, B, I, H, grad_mask, has_bias),),
-                   dt)
+    ws = dev.empty((cuda_module.backward_workspace_size(cell, T, B, I, H, grad_mask, has_bias,
+                                                        **dropout_flags(inputs)),), dt)
     cuda_module.backward(cell, d["x"], d["h0"], d.get("c0"), d["kernel"],
                          d["recurrent_kernel"], d.get("bias"), d.get("mask"), d["gates"],
                          d.get("aux"), d["h_prev"], d.get("dy"), d.get("dh_last"),
                          d.get("dc_last"), workspace=ws, grad_mask=grad_mask,
                          time_major=time_major, go_backwards=go_backwards, stream=dev.stream,
-                         allow_tf32=allow_tf32, **out)
+                         allow_tf32=allow_tf32, **dropout_args(d), **out)
     dev.sync()
     return {k: dev.get(v) for k, v in out.items()}
 
@@ -186,7 +198,7 @@ def cpu_forward(cell, inputs, time_major=False, go_backwards=False, training=Tru
     return core_module.forward(cell, i["x"], i["h0"], i.get("c0"), i["kernel"],
                                i["recurrent_kernel"], i.get("bias"), i.get("mask"),
                                time_major=time_major, go_backwards=go_backwards,
-                               training=training)
+                               training=training, **dropout_args(i))
 
 
 def cpu_backward(cell, inputs, cache, grads, grad_mask, time_major=False, go_backwards=False):
@@ -195,7 +207,7 @@ def cpu_backward(cell, inputs, cache, grads, grad_mask, time_major=False, go_bac
                                 i["recurrent_kernel"], i.get("bias"), i.get("mask"),
                                 time_major, go_backwards, cache["gates"], cache["aux"],
                                 cache["h_prev"], grads.get("dy"), grads.get("dh_last"),
-                                grads.get("dc_last"), grad_mask)
+                                grads.get("dc_last"), grad_mask, **dropout_args(i))
 
 
 def make_problem(rng, cell, T, B, I, H, dtype, time_major=False, with_bias=True,
@@ -227,6 +239,15 @@ def make_problem(rng, cell, T, B, I, H, dtype, time_major=False, with_bias=True,
     if cell == "lstm":
         grads["dc_last"] = rng.standard_normal((B, H)).astype(dtype)
     return inputs, grads
+
+
+def make_dropout(rng, cell, B, I, H, dtype, kind="both", rate=0.3):
+    """Keras-like dropout masks (0 or 1/(1-rate)), one per gate, for `inputs`: kind is "input",
+    "recurrent" or "both"."""
+    widths = {"input_dropout": I, "recurrent_dropout": H}
+    names = DROPOUT if kind == "both" else (kind + "_dropout",)
+    return {k: ((rng.random((GATES[cell], B, widths[k])) >= rate) / (1 - rate)).astype(dtype)
+            for k in names}
 
 
 def all_grad_masks(cell):
@@ -347,10 +368,34 @@ def _call_forward(args):
     (dict(workspace=FakeDeviceArray((3,))), ValueError, "workspace must hold at least"),
     (dict(c0=None), ValueError, "c0 is required"),
     (dict(h0=FakeDeviceArray((2, 5), mask=FakeDeviceArray((2, 5)))), ValueError, "masked"),
+    # Dropout masks: [G, B, I] and [G, B, H], x's dtype, contiguous, counted in the workspace.
+    (dict(input_dropout=FakeDeviceArray((4, 2, 5))), ValueError,
+     r"input_dropout must have shape \[4, 2, 4\]"),
+    (dict(recurrent_dropout=FakeDeviceArray((1, 2, 5))), ValueError,
+     r"recurrent_dropout must have shape \[4, 2, 5\]"),
+    (dict(input_dropout=FakeDeviceArray((4, 2, 4), typestr="<f8")), TypeError,
+     "input_dropout has dtype float64"),
+    (dict(recurrent_dropout=FakeDeviceArray((4, 2, 5), strides=(4, 80, 16))), ValueError,
+     "recurrent_dropout must be C-contiguous"),
+    (dict(input_dropout=FakeDeviceArray((4, 2, 4)), workspace=FakeDeviceArray((180,))),
+     ValueError, "workspace must hold at least 204"),
 ])
 def test_bad_arrays_rejected_before_any_launch(override, error, match):
     with pytest.raises(error, match=match):
         _call_forward(_fake_lstm(**override))
+
+
+@needs_module
+def test_bad_dropout_rejected_by_backward_before_any_launch():
+    a = _fake_lstm()
+    B, T, H = 2, 3, 5
+    with pytest.raises(ValueError, match=r"recurrent_dropout must have shape \[4, 2, 5\]"):
+        cuda_module.backward("lstm", a["x"], a["h0"], a["c0"], a["kernel"],
+                             a["recurrent_kernel"], a["bias"], None,
+                             FakeDeviceArray((B * T * 4 * H,)), FakeDeviceArray((B * T * H,)),
+                             FakeDeviceArray((B * T * H,)), None, None, None,
+                             workspace=a["workspace"], grad_mask=0,
+                             recurrent_dropout=FakeDeviceArray((4, 2, 4)))
 
 
 @needs_module
@@ -377,23 +422,107 @@ def test_sizes_helpers_match_the_core_layout():
         cuda_module.forward_sizes("lstmx", 1, 1, 1, 1)
 
 
+@needs_module
+def test_sizes_helpers_match_the_core_layout_with_dropout():
+    T, B, I, H = 7, 3, 5, 4
+    rows, m = T * B, cuda_module
+
+    def forward(training=True, **dropout):
+        return m.forward_sizes("lstm", T, B, I, H, training, **dropout)
+
+    # Forward: x ⊙ one gate's mask for every row; h_prev ⊙ one gate's mask for one step.
+    plain = B * 16 + 2 * B * H
+    assert forward(input_dropout=True)["workspace"] == plain + rows * I
+    assert forward(recurrent_dropout=True)["workspace"] == plain + B * H
+    both = forward(input_dropout=True, recurrent_dropout=True)
+    assert both["workspace"] == plain + rows * I + B * H
+    assert {k: v for k, v in both.items() if k != "workspace"} == {
+        k: v for k, v in forward().items() if k != "workspace"}  # the cache does not change
+    assert forward(False, input_dropout=True)["workspace"] == rows * 16 + plain + rows * I
+
+    def backward(cell="lstm", grad_mask=m.GRAD_ALL, **dropout):
+        return m.backward_workspace_size(cell, T, B, I, H, grad_mask, True, **dropout)
+
+    # Backward: masked copies of x or h_prev for every row (the wider one), only for the GEMMs
+    # that run; one step's masked product for recurrent dropout.
+    every = rows * 16 + 3 * B * H
+    assert backward(input_dropout=True) == every + rows * I
+    assert backward(recurrent_dropout=True) == every + rows * H + B * H
+    assert backward(input_dropout=True, recurrent_dropout=True) == every + rows * I + B * H
+    assert backward(grad_mask=m.GRAD_RECURRENT_KERNEL, input_dropout=True) == every
+    frozen = m.GRAD_H0 | m.GRAD_C0
+    assert backward(grad_mask=frozen, input_dropout=True) == B * 16 + 3 * B * H
+    assert backward(grad_mask=frozen, recurrent_dropout=True) == B * 16 + 4 * B * H
+    # GRU (reset_after): dx alone keeps every step's gate gradients, one step's recurrent ones.
+    assert backward("gru", m.GRAD_X, input_dropout=True) == (
+        rows * 12 + B * 12 + 3 * B * H + rows * I)
+
+
+class FakeDevice:
+    """Device's allocation over FakeDeviceArray: the helpers' calls pass every check of the
+    module up to the query of the (fake) pointers."""
+
+    def __init__(self):
+        self.next_ptr = 1 << 20
+
+    def empty(self, shape, dtype, fill=None):
+        self.next_ptr += 1 << 20
+        return FakeDeviceArray(shape, typestr=np.dtype(dtype).str, ptr=self.next_ptr)
+
+    def put(self, a):
+        return self.empty(np.shape(a), np.asarray(a).dtype)
+
+    stream = 0
+
+
+@needs_module
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_helpers_with_dropout_pass_the_checks_up_to_the_device_query(cell):
+    """What runs here of the GPU tests' dropout calls: the workspace the size helpers ask for
+    with the dropout flags, and the masks as the helpers pass them, satisfy the module."""
+    if GPU_SKIP is None:
+        pytest.skip("a GPU is present: fake pointers would be queried for real")
+    rng = np.random.default_rng(3)
+    T, B, I, H = 3, 2, 4, 5
+    inputs, grads = make_problem(rng, cell, T, B, I, H, np.float32, with_mask=True)
+    sizes = cuda_module.forward_sizes(cell, T, B, I, H)
+    cache = {k: np.zeros(sizes[k], np.float32) for k in ("gates", "aux", "h_prev")}
+
+    def device_query():
+        return pytest.raises((RuntimeError, ValueError),
+                             match="cannot query its memory|not in GPU memory")
+
+    for kind in ("input", "recurrent", "both"):
+        masked = {**inputs, **make_dropout(rng, cell, B, I, H, np.float32, kind)}
+        for training in (True, False):
+            with device_query():
+                cuda_forward(FakeDevice(), cell, masked, training=training)
+        with device_query():
+            cuda_backward(FakeDevice(), cell, masked, cache, grads, cuda_module.GRAD_ALL)
+
+
 # --------------------------------------------------------------- CUDA vs CPU (GPU only)
 
 
 def _compare_cell(dev, rng, cell, dtype, T, B, I, H, time_major, go_backwards, with_bias,
-                  with_mask):
+                  with_mask, dropout=None):
+    """dropout: None, or which masks to add ("input", "recurrent" or "both")."""
     inputs, grads = make_problem(rng, cell, T, B, I, H, dtype, time_major, with_bias, with_mask)
+    what = cell
+    if dropout:
+        inputs.update(make_dropout(rng, cell, B, I, H, dtype, dropout))
+        what = f"{cell} ({dropout} dropout)"
     tol = tolerance(dtype)
     ref = cpu_forward(cell, inputs, time_major, go_backwards)
     got = cuda_forward(dev, cell, inputs, time_major, go_backwards)
     for k in ("y", "h_last", "c_last", "gates", "aux", "h_prev"):
         if k in got:
             np.testing.assert_allclose(got[k].reshape(ref[k].shape), ref[k], **tol,
-                                       err_msg=f"{cell} forward {k}")
+                                       err_msg=f"{what} forward {k}")
     inference = cuda_forward(dev, cell, inputs, time_major, go_backwards, training=False)
     for k in ("y", "h_last", "c_last"):
         if k in inference:
-            np.testing.assert_allclose(inference[k], ref[k], **tol, err_msg=f"{cell} inference {k}")
+            np.testing.assert_allclose(inference[k], ref[k], **tol, err_msg=f"{what} inference {k}")
     cache = {k: ref[k] for k in ("gates", "aux", "h_prev")}
     for combo, grad_mask in all_grad_masks(cell):
         want = cpu_backward(cell, inputs, cache, grads, grad_mask, time_major, go_backwards)
@@ -404,9 +533,9 @@ def _compare_cell(dev, rng, cell, dtype, T, B, I, H, time_major, go_backwards, w
                 continue
             if bit in combo and name in want:
                 np.testing.assert_allclose(have[name], want[name], **tol,
-                                           err_msg=f"{cell} {name} with {combo}")
+                                           err_msg=f"{what} {name} with {combo}")
             else:  # not requested: never written
-                assert np.isnan(have[name]).all(), f"{cell}: {name} written though not requested"
+                assert np.isnan(have[name]).all(), f"{what}: {name} written though not requested"
 
 
 @needs_gpu
@@ -445,6 +574,41 @@ def test_cuda_matches_cpu_larger(cell):
     rng = np.random.default_rng(11)
     _compare_cell(dev, rng, cell, np.float64, 17, 33, 70, 129, False, False, True, True)
     _compare_cell(dev, rng, cell, np.float32, 9, 65, 40, 300, True, True, True, False)
+
+
+LAYOUTS = {"batch_major": (False, False), "time_major": (True, False), "backwards": (False, True),
+           "time_major_backwards": (True, True)}  # time_major, go_backwards
+
+
+@needs_gpu
+@needs_core
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("kind", ["input", "recurrent", "both"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cuda_matches_cpu_with_dropout_every_grad_mask(cell, kind, layout, dtype):
+    """Fused dropout (a mask per gate): the masked copies, the gate-by-gate products and the
+    masked gradients of the CUDA path against the CPU kernels, with a step mask and without."""
+    dev = Device()
+    rng = np.random.default_rng(sum(map(ord, cell + kind + layout)) + np.dtype(dtype).itemsize)
+    time_major, go_backwards = LAYOUTS[layout]
+    _compare_cell(dev, rng, cell, dtype, 5, 4, 7, 6, time_major, go_backwards, True, True,
+                  dropout=kind)
+    _compare_cell(dev, rng, cell, dtype, 3, 2, 1, 9, time_major, go_backwards, False, False,
+                  dropout=kind)
+
+
+@needs_gpu
+@needs_core
+@pytest.mark.parametrize("cell", CELLS)
+def test_cuda_matches_cpu_with_dropout_larger(cell):
+    """Dropout at shapes past one block of the pointwise and reduction kernels."""
+    dev = Device()
+    rng = np.random.default_rng(12)
+    _compare_cell(dev, rng, cell, np.float64, 17, 33, 70, 129, False, False, True, True,
+                  dropout="both")
+    _compare_cell(dev, rng, cell, np.float32, 9, 65, 40, 300, True, True, True, False,
+                  dropout="both")
 
 
 @needs_gpu

@@ -454,6 +454,40 @@ def test_core_module_matches_op():
                      n["recurrent_kernel"], n["bias"], None)
 
 
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("kind", ["input", "recurrent", "both"])
+def test_core_module_with_dropout_matches_op(cell, kind):
+    """The pybind11 module's dropout masks reach the kernels as the op's do: same outputs, same
+    gradients of every input (tests/test_cuda.py holds the CUDA module to this module)."""
+    from tfcells import _tfcells_core as core
+    B, T, I, H = 3, 4, 5, 6
+    inputs = make_inputs(cell, B, T, I, H, tf.float32, seed=25)
+    mask = make_mask("random", B, T, False, seed=25)
+    dropout = cast_inputs(make_dropout(cell, B, I, H, kind, seed=25), tf.float32)
+    n = {k: None if v is None else v.numpy() for k, v in inputs.items()}
+    masks = {name[:-len("_mask")]: v.numpy() for name, v in dropout.items()}
+    args = (cell.name, n["x"], n["h0"], n.get("c0"), n["kernel"], n["recurrent_kernel"],
+            n["bias"], mask.numpy())
+    fwd = core.forward(*args, **masks)
+    weights = loss_weights(cell, inputs, False)
+    out, grads = run_with_grads(cell.op, inputs, cell.grad_inputs, weights, mask=mask, **dropout)
+    for name, o in zip(["y", "h_last", "c_last"], out):
+        np.testing.assert_array_equal(fwd[name], o, err_msg=f"{cell} {kind} {name}")
+    bwd = core.backward(*args, False, False, fwd["gates"], fwd["aux"], fwd["h_prev"],
+                        *(w.numpy() for w in weights), *([None] * (3 - len(weights))),
+                        core.GRAD_ALL, **masks)
+    for name in cell.grad_inputs:
+        np.testing.assert_allclose(bwd["d" + name], grads[name], rtol=1e-6, atol=1e-6,
+                                   err_msg=f"{cell} {kind} d{name}")
+    # Mask shapes are checked like the op's: [G, B, I] and [G, B, H].
+    bad = {k: v[:, :, :-1] for k, v in masks.items()}
+    with pytest.raises(ValueError, match="dropout must have shape"):
+        core.forward(*args, **bad)
+    with pytest.raises(ValueError, match="dropout must have shape"):
+        core.backward(*args, False, False, fwd["gates"], fwd["aux"], fwd["h_prev"], None, None,
+                      None, core.GRAD_ALL, **bad)
+
+
 def test_deterministic_run_to_run():
     cell = CELLS[0]
     inputs = make_inputs(cell, 8, 10, 16, 32, tf.float32)

@@ -1,13 +1,14 @@
-// What both pybind11 modules (NumPy/CPU and CUDA) share: the cell names they accept and the
-// gradient-mask constants they export.
+// What both pybind11 modules (NumPy/CPU and CUDA) share: the cell names they accept, the
+// dropout-mask check and the gradient-mask constants they export.
 #pragma once
 
 #include <pybind11/pybind11.h>
 
 #include <map>
 #include <string>
+#include <vector>
 
-#include "../core/common.h"
+#include "../core/rnn.h"
 
 namespace tfcells {
 
@@ -22,6 +23,16 @@ inline CellKind ParseCell(const std::string& name) {
     throw pybind11::value_error(
         "cell must be lstm, gru, gru_reset_before or simple_rnn, got " + name);
   return it->second;
+}
+
+// Checks the shapes of the optional dropout masks (null: absent) against valid dims, raising
+// ValueError; says which are present, for the workspace size.
+inline DropoutInputs CheckDropout(CellKind cell, const Dims& d,
+                                  const std::vector<Index>* input_dropout,
+                                  const std::vector<Index>* recurrent_dropout) {
+  const std::string error = ValidateDropoutShapes(cell, d, input_dropout, recurrent_dropout);
+  if (!error.empty()) throw pybind11::value_error(error);
+  return {input_dropout != nullptr, recurrent_dropout != nullptr};
 }
 
 inline void AddGradBits(pybind11::module_& m) {

@@ -278,13 +278,16 @@ template <typename T>
 struct Inputs {
   CellKind cell;
   Dims d;
-  std::optional<DeviceArray> x, h0, c0, kernel, rk, bias, mask;
+  std::optional<DeviceArray> x, h0, c0, kernel, rk, bias, mask, input_dropout,
+      recurrent_dropout;
+  DropoutInputs dropout;
 };
 
 template <typename T>
 Inputs<T> ReadInputs(Arrays& arrays, const std::string& cell_name, const py::object& x,
                      const py::object& h0, const py::object& c0, const py::object& kernel,
                      const py::object& rk, const py::object& bias, const py::object& mask,
+                     const py::object& input_dropout, const py::object& recurrent_dropout,
                      bool time_major, bool go_backwards) {
   Inputs<T> in;
   in.cell = ParseCell(cell_name);
@@ -296,11 +299,15 @@ Inputs<T> ReadInputs(Arrays& arrays, const std::string& cell_name, const py::obj
   in.rk = arrays.Float(rk, "recurrent_kernel", true);
   in.bias = arrays.Float(bias, "bias", false);
   in.mask = arrays.Mask(mask);
+  in.input_dropout = arrays.Float(input_dropout, "input_dropout", false);
+  in.recurrent_dropout = arrays.Float(recurrent_dropout, "recurrent_dropout", false);
   const std::string error = ValidateShapes(
       in.cell, time_major, in.x->shape, in.h0->shape,
       lstm ? in.c0->shape : std::vector<Index>{}, in.kernel->shape, in.rk->shape,
       in.bias ? &in.bias->shape : nullptr, in.mask ? &in.mask->shape : nullptr, &in.d);
   if (!error.empty()) throw py::value_error(error);
+  in.dropout = CheckDropout(in.cell, in.d, in.input_dropout ? &in.input_dropout->shape : nullptr,
+                            in.recurrent_dropout ? &in.recurrent_dropout->shape : nullptr);
   in.d.go_backwards = go_backwards;
   return in;
 }
@@ -316,6 +323,8 @@ void FillInputs(const Inputs<T>& in, Args* a) {
   a->recurrent_kernel = in.rk->template data<T>();
   a->bias = in.bias ? in.bias->template data<T>() : nullptr;
   a->mask = in.mask ? in.mask->template data<bool>() : nullptr;
+  a->input_dropout = in.input_dropout ? in.input_dropout->template data<T>() : nullptr;
+  a->recurrent_dropout = in.recurrent_dropout ? in.recurrent_dropout->template data<T>() : nullptr;
 }
 
 std::vector<Index> SequenceShape(const Dims& d, bool time_major, Index width) {
@@ -347,13 +356,14 @@ template <typename T>
 void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
              const py::object& h0, const py::object& c0, const py::object& kernel,
              const py::object& rk, const py::object& bias, const py::object& mask,
+             const py::object& input_dropout, const py::object& recurrent_dropout,
              const py::object& y, const py::object& h_last, const py::object& c_last,
              const py::object& gates, const py::object& aux, const py::object& h_prev,
              const py::object& workspace, bool time_major, bool go_backwards,
              std::intptr_t stream, bool allow_tf32) {
   const Inputs<T> in =
-      ReadInputs<T>(arrays, cell_name, x, h0, c0, kernel, rk, bias, mask, time_major,
-                    go_backwards);
+      ReadInputs<T>(arrays, cell_name, x, h0, c0, kernel, rk, bias, mask, input_dropout,
+                    recurrent_dropout, time_major, go_backwards);
   const Dims& d = in.d;
   const bool lstm = in.cell == CellKind::kLstm;
   ForwardArgs<T> a;
@@ -381,7 +391,7 @@ void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
     throw py::value_error("pass gates, aux and h_prev together (training) or none of them");
   }
   const auto ws = arrays.Float(workspace, "workspace", true, true);
-  RequireAtLeast(*ws, ForwardWorkspaceSize(in.cell, d, training));
+  RequireAtLeast(*ws, ForwardWorkspaceSize(in.cell, d, training, in.dropout));
 
   a.y = y_a->template data<T>();
   a.h_last = h_last_a->template data<T>();
@@ -401,6 +411,7 @@ template <typename T>
 void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
               const py::object& h0, const py::object& c0, const py::object& kernel,
               const py::object& rk, const py::object& bias, const py::object& mask,
+              const py::object& input_dropout, const py::object& recurrent_dropout,
               const py::object& gates, const py::object& aux, const py::object& h_prev,
               const py::object& dy, const py::object& dh_last, const py::object& dc_last,
               const py::object& dx, const py::object& dh0, const py::object& dc0,
@@ -408,8 +419,8 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
               const py::object& workspace, int grad_mask, bool time_major, bool go_backwards,
               std::intptr_t stream, bool allow_tf32) {
   const Inputs<T> in =
-      ReadInputs<T>(arrays, cell_name, x, h0, c0, kernel, rk, bias, mask, time_major,
-                    go_backwards);
+      ReadInputs<T>(arrays, cell_name, x, h0, c0, kernel, rk, bias, mask, input_dropout,
+                    recurrent_dropout, time_major, go_backwards);
   const Dims& d = in.d;
   const bool lstm = in.cell == CellKind::kLstm;
   BackwardArgs<T> a;
@@ -457,7 +468,7 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   want(kGradRecurrentKernel, drk, "drecurrent_kernel", in.rk->shape, &a.drecurrent_kernel);
   if (in.bias) want(kGradBias, dbias, "dbias", in.bias->shape, &a.dbias);
   const auto ws = arrays.Float(workspace, "workspace", true, true);
-  RequireAtLeast(*ws, BackwardWorkspaceSize(in.cell, d, grad_mask));
+  RequireAtLeast(*ws, BackwardWorkspaceSize(in.cell, d, grad_mask, in.dropout));
   a.workspace = ws->template data<T>();
 
   Launch(arrays, stream, allow_tf32,
@@ -477,15 +488,18 @@ void ForwardAny(const std::string& cell, const py::object& x, const py::object& 
                 const py::object& bias, const py::object& mask, const py::object& y,
                 const py::object& h_last, const py::object& c_last, const py::object& gates,
                 const py::object& aux, const py::object& h_prev, const py::object& workspace,
-                bool time_major, bool go_backwards, std::intptr_t stream, bool allow_tf32) {
+                bool time_major, bool go_backwards, std::intptr_t stream, bool allow_tf32,
+                const py::object& input_dropout, const py::object& recurrent_dropout) {
   const auto [kind, itemsize] = DtypeOf(x);
   Arrays arrays(kind, itemsize);
   if (itemsize == 4)
-    Forward<float>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, y, h_last, c_last, gates,
-                   aux, h_prev, workspace, time_major, go_backwards, stream, allow_tf32);
+    Forward<float>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
+                   recurrent_dropout, y, h_last, c_last, gates, aux, h_prev, workspace,
+                   time_major, go_backwards, stream, allow_tf32);
   else
-    Forward<double>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, y, h_last, c_last, gates,
-                    aux, h_prev, workspace, time_major, go_backwards, stream, allow_tf32);
+    Forward<double>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
+                    recurrent_dropout, y, h_last, c_last, gates, aux, h_prev, workspace,
+                    time_major, go_backwards, stream, allow_tf32);
 }
 
 void BackwardAny(const std::string& cell, const py::object& x, const py::object& h0,
@@ -496,17 +510,20 @@ void BackwardAny(const std::string& cell, const py::object& x, const py::object&
                  const py::object& dh0, const py::object& dc0, const py::object& dkernel,
                  const py::object& drk, const py::object& dbias, const py::object& workspace,
                  int grad_mask, bool time_major, bool go_backwards, std::intptr_t stream,
-                 bool allow_tf32) {
+                 bool allow_tf32, const py::object& input_dropout,
+                 const py::object& recurrent_dropout) {
   const auto [kind, itemsize] = DtypeOf(x);
   Arrays arrays(kind, itemsize);
   if (itemsize == 4)
-    Backward<float>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, gates, aux, h_prev, dy,
-                    dh_last, dc_last, dx, dh0, dc0, dkernel, drk, dbias, workspace, grad_mask,
-                    time_major, go_backwards, stream, allow_tf32);
+    Backward<float>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
+                    recurrent_dropout, gates, aux, h_prev, dy, dh_last, dc_last, dx, dh0, dc0,
+                    dkernel, drk, dbias, workspace, grad_mask, time_major, go_backwards, stream,
+                    allow_tf32);
   else
-    Backward<double>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, gates, aux, h_prev, dy,
-                     dh_last, dc_last, dx, dh0, dc0, dkernel, drk, dbias, workspace, grad_mask,
-                     time_major, go_backwards, stream, allow_tf32);
+    Backward<double>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
+                     recurrent_dropout, gates, aux, h_prev, dy, dh_last, dc_last, dx, dh0, dc0,
+                     dkernel, drk, dbias, workspace, grad_mask, time_major, go_backwards, stream,
+                     allow_tf32);
 }
 
 Dims MakeDims(Index T, Index B, Index I, Index H) {
@@ -517,22 +534,24 @@ Dims MakeDims(Index T, Index B, Index I, Index H) {
 }
 
 py::dict ForwardSizes(const std::string& cell_name, Index T, Index B, Index I, Index H,
-                      bool training) {
+                      bool training, bool input_dropout, bool recurrent_dropout) {
   const CellKind cell = ParseCell(cell_name);
   const Dims d = MakeDims(T, B, I, H);
   const CacheSizes cs = training ? TrainingCacheSizes(cell, d) : CacheSizes{0, 0, 0};
   py::dict out;
   out["gates"] = cs.gates, out["aux"] = cs.aux, out["h_prev"] = cs.h_prev;
-  out["workspace"] = ForwardWorkspaceSize(cell, d, training);
+  out["workspace"] =
+      ForwardWorkspaceSize(cell, d, training, DropoutInputs{input_dropout, recurrent_dropout});
   return out;
 }
 
 Index BackwardSize(const std::string& cell_name, Index T, Index B, Index I, Index H,
-                   int grad_mask, bool has_bias) {
+                   int grad_mask, bool has_bias, bool input_dropout, bool recurrent_dropout) {
   const CellKind cell = ParseCell(cell_name);
   if (cell != CellKind::kLstm) grad_mask &= ~kGradC0;
   if (!has_bias) grad_mask &= ~kGradBias;
-  return BackwardWorkspaceSize(cell, MakeDims(T, B, I, H), grad_mask);
+  return BackwardWorkspaceSize(cell, MakeDims(T, B, I, H), grad_mask,
+                               DropoutInputs{input_dropout, recurrent_dropout});
 }
 
 int DeviceCount() {
@@ -565,20 +584,27 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
         "recurrent_kernel"_a, "bias"_a, "mask"_a, py::kw_only(), "y"_a, "h_last"_a,
         "c_last"_a = none, "gates"_a = none, "aux"_a = none, "h_prev"_a = none, "workspace"_a,
         "time_major"_a = false, "go_backwards"_a = false, "stream"_a = 0,
-        "allow_tf32"_a = false,
-        "Forward pass. Training when gates/aux/h_prev (the cache) are given.");
+        "allow_tf32"_a = false, "input_dropout"_a = none, "recurrent_dropout"_a = none,
+        "Forward pass. Training when gates/aux/h_prev (the cache) are given. Optional dropout "
+        "masks input_dropout [G, B, I] and recurrent_dropout [G, B, H]: gate g reads "
+        "x * input_dropout[g] and h_prev * recurrent_dropout[g] at every step.");
   m.def("backward", &tfcells::BackwardAny, "cell"_a, "x"_a, "h0"_a, "c0"_a, "kernel"_a,
         "recurrent_kernel"_a, "bias"_a, "mask"_a, "gates"_a, "aux"_a, "h_prev"_a, "dy"_a,
         "dh_last"_a, "dc_last"_a, py::kw_only(), "dx"_a = none, "dh0"_a = none, "dc0"_a = none,
         "dkernel"_a = none, "drecurrent_kernel"_a = none, "dbias"_a = none, "workspace"_a,
         "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "time_major"_a = false,
         "go_backwards"_a = false, "stream"_a = 0, "allow_tf32"_a = false,
-        "Backward pass: writes the gradients named by grad_mask into the given arrays.");
+        "input_dropout"_a = none, "recurrent_dropout"_a = none,
+        "Backward pass: writes the gradients named by grad_mask into the given arrays (the "
+        "forward's dropout masks, if any, passed again).");
   m.def("forward_sizes", &tfcells::ForwardSizes, "cell"_a, "T"_a, "B"_a, "I"_a, "H"_a,
-        "training"_a = true,
-        "Element counts of the training cache (gates, aux, h_prev) and the forward workspace.");
+        "training"_a = true, py::kw_only(), "input_dropout"_a = false,
+        "recurrent_dropout"_a = false,
+        "Element counts of the training cache (gates, aux, h_prev) and the forward workspace "
+        "(which grows with each dropout mask the call passes).");
   m.def("backward_workspace_size", &tfcells::BackwardSize, "cell"_a, "T"_a, "B"_a, "I"_a,
-        "H"_a, "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "has_bias"_a = true);
+        "H"_a, "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "has_bias"_a = true,
+        py::kw_only(), "input_dropout"_a = false, "recurrent_dropout"_a = false);
   m.def("device_count", &tfcells::DeviceCount, "CUDA devices visible (0 when none or no driver)");
   m.def("cublas_library", &tfcells::CublasLibrary,
         "The cuBLAS file the kernels use (loading it); raises RuntimeError if none loads.");

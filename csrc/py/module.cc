@@ -36,14 +36,16 @@ Array<T> Empty(std::vector<Index> shape) {
 struct Inputs {
   CellKind cell;
   Dims d;
+  DropoutInputs dropout;
 };
 
 template <typename T>
 Inputs Check(const std::string& cell_name, const Array<T>& x, const Array<T>& h0,
              const std::optional<Array<T>>& c0, const Array<T>& kernel, const Array<T>& rk,
              const std::optional<Array<T>>& bias, const std::optional<Array<bool>>& mask,
-             bool time_major, bool go_backwards) {
-  Inputs in{ParseCell(cell_name), {}};
+             bool time_major, bool go_backwards, const std::optional<Array<T>>& input_dropout,
+             const std::optional<Array<T>>& recurrent_dropout) {
+  Inputs in{ParseCell(cell_name), {}, {}};
   if (in.cell == CellKind::kLstm && !c0) throw py::value_error("lstm needs c0");
   const std::vector<Index> bias_shape = bias ? Shape(*bias) : std::vector<Index>{};
   const std::vector<Index> mask_shape = mask ? Shape(*mask) : std::vector<Index>{};
@@ -52,6 +54,11 @@ Inputs Check(const std::string& cell_name, const Array<T>& x, const Array<T>& h0
                      Shape(kernel), Shape(rk), bias ? &bias_shape : nullptr,
                      mask ? &mask_shape : nullptr, &in.d);
   if (!error.empty()) throw py::value_error(error);
+  const std::vector<Index> in_drop = input_dropout ? Shape(*input_dropout) : std::vector<Index>{};
+  const std::vector<Index> rec_drop =
+      recurrent_dropout ? Shape(*recurrent_dropout) : std::vector<Index>{};
+  in.dropout = CheckDropout(in.cell, in.d, input_dropout ? &in_drop : nullptr,
+                            recurrent_dropout ? &rec_drop : nullptr);
   in.d.go_backwards = go_backwards;
   return in;
 }
@@ -60,20 +67,24 @@ template <typename T>
 py::dict Forward(const std::string& cell_name, const Array<T>& x, const Array<T>& h0,
                  const std::optional<Array<T>>& c0, const Array<T>& kernel, const Array<T>& rk,
                  const std::optional<Array<T>>& bias, const std::optional<Array<bool>>& mask,
-                 bool time_major, bool go_backwards, bool training) {
-  const Inputs in = Check(cell_name, x, h0, c0, kernel, rk, bias, mask, time_major, go_backwards);
+                 bool time_major, bool go_backwards, bool training,
+                 const std::optional<Array<T>>& input_dropout,
+                 const std::optional<Array<T>>& recurrent_dropout) {
+  const Inputs in = Check(cell_name, x, h0, c0, kernel, rk, bias, mask, time_major, go_backwards,
+                          input_dropout, recurrent_dropout);
   const Dims& d = in.d;
   ForwardArgs<T> a;
   a.cell = in.cell;
   a.d = d;
   a.x = x.data(), a.h0 = h0.data(), a.c0 = Ptr(c0), a.kernel = kernel.data();
   a.recurrent_kernel = rk.data(), a.bias = Ptr(bias), a.mask = mask ? mask->data() : nullptr;
+  a.input_dropout = Ptr(input_dropout), a.recurrent_dropout = Ptr(recurrent_dropout);
   auto y = Empty<T>(time_major ? std::vector<Index>{d.T, d.B, d.H}
                                : std::vector<Index>{d.B, d.T, d.H});
   auto h_last = Empty<T>({d.B, d.H}), c_last = Empty<T>({d.B, d.H});
   const CacheSizes cs = training ? TrainingCacheSizes(a.cell, d) : CacheSizes{0, 0, 0};
   auto gates = Empty<T>({cs.gates}), aux = Empty<T>({cs.aux}), h_prev = Empty<T>({cs.h_prev});
-  auto workspace = Empty<T>({ForwardWorkspaceSize(a.cell, d, training)});
+  auto workspace = Empty<T>({ForwardWorkspaceSize(a.cell, d, training, in.dropout)});
   a.y = y.mutable_data(), a.h_last = h_last.mutable_data(), a.c_last = c_last.mutable_data();
   if (training) {
     a.gates = gates.mutable_data(), a.aux = aux.mutable_data();
@@ -98,8 +109,10 @@ py::dict Backward(const std::string& cell_name, const Array<T>& x, const Array<T
                   bool time_major, bool go_backwards, const Array<T>& gates,
                   const Array<T>& aux, const Array<T>& h_prev, const std::optional<Array<T>>& dy,
                   const std::optional<Array<T>>& dh_last, const std::optional<Array<T>>& dc_last,
-                  int grad_mask) {
-  const Inputs in = Check(cell_name, x, h0, c0, kernel, rk, bias, mask, time_major, go_backwards);
+                  int grad_mask, const std::optional<Array<T>>& input_dropout,
+                  const std::optional<Array<T>>& recurrent_dropout) {
+  const Inputs in = Check(cell_name, x, h0, c0, kernel, rk, bias, mask, time_major, go_backwards,
+                          input_dropout, recurrent_dropout);
   const Dims& d = in.d;
   const CacheSizes cs = TrainingCacheSizes(in.cell, d);
   if (gates.size() != cs.gates || aux.size() != cs.aux || h_prev.size() != cs.h_prev)
@@ -109,6 +122,7 @@ py::dict Backward(const std::string& cell_name, const Array<T>& x, const Array<T
   a.d = d;
   a.x = x.data(), a.h0 = h0.data(), a.c0 = Ptr(c0), a.kernel = kernel.data();
   a.recurrent_kernel = rk.data(), a.bias = Ptr(bias), a.mask = mask ? mask->data() : nullptr;
+  a.input_dropout = Ptr(input_dropout), a.recurrent_dropout = Ptr(recurrent_dropout);
   a.gates = gates.data(), a.aux = Ptr(std::optional<Array<T>>(aux)), a.h_prev = h_prev.data();
   const std::vector<Index> y_shape = time_major ? std::vector<Index>{d.T, d.B, d.H}
                                                 : std::vector<Index>{d.B, d.T, d.H};
@@ -133,7 +147,7 @@ py::dict Backward(const std::string& cell_name, const Array<T>& x, const Array<T
   want(kGradKernel, "dkernel", Shape(kernel), &a.dkernel);
   want(kGradRecurrentKernel, "drecurrent_kernel", Shape(rk), &a.drecurrent_kernel);
   if (bias) want(kGradBias, "dbias", Shape(*bias), &a.dbias);
-  auto workspace = Empty<T>({BackwardWorkspaceSize(in.cell, d, grad_mask)});
+  auto workspace = Empty<T>({BackwardWorkspaceSize(in.cell, d, grad_mask, in.dropout)});
   a.workspace = workspace.mutable_data();
   {
     py::gil_scoped_release release;
@@ -167,12 +181,14 @@ void Bind(py::module_& m) {
   m.def("forward", &Forward<T>, py::arg("cell"), py::arg("x"), py::arg("h0"), py::arg("c0"),
         py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("mask"),
         py::arg("time_major") = false, py::arg("go_backwards") = false,
-        py::arg("training") = true);
+        py::arg("training") = true, py::kw_only(), py::arg("input_dropout") = py::none(),
+        py::arg("recurrent_dropout") = py::none());
   m.def("backward", &Backward<T>, py::arg("cell"), py::arg("x"), py::arg("h0"), py::arg("c0"),
         py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("mask"),
         py::arg("time_major"), py::arg("go_backwards"), py::arg("gates"), py::arg("aux"),
         py::arg("h_prev"), py::arg("dy"), py::arg("dh_last"), py::arg("dc_last"),
-        py::arg("grad_mask") = static_cast<int>(kGradAll));
+        py::arg("grad_mask") = static_cast<int>(kGradAll), py::kw_only(),
+        py::arg("input_dropout") = py::none(), py::arg("recurrent_dropout") = py::none());
 }
 
 }  // namespace
