@@ -151,6 +151,7 @@ def test_flop_model_shares():
         assert share["both_frozen_no_dx"] == pytest.approx(3 / 6)
         assert share["inference"] == pytest.approx(2 / 6)
         assert share["frozen_layer_in_stack"] == pytest.approx(7 / 6)  # 2 fwd + 5 of layer 2
+        assert share["dropout"] == pytest.approx(1)  # gate by gate, the same products
 
 
 def test_floor_runs_its_gemms():
@@ -159,7 +160,7 @@ def test_floor_runs_its_gemms():
     for fn in paths.values():
         fn()  # shapes must line up: a wrong Gemm raises here
     labels = [g.label for g in floor.gemms("gru", CONFIGS["both_frozen_no_dx"], Shape(2, 3, 4, 5))]
-    assert labels == ["X·W_x", "h·W_h", "dG·W_hᵀ"]
+    assert labels == ["x·W_x", "h·W_h", "dG·W_hᵀ"]
 
 
 def test_plot(tmp_path):

@@ -377,12 +377,22 @@ def _call_forward(args):
      "input_dropout has dtype float64"),
     (dict(recurrent_dropout=FakeDeviceArray((4, 2, 5), strides=(4, 80, 16))), ValueError,
      "recurrent_dropout must be C-contiguous"),
-    (dict(input_dropout=FakeDeviceArray((4, 2, 4)), workspace=FakeDeviceArray((180,))),
-     ValueError, "workspace must hold at least 204"),
 ])
 def test_bad_arrays_rejected_before_any_launch(override, error, match):
     with pytest.raises(error, match=match):
         _call_forward(_fake_lstm(**override))
+
+
+@needs_module
+def test_workspace_must_fit_the_dropout_masks():
+    """A workspace that fits the call without masks is refused once a mask comes along."""
+    # _fake_lstm passes no cache: an inference call.
+    plain = cuda_module.forward_sizes("lstm", 3, 2, 4, 5, False)["workspace"]
+    need = cuda_module.forward_sizes("lstm", 3, 2, 4, 5, False, input_dropout=True)["workspace"]
+    assert need > plain
+    with pytest.raises(ValueError, match=f"workspace must hold at least {need}"):
+        _call_forward(_fake_lstm(input_dropout=FakeDeviceArray((4, 2, 4)),
+                                 workspace=FakeDeviceArray((plain,))))
 
 
 @needs_module
@@ -430,32 +440,34 @@ def test_sizes_helpers_match_the_core_layout_with_dropout():
     def forward(training=True, **dropout):
         return m.forward_sizes("lstm", T, B, I, H, training, **dropout)
 
-    # Forward: x ⊙ one gate's mask for every row; h_prev ⊙ one gate's mask for one step.
+    # Forward, a step at a time: x_t ⊙ one gate's mask and h_prev ⊙ one gate's mask.
     plain = B * 16 + 2 * B * H
-    assert forward(input_dropout=True)["workspace"] == plain + rows * I
+    assert forward(input_dropout=True)["workspace"] == plain + B * I
     assert forward(recurrent_dropout=True)["workspace"] == plain + B * H
     both = forward(input_dropout=True, recurrent_dropout=True)
-    assert both["workspace"] == plain + rows * I + B * H
+    assert both["workspace"] == plain + B * I + B * H
     assert {k: v for k, v in both.items() if k != "workspace"} == {
         k: v for k, v in forward().items() if k != "workspace"}  # the cache does not change
-    assert forward(False, input_dropout=True)["workspace"] == rows * 16 + plain + rows * I
+    # Inference: one step's input projection on top.
+    assert forward(False, input_dropout=True)["workspace"] == B * 16 + plain + B * I
 
     def backward(cell="lstm", grad_mask=m.GRAD_ALL, **dropout):
         return m.backward_workspace_size(cell, T, B, I, H, grad_mask, True, **dropout)
 
-    # Backward: masked copies of x or h_prev for every row (the wider one), only for the GEMMs
-    # that run; one step's masked product for recurrent dropout.
+    # Backward: masked copies of x or h_prev for every row (the wider one) for the weight
+    # GEMMs that run; one step's masked products for dh_prev and dx.
     every = rows * 16 + 3 * B * H
-    assert backward(input_dropout=True) == every + rows * I
+    assert backward(input_dropout=True) == every + rows * I + B * I
     assert backward(recurrent_dropout=True) == every + rows * H + B * H
-    assert backward(input_dropout=True, recurrent_dropout=True) == every + rows * I + B * H
+    assert backward(input_dropout=True, recurrent_dropout=True) == (
+        every + rows * I + B * H + B * I)
     assert backward(grad_mask=m.GRAD_RECURRENT_KERNEL, input_dropout=True) == every
     frozen = m.GRAD_H0 | m.GRAD_C0
     assert backward(grad_mask=frozen, input_dropout=True) == B * 16 + 3 * B * H
     assert backward(grad_mask=frozen, recurrent_dropout=True) == B * 16 + 4 * B * H
-    # GRU (reset_after): dx alone keeps every step's gate gradients, one step's recurrent ones.
-    assert backward("gru", m.GRAD_X, input_dropout=True) == (
-        rows * 12 + B * 12 + 3 * B * H + rows * I)
+    # dx alone is computed in the loop: one step's gate gradients (GRU reset_after: of both
+    # sides) and one step's masked product.
+    assert backward("gru", m.GRAD_X, input_dropout=True) == B * 12 + B * 12 + 3 * B * H + B * I
 
 
 class FakeDevice:

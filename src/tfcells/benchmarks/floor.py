@@ -1,6 +1,7 @@
 """The GEMM floor: the time of a step's matrix products alone, all of them through NumPy's BLAS
-or all through tfcells' own GEMM path (its packed step GEMM for the recurrence, its thread-split
-BLAS calls for the large products), whichever is faster, and the FLOP model that counts them.
+or all through tfcells' own GEMM path (its packed step GEMM for the per-step products, its
+thread-split BLAS calls for the weight gradients), whichever is faster, and the FLOP model that
+counts them.
 
 A fused recurrent kernel spends nearly all its time in these GEMMs; the rest (gates, copies,
 the framework) is overhead, so floor_ms / median_ms says how close an implementation gets to
@@ -43,7 +44,10 @@ def gemms(cell, config, shape):
     for layer in range(config.layers):
         n_in = shape.I if layer == 0 else H
         p = f"L{layer}:" if config.layers > 1 else ""
-        out += [Gemm(p + "X·W_x", T * B, n_in, gh), Gemm(p + "h·W_h", B, H, gh, count=T)]
+        # The fused kernels run x_t·W_x, h·W_h and dx_t = dG_t·W_xᵀ a step at a time (their
+        # packed step GEMM is faster there than one BLAS call over all T*B rows), and the
+        # weight gradients, which sum over all rows, as one GEMM each.
+        out += [Gemm(p + "x·W_x", B, n_in, gh, count=T), Gemm(p + "h·W_h", B, H, gh, count=T)]
         needed = trainable_names(config, layer)
         if not needed:
             continue
@@ -54,7 +58,7 @@ def gemms(cell, config, shape):
         if "recurrent_kernel" in needed:
             out.append(Gemm(p + "dW_h=Hᵀ·dG", H, T * B, gh, trans_a=True))
         if "x" in needed:
-            out.append(Gemm(p + "dX=dG·W_xᵀ", T * B, gh, n_in))
+            out.append(Gemm(p + "dx=dG·W_xᵀ", B, gh, n_in, count=T))
     return out
 
 
