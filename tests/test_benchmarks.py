@@ -212,14 +212,15 @@ def test_fit_tiny(tmp_path, monkeypatch, capsys):
 
     tiny = ["--fit", "--fit-samples", "64", "--fit-len", "6", "--fit-epochs", "1",
             "--no-progress"]
-    rc, data = _run_argv(tmp_path, [*tiny, "--fit-scenarios",
-                                    "frozen_embedding,first_lstm_kernel_frozen"])
+    scenarios = ("frozen_embedding", "first_lstm_kernel_frozen", "dropout")
+    rc, data = _run_argv(tmp_path, [*tiny, "--fit-scenarios", ",".join(scenarios)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert data["meta"]["settings"]["fit"]["samples"] == 64
     by = {(r["config"], r["impl"]): r for r in data["records"]}
-    assert set(by) == {(s, i) for s in ("frozen_embedding", "first_lstm_kernel_frozen")
-                       for i in ("keras", "tfcells")}
+    # dropout runs fused in model.fit (that the masks equal Keras' is test_layers' business:
+    # on this tiny set the loss barely depends on them).
+    assert set(by) == {(s, i) for s in scenarios for i in ("keras", "tfcells")}
     for r in by.values():
         assert (r["cell"], r["status"], r["T"], r["B"]) == ("model", "ok", 6, 64), r
         assert r["samples_per_s"] > 0 and r["median_ms"] > 0 and r["reps"] == 1

@@ -39,7 +39,9 @@ SCENARIOS = {
     "first_lstm_frozen": "first LSTM layer.trainable=False",
     "first_lstm_kernel_frozen": "first LSTM kernel: tfcells kernel_trainable=False, Keras "
                                 "layer.cell.kernel.trainable=False",
+    "dropout": "nothing frozen; both LSTMs dropout=0.2, recurrent_dropout=0.2 (seeded alike)",
 }
+DROPOUT = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +130,12 @@ class _Model:
             extra["kernel_trainable"] = False
         self.embedding = keras.layers.Embedding(
             VOCAB, EMBED, mask_zero=True, trainable=scenario != "frozen_embedding")
-        self.lstm_1 = layers.LSTM(UNITS, return_sequences=True, **extra)
-        self.lstm_2 = layers.LSTM(UNITS)
+        rates = [{}, {}]
+        if scenario == "dropout":  # the same seeds: both models draw the same masks
+            rates = [dict(dropout=DROPOUT, recurrent_dropout=DROPOUT, seed=seed)
+                     for seed in (11, 12)]
+        self.lstm_1 = layers.LSTM(UNITS, return_sequences=True, **extra, **rates[0])
+        self.lstm_2 = layers.LSTM(UNITS, **rates[1])
         self.dense = keras.layers.Dense(1, activation="sigmoid")
         self.model = keras.Sequential([keras.Input((size.seq_len,), dtype="int32"),
                                        self.embedding, self.lstm_1, self.lstm_2, self.dense])
@@ -148,6 +154,7 @@ class _Model:
         cell = self.lstm_1.cell
         self.frozen = {
             "all_trainable": {},
+            "dropout": {},
             "frozen_embedding": {"embeddings": (self.embedding.embeddings,
                                                 weights["embeddings"])},
             "first_lstm_frozen": {f"lstm_1/{n}": (getattr(cell, n), weights["lstm_1"][n])
