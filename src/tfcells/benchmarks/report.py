@@ -353,7 +353,7 @@ def _fit_loss_check(keras, tfc):
 
 
 def _fit_frozen(by_impl, scenario):
-    if scenario == "all_trainable":
+    if any(r.get("frozen", "").startswith("nothing frozen") for r in by_impl.values()):
         return "— (none frozen)"
     flags = [r.get("frozen_bit_identical") for r in by_impl.values()]
     if not flags or any(f is None for f in flags):
