@@ -1,6 +1,8 @@
 """The CPU backend's GEMM paths (the packed step GEMM, the thread-split large GEMM) through the
 entry point the benchmark's GEMM floor uses (every op test also runs them inside the ops)."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -36,6 +38,21 @@ def test_large_transposed_product_matches_numpy(threads):
     out = np.full((70, 130), np.nan, np.float32)
     core.products(a, w, out, threads, trans_a=True)
     np.testing.assert_allclose(out, a[0].T @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_products_back_to_back_on_the_warm_pool():
+    """Hundreds of short calls with changing thread counts (the pool's workers are reused,
+    grown, and left idle in turn; some park between calls): every result is right."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 40, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 24)).astype(np.float32)
+    want = a[-1] @ w
+    for i in range(400):
+        out = np.full((40, 24), np.nan, np.float32)
+        core.products(a, w, out, 1 + i % 4)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+        if i % 100 == 99:
+            time.sleep(0.01)  # longer than the workers spin: they park, then must wake
 
 
 def test_products_rejects_mismatched_shapes():

@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -71,15 +74,84 @@ CpuBackend MakeBackend(const CpuOptions& options) {
   return be;
 }
 
-// Through the same backend, sharding and split rules as the ops, on std::threads.
+// Worker threads for ProductsCpu that stay awake between calls, as the ops' pool (TF's) does.
+// The floor times many short calls back to back; a thread started per call on an idle core of
+// this virtual machine began ~1 ms late, which the floor timed as GEMM time (a 2 ms product
+// ran no faster on 2 threads than on 1). Workers spin for kSpin after a task, then park.
+class WarmPool {
+ public:
+  static WarmPool& Get() {
+    static WarmPool* pool = new WarmPool;  // never destroyed: its threads run until exit
+    return *pool;
+  }
+
+  // fn(0) on the caller, fn(1..tasks-1) on the workers; returns when all have finished.
+  void Run(int tasks, const std::function<void(int)>& fn) {
+    std::lock_guard<std::mutex> one_at_a_time(run_mu_);
+    while (static_cast<int>(workers_.size()) < tasks - 1) {
+      // It starts from the current generation, so the job published next is its first.
+      const int index = static_cast<int>(workers_.size()) + 1;
+      const std::uint64_t seen = generation_.load(std::memory_order_relaxed);
+      workers_.emplace_back([this, index, seen] { Work(index, seen); });
+      workers_.back().detach();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = &fn;
+      tasks_ = tasks;
+      remaining_.store(tasks - 1, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    fn(0);
+    while (remaining_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+  }
+
+ private:
+  static constexpr auto kSpin = std::chrono::milliseconds(2);
+
+  void Work(int index, std::uint64_t seen) {
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        if (std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lock(mu_);
+          cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          break;
+        }
+      }
+      // The generation and its job, read together (a worker with no task in one job may
+      // wake only after the next one has been published).
+      const std::function<void(int)>* job;
+      int tasks;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        seen = generation_.load(std::memory_order_relaxed);
+        job = job_;
+        tasks = tasks_;
+      }
+      if (index < tasks) {
+        (*job)(index);
+        remaining_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<std::uint64_t> generation_{0};
+  std::atomic<int> remaining_{0};
+  const std::function<void(int)>* job_ = nullptr;
+  int tasks_ = 0;
+  std::vector<std::thread> workers_;
+};
+
+// Through the same backend, sharding and split rules as the ops, on WarmPool's threads.
 template <typename T>
 void Products(Index count, bool trans_a, Index m, Index k, Index n, const T* a, const T* w,
               T* out, int threads) {
   const ParallelRunner runner = [](int tasks, const std::function<void(int)>& fn) {
-    std::vector<std::thread> pool;
-    for (int i = 1; i < tasks; ++i) pool.emplace_back(fn, i);
-    fn(0);
-    for (auto& thread : pool) thread.join();
+    WarmPool::Get().Run(tasks, fn);
   };
   CpuBackend be = MakeBackend({&runner, std::max(1, threads)});
   if (count == 1) return be.Gemm(trans_a, false, m, n, k, a, trans_a ? m : k, w, n, T(0), out, n);
