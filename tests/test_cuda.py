@@ -455,13 +455,14 @@ def test_sizes_helpers_match_the_core_layout_with_dropout():
         return m.backward_workspace_size(cell, T, B, I, H, grad_mask, True, **dropout)
 
     # Backward: masked copies of x or h_prev for every row (the wider one) for the weight
-    # GEMMs that run; one step's masked products for dh_prev and dx.
-    every = rows * 16 + 3 * B * H
+    # GEMMs that run; one step's masked products for dh_prev and dx. The bias gradient is
+    # summed per batch row ([B, 4H]) inside the loop.
+    every = rows * 16 + B * 16 + 3 * B * H
     assert backward(input_dropout=True) == every + rows * I + B * I
     assert backward(recurrent_dropout=True) == every + rows * H + B * H
     assert backward(input_dropout=True, recurrent_dropout=True) == (
         every + rows * I + B * H + B * I)
-    assert backward(grad_mask=m.GRAD_RECURRENT_KERNEL, input_dropout=True) == every
+    assert backward(grad_mask=m.GRAD_RECURRENT_KERNEL, input_dropout=True) == every - B * 16
     frozen = m.GRAD_H0 | m.GRAD_C0
     assert backward(grad_mask=frozen, input_dropout=True) == B * 16 + 3 * B * H
     assert backward(grad_mask=frozen, recurrent_dropout=True) == B * 16 + 4 * B * H

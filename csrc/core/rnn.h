@@ -104,23 +104,29 @@ inline Index ForwardWorkspaceSize(CellKind cell, const Dims& d, bool training,
          (dropout.input ? d.B * d.I : 0) + (dropout.recurrent ? d.B * d.H : 0);
 }
 
-// Whether the backward pass keeps the gate gradients of all steps (a weight GEMM or the bias
-// sum after the loop needs them; dx is computed inside the loop).
+// Whether the backward pass keeps the gate gradients of all steps (a weight GEMM after the
+// loop needs them; dx and the bias sums are computed inside the loop).
 inline bool KeepsAllGateGrads(int grad_mask) {
-  return grad_mask & (kGradKernel | kGradRecurrentKernel | kGradBias);
+  return grad_mask & (kGradKernel | kGradRecurrentKernel);
 }
+
+// Bias rows: GRU with reset_after keeps an input and a recurrent bias.
+inline Index BiasRows(CellKind cell) { return cell == CellKind::kGruResetAfter ? 2 : 1; }
 
 inline Index BackwardWorkspaceSize(CellKind cell, const Dims& d, int grad_mask,
                                    DropoutInputs dropout = {}) {
   const Index gh = GateCount(cell) * d.H;
   const Index steps = KeepsAllGateGrads(grad_mask) ? d.Rows() : d.B;
-  const Index rec_steps = (grad_mask & (kGradRecurrentKernel | kGradBias)) ? d.Rows() : d.B;
+  const Index rec_steps = (grad_mask & kGradRecurrentKernel) ? d.Rows() : d.B;
   const Index dgates_rec = cell == CellKind::kGruResetAfter ? rec_steps * gh : 0;
+  // The bias gradient, summed per batch row over the steps inside the loop.
+  const Index bias_sums = (grad_mask & kGradBias) ? BiasRows(cell) * d.B * gh : 0;
   // Dropout: masked copies of x or of the h_prev cache for the weight GEMMs (one gate at a
   // time), and one step's masked product.
   const Index masked_x = dropout.input && (grad_mask & kGradKernel) ? d.I : 0;
   const Index masked_h = dropout.recurrent && (grad_mask & kGradRecurrentKernel) ? d.H : 0;
-  return steps * gh + dgates_rec + 3 * d.B * d.H + d.Rows() * std::max(masked_x, masked_h) +
+  return steps * gh + dgates_rec + bias_sums + 3 * d.B * d.H +
+         d.Rows() * std::max(masked_x, masked_h) +
          (dropout.recurrent ? d.B * d.H : 0) +
          (dropout.input && (grad_mask & kGradX) ? d.B * d.I : 0);
 }
@@ -235,6 +241,14 @@ void GateProductsGrad(Backend& sb, Index n, Index width, const T* dg, Index ld_d
                                            accumulate || g > 0});
   }
 }
+
+// dst += src.
+template <typename T>
+struct AccumulatePoint {
+  StepMatrix<T> dst;
+  StepMatrix<const T> src;
+  TFCELLS_HD void operator()(Index b, Index j) const { dst(b, j) += src(b, j); }
+};
 
 // The mask column of time t; without a mask, every row reads the same `true`.
 template <typename Backend>
@@ -410,8 +424,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
     if (m & kGradRecurrentKernel)
       be.ForEach(H, GH, detail::ZeroOrCopyPoint<T>{Plain(a.drecurrent_kernel, GH), {}});
     if ((m & kGradBias) && a.bias) {
-      const Index bias_rows = a.cell == CellKind::kGruResetAfter ? 2 : 1;
-      be.ForEach(bias_rows, GH, detail::ZeroOrCopyPoint<T>{Plain(a.dbias, GH), {}});
+      be.ForEach(BiasRows(a.cell), GH, detail::ZeroOrCopyPoint<T>{Plain(a.dbias, GH), {}});
     }
     return;
   }
@@ -419,7 +432,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   // Workspace: gate gradients (all steps, or one step's worth), GRU's recurrent-side gate
   // gradients, and three [B,H] carries.
   const bool keep_all = KeepsAllGateGrads(m);
-  const bool keep_all_rec = m & (kGradRecurrentKernel | kGradBias);
+  const bool keep_all_rec = m & kGradRecurrentKernel;
   T* ws = a.workspace;
   T* dgates_all = ws;
   ws += (keep_all ? rows : B) * GH;
@@ -428,6 +441,11 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
     dgates_rec_all = ws;
     ws += (keep_all_rec ? rows : B) * GH;
   }
+  // db: each batch row's gate gradients summed over the steps in the loop (in cache), then the
+  // rows summed in order, so the result does not depend on how the rows are sharded.
+  const bool want_db = (m & kGradBias) && a.bias;
+  T* bias_sums = ws;  // [BiasRows, B, GH]: input side, then GRU's recurrent side
+  if (m & kGradBias) ws += BiasRows(a.cell) * B * GH;
   T* dh = ws;
   T* dc = ws + B * H;
   T* d_reset_h = ws + 2 * B * H;
@@ -486,6 +504,8 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
     };
     const StepMatrix<T> dh_rows = plain(dh, H), dc_rows = plain(dc, H);
     sb.ForEach(n, H, detail::ZeroOrCopyPoint<T>{dh_rows, plain(a.dh_last, H)});
+    for (Index r = 0; want_db && r < BiasRows(a.cell); ++r)
+      sb.ForEach(n, GH, detail::ZeroOrCopyPoint<T>{plain(bias_sums + r * B * GH, GH), {}});
     if (a.cell == CellKind::kLstm)
       sb.ForEach(n, H, detail::ZeroOrCopyPoint<T>{dc_rows, plain(a.dc_last, H)});
 
@@ -537,6 +557,14 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
         }
       }
       if (want_dx) dx_product(sb, n, b0, dgates, at(a.dx, t, d.I));
+      if (want_db) {
+        sb.ForEach(n, GH, detail::AccumulatePoint<T>{plain(bias_sums, GH), dgates});
+        if (a.cell == CellKind::kGruResetAfter)
+          sb.ForEach(n, GH, detail::AccumulatePoint<T>{
+                                plain(bias_sums + B * GH, GH),
+                                keep_all_rec ? at(dgates_rec_all, t, GH)
+                                             : plain(dgates_rec_all, GH)});
+      }
     }
   };
   be.ForRowShards(B, 2.0 * B * ((want_dx ? d.I : 0) + H) * GH, run_rows);
@@ -588,9 +616,9 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
               a.drecurrent_kernel + 2 * H, GH);
     counters.grad_recurrent_kernel++;
   }
-  if ((m & kGradBias) && a.bias) {
-    be.ColumnSum(rows, GH, dg_in, GH, a.dbias);
-    if (a.cell == CellKind::kGruResetAfter) be.ColumnSum(rows, GH, dg_rec, GH, a.dbias + GH);
+  if (want_db) {
+    for (Index r = 0; r < BiasRows(a.cell); ++r)
+      be.ColumnSum(B, GH, bias_sums + r * B * GH, GH, a.dbias + r * GH);
     counters.grad_bias++;
   }
 }
