@@ -493,6 +493,6 @@ def plot(path, records, meta):
             ax.grid(alpha=0.3)
     where = meta["gpu"]["name"] if meta.get("gpu", {}).get("name") else meta["machine"]["cpu"]
     fig.suptitle(f"tfcells benchmark, {where}, {meta['machine']['date']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=100)
     plt.close(fig)
