@@ -580,13 +580,16 @@ def test_cuda_matches_cpu_empty_dimensions(cell, T, B, I, H):
 
 @needs_gpu
 @needs_core
+@pytest.mark.parametrize("dropout", [None, "both"], ids=["plain", "dropout"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_cuda_matches_cpu_larger(cell):
-    """Shapes past one block of the pointwise and reduction kernels."""
+def test_cuda_matches_cpu_larger(cell, dropout):
+    """Shapes past one block of the pointwise and reduction kernels, with dropout masks too."""
     dev = Device()
-    rng = np.random.default_rng(11)
-    _compare_cell(dev, rng, cell, np.float64, 17, 33, 70, 129, False, False, True, True)
-    _compare_cell(dev, rng, cell, np.float32, 9, 65, 40, 300, True, True, True, False)
+    rng = np.random.default_rng(11 if dropout is None else 12)
+    _compare_cell(dev, rng, cell, np.float64, 17, 33, 70, 129, False, False, True, True,
+                  dropout=dropout)
+    _compare_cell(dev, rng, cell, np.float32, 9, 65, 40, 300, True, True, True, False,
+                  dropout=dropout)
 
 
 LAYOUTS = {"batch_major": (False, False), "time_major": (True, False), "backwards": (False, True),
@@ -611,17 +614,6 @@ def test_cuda_matches_cpu_with_dropout_every_grad_mask(cell, kind, layout, dtype
                   dropout=kind)
 
 
-@needs_gpu
-@needs_core
-@pytest.mark.parametrize("cell", CELLS)
-def test_cuda_matches_cpu_with_dropout_larger(cell):
-    """Dropout at shapes past one block of the pointwise and reduction kernels."""
-    dev = Device()
-    rng = np.random.default_rng(12)
-    _compare_cell(dev, rng, cell, np.float64, 17, 33, 70, 129, False, False, True, True,
-                  dropout="both")
-    _compare_cell(dev, rng, cell, np.float32, 9, 65, 40, 300, True, True, True, False,
-                  dropout="both")
 
 
 @needs_gpu
