@@ -28,7 +28,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <type_traits>
 #include <string>
 #include <vector>
 
