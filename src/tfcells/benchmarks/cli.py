@@ -8,7 +8,8 @@ from . import check, contenders, fit, gpu, machine, report, runner
 from .workload import CELLS, CONFIGS, Shape
 
 BASE_SHAPE = Shape(T=100, B=64, I=256, H=256)
-# --quick: every configuration for LSTM, the extremes for the others (< 2 min on 2 cores).
+# --quick: every configuration for LSTM, the extremes and dropout for the others (~2 min on 2
+# cores).
 QUICK_CONFIGS = {
     "lstm": list(CONFIGS),
     "gru": ["all_trainable", "both_frozen_no_dx", "dropout", "inference"],
