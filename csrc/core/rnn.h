@@ -429,7 +429,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   }
 
   // Workspace: gate gradients (all steps, or one step's worth), GRU's recurrent-side gate
-  // gradients, and three [B,H] carries.
+  // gradients, the per-row bias sums, three [B,H] carries, and the dropout scratch.
   const bool keep_all = KeepsAllGateGrads(m);
   const bool keep_all_rec = m & kGradRecurrentKernel;
   T* ws = a.workspace;
@@ -516,6 +516,9 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
       const StepMatrix<const T> h_prev = at(a.h_prev, t, H);
       const StepMatrix<const T> dy = at(a.dy, s, H);
       const StepMatrix<const bool> mask = detail::FromRow(detail::MaskAt(sb, a.mask, d, t), b0);
+      // GRU reset_after's recurrent-side gate gradients (null for the other cells).
+      const StepMatrix<T> dgates_rec =
+          keep_all_rec ? at(dgates_rec_all, t, GH) : plain(dgates_rec_all, GH);
       // The GEMM into dh at s == 0 only serves dh0.
       const bool carry_to_prev = s > 0 || (m & kGradH0);
 
@@ -529,8 +532,6 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
           break;
         }
         case CellKind::kGruResetAfter: {
-          const StepMatrix<T> dgates_rec =
-              keep_all_rec ? at(dgates_rec_all, t, GH) : plain(dgates_rec_all, GH);
           sb.ForEach(n, H, GruResetAfterBackwardPoint<T>{gates, at(a.aux, t, H), h_prev, dy,
                                                          mask, dgates, dgates_rec, dh_rows, H});
           if (carry_to_prev) carry_product(sb, n, b0, dgates_rec.data, dgates_rec.ld, dh_rows);
@@ -558,11 +559,9 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
       if (want_dx) dx_product(sb, n, b0, dgates, at(a.dx, t, d.I));
       if (want_db) {
         sb.ForEach(n, GH, detail::AccumulatePoint<T>{plain(bias_sums, GH), dgates});
-        if (a.cell == CellKind::kGruResetAfter)
-          sb.ForEach(n, GH, detail::AccumulatePoint<T>{
-                                plain(bias_sums + B * GH, GH),
-                                keep_all_rec ? at(dgates_rec_all, t, GH)
-                                             : plain(dgates_rec_all, GH)});
+        if (dgates_rec)
+          sb.ForEach(n, GH,
+                     detail::AccumulatePoint<T>{plain(bias_sums + B * GH, GH), dgates_rec});
       }
     }
   };
@@ -580,17 +579,16 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   const T* dg_rec = a.cell == CellKind::kGruResetAfter ? dgates_rec_all : dgates_all;
   // Row r of a sequence buffer belongs to batch entry (r / div) % B.
   const Index div = d.time_major ? 1 : d.T;
-  auto mask_rows = [&](const T* src, Index width, const T* masks, int g, bool accumulate,
-                       T* dst) {
+  auto mask_rows = [&](const T* src, Index width, const T* masks, int g, T* dst) {
     be.ForEach(rows, width, detail::ScaleRowsPoint<T>{Plain(dst, width), Plain(src, width),
                                                       Plain(masks + g * B * width, width),
-                                                      div, B, accumulate});
+                                                      div, B, false});
   };
   if (want_dx) counters.grad_x++;  // computed in the loop above
   if (m & kGradKernel) {
     if (in_dropout) {  // dW_x[:, g] = (x ⊙ mx_g)ᵀ·dG_g
       for (int g = 0; g < G; ++g) {
-        mask_rows(a.x, d.I, a.input_dropout, g, false, masked_rows);
+        mask_rows(a.x, d.I, a.input_dropout, g, masked_rows);
         be.Gemm(true, false, d.I, H, rows, masked_rows, d.I, dg_in + g * H, GH, T(0),
                 a.dkernel + g * H, GH);
       }
@@ -602,7 +600,7 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   if (m & kGradRecurrentKernel) {
     if (rec_dropout) {  // dW_h[:, g] = (h_prev ⊙ mh_g)ᵀ·dG_g
       for (int g = 0; g < product_gates; ++g) {
-        mask_rows(a.h_prev, H, a.recurrent_dropout, g, false, masked_rows);
+        mask_rows(a.h_prev, H, a.recurrent_dropout, g, masked_rows);
         be.Gemm(true, false, H, H, rows, masked_rows, H, dg_rec + g * H, GH, T(0),
                 a.drecurrent_kernel + g * H, GH);
       }
