@@ -38,21 +38,22 @@ _SUPPORTED_DTYPES = (tf.float32, tf.float64)
 class _Cell:
     """How one cell's forward op and gradient op line up."""
 
-    def __init__(self, name, op, grad_op, inputs, n_outputs):
+    def __init__(self, name, op, grad_op, inputs, n_outputs, gates):
         self.name = name
         self.op = op
         self.grad_op = grad_op
         self.inputs = inputs  # forward op inputs, in order
         self.n_outputs = n_outputs  # outputs before the cache (y, h_last[, c_last])
+        self.gates = gates  # gate blocks of width H in the weights' columns
 
 
 _LSTM = _Cell("lstm", ops_module.tfcells_lstm, ops_module.tfcells_lstm_grad,
-              ("x", "h0", "c0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 3)
+              ("x", "h0", "c0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 3, 4)
 _GRU = _Cell("gru", ops_module.tfcells_gru, ops_module.tfcells_gru_grad,
-             ("x", "h0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 2)
+             ("x", "h0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 2, 3)
 _SIMPLE_RNN = _Cell("simple_rnn", ops_module.tfcells_simple_rnn,
                     ops_module.tfcells_simple_rnn_grad,
-                    ("x", "h0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 2)
+                    ("x", "h0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 2, 1)
 _CELLS_BY_OP = {"TfcellsLstm": _LSTM, "TfcellsGru": _GRU, "TfcellsSimpleRnn": _SIMPLE_RNN}
 
 
@@ -112,14 +113,13 @@ def _run(cell, fn, values, time_major, go_backwards, frozen, training, extra_att
             mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
         _static_rank_check(mask, 2, "mask", fn, "[T, B]" if time_major else "[B, T]")
         tensors["mask"] = mask
-    gates = 4 if cell is _LSTM else (3 if cell is _GRU else 1)
     for name, width in (("input_dropout", "I"), ("recurrent_dropout", "H")):
         if values[name] is None:
             tensors[name] = tf.zeros([0], x.dtype)
         else:
             tensors[name] = _as_tensor(values[name], name + "_mask", x.dtype, fn)
             _static_rank_check(tensors[name], 3, name + "_mask", fn,
-                               f"[{gates}, B, {width}]: one mask per gate")
+                               f"[{cell.gates}, B, {width}]: one mask per gate")
 
     frozen = set(frozen)
     freezable = set(GRAD_BITS) & set(cell.inputs)
