@@ -10,6 +10,7 @@
 #include "common.h"
 
 namespace tfcells {
+TFCELLS_ISA_BEGIN
 
 TFCELLS_HD float BitsToFloat(int bits) {
 #if defined(__CUDA_ARCH__)
@@ -74,4 +75,5 @@ TFCELLS_HD T SigmoidGradFromOutput(T y) {
   return y * (T(1) - y);
 }
 
+TFCELLS_ISA_END
 }  // namespace tfcells

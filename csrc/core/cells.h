@@ -10,6 +10,7 @@
 #include "common.h"
 
 namespace tfcells {
+TFCELLS_ISA_BEGIN
 
 // Whether row b takes this step. Kept as a comparison of T values, not a bool, so that the
 // selects below vectorise on the CPU; every functor computes both outcomes and selects, which
@@ -265,4 +266,5 @@ struct SimpleRnnBackwardPoint {
   }
 };
 
+TFCELLS_ISA_END
 }  // namespace tfcells

@@ -10,6 +10,17 @@
 #define TFCELLS_HD inline
 #endif
 
+// Code whose machine instructions depend on the target ISA (activations, cell functors, the
+// driver, the CPU kernels) sits in this inline namespace. The CPU library compiles that code once
+// per ISA level under another name (-DTFCELLS_ISA=isa_avx2, ...), so the linker never merges two
+// ISA variants of one inline function. Plain data types (Dims, StepMatrix, call arguments) and
+// the functions compiled once stay outside it.
+#ifndef TFCELLS_ISA
+#define TFCELLS_ISA isa_default
+#endif
+#define TFCELLS_ISA_BEGIN inline namespace TFCELLS_ISA {
+#define TFCELLS_ISA_END }
+
 namespace tfcells {
 
 using Index = std::int64_t;

@@ -152,6 +152,8 @@ std::string ValidateDropoutShapes(CellKind cell, const Dims& d,
                                   const std::vector<Index>* input_dropout,
                                   const std::vector<Index>* recurrent_dropout);
 
+TFCELLS_ISA_BEGIN
+
 // StepOperand/StepGemm for a backend whose Gemm reads the operand where it lies (cuBLAS): a
 // base class, Derived being the backend.
 template <typename Derived>
@@ -620,4 +622,5 @@ void Backward(Backend& be, const BackwardArgs<T>& a) {
   }
 }
 
+TFCELLS_ISA_END
 }  // namespace tfcells

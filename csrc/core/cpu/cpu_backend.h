@@ -10,6 +10,7 @@
 #include "step_gemm.h"
 
 namespace tfcells {
+TFCELLS_ISA_BEGIN
 
 struct CpuBackend {
   static constexpr Index kMinParallelElements = 8192;
@@ -119,4 +120,5 @@ struct CpuBackend {
   }
 };
 
+TFCELLS_ISA_END
 }  // namespace tfcells

@@ -18,6 +18,7 @@
 #include "../common.h"
 
 namespace tfcells {
+TFCELLS_ISA_BEGIN
 namespace step_gemm {
 
 // Vector width of the target (GCC/Clang vector extensions compile to it) and the rows per
@@ -153,4 +154,5 @@ class PackedOperand {
   std::unique_ptr<T[]> panels_;  // uninitialised: every element is written once
 };
 
+TFCELLS_ISA_END
 }  // namespace tfcells
