@@ -45,14 +45,14 @@ endif()
 
 if(TFCELLS_CUDA)
   # --- framework-free CUDA backend (static, position-independent, symbols hidden) ------------
-  # validate.cc is compiled here again rather than taken from tfcells_core, so that none of
+  # plan.cc is compiled here again rather than taken from tfcells_core, so that none of
   # tfcells_core's flags (-march=native, sanitizers) or its OpenBLAS reach these targets.
   add_library(tfcells_cuda STATIC
     csrc/cuda/cuda_rnn_f32.cu
     csrc/cuda/cuda_rnn_f64.cu
     csrc/cuda/cublas_loader.cc
     csrc/cuda/cuda_info.cc
-    csrc/core/validate.cc)
+    csrc/core/plan.cc)
   set_target_properties(tfcells_cuda PROPERTIES
     CUDA_RUNTIME_LIBRARY Static
     CXX_VISIBILITY_PRESET hidden

@@ -1,5 +1,7 @@
-// The pointwise math of each cell: one functor per (cell, direction, phase), called once per
-// (batch row b, unit j). Every device runs these same functors; only the loop around them
+// Each cell in one place: the pointwise math (one functor per direction and phase, called once
+// per batch row b and unit j), and at the end of this file one struct per cell holding its
+// CellInfo and one step of its forward and backward recurrence, written against the driver's
+// step context (rnn.h). Every device runs these same functors; only the loop around them
 // (csrc/core/cpu, csrc/cuda) differs.
 //
 // Gate layouts follow Keras: LSTM columns [i | f | c | o], GRU columns [z | r | h], each H wide.
@@ -265,6 +267,121 @@ struct SimpleRnnBackwardPoint {
     dh(b, j) = active ? T(0) : dh_total;
   }
 };
+
+// ------------------------------------------------------------------------ the cells' steps
+// One step for one shard of batch rows. The step context `s` (rnn.h: ForwardStep,
+// BackwardStep) holds this step's views and runs the products:
+//   s.Recurrent(out)        out[:, product gates] = h_prev·W_h (per gate with dropout), ld G*H
+//   s.Candidate(a, out)     out = a·W_h[:, candidate]  (split_candidate cells)
+//   s.Carry(dg)             dh_prev += dG·W_hᵀ over the product gates (when a step before wants it)
+//   s.CandidateGrad(dg, out) out = dG[:, candidate]·W_h[:, candidate]ᵀ
+//   s.ForEach(functor)      functor(b, j) over the shard's rows and H units
+// Views a cell does not use are null; aux is the cache (or, for Aux::kState, the state slot).
+
+struct Lstm {
+  static constexpr CellInfo kInfo{"lstm", 4, 1, true, Aux::kState, false, false};
+
+  template <typename S>
+  static void Forward(const S& s) {
+    using T = typename S::Value;
+    s.Recurrent(s.rec);
+    s.ForEach(LstmForwardPoint<T>{s.gates, s.Rec(), s.bias, s.h_prev, s.aux_prev, s.mask, s.h,
+                                  s.aux, s.h_next_cache, s.H});
+  }
+  template <typename S>
+  static void Backward(const S& s) {
+    using T = typename S::Value;
+    s.ForEach(LstmBackwardPoint<T>{s.gates, s.aux, s.aux_prev, s.dy, s.mask, s.dgates, s.dh,
+                                   s.dc, s.H});
+    s.Carry(s.dgates);
+  }
+};
+
+struct GruResetAfter {
+  static constexpr CellInfo kInfo{"gru", 3, 2, false, Aux::kCacheOnly, false, true};
+
+  template <typename S>
+  static void Forward(const S& s) {
+    using T = typename S::Value;
+    s.Recurrent(s.rec);
+    s.ForEach(GruResetAfterForwardPoint<T>{s.gates, s.Rec(), s.bias, s.h_prev, s.mask, s.h,
+                                           s.aux, s.h_next_cache, s.H});
+  }
+  template <typename S>
+  static void Backward(const S& s) {
+    using T = typename S::Value;
+    s.ForEach(GruResetAfterBackwardPoint<T>{s.gates, s.aux, s.h_prev, s.dy, s.mask, s.dgates,
+                                            s.dgates_rec, s.dh, s.H});
+    s.Carry(s.dgates_rec);
+  }
+};
+
+// Two GEMMs and two pointwise phases per step: z, r and r * h_prev (kept in aux), then the
+// candidate's GEMM on r * h_prev and the new state.
+struct GruResetBefore {
+  static constexpr CellInfo kInfo{"gru_reset_before", 3, 1, false, Aux::kState, true, false};
+
+  template <typename S>
+  static void Forward(const S& s) {
+    using T = typename S::Value;
+    const Index H = s.H;
+    s.Recurrent(s.rec);  // z, r columns
+    s.ForEach(GruResetBeforeForwardGates<T>{s.gates, s.Rec(), s.bias, s.h_prev,
+                                            s.candidate_dropout, s.aux, H});
+    s.Candidate(s.aux, s.rec + 2 * H);
+    s.ForEach(GruResetBeforeForwardState<T>{s.gates, s.Rec(2 * H), s.bias, s.h_prev, s.mask,
+                                            s.h, s.h_next_cache, H});
+  }
+  template <typename S>
+  static void Backward(const S& s) {
+    using T = typename S::Value;
+    const Index H = s.H;
+    s.ForEach(GruResetBeforeBackwardState<T>{s.gates, s.h_prev, s.dy, s.mask, s.dgates, s.dh,
+                                             H});
+    // d(r * h_prev) = dhh · W_hhᵀ
+    s.CandidateGrad(StepMatrix<const T>(s.dgates.data + 2 * H, s.dgates.ld), s.d_reset);
+    s.ForEach(GruResetBeforeBackwardGates<T>{s.gates, s.h_prev, s.candidate_dropout, s.d_reset,
+                                             s.mask, s.dgates, s.dh, H});
+    s.Carry(s.dgates);
+  }
+};
+
+struct SimpleRnn {
+  static constexpr CellInfo kInfo{"simple_rnn", 1, 1, false, Aux::kNone, false, false};
+
+  template <typename S>
+  static void Forward(const S& s) {
+    using T = typename S::Value;
+    s.Recurrent(s.rec);
+    s.ForEach(SimpleRnnForwardPoint<T>{s.gates, s.Rec(), s.bias, s.h_prev, s.mask, s.h,
+                                       s.h_next_cache, s.H});
+  }
+  template <typename S>
+  static void Backward(const S& s) {
+    using T = typename S::Value;
+    s.ForEach(SimpleRnnBackwardPoint<T>{s.gates, s.dy, s.mask, s.dgates, s.dh, s.H});
+    s.Carry(s.dgates);
+  }
+};
+
+// The one place a CellKind becomes its struct: f(Lstm{}), f(GruResetAfter{}), ...
+template <typename F>
+decltype(auto) VisitCell(CellKind kind, F&& f) {
+  switch (kind) {
+    case CellKind::kGruResetAfter: return f(GruResetAfter{});
+    case CellKind::kGruResetBefore: return f(GruResetBefore{});
+    case CellKind::kSimpleRnn: return f(SimpleRnn{});
+    case CellKind::kLstm: break;
+  }
+  return f(Lstm{});
+}
+
+inline CellInfo Info(CellKind kind) {
+  return VisitCell(kind, [](auto cell) { return decltype(cell)::kInfo; });
+}
+
+// The most gates of any cell (sizes the per-gate operand arrays).
+inline constexpr int kMaxGates = 4;
 
 TFCELLS_ISA_END
 }  // namespace tfcells

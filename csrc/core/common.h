@@ -37,12 +37,60 @@ enum GradBit : int {
   kGradAll = (1 << 6) - 1,
 };
 
-enum class CellKind { kLstm, kGruResetAfter, kGruResetBefore, kSimpleRnn };
+// Each gradient: its bit, the forward input it belongs to and the gradient op's output that
+// carries it. The one source of these names: the op registrations, the kernels and the Python
+// gradient function (through the pybind11 module) all read this table.
+struct GradientInfo {
+  GradBit bit;
+  const char* input;
+  const char* output;
+};
+inline constexpr GradientInfo kGradients[] = {
+    {kGradX, "x", "dx"},
+    {kGradH0, "h0", "dh0"},
+    {kGradC0, "c0", "dc0"},
+    {kGradKernel, "kernel", "dkernel"},
+    {kGradRecurrentKernel, "recurrent_kernel", "drecurrent_kernel"},
+    {kGradBias, "bias", "dbias"},
+};
 
-// Number of gate blocks of width H in the kernel's columns.
-TFCELLS_HD constexpr int GateCount(CellKind k) {
-  return k == CellKind::kLstm ? 4 : (k == CellKind::kSimpleRnn ? 1 : 3);
-}
+enum class CellKind { kLstm, kGruResetAfter, kGruResetBefore, kSimpleRnn };
+inline constexpr CellKind kCellKinds[] = {CellKind::kLstm, CellKind::kGruResetAfter,
+                                          CellKind::kGruResetBefore, CellKind::kSimpleRnn};
+
+// What a cell's state carries besides h from one step to the next, and what its training
+// cache keeps per step in `aux` ([.., H]).
+enum class Aux {
+  kNone,       // nothing (SimpleRNN)
+  kCacheOnly,  // kept for the backward pass only (GRU reset_after: the recurrent candidate term)
+  kState,      // needed by the forward pass too (LSTM: the cell state; GRU reset_after=False:
+               // r * h_prev, the candidate GEMM's operand)
+};
+
+// The sizes and layouts that tell the cells apart; each cell's struct in cells.h holds its own
+// (its kInfo) beside its step functions.
+struct CellInfo {
+  const char* name;             // as the pybind11 modules and Python name it
+  int gates;                    // gate blocks of width H in the kernels' columns
+  int bias_rows;                // GRU reset_after keeps an input and a recurrent bias
+  bool cell_state;              // has c0 / c_last (LSTM)
+  Aux aux;
+  bool split_candidate;         // the candidate's recurrent GEMM runs apart, on r * h_prev
+  bool recurrent_gate_grads;    // the recurrent side's gate gradients differ from the input
+                                // side's (GRU reset_after: r scales the candidate's)
+};
+
+// How the input projection x_t·W_x and dx_t = dG_t·W_xᵀ run: a step at a time inside the time
+// loop (the CPU: rows still in cache, on the packed step GEMM), or as one GEMM over all T*B
+// rows (a GPU: one large GEMM fills the device). The backend decides; the plan sizes for it.
+enum class InputProjection { kPerStep, kWholeSequence };
+
+// A sized buffer: the plan checks every caller-provided buffer against what it needs.
+template <typename T>
+struct Span {
+  T* data = nullptr;
+  Index size = 0;
+};
 
 // Problem sizes and how the sequence tensors are laid out.
 //   time_major:   x is [T, B, I], y is [T, B, H]; otherwise [B, T, I] and [B, T, H].

@@ -84,6 +84,8 @@ struct ScalePoint {
 
 class CudaBackend : public InPlaceStepOperands<CudaBackend> {
  public:
+  static constexpr InputProjection kInputProjection = kCudaInputProjection;
+
   CudaBackend(cudaStream_t stream, const CudaOptions& options)
       : stream_(stream), options_(options) {
     api_ = cublas::Load(&error_);

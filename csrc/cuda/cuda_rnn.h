@@ -21,6 +21,11 @@
 
 namespace tfcells {
 
+// A GPU runs the input projection and dx as one GEMM over all T*B rows: one large product fills
+// the device, where T small ones would each leave most of it idle. Bindings make their call
+// plans with it.
+inline constexpr InputProjection kCudaInputProjection = InputProjection::kWholeSequence;
+
 struct CudaOptions {
   // Let cuBLAS use TF32 tensor cores for float32 GEMMs (about 10 mantissa bits in the
   // products). Off by default, so that float32 results match the CPU kernels closely.

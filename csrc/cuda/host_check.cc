@@ -1,10 +1,12 @@
 // Host-only check of the CUDA backend's GEMM mapping (gemm_mapping.h), runnable on machines
-// without a GPU: the whole recurrence driver runs twice, once with plain row-major GEMMs and
-// once with every GEMM turned into the column-major call cuBLAS would receive, executed by a
-// reference column-major GEMM that also enforces BLAS' leading-dimension rules (what cuBLAS
-// answers with CUBLAS_STATUS_INVALID_VALUE). Outputs must agree for every cell, layout, mask
+// without a GPU: the whole recurrence driver runs with plain row-major GEMMs and with every GEMM
+// turned into the column-major call cuBLAS would receive, executed by a reference column-major
+// GEMM that also enforces BLAS' leading-dimension rules (what cuBLAS answers with
+// CUBLAS_STATUS_INVALID_VALUE). Both run the input projection and dx over all T*B rows, as the
+// CUDA backend does; a third run does them a step at a time, as the CPU backend does, so the
+// two driver paths are held to each other. Outputs must agree for every cell, layout, mask
 // (dropout or not) and gradient mask. Built and run by tests/test_cuda.py:
-//   g++ -std=c++17 -I csrc csrc/cuda/host_check.cc csrc/core/validate.cc -o host_check
+//   g++ -std=c++17 -I csrc csrc/cuda/host_check.cc csrc/core/plan.cc -o host_check
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -26,6 +28,9 @@ void Loop(Index rows, Index cols, const F& f) {
 
 template <typename Backend>  // the derived backend, handed to ForRowShards' callback
 struct HostParts : InPlaceStepOperands<Backend> {
+  // As the CUDA backend (kCudaInputProjection): the input projection and dx over all rows.
+  static constexpr InputProjection kInputProjection = InputProjection::kWholeSequence;
+
   template <typename F>
   void ForEach(Index rows, Index cols, const F& f) {
     Loop(rows, cols, f);
@@ -48,8 +53,10 @@ struct HostParts : InPlaceStepOperands<Backend> {
   }
 };
 
-// The reference: row-major, as the driver means it.
-struct RowMajorBackend : HostParts<RowMajorBackend> {
+// The reference: row-major, as the driver means it, with either input projection.
+template <InputProjection kProjection>
+struct RowMajorBackend : HostParts<RowMajorBackend<kProjection>> {
+  static constexpr InputProjection kInputProjection = kProjection;
   template <typename T>
   void Gemm(bool ta, bool tb, Index m, Index n, Index k, const T* a, Index lda, const T* b,
             Index ldb, T beta, T* c, Index ldc) {
@@ -65,6 +72,7 @@ struct RowMajorBackend : HostParts<RowMajorBackend> {
 
 // What the CUDA backend does: empty products handled before, the rest mapped to column-major.
 struct MappedBackend : HostParts<MappedBackend> {
+  static constexpr InputProjection kInputProjection = InputProjection::kWholeSequence;
   int calls = 0;
   template <typename T>
   void Gemm(bool ta, bool tb, Index m, Index n, Index k, const T* a, Index lda, const T* b,
@@ -135,42 +143,52 @@ struct Outputs {
 template <typename Backend>
 Outputs Run(const Problem& p, int grad_mask) {
   const Dims& d = p.d;
-  const Index G = GateCount(p.cell), GH = G * d.H;
-  const CacheSizes cs = TrainingCacheSizes(p.cell, d);
+  CallOptions options;
+  options.cell = p.cell;
+  options.time_major = d.time_major, options.go_backwards = d.go_backwards;
+  options.has_bias = p.bias, options.has_mask = p.mask;
+  options.has_input_dropout = options.has_recurrent_dropout = p.dropout;
+  options.grad_mask = grad_mask;
+  options.input_projection = Backend::kInputProjection;
+  CallPlan plan;
+  const std::string error = CallPlan::Make(options, CallPlan::ShapesFor(options, d), &plan);
+  if (!error.empty()) throw std::runtime_error("plan: " + error);
+  const Index GH = plan.info().gates * d.H;
+  const CacheSizes cs = plan.Cache();
   Outputs o;
   const double nan = std::nan("");
   o.y.assign(d.T * d.B * d.H, nan), o.h_last.assign(d.B * d.H, nan);
   o.c_last.assign(d.B * d.H, nan), o.gates.assign(cs.gates, nan), o.aux.assign(cs.aux, nan);
   o.h_prev.assign(cs.h_prev, nan);
-  const DropoutInputs dropout{p.dropout, p.dropout};
-  Vec fws(ForwardWorkspaceSize(p.cell, d, true, dropout), nan);
-  const bool* mask = p.mask ? reinterpret_cast<const bool*>(p.m.data()) : nullptr;
+  Vec fws(plan.forward_layout().total, nan);
+  InputPointers<double> in;
+  in.x = p.x.data(), in.h0 = p.h0.data(), in.c0 = p.c0.data();
+  in.kernel = p.kernel.data(), in.recurrent_kernel = p.rk.data();
+  in.bias = p.bias ? p.b.data() : nullptr;
+  in.mask = p.mask ? reinterpret_cast<const bool*>(p.m.data()) : nullptr;
+  in.input_dropout = p.dropout ? p.input_dropout.data() : nullptr;
+  in.recurrent_dropout = p.dropout ? p.recurrent_dropout.data() : nullptr;
   ForwardArgs<double> f;
-  f.cell = p.cell, f.d = d, f.x = p.x.data(), f.h0 = p.h0.data(), f.c0 = p.c0.data();
-  f.kernel = p.kernel.data(), f.recurrent_kernel = p.rk.data();
-  f.bias = p.bias ? p.b.data() : nullptr, f.mask = mask;
-  f.input_dropout = p.dropout ? p.input_dropout.data() : nullptr;
-  f.recurrent_dropout = p.dropout ? p.recurrent_dropout.data() : nullptr;
+  f.plan = &plan, f.in = in;
   f.y = o.y.data(), f.h_last = o.h_last.data(), f.c_last = o.c_last.data();
-  f.gates = o.gates.data(), f.aux = o.aux.data(), f.h_prev = o.h_prev.data();
-  f.workspace = fws.data();
+  f.gates = {o.gates.data(), cs.gates}, f.aux = {o.aux.data(), cs.aux};
+  f.h_prev = {o.h_prev.data(), cs.h_prev};
+  f.workspace = {fws.data(), Index(fws.size())};
   Backend be;
   Forward(be, f);
 
   BackwardArgs<double> a;
-  a.cell = p.cell, a.d = d, a.x = f.x, a.h0 = f.h0, a.c0 = f.c0, a.kernel = f.kernel;
-  a.recurrent_kernel = f.recurrent_kernel, a.bias = f.bias, a.mask = mask;
-  a.input_dropout = f.input_dropout, a.recurrent_dropout = f.recurrent_dropout;
-  a.gates = o.gates.data(), a.aux = o.aux.data(), a.h_prev = o.h_prev.data();
+  a.plan = &plan, a.in = in;
+  a.gates = {o.gates.data(), cs.gates}, a.aux = {o.aux.data(), cs.aux};
+  a.h_prev = {o.h_prev.data(), cs.h_prev};
   a.dy = p.dy.data(), a.dh_last = p.dh_last.data(), a.dc_last = p.dc_last.data();
-  a.grad_mask = grad_mask;
   o.dx.assign(d.T * d.B * d.I, nan), o.dh0.assign(d.B * d.H, nan), o.dc0.assign(d.B * d.H, nan);
   o.dkernel.assign(d.I * GH, nan), o.drk.assign(d.H * GH, nan);
-  o.dbias.assign((p.cell == CellKind::kGruResetAfter ? 2 : 1) * GH, nan);
+  o.dbias.assign(plan.info().bias_rows * GH, nan);
   a.dx = o.dx.data(), a.dh0 = o.dh0.data(), a.dc0 = o.dc0.data();
   a.dkernel = o.dkernel.data(), a.drecurrent_kernel = o.drk.data(), a.dbias = o.dbias.data();
-  Vec bws(BackwardWorkspaceSize(p.cell, d, grad_mask, dropout), nan);
-  a.workspace = bws.data();
+  Vec bws(plan.backward_layout().total, nan);
+  a.workspace = {bws.data(), Index(bws.size())};
   Backward(be, a);
   return o;
 }
@@ -183,6 +201,21 @@ void Compare(const Vec& got, const Vec& want, const std::string& what) {
                                std::to_string(got[i]) + " vs row-major " +
                                std::to_string(want[i]));
   }
+}
+
+void CompareAll(const Outputs& got, const Outputs& want, const std::string& tag) {
+  Compare(got.y, want.y, tag + "y");
+  Compare(got.h_last, want.h_last, tag + "h_last");
+  Compare(got.c_last, want.c_last, tag + "c_last");
+  Compare(got.gates, want.gates, tag + "gates");
+  Compare(got.aux, want.aux, tag + "aux");
+  Compare(got.h_prev, want.h_prev, tag + "h_prev");
+  Compare(got.dx, want.dx, tag + "dx");
+  Compare(got.dh0, want.dh0, tag + "dh0");
+  Compare(got.dc0, want.dc0, tag + "dc0");
+  Compare(got.dkernel, want.dkernel, tag + "dkernel");
+  Compare(got.drk, want.drk, tag + "drecurrent_kernel");
+  Compare(got.dbias, want.dbias, tag + "dbias");
 }
 
 }  // namespace
@@ -205,7 +238,7 @@ int main() {
         p.d.time_major = layout & 1, p.d.go_backwards = layout & 2;
         p.bias = layout & 4, p.mask = layout & 8, p.dropout = layout & 16;
         const Dims& d = p.d;
-        const Index GH = GateCount(cell) * d.H;
+        const Index G = Info(cell).gates, GH = G * d.H;
         p.x = Random(rng, d.T * d.B * d.I), p.h0 = Random(rng, d.B * d.H, 0.5);
         p.c0 = Random(rng, d.B * d.H, 0.5), p.kernel = Random(rng, d.I * GH, 0.5);
         p.rk = Random(rng, d.H * GH, 0.5);
@@ -214,29 +247,19 @@ int main() {
         p.dc_last = Random(rng, d.B * d.H);
         // Dropout masks: per gate, scaled like Keras' (0 or 2 here), gate-by-gate products.
         for (Vec* m : {&p.input_dropout, &p.recurrent_dropout}) {
-          m->resize(GateCount(cell) * d.B * (m == &p.input_dropout ? d.I : d.H));
+          m->resize(G * d.B * (m == &p.input_dropout ? d.I : d.H));
           for (auto& v : *m) v = (rng() % 2) * 2.0;
         }
         p.m.resize(d.T * d.B);
         for (auto& v : p.m) v = (rng() % 3) != 0;
         for (int grad_mask = 0; grad_mask <= kGradAll; ++grad_mask) {
-          const Outputs want = Run<RowMajorBackend>(p, grad_mask);
-          const Outputs got = Run<MappedBackend>(p, grad_mask);
+          const Outputs want = Run<RowMajorBackend<InputProjection::kWholeSequence>>(p, grad_mask);
           const std::string tag = "cell " + std::to_string(int(cell)) + " layout " +
                                   std::to_string(layout) + " grad_mask " +
                                   std::to_string(grad_mask) + ": ";
-          Compare(got.y, want.y, tag + "y");
-          Compare(got.h_last, want.h_last, tag + "h_last");
-          Compare(got.c_last, want.c_last, tag + "c_last");
-          Compare(got.gates, want.gates, tag + "gates");
-          Compare(got.aux, want.aux, tag + "aux");
-          Compare(got.h_prev, want.h_prev, tag + "h_prev");
-          Compare(got.dx, want.dx, tag + "dx");
-          Compare(got.dh0, want.dh0, tag + "dh0");
-          Compare(got.dc0, want.dc0, tag + "dc0");
-          Compare(got.dkernel, want.dkernel, tag + "dkernel");
-          Compare(got.drk, want.drk, tag + "drecurrent_kernel");
-          Compare(got.dbias, want.dbias, tag + "dbias");
+          CompareAll(Run<MappedBackend>(p, grad_mask), want, tag + "mapped ");
+          CompareAll(Run<RowMajorBackend<InputProjection::kPerStep>>(p, grad_mask), want,
+                     tag + "per-step ");
           ++cases;
         }
       }

@@ -1,48 +1,63 @@
-// What both pybind11 modules (NumPy/CPU and CUDA) share: the cell names they accept, the
-// dropout-mask check and the gradient-mask constants they export.
+// What both pybind11 modules (NumPy/CPU and CUDA) share: the cell names they accept, how a
+// call's options are read, and the core's tables they export to Python.
 #pragma once
 
 #include <pybind11/pybind11.h>
 
-#include <map>
+#include <cctype>
 #include <string>
-#include <vector>
 
 #include "../core/rnn.h"
 
 namespace tfcells {
 
+// The cell a name (CellInfo::name) stands for.
 inline CellKind ParseCell(const std::string& name) {
-  static const std::map<std::string, CellKind> cells = {
-      {"lstm", CellKind::kLstm},
-      {"gru", CellKind::kGruResetAfter},
-      {"gru_reset_before", CellKind::kGruResetBefore},
-      {"simple_rnn", CellKind::kSimpleRnn}};
-  auto it = cells.find(name);
-  if (it == cells.end())
-    throw pybind11::value_error(
-        "cell must be lstm, gru, gru_reset_before or simple_rnn, got " + name);
-  return it->second;
+  std::string names;
+  for (CellKind kind : kCellKinds) {
+    if (name == Info(kind).name) return kind;
+    names += (names.empty() ? "" : ", ") + std::string(Info(kind).name);
+  }
+  throw pybind11::value_error("cell must be one of " + names + ", got " + name);
 }
 
-// Checks the shapes of the optional dropout masks (null: absent) against valid dims, raising
-// ValueError; says which are present, for the workspace size.
-inline DropoutInputs CheckDropout(CellKind cell, const Dims& d,
-                                  const std::vector<Index>* input_dropout,
-                                  const std::vector<Index>* recurrent_dropout) {
-  const std::string error = ValidateDropoutShapes(cell, d, input_dropout, recurrent_dropout);
+// The plan of a call, or ValueError with the plan's message.
+inline CallPlan MakePlan(const CallOptions& options, const InputShapes& shapes) {
+  CallPlan plan;
+  const std::string error = CallPlan::Make(options, shapes, &plan);
   if (!error.empty()) throw pybind11::value_error(error);
-  return {input_dropout != nullptr, recurrent_dropout != nullptr};
+  return plan;
 }
 
-inline void AddGradBits(pybind11::module_& m) {
-  m.attr("GRAD_X") = static_cast<int>(kGradX);
-  m.attr("GRAD_H0") = static_cast<int>(kGradH0);
-  m.attr("GRAD_C0") = static_cast<int>(kGradC0);
-  m.attr("GRAD_KERNEL") = static_cast<int>(kGradKernel);
-  m.attr("GRAD_RECURRENT_KERNEL") = static_cast<int>(kGradRecurrentKernel);
-  m.attr("GRAD_BIAS") = static_cast<int>(kGradBias);
+// The core's tables, for Python to read by name rather than by position:
+//   GRAD_X, ... GRAD_ALL; GRAD_BITS {input: bit}; GRAD_OUTPUTS {input: gradient output};
+//   WORK_COUNTERS (names, in the order tfcells_work_counters writes them);
+//   CELLS {name: {gates, bias_rows, cell_state}}.
+inline void AddTables(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::dict bits, outputs, cells;
+  for (const GradientInfo& g : kGradients) {
+    bits[g.input] = static_cast<int>(g.bit);
+    outputs[g.input] = g.output;
+    std::string upper = g.input;
+    for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    m.attr(("GRAD_" + upper).c_str()) = static_cast<int>(g.bit);
+  }
   m.attr("GRAD_ALL") = static_cast<int>(kGradAll);
+  m.attr("GRAD_BITS") = bits;
+  m.attr("GRAD_OUTPUTS") = outputs;
+  py::tuple counters(static_cast<size_t>(kNumCounters));
+  for (int i = 0; i < kNumCounters; ++i) counters[i] = kCounterNames[i];
+  m.attr("WORK_COUNTERS") = counters;
+  for (CellKind kind : kCellKinds) {
+    const CellInfo info = Info(kind);
+    py::dict d;
+    d["gates"] = info.gates;
+    d["bias_rows"] = info.bias_rows;
+    d["cell_state"] = info.cell_state;
+    cells[info.name] = d;
+  }
+  m.attr("CELLS") = cells;
 }
 
 }  // namespace tfcells

@@ -10,7 +10,6 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
-#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -22,12 +21,6 @@ namespace py = pybind11;
 
 namespace tfcells {
 namespace {
-
-std::string ShapeString(const std::vector<Index>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 std::string CudaErrorString(cudaError_t e) {
   return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
@@ -273,62 +266,64 @@ void RequireAtLeast(const DeviceArray& a, Index want) {
                           " elements, got " + std::to_string(a.size()));
 }
 
-// The forward inputs, checked; shared by forward() and backward().
+// The forward inputs, checked, and the call's plan; shared by forward() and backward().
 template <typename T>
 struct Inputs {
-  CellKind cell;
-  Dims d;
-  std::optional<DeviceArray> x, h0, c0, kernel, rk, bias, mask, input_dropout,
-      recurrent_dropout;
-  DropoutInputs dropout;
+  CallPlan plan;
+  InputPointers<T> ptrs;
+  std::optional<DeviceArray> x, kernel, rk, bias;
 };
 
+// `options` carries what the caller decided (training, grad_mask); the rest is read here.
 template <typename T>
-Inputs<T> ReadInputs(Arrays& arrays, const std::string& cell_name, const py::object& x,
-                     const py::object& h0, const py::object& c0, const py::object& kernel,
-                     const py::object& rk, const py::object& bias, const py::object& mask,
-                     const py::object& input_dropout, const py::object& recurrent_dropout,
-                     bool time_major, bool go_backwards) {
+Inputs<T> ReadInputs(Arrays& arrays, CallOptions options, const std::string& cell_name,
+                     const py::object& x, const py::object& h0, const py::object& c0,
+                     const py::object& kernel, const py::object& rk, const py::object& bias,
+                     const py::object& mask, const py::object& input_dropout,
+                     const py::object& recurrent_dropout, bool time_major, bool go_backwards) {
   Inputs<T> in;
-  in.cell = ParseCell(cell_name);
-  const bool lstm = in.cell == CellKind::kLstm;
+  options.cell = ParseCell(cell_name);
+  const bool cell_state = Info(options.cell).cell_state;
   in.x = arrays.Float(x, "x", true);
-  in.h0 = arrays.Float(h0, "h0", true);
-  if (lstm) in.c0 = arrays.Float(c0, "c0", true);
+  const auto h0_a = arrays.Float(h0, "h0", true);
+  std::optional<DeviceArray> c0_a;
+  if (cell_state) c0_a = arrays.Float(c0, "c0", true);
   in.kernel = arrays.Float(kernel, "kernel", true);
   in.rk = arrays.Float(rk, "recurrent_kernel", true);
   in.bias = arrays.Float(bias, "bias", false);
-  in.mask = arrays.Mask(mask);
-  in.input_dropout = arrays.Float(input_dropout, "input_dropout", false);
-  in.recurrent_dropout = arrays.Float(recurrent_dropout, "recurrent_dropout", false);
-  const std::string error = ValidateShapes(
-      in.cell, time_major, in.x->shape, in.h0->shape,
-      lstm ? in.c0->shape : std::vector<Index>{}, in.kernel->shape, in.rk->shape,
-      in.bias ? &in.bias->shape : nullptr, in.mask ? &in.mask->shape : nullptr, &in.d);
-  if (!error.empty()) throw py::value_error(error);
-  in.dropout = CheckDropout(in.cell, in.d, in.input_dropout ? &in.input_dropout->shape : nullptr,
-                            in.recurrent_dropout ? &in.recurrent_dropout->shape : nullptr);
-  in.d.go_backwards = go_backwards;
+  const auto mask_a = arrays.Mask(mask);
+  const auto in_drop = arrays.Float(input_dropout, "input_dropout", false);
+  const auto rec_drop = arrays.Float(recurrent_dropout, "recurrent_dropout", false);
+  options.time_major = time_major, options.go_backwards = go_backwards;
+  options.has_bias = in.bias.has_value(), options.has_mask = mask_a.has_value();
+  options.has_input_dropout = in_drop.has_value();
+  options.has_recurrent_dropout = rec_drop.has_value();
+  options.input_projection = kCudaInputProjection;
+  InputShapes shapes;
+  shapes.x = in.x->shape, shapes.h0 = h0_a->shape, shapes.kernel = in.kernel->shape;
+  shapes.recurrent_kernel = in.rk->shape;
+  if (c0_a) shapes.c0 = c0_a->shape;
+  if (in.bias) shapes.bias = in.bias->shape;
+  if (mask_a) shapes.mask = mask_a->shape;
+  if (in_drop) shapes.input_dropout = in_drop->shape;
+  if (rec_drop) shapes.recurrent_dropout = rec_drop->shape;
+  in.plan = MakePlan(options, shapes);
+  InputPointers<T>& p = in.ptrs;
+  p.x = in.x->template data<T>();
+  p.h0 = h0_a->template data<T>();
+  p.c0 = c0_a ? c0_a->template data<T>() : nullptr;
+  p.kernel = in.kernel->template data<T>();
+  p.recurrent_kernel = in.rk->template data<T>();
+  p.bias = in.bias ? in.bias->template data<T>() : nullptr;
+  p.mask = mask_a ? mask_a->template data<bool>() : nullptr;
+  p.input_dropout = in_drop ? in_drop->template data<T>() : nullptr;
+  p.recurrent_dropout = rec_drop ? rec_drop->template data<T>() : nullptr;
   return in;
 }
 
-template <typename T, typename Args>
-void FillInputs(const Inputs<T>& in, Args* a) {
-  a->cell = in.cell;
-  a->d = in.d;
-  a->x = in.x->template data<T>();
-  a->h0 = in.h0->template data<T>();
-  a->c0 = in.c0 ? in.c0->template data<T>() : nullptr;
-  a->kernel = in.kernel->template data<T>();
-  a->recurrent_kernel = in.rk->template data<T>();
-  a->bias = in.bias ? in.bias->template data<T>() : nullptr;
-  a->mask = in.mask ? in.mask->template data<bool>() : nullptr;
-  a->input_dropout = in.input_dropout ? in.input_dropout->template data<T>() : nullptr;
-  a->recurrent_dropout = in.recurrent_dropout ? in.recurrent_dropout->template data<T>() : nullptr;
-}
-
-std::vector<Index> SequenceShape(const Dims& d, bool time_major, Index width) {
-  return time_major ? std::vector<Index>{d.T, d.B, width} : std::vector<Index>{d.B, d.T, width};
+template <typename T>
+Span<T> SpanOf(const std::optional<DeviceArray>& a) {
+  return a ? Span<T>{a->template data<T>(), a->size()} : Span<T>{};
 }
 
 void Run(const std::string& error) {
@@ -361,26 +356,27 @@ void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
              const py::object& gates, const py::object& aux, const py::object& h_prev,
              const py::object& workspace, bool time_major, bool go_backwards,
              std::intptr_t stream, bool allow_tf32) {
+  CallOptions options;
+  options.training = !gates.is_none();
   const Inputs<T> in =
-      ReadInputs<T>(arrays, cell_name, x, h0, c0, kernel, rk, bias, mask, input_dropout,
-                    recurrent_dropout, time_major, go_backwards);
-  const Dims& d = in.d;
-  const bool lstm = in.cell == CellKind::kLstm;
+      ReadInputs<T>(arrays, options, cell_name, x, h0, c0, kernel, rk, bias, mask,
+                    input_dropout, recurrent_dropout, time_major, go_backwards);
+  const CallPlan& plan = in.plan;
   ForwardArgs<T> a;
-  FillInputs(in, &a);
+  a.plan = &plan;
+  a.in = in.ptrs;
   const auto y_a = arrays.Float(y, "y", true, true);
-  RequireShape(y_a, SequenceShape(d, time_major, d.H), "(the output sequence)");
+  RequireShape(y_a, plan.SequenceShape(plan.dims().H), "(the output sequence)");
   const auto h_last_a = arrays.Float(h_last, "h_last", true, true);
-  RequireShape(h_last_a, {d.B, d.H}, "([B, H])");
+  RequireShape(h_last_a, plan.StateShape(), "([B, H])");
   std::optional<DeviceArray> c_last_a;
-  if (lstm) {
+  if (plan.info().cell_state) {
     c_last_a = arrays.Float(c_last, "c_last", true, true);
-    RequireShape(c_last_a, {d.B, d.H}, "([B, H])");
+    RequireShape(c_last_a, plan.StateShape(), "([B, H])");
   }
-  const bool training = !gates.is_none();
-  const CacheSizes cs = TrainingCacheSizes(in.cell, d);
+  const CacheSizes cs = plan.Cache();
   std::optional<DeviceArray> gates_a, aux_a, h_prev_a;
-  if (training) {
+  if (plan.training()) {
     gates_a = arrays.Float(gates, "gates", true, true);
     aux_a = arrays.Float(aux, "aux", cs.aux > 0, true);
     h_prev_a = arrays.Float(h_prev, "h_prev", true, true);
@@ -391,17 +387,13 @@ void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
     throw py::value_error("pass gates, aux and h_prev together (training) or none of them");
   }
   const auto ws = arrays.Float(workspace, "workspace", true, true);
-  RequireAtLeast(*ws, ForwardWorkspaceSize(in.cell, d, training, in.dropout));
+  RequireAtLeast(*ws, plan.forward_layout().total);
 
   a.y = y_a->template data<T>();
   a.h_last = h_last_a->template data<T>();
   a.c_last = c_last_a ? c_last_a->template data<T>() : nullptr;
-  if (training) {
-    a.gates = gates_a->template data<T>();
-    a.aux = aux_a ? aux_a->template data<T>() : nullptr;
-    a.h_prev = h_prev_a->template data<T>();
-  }
-  a.workspace = ws->template data<T>();
+  a.gates = SpanOf<T>(gates_a), a.aux = SpanOf<T>(aux_a), a.h_prev = SpanOf<T>(h_prev_a);
+  a.workspace = SpanOf<T>(ws);
 
   Launch(arrays, stream, allow_tf32,
          [&](cudaStream_t s, const CudaOptions& o) { return ForwardCuda(a, s, o); });
@@ -418,58 +410,50 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
               const py::object& dkernel, const py::object& drk, const py::object& dbias,
               const py::object& workspace, int grad_mask, bool time_major, bool go_backwards,
               std::intptr_t stream, bool allow_tf32) {
+  CallOptions options;
+  options.grad_mask = grad_mask;
   const Inputs<T> in =
-      ReadInputs<T>(arrays, cell_name, x, h0, c0, kernel, rk, bias, mask, input_dropout,
-                    recurrent_dropout, time_major, go_backwards);
-  const Dims& d = in.d;
-  const bool lstm = in.cell == CellKind::kLstm;
+      ReadInputs<T>(arrays, options, cell_name, x, h0, c0, kernel, rk, bias, mask,
+                    input_dropout, recurrent_dropout, time_major, go_backwards);
+  const CallPlan& plan = in.plan;
   BackwardArgs<T> a;
-  FillInputs(in, &a);
-  const CacheSizes cs = TrainingCacheSizes(in.cell, d);
+  a.plan = &plan;
+  a.in = in.ptrs;
+  const CacheSizes cs = plan.Cache();
   const auto gates_a = arrays.Float(gates, "gates", true);
   const auto aux_a = arrays.Float(aux, "aux", cs.aux > 0);
   const auto h_prev_a = arrays.Float(h_prev, "h_prev", true);
   RequireSize(gates_a, cs.gates, "a training cache of this shape");
   RequireSize(aux_a, cs.aux, "a training cache of this shape");
   RequireSize(h_prev_a, cs.h_prev, "a training cache of this shape");
-  a.gates = gates_a->template data<T>();
-  a.aux = aux_a ? aux_a->template data<T>() : nullptr;
-  a.h_prev = h_prev_a->template data<T>();
+  a.gates = SpanOf<T>(gates_a), a.aux = SpanOf<T>(aux_a), a.h_prev = SpanOf<T>(h_prev_a);
 
   const auto dy_a = arrays.Float(dy, "dy", false);
-  RequireShape(dy_a, SequenceShape(d, time_major, d.H), "(the shape of y)");
+  RequireShape(dy_a, plan.SequenceShape(plan.dims().H), "(the shape of y)");
   const auto dh_last_a = arrays.Float(dh_last, "dh_last", false);
-  RequireShape(dh_last_a, {d.B, d.H}, "([B, H])");
+  RequireShape(dh_last_a, plan.StateShape(), "([B, H])");
   std::optional<DeviceArray> dc_last_a;
-  if (lstm) {
+  if (plan.info().cell_state) {
     dc_last_a = arrays.Float(dc_last, "dc_last", false);
-    RequireShape(dc_last_a, {d.B, d.H}, "([B, H])");
+    RequireShape(dc_last_a, plan.StateShape(), "([B, H])");
   }
   a.dy = dy_a ? dy_a->template data<T>() : nullptr;
   a.dh_last = dh_last_a ? dh_last_a->template data<T>() : nullptr;
   a.dc_last = dc_last_a ? dc_last_a->template data<T>() : nullptr;
 
-  if (grad_mask & ~kGradAll) throw py::value_error("grad_mask has bits beyond GRAD_ALL");
-  if (!lstm) grad_mask &= ~kGradC0;
-  if (!in.bias) grad_mask &= ~kGradBias;
-  a.grad_mask = grad_mask;
-  auto want = [&](int bit, const py::object& obj, const char* name,
-                  const std::vector<Index>& shape, T** ptr) {
-    if (!(grad_mask & bit)) return;  // not requested: the argument is ignored
-    const auto out = arrays.Float(obj, std::string(name) + " (requested by grad_mask)", true,
-                                  true);
-    RequireShape(out, shape, "(the shape of its input)");
-    *ptr = out->template data<T>();
-  };
-  want(kGradX, dx, "dx", in.x->shape, &a.dx);
-  want(kGradH0, dh0, "dh0", {d.B, d.H}, &a.dh0);
-  want(kGradC0, dc0, "dc0", {d.B, d.H}, &a.dc0);
-  want(kGradKernel, dkernel, "dkernel", in.kernel->shape, &a.dkernel);
-  want(kGradRecurrentKernel, drk, "drecurrent_kernel", in.rk->shape, &a.drecurrent_kernel);
-  if (in.bias) want(kGradBias, dbias, "dbias", in.bias->shape, &a.dbias);
+  // In kGradients order (the keyword arguments are named after its outputs).
+  const py::object* outputs[] = {&dx, &dh0, &dc0, &dkernel, &drk, &dbias};
+  for (int i = 0; i < 6; ++i) {
+    const GradientInfo& g = kGradients[i];
+    if (!plan.wants(g.bit)) continue;  // not requested: the argument is ignored
+    const auto out = arrays.Float(*outputs[i], std::string(g.output) + " (requested by grad_mask)",
+                                  true, true);
+    RequireShape(out, plan.GradShape(g.bit), "(the shape of its input)");
+    GradientPointer(a, g.bit) = out->template data<T>();
+  }
   const auto ws = arrays.Float(workspace, "workspace", true, true);
-  RequireAtLeast(*ws, BackwardWorkspaceSize(in.cell, d, grad_mask, in.dropout));
-  a.workspace = ws->template data<T>();
+  RequireAtLeast(*ws, plan.backward_layout().total);
+  a.workspace = SpanOf<T>(ws);
 
   Launch(arrays, stream, allow_tf32,
          [&](cudaStream_t s, const CudaOptions& o) { return BackwardCuda(a, s, o); });
@@ -526,32 +510,36 @@ void BackwardAny(const std::string& cell, const py::object& x, const py::object&
                      allow_tf32);
 }
 
-Dims MakeDims(Index T, Index B, Index I, Index H) {
+// The plan of a call of these sizes (for the size helpers, before any array exists).
+CallPlan SizesPlan(const std::string& cell_name, Index T, Index B, Index I, Index H,
+                   CallOptions options) {
   if (T < 0 || B < 0 || I < 0 || H < 0) throw py::value_error("sizes must be non-negative");
+  options.cell = ParseCell(cell_name);
+  options.input_projection = kCudaInputProjection;
   Dims d;
   d.T = T, d.B = B, d.I = I, d.H = H;
-  return d;
+  return MakePlan(options, CallPlan::ShapesFor(options, d));
 }
 
 py::dict ForwardSizes(const std::string& cell_name, Index T, Index B, Index I, Index H,
                       bool training, bool input_dropout, bool recurrent_dropout) {
-  const CellKind cell = ParseCell(cell_name);
-  const Dims d = MakeDims(T, B, I, H);
-  const CacheSizes cs = training ? TrainingCacheSizes(cell, d) : CacheSizes{0, 0, 0};
+  CallOptions o;
+  o.training = training;
+  o.has_input_dropout = input_dropout, o.has_recurrent_dropout = recurrent_dropout;
+  const CallPlan plan = SizesPlan(cell_name, T, B, I, H, o);
+  const CacheSizes cs = plan.Cache();
   py::dict out;
   out["gates"] = cs.gates, out["aux"] = cs.aux, out["h_prev"] = cs.h_prev;
-  out["workspace"] =
-      ForwardWorkspaceSize(cell, d, training, DropoutInputs{input_dropout, recurrent_dropout});
+  out["workspace"] = plan.forward_layout().total;
   return out;
 }
 
 Index BackwardSize(const std::string& cell_name, Index T, Index B, Index I, Index H,
                    int grad_mask, bool has_bias, bool input_dropout, bool recurrent_dropout) {
-  const CellKind cell = ParseCell(cell_name);
-  if (cell != CellKind::kLstm) grad_mask &= ~kGradC0;
-  if (!has_bias) grad_mask &= ~kGradBias;
-  return BackwardWorkspaceSize(cell, MakeDims(T, B, I, H), grad_mask,
-                               DropoutInputs{input_dropout, recurrent_dropout});
+  CallOptions o;
+  o.grad_mask = grad_mask, o.has_bias = has_bias;
+  o.has_input_dropout = input_dropout, o.has_recurrent_dropout = recurrent_dropout;
+  return SizesPlan(cell_name, T, B, I, H, o).backward_layout().total;
 }
 
 int DeviceCount() {
@@ -608,5 +596,5 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
   m.def("device_count", &tfcells::DeviceCount, "CUDA devices visible (0 when none or no driver)");
   m.def("cublas_library", &tfcells::CublasLibrary,
         "The cuBLAS file the kernels use (loading it); raises RuntimeError if none loads.");
-  tfcells::AddGradBits(m);
+  tfcells::AddTables(m);
 }

@@ -4,7 +4,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <map>
 #include <optional>
 #include <string>
 
@@ -19,7 +18,7 @@ namespace {
 template <typename T>
 using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-std::vector<Index> Shape(const py::array& a) {
+Shape ShapeOf(const py::array& a) {
   return std::vector<Index>(a.shape(), a.shape() + a.ndim());
 }
 
@@ -33,34 +32,48 @@ Array<T> Empty(std::vector<Index> shape) {
   return Array<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
 }
 
-struct Inputs {
-  CellKind cell;
-  Dims d;
-  DropoutInputs dropout;
-};
+// The options of a call from its arguments (an absent optional input is None).
+template <typename T>
+CallOptions Options(const std::string& cell_name, bool time_major, bool go_backwards,
+                    const std::optional<Array<T>>& bias, const std::optional<Array<bool>>& mask,
+                    const std::optional<Array<T>>& input_dropout,
+                    const std::optional<Array<T>>& recurrent_dropout) {
+  CallOptions o;
+  o.cell = ParseCell(cell_name);
+  o.time_major = time_major, o.go_backwards = go_backwards;
+  o.has_bias = bias.has_value(), o.has_mask = mask.has_value();
+  o.has_input_dropout = input_dropout.has_value();
+  o.has_recurrent_dropout = recurrent_dropout.has_value();
+  o.input_projection = kCpuInputProjection;
+  return o;
+}
+
+// The plan of a call over these arrays, and the pointers the core reads.
+template <typename T>
+CallPlan Plan(const CallOptions& o, const Array<T>& x, const Array<T>& h0,
+              const std::optional<Array<T>>& c0, const Array<T>& kernel, const Array<T>& rk,
+              const std::optional<Array<T>>& bias, const std::optional<Array<bool>>& mask,
+              const std::optional<Array<T>>& input_dropout,
+              const std::optional<Array<T>>& recurrent_dropout, InputPointers<T>* in) {
+  if (Info(o.cell).cell_state && !c0) throw py::value_error("lstm needs c0");
+  InputShapes s;
+  s.x = ShapeOf(x), s.h0 = ShapeOf(h0), s.kernel = ShapeOf(kernel);
+  s.recurrent_kernel = ShapeOf(rk);
+  if (c0) s.c0 = ShapeOf(*c0);
+  if (bias) s.bias = ShapeOf(*bias);
+  if (mask) s.mask = ShapeOf(*mask);
+  if (input_dropout) s.input_dropout = ShapeOf(*input_dropout);
+  if (recurrent_dropout) s.recurrent_dropout = ShapeOf(*recurrent_dropout);
+  const CallPlan plan = MakePlan(o, s);
+  in->x = x.data(), in->h0 = h0.data(), in->c0 = Ptr(c0), in->kernel = kernel.data();
+  in->recurrent_kernel = rk.data(), in->bias = Ptr(bias), in->mask = mask ? mask->data() : nullptr;
+  in->input_dropout = Ptr(input_dropout), in->recurrent_dropout = Ptr(recurrent_dropout);
+  return plan;
+}
 
 template <typename T>
-Inputs Check(const std::string& cell_name, const Array<T>& x, const Array<T>& h0,
-             const std::optional<Array<T>>& c0, const Array<T>& kernel, const Array<T>& rk,
-             const std::optional<Array<T>>& bias, const std::optional<Array<bool>>& mask,
-             bool time_major, bool go_backwards, const std::optional<Array<T>>& input_dropout,
-             const std::optional<Array<T>>& recurrent_dropout) {
-  Inputs in{ParseCell(cell_name), {}, {}};
-  if (in.cell == CellKind::kLstm && !c0) throw py::value_error("lstm needs c0");
-  const std::vector<Index> bias_shape = bias ? Shape(*bias) : std::vector<Index>{};
-  const std::vector<Index> mask_shape = mask ? Shape(*mask) : std::vector<Index>{};
-  const std::string error =
-      ValidateShapes(in.cell, time_major, Shape(x), Shape(h0), c0 ? Shape(*c0) : Shape(h0),
-                     Shape(kernel), Shape(rk), bias ? &bias_shape : nullptr,
-                     mask ? &mask_shape : nullptr, &in.d);
-  if (!error.empty()) throw py::value_error(error);
-  const std::vector<Index> in_drop = input_dropout ? Shape(*input_dropout) : std::vector<Index>{};
-  const std::vector<Index> rec_drop =
-      recurrent_dropout ? Shape(*recurrent_dropout) : std::vector<Index>{};
-  in.dropout = CheckDropout(in.cell, in.d, input_dropout ? &in_drop : nullptr,
-                            recurrent_dropout ? &rec_drop : nullptr);
-  in.d.go_backwards = go_backwards;
-  return in;
+Span<T> SpanOf(Array<T>& a) {
+  return {a.size() ? a.mutable_data() : nullptr, static_cast<Index>(a.size())};
 }
 
 template <typename T>
@@ -70,27 +83,21 @@ py::dict Forward(const std::string& cell_name, const Array<T>& x, const Array<T>
                  bool time_major, bool go_backwards, bool training,
                  const std::optional<Array<T>>& input_dropout,
                  const std::optional<Array<T>>& recurrent_dropout) {
-  const Inputs in = Check(cell_name, x, h0, c0, kernel, rk, bias, mask, time_major, go_backwards,
-                          input_dropout, recurrent_dropout);
-  const Dims& d = in.d;
+  CallOptions o = Options(cell_name, time_major, go_backwards, bias, mask, input_dropout,
+                          recurrent_dropout);
+  o.training = training;
   ForwardArgs<T> a;
-  a.cell = in.cell;
-  a.d = d;
-  a.x = x.data(), a.h0 = h0.data(), a.c0 = Ptr(c0), a.kernel = kernel.data();
-  a.recurrent_kernel = rk.data(), a.bias = Ptr(bias), a.mask = mask ? mask->data() : nullptr;
-  a.input_dropout = Ptr(input_dropout), a.recurrent_dropout = Ptr(recurrent_dropout);
-  auto y = Empty<T>(time_major ? std::vector<Index>{d.T, d.B, d.H}
-                               : std::vector<Index>{d.B, d.T, d.H});
-  auto h_last = Empty<T>({d.B, d.H}), c_last = Empty<T>({d.B, d.H});
-  const CacheSizes cs = training ? TrainingCacheSizes(a.cell, d) : CacheSizes{0, 0, 0};
+  const CallPlan plan =
+      Plan(o, x, h0, c0, kernel, rk, bias, mask, input_dropout, recurrent_dropout, &a.in);
+  a.plan = &plan;
+  auto y = Empty<T>(plan.SequenceShape(plan.dims().H));
+  auto h_last = Empty<T>(plan.StateShape()), c_last = Empty<T>(plan.StateShape());
+  const CacheSizes cs = plan.Cache();
   auto gates = Empty<T>({cs.gates}), aux = Empty<T>({cs.aux}), h_prev = Empty<T>({cs.h_prev});
-  auto workspace = Empty<T>({ForwardWorkspaceSize(a.cell, d, training, in.dropout)});
+  auto workspace = Empty<T>({plan.forward_layout().total});
   a.y = y.mutable_data(), a.h_last = h_last.mutable_data(), a.c_last = c_last.mutable_data();
-  if (training) {
-    a.gates = gates.mutable_data(), a.aux = aux.mutable_data();
-    a.h_prev = h_prev.mutable_data();
-  }
-  a.workspace = workspace.mutable_data();
+  a.gates = SpanOf(gates), a.aux = SpanOf(aux), a.h_prev = SpanOf(h_prev);
+  a.workspace = SpanOf(workspace);
   {
     py::gil_scoped_release release;
     ForwardCpu(a);
@@ -98,7 +105,7 @@ py::dict Forward(const std::string& cell_name, const Array<T>& x, const Array<T>
   py::dict out;
   out["y"] = y, out["h_last"] = h_last, out["gates"] = gates, out["aux"] = aux;
   out["h_prev"] = h_prev;
-  if (a.cell == CellKind::kLstm) out["c_last"] = c_last;
+  if (plan.info().cell_state) out["c_last"] = c_last;
   return out;
 }
 
@@ -111,44 +118,34 @@ py::dict Backward(const std::string& cell_name, const Array<T>& x, const Array<T
                   const std::optional<Array<T>>& dh_last, const std::optional<Array<T>>& dc_last,
                   int grad_mask, const std::optional<Array<T>>& input_dropout,
                   const std::optional<Array<T>>& recurrent_dropout) {
-  const Inputs in = Check(cell_name, x, h0, c0, kernel, rk, bias, mask, time_major, go_backwards,
-                          input_dropout, recurrent_dropout);
-  const Dims& d = in.d;
-  const CacheSizes cs = TrainingCacheSizes(in.cell, d);
-  if (gates.size() != cs.gates || aux.size() != cs.aux || h_prev.size() != cs.h_prev)
-    throw py::value_error("the cache does not come from a training forward pass of this shape");
+  CallOptions o = Options(cell_name, time_major, go_backwards, bias, mask, input_dropout,
+                          recurrent_dropout);
+  o.grad_mask = grad_mask;
   BackwardArgs<T> a;
-  a.cell = in.cell;
-  a.d = d;
-  a.x = x.data(), a.h0 = h0.data(), a.c0 = Ptr(c0), a.kernel = kernel.data();
-  a.recurrent_kernel = rk.data(), a.bias = Ptr(bias), a.mask = mask ? mask->data() : nullptr;
-  a.input_dropout = Ptr(input_dropout), a.recurrent_dropout = Ptr(recurrent_dropout);
-  a.gates = gates.data(), a.aux = Ptr(std::optional<Array<T>>(aux)), a.h_prev = h_prev.data();
-  const std::vector<Index> y_shape = time_major ? std::vector<Index>{d.T, d.B, d.H}
-                                                : std::vector<Index>{d.B, d.T, d.H};
-  if (dy && Shape(*dy) != y_shape) throw py::value_error("dy must have the shape of y");
-  for (const auto* g : {&dh_last, &dc_last})
-    if (*g && Shape(**g) != std::vector<Index>{d.B, d.H})
-      throw py::value_error("dh_last and dc_last must have shape [B, H]");
+  const CallPlan plan =
+      Plan(o, x, h0, c0, kernel, rk, bias, mask, input_dropout, recurrent_dropout, &a.in);
+  a.plan = &plan;
+  const std::vector<Index> dy_shape = dy ? ShapeOf(*dy) : std::vector<Index>{};
+  const std::vector<Index> dh_shape = dh_last ? ShapeOf(*dh_last) : std::vector<Index>{};
+  const std::vector<Index> dc_shape = dc_last ? ShapeOf(*dc_last) : std::vector<Index>{};
+  const std::string error = plan.CheckBackwardInputs(
+      {static_cast<Index>(gates.size()), static_cast<Index>(aux.size()),
+       static_cast<Index>(h_prev.size())},
+      dy ? &dy_shape : nullptr, dh_last ? &dh_shape : nullptr, dc_last ? &dc_shape : nullptr);
+  if (!error.empty()) throw py::value_error(error);
+  a.gates = {gates.data(), static_cast<Index>(gates.size())};
+  a.aux = {aux.size() ? aux.data() : nullptr, static_cast<Index>(aux.size())};
+  a.h_prev = {h_prev.data(), static_cast<Index>(h_prev.size())};
   a.dy = Ptr(dy), a.dh_last = Ptr(dh_last), a.dc_last = Ptr(dc_last);
-  if (in.cell != CellKind::kLstm) grad_mask &= ~kGradC0;
-  if (!bias) grad_mask &= ~kGradBias;
-  a.grad_mask = grad_mask;
   py::dict out;
-  auto want = [&](int bit, const char* name, std::vector<Index> shape, T** ptr) {
-    if (!(grad_mask & bit)) return;
-    auto arr = Empty<T>(shape);
-    *ptr = arr.mutable_data();
-    out[name] = arr;
-  };
-  want(kGradX, "dx", Shape(x), &a.dx);
-  want(kGradH0, "dh0", {d.B, d.H}, &a.dh0);
-  want(kGradC0, "dc0", {d.B, d.H}, &a.dc0);
-  want(kGradKernel, "dkernel", Shape(kernel), &a.dkernel);
-  want(kGradRecurrentKernel, "drecurrent_kernel", Shape(rk), &a.drecurrent_kernel);
-  if (bias) want(kGradBias, "dbias", Shape(*bias), &a.dbias);
-  auto workspace = Empty<T>({BackwardWorkspaceSize(in.cell, d, grad_mask, in.dropout)});
-  a.workspace = workspace.mutable_data();
+  for (const GradientInfo& g : kGradients) {
+    if (!plan.wants(g.bit)) continue;
+    auto arr = Empty<T>(plan.GradShape(g.bit));
+    GradientPointer(a, g.bit) = arr.mutable_data();
+    out[g.output] = arr;
+  }
+  auto workspace = Empty<T>({plan.backward_layout().total});
+  a.workspace = SpanOf(workspace);
   {
     py::gil_scoped_release release;
     BackwardCpu(a);
@@ -200,5 +197,5 @@ PYBIND11_MODULE(_tfcells_core, m) {
   // their own instantiation.
   tfcells::Bind<float>(m);
   tfcells::Bind<double>(m);
-  tfcells::AddGradBits(m);
+  tfcells::AddTables(m);
 }

@@ -68,6 +68,8 @@ void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
 }
 
 struct GpuLauncher {
+  static constexpr InputProjection kInputProjection = kCudaInputProjection;
+
   template <typename T>
   static void Forward(tensorflow::OpKernelContext* ctx, const ForwardArgs<T>& a) {
     OnOpDevice(ctx, "CUDA forward pass", [&](cudaStream_t stream, const CudaOptions& options) {
@@ -82,21 +84,21 @@ struct GpuLauncher {
   }
 };
 
-#define TFCELLS_REGISTER_GPU(OP, T)                                                    \
+#define TFCELLS_REGISTER_GPU(OP, CELL, T)                                              \
   REGISTER_KERNEL_BUILDER(                                                             \
       Name("Tfcells" #OP).Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"),       \
-      RnnForwardOp<T, GpuLauncher>);                                                   \
+      ForwardKernel<T, GpuLauncher, CellKind::CELL>);                                  \
   REGISTER_KERNEL_BUILDER(                                                             \
       Name("Tfcells" #OP "Grad").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"), \
-      RnnGradOp<T, GpuLauncher>);
+      GradKernel<T, GpuLauncher, CellKind::CELL>);
 
-#define TFCELLS_REGISTER_GPU_ALL(OP) \
-  TFCELLS_REGISTER_GPU(OP, float)    \
-  TFCELLS_REGISTER_GPU(OP, double)
+#define TFCELLS_REGISTER_GPU_ALL(OP, CELL) \
+  TFCELLS_REGISTER_GPU(OP, CELL, float)    \
+  TFCELLS_REGISTER_GPU(OP, CELL, double)
 
-TFCELLS_REGISTER_GPU_ALL(Lstm)
-TFCELLS_REGISTER_GPU_ALL(Gru)
-TFCELLS_REGISTER_GPU_ALL(SimpleRnn)
+TFCELLS_REGISTER_GPU_ALL(Lstm, kLstm)
+TFCELLS_REGISTER_GPU_ALL(Gru, kGruResetAfter)
+TFCELLS_REGISTER_GPU_ALL(SimpleRnn, kSimpleRnn)
 
 }  // namespace
 }  // namespace tfcells
@@ -104,12 +106,11 @@ TFCELLS_REGISTER_GPU_ALL(SimpleRnn)
 #define TFCELLS_EXPORT extern "C" __attribute__((visibility("default")))
 
 // Read by tfcells through ctypes: the work counters of this library's copy of the core (the
-// CPU library has its own; add the two).
-TFCELLS_EXPORT void tfcells_gpu_work_counters(std::int64_t out[7]) {
-  const tfcells::WorkCounters& c = tfcells::Counters();
-  const std::int64_t values[7] = {c.forward_calls, c.backward_calls, c.grad_x, c.grad_h0,
-                                  c.grad_kernel, c.grad_recurrent_kernel, c.grad_bias};
-  for (int i = 0; i < 7; ++i) out[i] = values[i];
+// CPU library has its own; add the two), as tfcells_work_counters writes them.
+TFCELLS_EXPORT int tfcells_gpu_work_counters(std::int64_t* out, int n) {
+  if (n != tfcells::kNumCounters) return -1;
+  for (int i = 0; i < n; ++i) out[i] = tfcells::WorkCount(static_cast<tfcells::Counter>(i));
+  return n;
 }
 
 TFCELLS_EXPORT void tfcells_gpu_set_allow_tf32(int allow) {

@@ -32,7 +32,7 @@ _check_tensorflow_version()
 ops_module = tf.load_op_library(OPS_LIBRARY_PATH)
 # The same library, for the few plain C functions it exports (work counters, thread control).
 c_library = ctypes.CDLL(OPS_LIBRARY_PATH)
-c_library.tfcells_work_counters.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+c_library.tfcells_work_counters.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
 c_library.tfcells_set_gemm_threads.argtypes = [ctypes.c_int]
 c_library.tfcells_gemm_threads.restype = ctypes.c_int
 
@@ -42,6 +42,7 @@ gpu_c_library = None
 if _build_info.CUDA and tf.test.is_built_with_cuda() and os.path.exists(GPU_OPS_LIBRARY_PATH):
     tf.load_op_library(GPU_OPS_LIBRARY_PATH)
     gpu_c_library = ctypes.CDLL(GPU_OPS_LIBRARY_PATH)
-    gpu_c_library.tfcells_gpu_work_counters.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    gpu_c_library.tfcells_gpu_work_counters.argtypes = [ctypes.POINTER(ctypes.c_int64),
+                                                        ctypes.c_int]
     gpu_c_library.tfcells_gpu_set_allow_tf32.argtypes = [ctypes.c_int]
     gpu_c_library.tfcells_gpu_allow_tf32.restype = ctypes.c_int

@@ -10,50 +10,49 @@ import tensorflow as tf
 from tensorflow.python.eager import record
 from tensorflow.python.framework import func_graph, ops as tf_ops
 
+from tensorflow.python.framework import op_def_registry
+
+from . import _tfcells_core
 from ._loader import ops_module
 
-GRAD_X = 1
-GRAD_H0 = 2
-GRAD_C0 = 4
-GRAD_KERNEL = 8
-GRAD_RECURRENT_KERNEL = 16
-GRAD_BIAS = 32
+# Gradient bits, the input each belongs to and the gradient op's output that carries it: one
+# table in C++ (csrc/core/common.h, kGradients), read here by name.
+GRAD_X = _tfcells_core.GRAD_X
+GRAD_H0 = _tfcells_core.GRAD_H0
+GRAD_C0 = _tfcells_core.GRAD_C0
+GRAD_KERNEL = _tfcells_core.GRAD_KERNEL
+GRAD_RECURRENT_KERNEL = _tfcells_core.GRAD_RECURRENT_KERNEL
+GRAD_BIAS = _tfcells_core.GRAD_BIAS
+GRAD_BITS = dict(_tfcells_core.GRAD_BITS)  # input name -> bit
+_GRAD_OUTPUTS = dict(_tfcells_core.GRAD_OUTPUTS)  # input name -> gradient op output name
 
 # The op inputs that never have a gradient: the step mask and the dropout masks.
 _NO_GRADIENT = ("mask", "input_dropout", "recurrent_dropout")
-
-# The gradient bit of each named input.
-GRAD_BITS = {
-    "x": GRAD_X,
-    "h0": GRAD_H0,
-    "c0": GRAD_C0,
-    "kernel": GRAD_KERNEL,
-    "recurrent_kernel": GRAD_RECURRENT_KERNEL,
-    "bias": GRAD_BIAS,
-}
+# The forward op's outputs from here on are its training cache.
+_CACHE = ("gates", "aux", "h_prev")
 
 _SUPPORTED_DTYPES = (tf.float32, tf.float64)
 
 
 class _Cell:
-    """How one cell's forward op and gradient op line up."""
+    """How one cell's forward op and gradient op line up, read from their registered op defs
+    (csrc/tf/rnn_ops.cc generates them from the core's tables)."""
 
-    def __init__(self, name, op, grad_op, inputs, n_outputs, gates):
+    def __init__(self, name, op_name, op, grad_op):
         self.name = name
         self.op = op
         self.grad_op = grad_op
-        self.inputs = inputs  # forward op inputs, in order
-        self.n_outputs = n_outputs  # outputs before the cache (y, h_last[, c_last])
-        self.gates = gates  # gate blocks of width H in the weights' columns
+        op_def = op_def_registry.get(op_name)
+        self.inputs = tuple(arg.name for arg in op_def.input_arg)  # forward op inputs, in order
+        outputs = [arg.name for arg in op_def.output_arg]
+        self.n_outputs = outputs.index(_CACHE[0])  # outputs before the cache: y, h_last[, c_last]
+        self.gates = _tfcells_core.CELLS[name]["gates"]  # gate blocks of width H
 
 
-_LSTM = _Cell("lstm", ops_module.tfcells_lstm, ops_module.tfcells_lstm_grad,
-              ("x", "h0", "c0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 3, 4)
-_GRU = _Cell("gru", ops_module.tfcells_gru, ops_module.tfcells_gru_grad,
-             ("x", "h0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 2, 3)
-_SIMPLE_RNN = _Cell("simple_rnn", ops_module.tfcells_simple_rnn,
-                    ops_module.tfcells_simple_rnn_grad,
-                    ("x", "h0", "kernel", "recurrent_kernel", "bias") + _NO_GRADIENT, 2, 1)
+_LSTM = _Cell("lstm", "TfcellsLstm", ops_module.tfcells_lstm, ops_module.tfcells_lstm_grad)
+_GRU = _Cell("gru", "TfcellsGru", ops_module.tfcells_gru, ops_module.tfcells_gru_grad)
+_SIMPLE_RNN = _Cell("simple_rnn", "TfcellsSimpleRnn", ops_module.tfcells_simple_rnn,
+                    ops_module.tfcells_simple_rnn_grad)
 _CELLS_BY_OP = {"TfcellsLstm": _LSTM, "TfcellsGru": _GRU, "TfcellsSimpleRnn": _SIMPLE_RNN}
 
 
@@ -96,7 +95,7 @@ def _run(cell, fn, values, time_major, go_backwards, frozen, training, extra_att
     layout = "[T, B, I]" if time_major else "[B, T, I]"
     _static_rank_check(x, 3, "x", fn, layout)
     tensors = {"x": x}
-    for name in cell.inputs[1:-len(_NO_GRADIENT)]:
+    for name in (n for n in cell.inputs if n in GRAD_BITS and n != "x"):
         if name == "bias" and values["bias"] is None:
             tensors["bias"] = tf.zeros([0], x.dtype)
         else:
@@ -239,14 +238,8 @@ def _rnn_grad(op, *output_grads):
     grads = [g if g is not None else tf.zeros([0], dtype)
              for g in output_grads[:cell.n_outputs]]
     results = cell.grad_op(*inputs, *cache, *grads, grad_mask=mask, **attrs)
-    by_name = dict(zip(["dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"]
-                       if cell is _LSTM else
-                       ["dx", "dh0", "dkernel", "drecurrent_kernel", "dbias"], results))
-    out = []
-    for name in cell.inputs:
-        bit = GRAD_BITS.get(name, 0)
-        out.append(by_name["d" + name] if bit & mask else None)
-    return out
+    return [getattr(results, _GRAD_OUTPUTS[name]) if GRAD_BITS.get(name, 0) & mask else None
+            for name in cell.inputs]
 
 
 for _op_type in _CELLS_BY_OP:

@@ -2,10 +2,11 @@
 
 import ctypes
 
+from . import _tfcells_core
 from ._loader import c_library, gpu_c_library
 
-_COUNTER_NAMES = ("forward_calls", "backward_calls", "grad_x", "grad_h0", "grad_kernel",
-                  "grad_recurrent_kernel", "grad_bias")
+# The counters' names, in the order the libraries write them (csrc/core/plan.h, kCounterNames).
+_COUNTER_NAMES = _tfcells_core.WORK_COUNTERS
 
 
 def work_counters():
@@ -18,7 +19,9 @@ def work_counters():
         if library is None:
             continue
         values = (ctypes.c_int64 * len(_COUNTER_NAMES))()
-        getattr(library, reader)(values)
+        if getattr(library, reader)(values, len(_COUNTER_NAMES)) != len(_COUNTER_NAMES):
+            raise RuntimeError(f"tfcells: {reader} disagrees on the number of work counters; "
+                               "the compiled libraries come from different builds")
         for name, value in zip(_COUNTER_NAMES, values):
             totals[name] += value
     return totals

@@ -13,6 +13,7 @@ namespace tfcells {
 TFCELLS_ISA_BEGIN
 
 struct CpuBackend {
+  static constexpr InputProjection kInputProjection = kCpuInputProjection;
   static constexpr Index kMinParallelElements = 8192;
   // The packed step GEMM runs at full rate from 8 rows on (m = 8: 113 GFLOP/s/core here, as
   // at m = 64), so a batch shard needs no more.

@@ -12,6 +12,11 @@ namespace tfcells {
 // calling thread.
 using ParallelRunner = std::function<void(int tasks, const std::function<void(int)>& fn)>;
 
+// The CPU runs the input projection and dx a step at a time on the packed step GEMM, into rows
+// the pointwise kernels then find in cache (README: measured against one T*B-row BLAS GEMM).
+// Bindings make their call plans with it.
+inline constexpr InputProjection kCpuInputProjection = InputProjection::kPerStep;
+
 struct CpuOptions {
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;  // how many pieces a large GEMM may be split into

@@ -7,12 +7,14 @@
 //  - every gradient mask produces exactly the requested gradients, bit-identical to the full
 //    pass, and never writes to the buffers of the others;
 //  - with a thread-pool runner (batch shards, split GEMMs and loops) the results match the
-//    sequential ones.
+//    sequential ones;
+//  - a buffer smaller than the call plan asks for is refused before anything runs.
 #include <cmath>
 #include <cstdio>
 #include <functional>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -52,7 +54,7 @@ struct Problem {
     std::mt19937 rng(seed);
     std::normal_distribution<double> n(0.0, 0.5);
     const Dims& d = c.d;
-    const Index G = GateCount(c.cell);
+    const Index G = Info(c.cell).gates;
     auto fill = [&](Vec& v, Index size) {
       v.resize(size);
       for (double& e : v) e = n(rng);
@@ -74,42 +76,60 @@ struct Problem {
     }
   }
 
-  DropoutInputs Dropout() const { return {c.dropout, c.dropout}; }
+  // The call plan of a forward (training or not) or backward pass of this problem.
+  CallPlan Plan(bool training, int grad_mask = kGradAll) const {
+    const Dims& d = c.d;
+    CallOptions o;
+    o.cell = c.cell;
+    o.time_major = d.time_major;
+    o.go_backwards = d.go_backwards;
+    o.has_bias = c.bias, o.has_mask = c.mask;
+    o.has_input_dropout = o.has_recurrent_dropout = c.dropout;
+    o.training = training;
+    o.grad_mask = grad_mask;
+    CallPlan plan;
+    const std::string error = CallPlan::Make(o, CallPlan::ShapesFor(o, d), &plan);
+    if (!error.empty()) throw std::logic_error("self-test plan: " + error);
+    return plan;
+  }
 
-  // The inputs the forward and backward arguments share.
-  template <typename Args>
-  void SetInputs(Args* a) const {
-    a->cell = c.cell;
-    a->d = c.d;
-    a->x = x.data(), a->h0 = h0.data(), a->c0 = c0.data(), a->kernel = kernel.data();
-    a->recurrent_kernel = recurrent_kernel.data(), a->bias = c.bias ? bias.data() : nullptr;
-    a->mask = c.mask ? reinterpret_cast<const bool*>(mask.data()) : nullptr;
-    a->input_dropout = c.dropout ? input_dropout.data() : nullptr;
-    a->recurrent_dropout = c.dropout ? recurrent_dropout.data() : nullptr;
+  InputPointers<double> Inputs() const {
+    InputPointers<double> in;
+    in.x = x.data(), in.h0 = h0.data(), in.c0 = c0.data(), in.kernel = kernel.data();
+    in.recurrent_kernel = recurrent_kernel.data(), in.bias = c.bias ? bias.data() : nullptr;
+    in.mask = c.mask ? reinterpret_cast<const bool*>(mask.data()) : nullptr;
+    in.input_dropout = c.dropout ? input_dropout.data() : nullptr;
+    in.recurrent_dropout = c.dropout ? recurrent_dropout.data() : nullptr;
+    return in;
   }
 
   struct Result {
     Vec y, h_last, c_last, gates, aux, h_prev;
   };
 
-  Result Forward(bool training) const {
+  // workspace_short: hand the pass one element less workspace than its plan asks for.
+  Result Forward(bool training, bool workspace_short = false) const {
     const Dims& d = c.d;
+    const CallPlan plan = Plan(training);
     Result r;
     r.y.assign(d.T * d.B * d.H, 0.0);
     r.h_last.assign(d.B * d.H, 0.0);
     r.c_last.assign(d.B * d.H, 0.0);
-    const CacheSizes cs = TrainingCacheSizes(c.cell, d);
-    if (training) {
-      r.gates.assign(cs.gates, 0.0);
-      r.aux.assign(cs.aux, 0.0);
-      r.h_prev.assign(cs.h_prev, 0.0);
-    }
-    Vec workspace(ForwardWorkspaceSize(c.cell, d, training, Dropout()) + 1);
+    const CacheSizes cs = plan.Cache();
+    r.gates.assign(cs.gates, 0.0);
+    r.aux.assign(cs.aux, 0.0);
+    r.h_prev.assign(cs.h_prev, 0.0);
+    // Exactly the plan's size, NaN-filled: an overrun is a sanitizer report, a read of an
+    // unwritten element a NaN in the results.
+    Vec workspace(plan.forward_layout().total - (workspace_short ? 1 : 0),
+                  std::numeric_limits<double>::quiet_NaN());
     ForwardArgs<double> a;
-    SetInputs(&a);
+    a.plan = &plan;
+    a.in = Inputs();
     a.y = r.y.data(), a.h_last = r.h_last.data(), a.c_last = r.c_last.data();
-    if (training) a.gates = r.gates.data(), a.aux = r.aux.data(), a.h_prev = r.h_prev.data();
-    a.workspace = workspace.data();
+    a.gates = {r.gates.data(), cs.gates}, a.aux = {r.aux.data(), cs.aux};
+    a.h_prev = {r.h_prev.data(), cs.h_prev};
+    a.workspace = {workspace.data(), Index(workspace.size())};
     ForwardCpu(a, options);
     return r;
   }
@@ -126,22 +146,24 @@ struct Problem {
 
   // Gradients for `grad_mask`; buffers of gradients not asked for are filled with NaN
   // beforehand (and passed anyway) so that a stray write would show.
-  std::vector<Vec> Backward(const Result& fwd, int grad_mask) const {
-    const Dims& d = c.d;
+  std::vector<Vec> Backward(const Result& fwd, int grad_mask, bool workspace_short = false) const {
     const double nan = std::numeric_limits<double>::quiet_NaN();
+    const CallPlan plan = Plan(true, grad_mask);
     std::vector<Vec> g = {Vec(x.size(), nan), Vec(h0.size(), nan), Vec(c0.size(), nan),
                           Vec(kernel.size(), nan), Vec(recurrent_kernel.size(), nan),
                           Vec(bias.size(), nan)};
-    Vec workspace(BackwardWorkspaceSize(c.cell, d, grad_mask, Dropout()) + 1);
+    Vec workspace(plan.backward_layout().total - (workspace_short ? 1 : 0), nan);
     BackwardArgs<double> a;
-    SetInputs(&a);
-    a.gates = fwd.gates.data(), a.aux = fwd.aux.data(), a.h_prev = fwd.h_prev.data();
+    a.plan = &plan;
+    a.in = Inputs();
+    a.gates = {fwd.gates.data(), Index(fwd.gates.size())};
+    a.aux = {fwd.aux.data(), Index(fwd.aux.size())};
+    a.h_prev = {fwd.h_prev.data(), Index(fwd.h_prev.size())};
     a.dy = w_y.data(), a.dh_last = w_h.data();
     a.dc_last = c.cell == CellKind::kLstm ? w_c.data() : nullptr;
-    a.grad_mask = grad_mask;
     a.dx = g[0].data(), a.dh0 = g[1].data(), a.dc0 = g[2].data(), a.dkernel = g[3].data();
     a.drecurrent_kernel = g[4].data(), a.dbias = g[5].data();
-    a.workspace = workspace.data();
+    a.workspace = {workspace.data(), Index(workspace.size())};
     BackwardCpu(a, options);
     return g;
   }
@@ -161,6 +183,26 @@ void Run(const Case& cs, unsigned seed) {
   if (!lstm) all &= ~kGradC0;
   if (!cs.bias) all &= ~kGradBias;
   const std::vector<Vec> full = p.Backward(training, all);
+
+  // A workspace one element short of the plan is refused, forward and backward.
+  if (p.Plan(true).forward_layout().total > 0) {
+    bool refused = false;
+    try {
+      p.Forward(true, true);
+    } catch (const std::invalid_argument&) {
+      refused = true;
+    }
+    EXPECT(refused, cs.name);
+  }
+  if (p.Plan(true, all).backward_layout().total > 0) {
+    bool refused = false;
+    try {
+      p.Backward(training, all, true);
+    } catch (const std::invalid_argument&) {
+      refused = true;
+    }
+    EXPECT(refused, cs.name);
+  }
 
   // Finite differences of every input element that has a gradient.
   std::vector<Vec*> params = {&p.x, &p.h0, &p.c0, &p.kernel, &p.recurrent_kernel, &p.bias};
@@ -251,7 +293,8 @@ int main() {
   // The last shape takes the step GEMM past one row block (6 or 12 rows, by vector width)
   // and past one column panel, with remainders in both.
   const Index shapes[][4] = {{1, 1, 1, 1}, {3, 2, 4, 5}, {4, 3, 2, 3}, {0, 2, 3, 4},
-                             {3, 0, 2, 3}, {2, 3, 3, 1}, {2, 13, 3, 17}};  // T, B, I, H
+                             {3, 0, 2, 3}, {3, 2, 4, 0}, {2, 3, 3, 1},
+                             {2, 13, 3, 17}};  // T, B, I, H
   int cases = 0;
   unsigned seed = 1;
   for (const auto& c : cells)
@@ -281,13 +324,30 @@ int main() {
   // Shapes whose GEMMs would overflow the BLAS' 32-bit sizes are refused before any buffer
   // exists (only shapes are passed here).
   {
-    Dims d;
-    const std::string error = ValidateShapes(CellKind::kLstm, false, {1 << 20, 1 << 12, 8},
-                                             {1 << 20, 4}, {1 << 20, 4}, {8, 16}, {4, 16},
-                                             nullptr, nullptr, &d);
+    CallOptions o;
+    o.has_bias = false;
+    CallPlan plan;
+    const std::string error = CallPlan::Make(
+        o, {{1 << 20, 1 << 12, 8}, {1 << 20, 4}, {1 << 20, 4}, {8, 16}, {4, 16}}, &plan);
     EXPECT(error.find("too large") != std::string::npos, "huge shapes");
-    EXPECT(ValidateShapes(CellKind::kLstm, false, {2, 3, 8}, {2, 4}, {2, 4}, {8, 16}, {4, 16},
-                          nullptr, nullptr, &d).empty(), "small shapes");
+    EXPECT(CallPlan::Make(o, {{2, 3, 8}, {2, 4}, {2, 4}, {8, 16}, {4, 16}}, &plan).empty(),
+           "small shapes");
+    ++cases;
+  }
+  // A cache of another plan's size is refused (the backward pass would read past it).
+  {
+    Case cs{CellKind::kLstm, "lstm", {}, true, false};
+    cs.d.T = 3, cs.d.B = 2, cs.d.I = 2, cs.d.H = 3;
+    Problem p(cs, seed++);
+    Problem::Result fwd = p.Forward(true);
+    fwd.gates.pop_back();
+    bool refused = false;
+    try {
+      p.Backward(fwd, kGradAll);
+    } catch (const std::invalid_argument&) {
+      refused = true;
+    }
+    EXPECT(refused, "short cache");
     ++cases;
   }
   std::printf("core self-test: %d cases, %d failures\n", cases, failures);

@@ -1,0 +1,146 @@
+// One call of a fused recurrent op, described without any framework: which cell, the sizes and
+// layout, which optional inputs are present, which gradients are wanted and where the backend
+// runs the input projection. A binding (TensorFlow kernel, pybind11 module) fills CallOptions
+// and the input shapes, CallPlan::Make validates and normalises them once, and the plan then
+// answers every size the binding must allocate: outputs, training cache, workspace. The driver
+// (rnn.h) carves the workspace with the same layout, so sizing and carving cannot drift, and it
+// refuses a buffer smaller than the plan asks for.
+//
+// The pattern is cuDNN's RNN descriptor (then cudnnGetRNNTempSpaceSizes, then the call) and
+// oneDNN's primitive descriptor (validated once; it answers workspace and scratchpad sizes).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace tfcells {
+
+using Shape = std::vector<Index>;
+std::string ShapeString(const Shape& s);
+
+// Everything about a call that is not read from a tensor.
+struct CallOptions {
+  CellKind cell = CellKind::kLstm;
+  bool time_major = false;
+  bool go_backwards = false;
+  bool has_bias = true;
+  bool has_mask = false;
+  bool has_input_dropout = false;
+  bool has_recurrent_dropout = false;
+  bool training = true;      // the forward pass keeps the cache its gradient reads
+  int grad_mask = kGradAll;  // the gradients a backward pass produces (normalised by Make)
+  InputProjection input_projection = InputProjection::kPerStep;  // the backend's choice
+};
+
+// The shapes of the forward inputs; absent optional inputs are ignored (c0 outside the LSTM).
+struct InputShapes {
+  Shape x, h0, c0, kernel, recurrent_kernel, bias, mask, input_dropout, recurrent_dropout;
+};
+
+// The training cache, laid out like x (indexed by input time), in elements.
+struct CacheSizes {
+  Index gates = 0;   // activated gates [.., G*H]
+  Index aux = 0;     // CellInfo::aux [.., H], or 0
+  Index h_prev = 0;  // the state entering each step [.., H]
+};
+
+// A piece of a workspace: elements [offset, offset + size).
+struct Segment {
+  Index offset = 0, size = 0;
+};
+
+// The forward workspace. Segments a call does not need have size 0.
+struct ForwardLayout {
+  Segment input_projection;  // inference: x·W_x of one step (per step) or of all steps
+  Segment recurrent;         // one step's h_prev·W_h [B, G*H]
+  Segment state;             // inference with Aux::kState: two alternating [B, H] slots
+  Segment dropped_x;         // input dropout: x ⊙ one gate's mask (one step, or all rows)
+  Segment dropped_h;         // recurrent dropout: h_prev ⊙ one gate's mask, one step
+  Index total = 0;
+};
+
+// The backward workspace.
+struct BackwardLayout {
+  Segment dgates;          // gate gradients: all steps when a GEMM after the loop reads them
+  Segment dgates_rec;      // GRU reset_after: the recurrent side's gate gradients
+  Segment bias_sums;       // [bias_rows, B, G*H]: each row's bias gradient summed over steps
+  Segment dh, dc, d_reset;  // [B, H] carries (dc: LSTM; d_reset: GRU reset_after=False)
+  Segment masked_rows;     // dropout: x or h_prev ⊙ one gate's mask, all rows
+  Segment step_product;    // recurrent dropout: one gate's share of dh_prev, one step
+  Segment step_dx;         // input dropout, per-step dx: one gate's share of dx_t
+  Index total = 0;
+};
+
+class CallPlan {
+ public:
+  // Validates the shapes against the options; returns "" and fills *plan, or a message that
+  // names the argument, the shape it got and the concrete shape expected.
+  static std::string Make(const CallOptions& options, const InputShapes& shapes,
+                          CallPlan* plan);
+
+  // The input shapes of a valid call with these options and sizes (for size queries and tests
+  // that have sizes rather than tensors).
+  static InputShapes ShapesFor(const CallOptions& options, const Dims& d);
+
+  const CallOptions& options() const { return options_; }
+  CellKind cell() const { return options_.cell; }
+  const CellInfo& info() const { return info_; }
+  const Dims& dims() const { return dims_; }
+  bool training() const { return options_.training; }
+  // The gradients a backward pass produces: the options' mask less what this call cannot
+  // have (c0 outside the LSTM, an absent bias).
+  int grad_mask() const { return options_.grad_mask; }
+  bool wants(GradBit bit) const { return options_.grad_mask & bit; }
+
+  // Output shapes: the sequence [B, T, width] ([T, B, width] time-major) and a state [B, H].
+  Shape SequenceShape(Index width) const;
+  Shape StateShape() const { return {dims_.B, dims_.H}; }
+  // The shape of a gradient (that of its input; every gradient of an absent input is empty).
+  const Shape& GradShape(GradBit bit) const;
+
+  // The training cache a forward pass with training writes and a backward pass reads.
+  CacheSizes Cache() const;
+  const ForwardLayout& forward_layout() const { return forward_; }
+  const BackwardLayout& backward_layout() const { return backward_; }
+
+  // Checks what a backward pass (a training plan) receives besides the forward inputs: the
+  // cache sizes and the incoming gradients' shapes (each may be absent: null, or empty).
+  std::string CheckBackwardInputs(const CacheSizes& cache, const Shape* dy,
+                                  const Shape* dh_last, const Shape* dc_last) const;
+
+  // Whether the backward pass keeps every step's gate gradients (a GEMM after the loop reads
+  // them).
+  bool KeepsAllGateGrads() const;
+
+ private:
+  void Layout();
+
+  CallOptions options_;
+  CellInfo info_{};
+  Dims dims_;
+  InputShapes shapes_;
+  ForwardLayout forward_;
+  BackwardLayout backward_;
+};
+
+// How often each piece of work ran in this process: lets tests prove that a skipped gradient
+// was never computed. Names and order: kCounterNames, exported to Python by name.
+enum Counter : int {
+  kForwardCalls,
+  kBackwardCalls,
+  kGradXWork,
+  kGradH0Work,
+  kGradKernelWork,
+  kGradRecurrentKernelWork,
+  kGradBiasWork,
+  kNumCounters
+};
+inline constexpr const char* kCounterNames[kNumCounters] = {
+    "forward_calls", "backward_calls", "grad_x", "grad_h0", "grad_kernel",
+    "grad_recurrent_kernel", "grad_bias"};
+void CountWork(Counter c);
+std::int64_t WorkCount(Counter c);
+
+}  // namespace tfcells
