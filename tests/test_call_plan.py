@@ -1,0 +1,117 @@
+"""The call plan and the core's tables as the bindings expose them (csrc/core/plan.h, cells.h).
+
+The layout itself is checked in the core self-test (every pass in exactly-sized, NaN-filled
+buffers under ASan; a buffer one element short is refused). Here: what reaches Python.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.python.framework import op_def_registry
+
+from tfcells import _tfcells_core, ops
+from tfcells.testing import work_counters
+
+CELLS = {  # the Python entry point and its forward op
+    "lstm": (ops.lstm, "TfcellsLstm"),
+    "gru": (ops.gru, "TfcellsGru"),
+    "simple_rnn": (ops.simple_rnn, "TfcellsSimpleRnn"),
+}
+
+
+def _call(cell, x, h, kernel, rk, bias, **kw):
+    fn = CELLS[cell][0]
+    if cell == "lstm":
+        return fn(x, h, h, kernel, rk, bias, **kw)
+    return fn(x, h, kernel, rk, bias, **kw)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("time_major", [False, True])
+def test_zero_units_give_zero_input_gradient(cell, time_major):
+    """H = 0: no unit reads x, so dx is zero (the backward pass once returned before writing
+    it, leaving whatever the allocator held), and every output is empty."""
+    B, T, I = 3, 4, 5
+    x = tf.random.normal((T, B, I) if time_major else (B, T, I), dtype=tf.float64)
+    h = tf.zeros((B, 0), tf.float64)
+    kernel = tf.zeros((I, 0), tf.float64)
+    rk = tf.zeros((0, 0), tf.float64)
+    bias = tf.zeros((2, 0) if cell == "gru" else (0,), tf.float64)
+    for _ in range(3):  # reused allocations must not leak into dx either
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            outputs = _call(cell, x, h, kernel, rk, bias, time_major=time_major)
+            loss = tf.reduce_sum(outputs[0]) + tf.reduce_sum(x) * 0.0
+        dx = tape.gradient(loss, x)
+        np.testing.assert_array_equal(dx.numpy(), np.zeros(x.shape))
+        assert outputs[0].shape == ((T, B, 0) if time_major else (B, T, 0))
+        assert all(o.shape == (B, 0) for o in outputs[1:])
+
+
+def test_zero_units_dx_through_the_gradient_op():
+    """The gradient op itself, asked for dx alone at H = 0, writes zeros."""
+    B, T, I = 2, 3, 4
+    x = tf.random.normal((B, T, I))
+    h = tf.zeros((B, 0))
+    empty = tf.zeros((0,))
+    outs = ops.ops_module.tfcells_simple_rnn(
+        x, h, tf.zeros((I, 0)), tf.zeros((0, 0)), empty, tf.zeros((0,), tf.bool), empty, empty,
+        has_bias=False, training=True)
+    grads = ops.ops_module.tfcells_simple_rnn_grad(
+        x, h, tf.zeros((I, 0)), tf.zeros((0, 0)), empty, tf.zeros((0,), tf.bool), empty, empty,
+        outs.gates, outs.aux, outs.h_prev, tf.zeros((B, T, 0)), tf.zeros((B, 0)),
+        has_bias=False, grad_mask=ops.GRAD_X)
+    np.testing.assert_array_equal(grads.dx.numpy(), np.zeros((B, T, I)))
+    assert grads.dkernel.shape == (0,)  # not asked for: empty
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_gradient_op_outputs_come_from_the_core_table(cell):
+    """The gradient op has one output per forward input with a gradient bit, named and ordered
+    by the core's table; Python reads the same table."""
+    forward = op_def_registry.get(CELLS[cell][1])
+    grad = op_def_registry.get(CELLS[cell][1] + "Grad")
+    inputs = [a.name for a in forward.input_arg]
+    expected = [_tfcells_core.GRAD_OUTPUTS[n] for n in inputs if n in _tfcells_core.GRAD_BITS]
+    assert [a.name for a in grad.output_arg] == expected
+    assert ("c0" in inputs) == _tfcells_core.CELLS[cell]["cell_state"]
+    # Every bit is its own, and GRAD_ALL is their union.
+    bits = list(_tfcells_core.GRAD_BITS.values())
+    assert len(set(bits)) == len(bits) and sum(bits) == _tfcells_core.GRAD_ALL
+    assert ops.GRAD_BITS == dict(_tfcells_core.GRAD_BITS)
+
+
+def test_work_counters_are_named_by_the_core():
+    counters = work_counters()
+    assert tuple(counters) == tuple(_tfcells_core.WORK_COUNTERS)
+    before = counters["forward_calls"]
+    x = tf.random.normal((1, 2, 3))
+    ops.simple_rnn(x, tf.zeros((1, 4)), tf.zeros((3, 4)), tf.zeros((4, 4)))
+    assert work_counters()["forward_calls"] == before + 1
+
+
+def test_numpy_module_refuses_a_cache_of_another_shape():
+    rng = np.random.default_rng(0)
+    B, T, I, H = 2, 3, 4, 5
+    x = rng.normal(size=(B, T, I))
+    h0 = np.zeros((B, H))
+    k, rk = rng.normal(size=(I, H)), rng.normal(size=(H, H))
+    out = _tfcells_core.forward("simple_rnn", x, h0, None, k, rk, None, None)
+    with pytest.raises(ValueError, match="gates must hold the forward op's training cache"):
+        _tfcells_core.backward("simple_rnn", x, h0, None, k, rk, None, None, False, False,
+                               out["gates"][:-1], out["aux"], out["h_prev"], None, None, None)
+
+
+def test_unknown_cell_names_the_choices():
+    with pytest.raises(ValueError, match="cell must be one of lstm, gru, gru_reset_before, "
+                                         "simple_rnn, got peephole"):
+        _tfcells_core.forward("peephole", np.zeros((1, 1, 1)), np.zeros((1, 1)), None,
+                              np.zeros((1, 1)), np.zeros((1, 1)), None, None)
+
+
+def test_bad_recurrent_kernel_message_gives_the_concrete_shape():
+    x = tf.zeros((2, 3, 4))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"recurrent_kernel must have shape \[H, 4\*H\], got \[6, 20\]; "
+                             r"with H = 5 from kernel's 20 columns that is \[5, 20\]"):
+        ops.lstm(x, tf.zeros((2, 5)), tf.zeros((2, 5)), tf.zeros((4, 20)), tf.zeros((6, 20)))
