@@ -329,6 +329,28 @@ struct BackwardStep {
   }
 };
 
+// A shard's views of the call's buffers: from batch row b0 on.
+template <typename T>
+struct ShardViews {
+  const Dims& d;
+  Index b0;
+
+  // A sequence buffer at input time t (or processing step t of y, dy).
+  template <typename U>
+  StepMatrix<U> At(U* seq, Index t, Index width) const {
+    return FromRow(AtStep(seq, d, t, width), b0);
+  }
+  // A [B, width] buffer (null stays null).
+  template <typename U>
+  StepMatrix<U> Plain(U* buf, Index width) const {
+    return buf ? tfcells::Plain(buf + b0 * width, width) : StepMatrix<U>();
+  }
+  // Each gate's rows of a [G, B, width] dropout mask (null: no mask).
+  void DropoutMasks(const T* masks, Index width, int gates, StepMatrix<const T>* out) const {
+    for (int g = 0; g < gates; ++g) out[g] = DropoutRows(masks, d, width, g, b0);
+  }
+};
+
 // Rows [0, rows) of a sequence buffer scaled by gate g's dropout mask: row r belongs to batch
 // entry (r / div) % B.
 template <typename T, typename Backend>
@@ -396,19 +418,15 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
   // The time loop, for batch rows [b0, b1) (every matrix below is that shard's view).
   auto run_rows = [&](Backend& sb, Index b0, Index b1) {
     const Index n = b1 - b0;
-    auto at = [&](auto* seq, Index t, Index width) { return FromRow(AtStep(seq, d, t, width), b0); };
-    auto plain = [&](auto* buf, Index width) {
-      return buf ? Plain(buf + b0 * width, width) : decltype(Plain(buf, width))();
-    };
-    auto dropout_rows = [&](const T* masks, Index width, int g) {
-      return DropoutRows(masks, d, width, g, b0);
-    };
+    const ShardViews<T> v{d, b0};
+    auto at = [&](auto* seq, Index t, Index width) { return v.At(seq, t, width); };
+    auto plain = [&](auto* buf, Index width) { return v.Plain(buf, width); };
     ForwardStep<T, Backend, decltype(w_h), Operand> step{
         sb, w_h, w_cand, {}, plain(dropped_h, H).data, n, H, GH};
-    for (int g = 0; g < G; ++g) step.h_dropout_rows[g] = dropout_rows(in.recurrent_dropout, H, g);
+    v.DropoutMasks(in.recurrent_dropout, H, G, step.h_dropout_rows);
     step.rec = recurrent + b0 * GH;
     step.bias = in.bias;
-    step.candidate_dropout = dropout_rows(in.recurrent_dropout, H, G - 1);
+    step.candidate_dropout = step.h_dropout_rows[G - 1];
     // State kept per step besides h: the cache when training, else alternating slots.
     auto aux_at = [&](Index s) -> StepMatrix<T> {
       if (training && info.aux != Aux::kNone) return at(a.aux.data, d.InputTime(s), H);
@@ -421,7 +439,7 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
                    : per_step ? plain(projection, GH) : at(projection, t, GH);
       if (per_step)
         GateProducts(sb, n, d.I, at(in.x, t, d.I), w_x.whole, w_x.PerGate(), G, H,
-                     [&](int g) { return dropout_rows(in.input_dropout, d.I, g); },
+                     [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
                      plain(dropped_x, d.I).data, step.gates.data, step.gates.ld);
       step.h_prev = s == 0 ? plain(in.h0, H) : StepMatrix<const T>(at(a.y, s - 1, H));
       step.h = at(a.y, s, H);
@@ -501,17 +519,13 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   // The backward time loop, for batch rows [b0, b1) (every matrix is that shard's view).
   auto run_rows = [&](Backend& sb, Index b0, Index b1) {
     const Index n = b1 - b0;
-    auto at = [&](auto* seq, Index t, Index width) { return FromRow(AtStep(seq, d, t, width), b0); };
-    auto plain = [&](auto* buf, Index width) {
-      return buf ? Plain(buf + b0 * width, width) : decltype(Plain(buf, width))();
-    };
-    auto dropout_rows = [&](const T* masks, Index width, int g) {
-      return DropoutRows(masks, d, width, g, b0);
-    };
+    const ShardViews<T> v{d, b0};
+    auto at = [&](auto* seq, Index t, Index width) { return v.At(seq, t, width); };
+    auto plain = [&](auto* buf, Index width) { return v.Plain(buf, width); };
     BackwardStep<T, Backend, decltype(w_h_t), Operand> step{
         sb, w_h_t, w_cand_t, {}, plain(step_product, H).data, false, n, H};
-    for (int g = 0; g < G; ++g) step.h_dropout_rows[g] = dropout_rows(in.recurrent_dropout, H, g);
-    step.candidate_dropout = dropout_rows(in.recurrent_dropout, H, G - 1);
+    v.DropoutMasks(in.recurrent_dropout, H, G, step.h_dropout_rows);
+    step.candidate_dropout = step.h_dropout_rows[G - 1];
     step.dh = plain(dh, H);
     step.dc = plain(dc, H);
     step.d_reset = plain(d_reset, H);
@@ -537,7 +551,7 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
       if (want_dx && per_step)  // dx_t = dG_t·W_xᵀ
         GateProductsGrad(sb, n, d.I, step.dgates.data, step.dgates.ld, w_x_t.whole,
                          w_x_t.PerGate(), G, H,
-                         [&](int g) { return dropout_rows(in.input_dropout, d.I, g); },
+                         [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
                          plain(step_dx, d.I).data, at(a.dx, t, d.I), false);
       if (want_db) {
         sb.ForEach(n, GH, AccumulatePoint<T>{plain(bias_sums, GH), step.dgates});

@@ -323,7 +323,8 @@ Inputs<T> ReadInputs(Arrays& arrays, CallOptions options, const std::string& cel
 
 template <typename T>
 Span<T> SpanOf(const std::optional<DeviceArray>& a) {
-  return a ? Span<T>{a->template data<T>(), a->size()} : Span<T>{};
+  using Mutable = std::remove_const_t<T>;
+  return a ? Span<T>{a->template data<Mutable>(), a->size()} : Span<T>{};
 }
 
 void Run(const std::string& error) {
@@ -426,7 +427,8 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   RequireSize(gates_a, cs.gates, "a training cache of this shape");
   RequireSize(aux_a, cs.aux, "a training cache of this shape");
   RequireSize(h_prev_a, cs.h_prev, "a training cache of this shape");
-  a.gates = SpanOf<T>(gates_a), a.aux = SpanOf<T>(aux_a), a.h_prev = SpanOf<T>(h_prev_a);
+  a.gates = SpanOf<const T>(gates_a), a.aux = SpanOf<const T>(aux_a);
+  a.h_prev = SpanOf<const T>(h_prev_a);
 
   const auto dy_a = arrays.Float(dy, "dy", false);
   RequireShape(dy_a, plan.SequenceShape(plan.dims().H), "(the shape of y)");

@@ -84,21 +84,7 @@ struct GpuLauncher {
   }
 };
 
-#define TFCELLS_REGISTER_GPU(OP, CELL, T)                                              \
-  REGISTER_KERNEL_BUILDER(                                                             \
-      Name("Tfcells" #OP).Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"),       \
-      ForwardKernel<T, GpuLauncher, CellKind::CELL>);                                  \
-  REGISTER_KERNEL_BUILDER(                                                             \
-      Name("Tfcells" #OP "Grad").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"), \
-      GradKernel<T, GpuLauncher, CellKind::CELL>);
-
-#define TFCELLS_REGISTER_GPU_ALL(OP, CELL) \
-  TFCELLS_REGISTER_GPU(OP, CELL, float)    \
-  TFCELLS_REGISTER_GPU(OP, CELL, double)
-
-TFCELLS_REGISTER_GPU_ALL(Lstm, kLstm)
-TFCELLS_REGISTER_GPU_ALL(Gru, kGruResetAfter)
-TFCELLS_REGISTER_GPU_ALL(SimpleRnn, kSimpleRnn)
+TFCELLS_REGISTER_KERNELS(tensorflow::DEVICE_GPU, GpuLauncher)
 
 }  // namespace
 }  // namespace tfcells

@@ -222,3 +222,17 @@ struct GradKernel : RnnGradOp<T, Launcher> {
 };
 
 }  // namespace tfcells
+
+// The forward and gradient kernels of every op family (kOpFamilies) and dtype, for one device.
+#define TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, T, DEVICE, LAUNCHER)                           \
+  REGISTER_KERNEL_BUILDER(Name("Tfcells" #OP).Device(DEVICE).TypeConstraint<T>("T"),          \
+                          ::tfcells::ForwardKernel<T, LAUNCHER, ::tfcells::CellKind::CELL>);  \
+  REGISTER_KERNEL_BUILDER(Name("Tfcells" #OP "Grad").Device(DEVICE).TypeConstraint<T>("T"),   \
+                          ::tfcells::GradKernel<T, LAUNCHER, ::tfcells::CellKind::CELL>);
+#define TFCELLS_REGISTER_KERNELS_OF(OP, CELL, DEVICE, LAUNCHER)   \
+  TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, float, DEVICE, LAUNCHER) \
+  TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, double, DEVICE, LAUNCHER)
+#define TFCELLS_REGISTER_KERNELS(DEVICE, LAUNCHER)                     \
+  TFCELLS_REGISTER_KERNELS_OF(Lstm, kLstm, DEVICE, LAUNCHER)           \
+  TFCELLS_REGISTER_KERNELS_OF(Gru, kGruResetAfter, DEVICE, LAUNCHER)   \
+  TFCELLS_REGISTER_KERNELS_OF(SimpleRnn, kSimpleRnn, DEVICE, LAUNCHER)

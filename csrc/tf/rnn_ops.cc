@@ -146,21 +146,7 @@ struct CpuLauncher {
   }
 };
 
-#define TFCELLS_REGISTER_CPU(OP, CELL, T)                                              \
-  REGISTER_KERNEL_BUILDER(                                                             \
-      Name("Tfcells" #OP).Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),       \
-      ForwardKernel<T, CpuLauncher, CellKind::CELL>);                                  \
-  REGISTER_KERNEL_BUILDER(                                                             \
-      Name("Tfcells" #OP "Grad").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
-      GradKernel<T, CpuLauncher, CellKind::CELL>);
-
-#define TFCELLS_REGISTER_CPU_ALL(OP, CELL) \
-  TFCELLS_REGISTER_CPU(OP, CELL, float)    \
-  TFCELLS_REGISTER_CPU(OP, CELL, double)
-
-TFCELLS_REGISTER_CPU_ALL(Lstm, kLstm)
-TFCELLS_REGISTER_CPU_ALL(Gru, kGruResetAfter)
-TFCELLS_REGISTER_CPU_ALL(SimpleRnn, kSimpleRnn)
+TFCELLS_REGISTER_KERNELS(tensorflow::DEVICE_CPU, CpuLauncher)
 
 }  // namespace
 }  // namespace tfcells
