@@ -344,17 +344,30 @@ print("ok")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _child_env(**extra):
+    """The environment for a child pytest run in another directory: the same modules found
+    (relative PYTHONPATH entries and module directory made absolute)."""
+    env = dict(os.environ, **extra)
+    paths = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if cuda_module is not None:
+        env["TFCELLS_CUDA_MODULE_DIR"] = os.path.dirname(os.path.abspath(cuda_module.__file__))
+    return env
+
+
 def test_requires_skips_fails_or_passes_through(monkeypatch):
     """The markers: a missing thing skips (fails under TFCELLS_REQUIRE_GPU=1), an error of a
     broken GPU set-up always fails, nothing missing leaves the test alone."""
     def test(a, b=2):
         return a + b
 
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "REQUIRE_GPU", False)  # read when a test is decorated
     assert requires(None)(test) is test
     skipped = requires("no GPU")(test)
     assert [m.kwargs["reason"] for m in skipped.pytestmark] == ["no GPU"]
     for require in (False, True):
-        monkeypatch.setattr(sys.modules[__name__], "REQUIRE_GPU", require)
+        monkeypatch.setattr(module, "REQUIRE_GPU", require)
         with pytest.raises(pytest.fail.Exception, match="cudaErrorInsufficientDriver"):
             requires(None, "cudaErrorInsufficientDriver")(test)(1)
     failing = requires("no GPU")(test)  # REQUIRE_GPU is True here
@@ -377,7 +390,7 @@ def test_a_broken_driver_fails_the_gpu_tests_with_cuda_text(tmp_path):
     build = subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"),
                             str(source)], capture_output=True, text=True, timeout=120)
     assert build.returncode == 0, build.stderr
-    env = dict(os.environ, LD_LIBRARY_PATH=str(tmp_path))
+    env = _child_env(LD_LIBRARY_PATH=str(tmp_path))
     env.pop("TFCELLS_REQUIRE_GPU", None)
     directory = os.path.dirname(os.path.abspath(cuda_module.__file__))
     code = (f"import sys; sys.path.insert(0, {directory!r}); import _tfcells_cuda as m\n"
@@ -401,7 +414,7 @@ def test_a_broken_driver_fails_the_gpu_tests_with_cuda_text(tmp_path):
 def test_require_gpu_turns_the_no_gpu_skip_into_a_failure(tmp_path):
     """TFCELLS_REQUIRE_GPU=1 on a machine where no GPU is seen (CUDA_VISIBLE_DEVICES hides any):
     the GPU tests fail, saying why, instead of passing the run by skipping."""
-    env = dict(os.environ, TFCELLS_REQUIRE_GPU="1", CUDA_VISIBLE_DEVICES="")
+    env = _child_env(TFCELLS_REQUIRE_GPU="1", CUDA_VISIBLE_DEVICES="")
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
          f"{os.path.abspath(__file__)}::test_tf32_flag_runs_and_stays_close",
