@@ -735,6 +735,60 @@ def test_cuda_matches_cpu_with_dropout_every_grad_mask(cell, kind, layout, dtype
 
 
 @needs_gpu
+@needs_torch
+@needs_core
+def test_two_streams_driven_from_one_thread():
+    """One thread enqueues forward and backward passes on two streams in turn without waiting:
+    each (thread, device, stream) has its own cuBLAS handle and so its own workspace, and both
+    streams' results equal the CPU kernels'. (With one handle per thread, the two streams'
+    GEMMs could use one workspace at the same time.) Shapes large enough for cuBLAS to split
+    the T·B-row weight-gradient products."""
+    rng = np.random.default_rng(21)
+    cell, T, B, I, H = "lstm", 16, 64, 256, 256
+    inputs, grads = make_problem(rng, cell, T, B, I, H, np.float32)
+    ref = cpu_forward(cell, inputs)
+    cache = {k: ref[k] for k in ("gates", "aux", "h_prev")}
+    want = cpu_backward(cell, inputs, cache, grads, cuda_module.GRAD_ALL)
+    dev = Device()
+    d = {k: dev.put(v) for k, v in {**inputs, **cache, **grads}.items()}
+    sizes = cuda_module.forward_sizes(cell, T, B, I, H, True)
+    ws_size = cuda_module.backward_workspace_size(cell, T, B, I, H)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()  # the inputs are in place before either stream reads them
+    outs = []
+    for stream in streams:
+        with torch.cuda.stream(stream):  # allocated and handed over on their own stream
+            outs.append({
+                "y": dev.empty((B, T, H), np.float32), "h_last": dev.empty((B, H), np.float32),
+                "c_last": dev.empty((B, H), np.float32),
+                "cache": [dev.empty((sizes[k],), np.float32) for k in ("gates", "aux", "h_prev")],
+                "fws": dev.empty((sizes["workspace"],), np.float32),
+                "bws": dev.empty((ws_size,), np.float32),
+                "grads": {n: dev.empty(np.shape(inputs[k]), np.float32) for n, k in (
+                    ("dx", "x"), ("dh0", "h0"), ("dc0", "c0"), ("dkernel", "kernel"),
+                    ("drecurrent_kernel", "recurrent_kernel"), ("dbias", "bias"))}})
+    args = [d["x"], d["h0"], d["c0"], d["kernel"], d["recurrent_kernel"], d["bias"], None]
+    for _ in range(3):  # interleaved, never waiting in between
+        for stream, o in zip(streams, outs):
+            with torch.cuda.stream(stream):
+                gates, aux, h_prev = o["cache"]
+                cuda_module.forward(cell, *args, y=o["y"], h_last=o["h_last"],
+                                    c_last=o["c_last"], gates=gates, aux=aux, h_prev=h_prev,
+                                    workspace=o["fws"], stream=stream.cuda_stream)
+                cuda_module.backward(cell, *args, d["gates"], d["aux"], d["h_prev"], d["dy"],
+                                     d["dh_last"], d["dc_last"], workspace=o["bws"],
+                                     stream=stream.cuda_stream, **o["grads"])
+    torch.cuda.synchronize()
+    tol = tolerance(np.float32)
+    for i, o in enumerate(outs):
+        for k in ("y", "h_last", "c_last"):
+            np.testing.assert_allclose(dev.get(o[k]), ref[k], **tol, err_msg=f"stream {i} {k}")
+        for name, buffer in o["grads"].items():
+            np.testing.assert_allclose(dev.get(buffer), want[name], **tol,
+                                       err_msg=f"stream {i} {name}")
+
+
+@needs_gpu
 def test_tf32_flag_runs_and_stays_close():
     dev = Device()
     inputs, _ = make_problem(np.random.default_rng(2), "lstm", 5, 8, 64, 64, np.float32)

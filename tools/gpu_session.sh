@@ -179,7 +179,7 @@ pytest_args=(-q -rfE -p no:cacheprovider --durations=10 -o faulthandler_timeout=
 if "$python" -c "import xdist" 2> /dev/null; then
   pytest_args+=(-n 4)  # the comparisons are small calls, mostly host-bound: 4 processes
 fi
-first="random_shapes or empty_dimensions or larger or matches_cudnn"
+first="random_shapes or empty_dimensions or larger or matches_cudnn or two_streams"
 stage tests-first 170 130 "$out/tests.log" "$python" -m pytest "${pytest_args[@]}" \
   tests/test_cuda.py -k "$first"
 stage tests-rest 120 100 "$out/tests.log" "$python" -m pytest "${pytest_args[@]}" \
