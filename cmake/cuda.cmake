@@ -6,7 +6,14 @@
 #   TFCELLS_WITH_CUDA=OFF   never build it
 #
 # Only nvcc and the CUDA runtime are needed to build: cuBLAS is loaded at run time
-# (csrc/cuda/cublas_loader.h). Targets: CUDA_ARCHITECTURES below (default sm_80 and sm_90
+# (csrc/cuda/cublas_loader.h).
+#
+# Driver requirement: the CUDA runtime is linked statically (the modules are self-contained and
+# never bind, by soname, a libcudart of another minor version than the framework's), so the
+# NVIDIA driver must support the CUDA major version of the nvcc that built tfcells (13: driver
+# 580 or newer; 12: 525 or newer). Beside a CUDA build of TensorFlow, tfcells' CUDA major must
+# be TensorFlow's: the GPU kernel library is not built (here) or not loaded (_loader.py) when
+# they differ; build with that CUDA's nvcc (CMAKE_CUDA_COMPILER or CUDACXX). Targets: CUDA_ARCHITECTURES below (default sm_80 and sm_90
 # machine code plus compute_90 PTX for newer GPUs); override with -DCMAKE_CUDA_ARCHITECTURES.
 
 set(TFCELLS_WITH_CUDA AUTO CACHE STRING "Build the CUDA kernels: AUTO (when nvcc is found), ON, OFF")
@@ -15,6 +22,7 @@ option(TFCELLS_CUDA_BUILD_TF_GPU_OPS
        "Build the TensorFlow GPU kernel library _tfcells_gpu_ops (needs TFCELLS_BUILD_TF_OPS)" ON)
 
 set(TFCELLS_CUDA OFF)
+set(TFCELLS_CUDA_VERSION "")
 set(_tfcells_cuda_mode "${TFCELLS_WITH_CUDA}")
 string(TOUPPER "${_tfcells_cuda_mode}" _tfcells_cuda_mode)
 
@@ -38,6 +46,7 @@ if(NOT _tfcells_cuda_mode STREQUAL "OFF")
     enable_language(CUDA)
     find_package(CUDAToolkit REQUIRED)
     set(TFCELLS_CUDA ON)
+    set(TFCELLS_CUDA_VERSION "${CMAKE_CUDA_COMPILER_VERSION}")
     message(STATUS "tfcells: building the CUDA kernels with nvcc ${CMAKE_CUDA_COMPILER_VERSION} "
                    "for ${CMAKE_CUDA_ARCHITECTURES}")
   endif()
@@ -95,7 +104,24 @@ if(TFCELLS_CUDA)
   # --- TensorFlow GPU kernels ------------------------------------------------------------------
   # Compiled against the installed TensorFlow's headers, tensorflow-cpu's included (they hold
   # every declaration a kernel registration needs); loaded only by a CUDA build of TensorFlow.
-  if(TFCELLS_BUILD_TF_OPS AND TFCELLS_CUDA_BUILD_TF_GPU_OPS)
+  # A CUDA build of TensorFlow names its CUDA version; tensorflow-cpu names none (then the
+  # library is built all the same, so that CI keeps it compiling).
+  set(_tfcells_tf_gpu_ops ${TFCELLS_CUDA_BUILD_TF_GPU_OPS})
+  if(TFCELLS_BUILD_TF_OPS AND _tfcells_tf_gpu_ops)
+    python_value(_tfcells_tf_cuda_version
+      "import tensorflow as tf; print(tf.sysconfig.get_build_info().get('cuda_version', ''))")
+    string(REGEX MATCH "^[0-9]+" _tfcells_tf_cuda_major "${_tfcells_tf_cuda_version}")
+    string(REGEX MATCH "^[0-9]+" _tfcells_nvcc_major "${CMAKE_CUDA_COMPILER_VERSION}")
+    if(_tfcells_tf_cuda_major AND NOT _tfcells_tf_cuda_major STREQUAL _tfcells_nvcc_major)
+      message(WARNING "tfcells: TensorFlow was built with CUDA ${_tfcells_tf_cuda_version} but "
+              "nvcc is CUDA ${CMAKE_CUDA_COMPILER_VERSION}: not building the TensorFlow GPU "
+              "kernels (they would need a driver for CUDA ${_tfcells_nvcc_major} beside "
+              "TensorFlow's CUDA ${_tfcells_tf_cuda_major}). Build with CUDA "
+              "${_tfcells_tf_cuda_major}'s nvcc (-DCMAKE_CUDA_COMPILER=...) to get them.")
+      set(_tfcells_tf_gpu_ops OFF)
+    endif()
+  endif()
+  if(TFCELLS_BUILD_TF_OPS AND _tfcells_tf_gpu_ops)
     # TensorFlow's headers name CUDA's as third_party/gpus/cuda/include/...
     set(_tfcells_tf_cuda_dir "${CMAKE_CURRENT_BINARY_DIR}/tf_cuda_include")
     file(MAKE_DIRECTORY "${_tfcells_tf_cuda_dir}/third_party/gpus/cuda")

@@ -10,7 +10,9 @@ GPU kernel library registers its kernels), and the module's checks of bad arrays
 device (fake __cuda_array_interface__ objects).
 """
 
+import functools
 import importlib
+import inspect
 import itertools
 import os
 import shutil
@@ -63,27 +65,61 @@ if torch is None:
         cupy = None
 
 
-def _gpu_skip_reason():
+# On the GPU run (tools/gpu_session.sh), a test that cannot run must fail it, not pass it by
+# skipping: with TFCELLS_REQUIRE_GPU=1 every "no module / no GPU / no PyTorch" skip below is a
+# failure with the same reason.
+REQUIRE_GPU = os.environ.get("TFCELLS_REQUIRE_GPU") == "1"
+
+
+def _gpu_state():
+    """(skip, error): why the GPU tests cannot run on a machine without a GPU set-up, or the
+    error of a GPU set-up that is broken (a CUDA error, cuBLAS not loading): that one fails the
+    GPU tests everywhere. (None, None) when they can run."""
     if cuda_module is None:
-        return f"the _tfcells_cuda module is not available ({CUDA_MODULE_MISSING})"
-    if cuda_module.device_count() == 0:
-        return "no CUDA GPU on this machine"
+        return f"the _tfcells_cuda module is not available ({CUDA_MODULE_MISSING})", None
+    try:
+        count = cuda_module.device_count()
+    except RuntimeError as e:  # e.g. cudaErrorInsufficientDriver: an old driver
+        return None, f"CUDA fails on this machine: {e}"
+    if count == 0:
+        v = cuda_module.cuda_versions()
+        driver = (f"driver for CUDA {v['driver'] // 1000}.{v['driver'] % 1000 // 10}"
+                  if v["driver"] else "no NVIDIA driver")
+        return f"no CUDA GPU on this machine ({driver})", None
     if torch is None and cupy is None:
-        return "neither PyTorch with CUDA nor CuPy is installed to hand device arrays over"
+        return "neither PyTorch with CUDA nor CuPy is installed to hand device arrays over", None
     try:
         cuda_module.cublas_library()
     except RuntimeError as e:
-        return str(e)
-    return None
+        return None, f"a GPU is present but cuBLAS does not load: {e}"
+    return None, None
 
 
-GPU_SKIP = _gpu_skip_reason()
-needs_gpu = pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
-needs_module = pytest.mark.skipif(
-    cuda_module is None, reason=f"the _tfcells_cuda module is not available ({CUDA_MODULE_MISSING})")
-needs_core = pytest.mark.skipif(
-    core_module is None, reason=f"the CPU core module is not available ({CORE_MODULE_MISSING})")
-needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch with CUDA (cuDNN) is not installed")
+GPU_SKIP, GPU_ERROR = _gpu_state()
+
+
+def requires(reason, error=None):
+    """A test that needs what `reason` (None: it is there) says is missing: skipped, or under
+    TFCELLS_REQUIRE_GPU=1 failed with that reason; `error` fails it in any case."""
+    def decorate(test):
+        why = error or (reason if REQUIRE_GPU else None)
+        if why is not None:
+            @functools.wraps(test)  # keeps the parameters and marks, for pytest
+            def fail(*args, **kwargs):
+                pytest.fail(why if error else f"TFCELLS_REQUIRE_GPU=1, but {why}",
+                            pytrace=False)
+            return fail
+        return pytest.mark.skip(reason=reason)(test) if reason else test
+    return decorate
+
+
+needs_gpu = requires(GPU_SKIP, GPU_ERROR)
+needs_module = requires(
+    None if cuda_module else f"the _tfcells_cuda module is not available ({CUDA_MODULE_MISSING})")
+needs_core = requires(
+    None if core_module else f"the CPU core module is not available ({CORE_MODULE_MISSING})")
+needs_torch = requires(None if torch is not None
+                       else "PyTorch with CUDA (cuDNN) is not installed")
 
 CELLS = ["lstm", "gru", "gru_reset_before", "simple_rnn"]
 GATES = {"lstm": 4, "gru": 3, "gru_reset_before": 3, "simple_rnn": 1}
@@ -306,6 +342,88 @@ print("ok")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _child_env(**extra):
+    """The environment for a child pytest run in another directory: the same modules found
+    (relative PYTHONPATH entries and module directory made absolute)."""
+    env = dict(os.environ, **extra)
+    paths = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if cuda_module is not None:
+        env["TFCELLS_CUDA_MODULE_DIR"] = os.path.dirname(os.path.abspath(cuda_module.__file__))
+    return env
+
+
+def test_requires_skips_fails_or_passes_through(monkeypatch):
+    """The markers: a missing thing skips (fails under TFCELLS_REQUIRE_GPU=1), an error of a
+    broken GPU set-up always fails, nothing missing leaves the test alone."""
+    def test(a, b=2):
+        return a + b
+
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "REQUIRE_GPU", False)  # read when a test is decorated
+    assert requires(None)(test) is test
+    skipped = requires("no GPU")(test)
+    assert [m.kwargs["reason"] for m in skipped.pytestmark] == ["no GPU"]
+    for require in (False, True):
+        monkeypatch.setattr(module, "REQUIRE_GPU", require)
+        with pytest.raises(pytest.fail.Exception, match="cudaErrorInsufficientDriver"):
+            requires(None, "cudaErrorInsufficientDriver")(test)(1)
+    failing = requires("no GPU")(test)  # REQUIRE_GPU is True here
+    with pytest.raises(pytest.fail.Exception, match="TFCELLS_REQUIRE_GPU=1, but no GPU"):
+        failing(1, b=3)
+    assert list(inspect.signature(failing).parameters) == ["a", "b"]  # what pytest reads
+
+
+@needs_module
+def test_a_broken_driver_fails_the_gpu_tests_with_cuda_text(tmp_path):
+    """An NVIDIA driver too old for the CUDA runtime (here a stand-in libcuda.so.1 that reports
+    CUDA 11.8 and fails cuInit) is not "no GPU": device_count() raises with CUDA's error, and
+    the GPU tests fail with it, even without TFCELLS_REQUIRE_GPU."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler for the stand-in driver")
+    source = tmp_path / "libcuda.c"
+    source.write_text("int cuDriverGetVersion(int* v) { *v = 11080; return 0; }\n"
+                      "int cuInit(unsigned flags) { (void)flags; return 35; }\n")
+    build = subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"),
+                            str(source)], capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    env = _child_env(LD_LIBRARY_PATH=str(tmp_path))
+    env.pop("TFCELLS_REQUIRE_GPU", None)
+    directory = os.path.dirname(os.path.abspath(cuda_module.__file__))
+    code = (f"import sys; sys.path.insert(0, {directory!r}); import _tfcells_cuda as m\n"
+            "print(m.cuda_versions())\n"
+            "try:\n    m.device_count()\nexcept RuntimeError as e:\n    print('raised:', e)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "'driver': 11080" in run.stdout, run.stdout
+    assert "raised: CUDA cannot count the GPUs: cudaErrorInsufficientDriver" in run.stdout
+    assert "driver supports CUDA 11.8" in run.stdout, run.stdout
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
+         f"{os.path.abspath(__file__)}::test_tf32_flag_runs_and_stays_close"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    out = tests.stdout + tests.stderr
+    assert tests.returncode == 1 and "1 failed" in out, out[-3000:]
+    assert "CUDA fails on this machine: CUDA cannot count the GPUs" in out, out[-3000:]
+
+
+def test_require_gpu_turns_the_no_gpu_skip_into_a_failure(tmp_path):
+    """TFCELLS_REQUIRE_GPU=1 on a machine where no GPU is seen (CUDA_VISIBLE_DEVICES hides any):
+    the GPU tests fail, saying why, instead of passing the run by skipping."""
+    env = _child_env(TFCELLS_REQUIRE_GPU="1", CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf",
+         f"{os.path.abspath(__file__)}::test_tf32_flag_runs_and_stays_close",
+         f"{os.path.abspath(__file__)}::test_matches_cudnn"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out[-3000:]
+    assert "TFCELLS_REQUIRE_GPU=1, but " in out and " skipped" not in out, out[-3000:]
+    assert "5 failed" in out, out[-3000:]  # 1 + 2 cells x 2 dtypes
 
 
 def test_gemm_operand_mapping_runs_the_driver_like_row_major(tmp_path):
@@ -608,6 +726,60 @@ def test_cuda_matches_cpu_with_dropout_every_grad_mask(cell, kind, layout, dtype
                   dropout=kind)
 
 
+
+
+@needs_gpu
+@needs_torch
+@needs_core
+def test_two_streams_driven_from_one_thread():
+    """One thread enqueues forward and backward passes on two streams in turn without waiting:
+    each (thread, device, stream) has its own cuBLAS handle and so its own workspace, and both
+    streams' results equal the CPU kernels'. (With one handle per thread, the two streams'
+    GEMMs could use one workspace at the same time.) Shapes large enough for cuBLAS to split
+    the T·B-row weight-gradient products."""
+    rng = np.random.default_rng(21)
+    cell, T, B, I, H = "lstm", 16, 64, 256, 256
+    inputs, grads = make_problem(rng, cell, T, B, I, H, np.float32)
+    ref = cpu_forward(cell, inputs)
+    cache = {k: ref[k] for k in ("gates", "aux", "h_prev")}
+    want = cpu_backward(cell, inputs, cache, grads, cuda_module.GRAD_ALL)
+    dev = Device()
+    d = {k: dev.put(v) for k, v in {**inputs, **cache, **grads}.items()}
+    sizes = cuda_module.forward_sizes(cell, T, B, I, H, True)
+    ws_size = cuda_module.backward_workspace_size(cell, T, B, I, H)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()  # the inputs are in place before either stream reads them
+    outs = []
+    for stream in streams:
+        with torch.cuda.stream(stream):  # allocated and handed over on their own stream
+            outs.append({
+                "y": dev.empty((B, T, H), np.float32), "h_last": dev.empty((B, H), np.float32),
+                "c_last": dev.empty((B, H), np.float32),
+                "cache": [dev.empty((sizes[k],), np.float32) for k in ("gates", "aux", "h_prev")],
+                "fws": dev.empty((sizes["workspace"],), np.float32),
+                "bws": dev.empty((ws_size,), np.float32),
+                "grads": {n: dev.empty(np.shape(inputs[k]), np.float32) for n, k in (
+                    ("dx", "x"), ("dh0", "h0"), ("dc0", "c0"), ("dkernel", "kernel"),
+                    ("drecurrent_kernel", "recurrent_kernel"), ("dbias", "bias"))}})
+    args = [d["x"], d["h0"], d["c0"], d["kernel"], d["recurrent_kernel"], d["bias"], None]
+    for _ in range(3):  # interleaved, never waiting in between
+        for stream, o in zip(streams, outs):
+            with torch.cuda.stream(stream):
+                gates, aux, h_prev = o["cache"]
+                cuda_module.forward(cell, *args, y=o["y"], h_last=o["h_last"],
+                                    c_last=o["c_last"], gates=gates, aux=aux, h_prev=h_prev,
+                                    workspace=o["fws"], stream=stream.cuda_stream)
+                cuda_module.backward(cell, *args, d["gates"], d["aux"], d["h_prev"], d["dy"],
+                                     d["dh_last"], d["dc_last"], workspace=o["bws"],
+                                     stream=stream.cuda_stream, **o["grads"])
+    torch.cuda.synchronize()
+    tol = tolerance(np.float32)
+    for i, o in enumerate(outs):
+        for k in ("y", "h_last", "c_last"):
+            np.testing.assert_allclose(dev.get(o[k]), ref[k], **tol, err_msg=f"stream {i} {k}")
+        for name, buffer in o["grads"].items():
+            np.testing.assert_allclose(dev.get(buffer), want[name], **tol,
+                                       err_msg=f"stream {i} {name}")
 
 
 @needs_gpu

@@ -1,24 +1,51 @@
 """The GPU benchmark suite's parts that run without a GPU: the Keras -> PyTorch weight mapping
 its value check relies on (against tfcells' CPU op), the pybind11 calls of its tfcells_cuda
 step up to the device query, the records and table of the whole suite with CPU stand-ins for
-both contenders, and the derived numbers. No timing is asserted."""
+both contenders, and the derived numbers. No timing is asserted.
+
+Collected without TensorFlow too (a GPU machine with PyTorch alone): the tests that run tfcells'
+TensorFlow op import it themselves, and skip without it. With TFCELLS_REQUIRE_GPU=1 (the GPU
+run), what a GPU run needs and lacks (PyTorch, the CUDA module, a GPU) fails instead of
+skipping."""
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tfcells
 from tfcells.benchmarks import check, cli, contenders, gpu, timing, torchmap
 from tfcells.benchmarks.workload import CONFIGS, Shape, make_workload
 
+REQUIRE_GPU = os.environ.get("TFCELLS_REQUIRE_GPU") == "1"
+
 try:
     import torch
 except ImportError:
     torch = None
-needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed (optional)")
+
+
+def _missing(reason):
+    """Skips, or fails under TFCELLS_REQUIRE_GPU=1 (the GPU run must not pass by skipping)."""
+    if REQUIRE_GPU:
+        pytest.fail(f"TFCELLS_REQUIRE_GPU=1, but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def needs_torch_fixture():
+    if torch is None:
+        _missing("PyTorch is not installed (optional)")
+
+
+needs_torch = pytest.mark.usefixtures("needs_torch_fixture")
+
+
+def _tf():
+    """TensorFlow, for the tests that run tfcells' TensorFlow op; they skip without it."""
+    return pytest.importorskip("tensorflow", reason="TensorFlow is not installed here")
 
 TINY = Shape(T=5, B=3, I=4, H=6)
 CELLS = ("lstm", "gru", "simple_rnn")
@@ -42,6 +69,7 @@ def _problem(cell, seed=1):
 
 def _tfcells_cpu(cell, work, states, d_states):
     """y, final states and every gradient of sum(y·dy) + sum(final states · d_states)."""
+    tf = _tf()
     w = work.weights[0]
     x = tf.constant(work.x)
     s = [tf.constant(v) for v in states]
@@ -115,6 +143,7 @@ def test_cudnn_contender_computes_tfcells_numbers_per_config(cell):
     """The PyTorch code the cuDNN contender runs (here on the CPU) against tfcells' step in
     every configuration of the GPU suite: the gradients it returns are exactly the configuration's,
     and they agree."""
+    _tf()
     for config in gpu.CONFIGS:
         work = make_workload(cell, CONFIGS[config], TINY, "float32")
         ours = contenders.TfcellsContender().build(work)
@@ -156,10 +185,10 @@ class _FakeArrays:
 
 
 def _cuda_module_or_skip():
-    try:
-        from tfcells import _tfcells_cuda as module
+    try:  # the installed package's, else $TFCELLS_CUDA_MODULE_DIR's (a CMake build)
+        module = gpu._import_cuda_module()
     except ImportError as e:
-        pytest.skip(f"this tfcells build has no CUDA module ({e})")
+        _missing(f"this tfcells build has no CUDA module ({e})")
     if module.device_count() > 0:
         pytest.skip("a GPU is present: fake pointers would be queried for real")
     return module
@@ -230,6 +259,7 @@ ARGS = ["--device", "gpu", "--shape", "3,2,4,5", "--cells", "lstm", "--reps", "2
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """cli's cuda_module suite with both contenders replaced by CPU stand-ins."""
+    _tf()  # the tfcells stand-in is the TensorFlow op
     monkeypatch.setattr(gpu, "which_suite", lambda: ("cuda_module", None))
     monkeypatch.setattr(gpu, "device_facts", lambda dtype, tf32: dict(FACTS, tf32=tf32))
     monkeypatch.setitem(gpu.REGISTRY, "tfcells_cuda", _CpuTfcells())
@@ -345,16 +375,23 @@ def test_peaks():
 # ------------------------------------------------------------ a GPU machine without TensorFlow
 
 
-def test_gpu_suite_choice_without_tensorflow():
-    """On a GPU machine with PyTorch but no TensorFlow, `import tfcells` still works (only its
-    TensorFlow parts say why they are missing) and `--device gpu` reaches the pybind11 suite's
-    checks. Simulated in a child process where importing tensorflow fails."""
+def _without_tensorflow(script):
+    """Runs `script` in a child process where importing tensorflow fails and no GPU is seen;
+    returns (exit status, stdout, stderr)."""
     import subprocess
     import sys
 
-    script = """
-import sys
-sys.modules["tensorflow"] = None  # import tensorflow -> ImportError
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-c", 'import sys\nsys.modules["tensorflow"] = None\n'
+                           + script], capture_output=True, text=True, timeout=180, env=env)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_gpu_suite_choice_without_tensorflow():
+    """On a GPU machine with PyTorch but no TensorFlow, `import tfcells` still works (only its
+    TensorFlow parts say why they are missing) and `--device gpu` reaches the pybind11 suite's
+    checks (here they find no GPU: the child sees none)."""
+    rc, out, err = _without_tensorflow("""
 import tfcells
 try:
     tfcells.LSTM
@@ -367,7 +404,38 @@ suite, why = gpu.which_suite()
 assert suite is None and "TensorFlow does not import" in why, why
 assert cli.main(["--device", "gpu", "--no-progress"]) == 2
 print("ok")
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+""")
+    assert rc == 0 and out.strip().endswith("ok"), (out + err)[-2000:]
+
+
+def test_machine_facts_without_tensorflow():
+    """The facts every benchmark run records (machine.info, with the thread counts) and
+    --threads come out without TensorFlow: the GPU suite runs where it is absent."""
+    rc, out, err = _without_tensorflow("""
+from tfcells.benchmarks import machine
+info = machine.info()
+assert info["threads"]["tf_intra_op"] is None and info["threads"]["tf_inter_op"] is None
+assert info["versions"]["tensorflow"] is None
+warnings = machine.set_threads(1)  # TensorFlow's pools are not there to set
+assert not any(w.startswith("TensorFlow thread pools") for w in warnings), warnings
+print("ok")
+""")
+    assert rc == 0 and out.strip().endswith("ok"), (out + err)[-2000:]
+
+
+def test_gpu_suite_runs_against_cudnn_on_a_gpu(tmp_path, capsys):
+    """On a GPU: the suite end to end at a tiny shape, every cell and configuration, each
+    contender's values checked against tfcells' CUDA kernels before it is timed (exit 0: no
+    mismatch, error or unverified record). Where no GPU suite can run this skips, saying why
+    (fails under TFCELLS_REQUIRE_GPU=1)."""
+    suite, why = gpu.which_suite()
+    if suite is None:
+        _missing(why)
+    path = tmp_path / "gpu.json"
+    rc = cli.main(["--device", "gpu", "--shape", "5,3,4,6", "--reps", "2", "--warmup", "1",
+                   "--no-progress", "--json", str(path)])
+    assert rc == 0, capsys.readouterr().out[-4000:]
+    with open(path) as f:
+        records = json.load(f)["records"]
+    assert {r["cell"] for r in records} == set(CELLS)
+    assert all(r["status"] == "ok" for r in records if r["impl"].startswith("tfcells")), records

@@ -41,6 +41,8 @@ static_assert(kSameShape<decltype(&cublasSetStream_v2), decltype(Api::set_stream
               "cublasSetStream_v2");
 static_assert(kSameShape<decltype(&cublasSetMathMode), decltype(Api::set_math_mode)>,
               "cublasSetMathMode");
+static_assert(kSameShape<decltype(&cublasSetWorkspace_v2), decltype(Api::set_workspace)>,
+              "cublasSetWorkspace_v2");
 static_assert(kSameShape<decltype(&cublasSgemm_v2), decltype(Api::sgemm)>, "cublasSgemm_v2");
 static_assert(kSameShape<decltype(&cublasDgemm_v2), decltype(Api::dgemm)>, "cublasDgemm_v2");
 static_assert(std::is_same_v<decltype(&cublasGetStatusString), const char* (*)(cublasStatus_t)>,

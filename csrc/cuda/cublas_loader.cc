@@ -6,7 +6,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
-#include <utility>
 #include <vector>
 
 namespace tfcells {
@@ -40,6 +39,7 @@ std::string BindAll(void* lib, Api* api) {
   Bind(lib, "cublasGetVersion_v2", &api->get_version, &missing);
   Bind(lib, "cublasSetStream_v2", &api->set_stream, &missing);
   Bind(lib, "cublasSetMathMode", &api->set_math_mode, &missing);
+  Bind(lib, "cublasSetWorkspace_v2", &api->set_workspace, &missing);
   Bind(lib, "cublasSgemm_v2", &api->sgemm, &missing);
   Bind(lib, "cublasDgemm_v2", &api->dgemm, &missing);
   api->status_string =
@@ -95,12 +95,21 @@ Loaded LoadOnce() {
 // the process' end, since the CUDA driver may already be gone.
 std::atomic<bool> exiting{false};
 
+struct HandleEntry {
+  int device;
+  cudaStream_t stream;
+  Handle handle;
+};
+
+// Never destroyed before the thread ends: cublasDestroy synchronises the device, which an op
+// must not do. A thread holds one handle per (device, stream) it has used; a stream's address
+// reused after it was destroyed simply reuses the handle (nothing of it stays queued).
 struct ThreadHandles {
   const Api* api = nullptr;
-  std::vector<std::pair<int, Handle>> by_device;
+  std::vector<HandleEntry> handles;
   ~ThreadHandles() {
     if (api == nullptr || exiting.load()) return;
-    for (auto& [device, handle] : by_device) api->destroy(handle);
+    for (const HandleEntry& h : handles) api->destroy(h.handle);
   }
 };
 
@@ -115,13 +124,13 @@ const Api* Load(std::string* error) {
   return &loaded.api;
 }
 
-Handle ThreadHandle(const Api& api, int device, std::string* error) {
+Handle ThreadHandle(const Api& api, int device, cudaStream_t stream, std::string* error) {
   static std::once_flag at_exit;
   std::call_once(at_exit, [] { std::atexit([] { exiting.store(true); }); });
   thread_local ThreadHandles handles;
   handles.api = &api;
-  for (const auto& [d, handle] : handles.by_device)
-    if (d == device) return handle;
+  for (const HandleEntry& h : handles.handles)
+    if (h.device == device && h.stream == stream) return h.handle;
   Handle handle = nullptr;
   const Status status = api.create(&handle);
   if (status != kSuccess) {
@@ -129,7 +138,7 @@ Handle ThreadHandle(const Api& api, int device, std::string* error) {
              StatusString(api, status);
     return nullptr;
   }
-  handles.by_device.emplace_back(device, handle);
+  handles.handles.push_back({device, stream, handle});
   return handle;
 }
 

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <string>
 
 namespace tfcells {
@@ -33,6 +34,9 @@ struct Api {
   Status (*get_version)(Handle, int*);
   Status (*set_stream)(Handle, cudaStream_t);
   Status (*set_math_mode)(Handle, int);
+  // cublasSetWorkspace_v2 (required; a cuBLAS without it is refused with its name): GEMMs then
+  // use the caller's buffer, not one cuBLAS allocates. cublasSetStream resets it: set it after.
+  Status (*set_workspace)(Handle, void*, size_t);
   const char* (*status_string)(Status);  // null in cuBLAS < 11.4
   Status (*sgemm)(Handle, int, int, int, int, int, const float*, const float*, int, const float*,
                   int, const float*, float*, int);
@@ -45,9 +49,11 @@ struct Api {
 // cuBLAS is found; later calls return the same result.
 const Api* Load(std::string* error);
 
-// The handle of this thread for `device` (the current device), created on first use and
-// destroyed when the thread exits. Returns null and sets *error on failure.
-Handle ThreadHandle(const Api& api, int device, std::string* error);
+// The handle of this thread for `device` (the current device) and `stream`, created on first
+// use and destroyed when the thread exits. One handle per stream: a handle's default workspace
+// must not serve two streams at once, which one thread driving two streams would otherwise do.
+// Returns null and sets *error on failure.
+Handle ThreadHandle(const Api& api, int device, cudaStream_t stream, std::string* error);
 
 std::string StatusString(const Api& api, Status status);
 

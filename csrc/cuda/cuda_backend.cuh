@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "../core/rnn.h"
+#include "constants.h"
 #include "cublas_loader.h"
 #include "cuda_rnn.h"
 #include "gemm_mapping.h"
@@ -21,15 +22,18 @@
 namespace tfcells {
 namespace cuda_detail {
 
-constexpr int kPointwiseThreads = 256;
-constexpr Index kMaxPointwiseBlocks = 8192;  // grid-stride beyond this
+using cuda_constants::kMax32BitElements;
+using cuda_constants::kMaxPointwiseBlocks;
+using cuda_constants::kPointwiseThreads;
+using cuda_constants::kSumCols;
+using cuda_constants::kSumRowLanes;
 
 // functor(b, j) for every b < rows, j < cols, j fastest (consecutive threads, consecutive j).
 template <typename F>
 __global__ void __launch_bounds__(kPointwiseThreads)
     ForEachKernel(Index rows, Index cols, F f) {
   const Index n = rows * cols;
-  if (n <= Index(UINT_MAX) / 2) {  // 32-bit index arithmetic: every per-step kernel
+  if (static_cast<unsigned long long>(n) <= kMax32BitElements) {  // 32-bit index arithmetic
     const unsigned n32 = static_cast<unsigned>(n), cols32 = static_cast<unsigned>(cols);
     const unsigned stride = gridDim.x * blockDim.x;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n32; i += stride) {
@@ -45,10 +49,9 @@ __global__ void __launch_bounds__(kPointwiseThreads)
   }
 }
 
-// out[j] = Σ_r a[r, j]: a block owns 32 columns, its 16 warps' lanes stride over the rows
-// (coalesced 32-wide reads), then the 16 partial sums of a column are added in shared memory.
+// out[j] = Σ_r a[r, j]: a block owns kSumCols columns, its kSumRowLanes warps' lanes stride
+// over the rows (coalesced reads), then a column's partial sums are added in shared memory.
 // Deterministic, no atomics, one write per column.
-constexpr int kSumCols = 32, kSumRowLanes = 16;
 
 template <typename T>
 __global__ void __launch_bounds__(kSumCols* kSumRowLanes)
@@ -92,8 +95,20 @@ class CudaBackend : public InPlaceStepOperands<CudaBackend> {
     if (api_ == nullptr) return;
     int device = 0;
     if (!Check(cudaGetDevice(&device), "cudaGetDevice")) return;
-    handle_ = cublas::ThreadHandle(*api_, device, &error_);
+    handle_ = cublas::ThreadHandle(*api_, device, stream_, &error_);
     if (handle_ == nullptr) return;
+    // Once per call, in this order: cublasSetStream resets the workspace to cuBLAS' own.
+    if (!CheckBlas(api_->set_stream(handle_, stream_), "cublasSetStream")) return;
+    if (options_.blas_workspace != nullptr &&
+        !CheckBlas(api_->set_workspace(handle_, options_.blas_workspace,
+                                       options_.blas_workspace_bytes),
+                   "cublasSetWorkspace"))
+      return;
+    const bool tf32 = options_.allow_tf32;  // read by float32 GEMMs only
+    if (!CheckBlas(api_->set_math_mode(handle_, tf32 ? cublas::kTf32TensorOpMath
+                                                     : cublas::kDefaultMath),
+                   "cublasSetMathMode"))
+      return;
     void* flag = nullptr;
     if (Check(cudaGetSymbolAddress(&flag, cuda_detail::kTrueFlag), "cudaGetSymbolAddress"))
       true_flag_ = static_cast<const bool*>(flag);
@@ -171,12 +186,6 @@ class CudaBackend : public InPlaceStepOperands<CudaBackend> {
       error_ = bad;
       return;
     }
-    if (!CheckBlas(api_->set_stream(handle_, stream_), "cublasSetStream")) return;
-    const bool tf32 = std::is_same<T, float>::value && options_.allow_tf32;
-    if (!CheckBlas(api_->set_math_mode(handle_, tf32 ? cublas::kTf32TensorOpMath
-                                                     : cublas::kDefaultMath),
-                   "cublasSetMathMode"))
-      return;
     const T one = T(1);
     const int op_first = g.trans_first ? cublas::kOpT : cublas::kOpN;
     const int op_second = g.trans_second ? cublas::kOpT : cublas::kOpN;

@@ -15,6 +15,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <string>
 
 #include "../core/rnn.h"
@@ -30,6 +31,11 @@ struct CudaOptions {
   // Let cuBLAS use TF32 tensor cores for float32 GEMMs (about 10 mantissa bits in the
   // products). Off by default, so that float32 results match the CPU kernels closely.
   bool allow_tf32 = false;
+  // Device memory for cuBLAS' GEMMs (cublasSetWorkspace), from the caller's allocator, valid
+  // on `stream` for the whole call; 256-byte aligned, CublasWorkspaceBytes() large. Null: cuBLAS
+  // uses a workspace of its own (allocated by cuBLAS, outside the caller's allocator).
+  void* blas_workspace = nullptr;
+  std::size_t blas_workspace_bytes = 0;
 };
 
 std::string ForwardCuda(const ForwardArgs<float>& args, cudaStream_t stream,
@@ -40,6 +46,16 @@ std::string BackwardCuda(const BackwardArgs<float>& args, cudaStream_t stream,
                          const CudaOptions& options = {});
 std::string BackwardCuda(const BackwardArgs<double>& args, cudaStream_t stream,
                          const CudaOptions& options = {});
+
+// The workspace CudaOptions::blas_workspace should have on `device` (NVIDIA's recommended size
+// for its architecture). Returns "" or why the device could not be queried.
+std::string CublasWorkspaceBytes(int device, std::size_t* bytes);
+
+// The CUDA driver's and runtime's versions (1000 * major + 10 * minor; the driver's is 0 when
+// no NVIDIA driver is installed) and the number of GPUs. Returns "" when the GPUs could be
+// counted (0 of them when there is no driver or no device), else the CUDA error, with its name
+// and text and the two versions: a driver older than the runtime, a broken installation.
+std::string CudaDevices(int* driver_version, int* runtime_version, int* count);
 
 // Which cuBLAS library the CUDA path uses (loading it if needed), or why none could be loaded;
 // `ok` tells which.

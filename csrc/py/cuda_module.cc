@@ -175,7 +175,8 @@ class Arrays {
                               ": put every array on one device");
       }
     }
-    if (device >= 0 && stream != 0 && stream != 1 && stream != 2) {  // 1, 2: legacy, per-thread
+    const auto is = [&](cudaStream_t named) { return stream == reinterpret_cast<std::intptr_t>(named); };
+    if (device >= 0 && stream != 0 && !is(cudaStreamLegacy) && !is(cudaStreamPerThread)) {
       int stream_device = -1;
       const cudaError_t e =
           cudaStreamGetDevice(reinterpret_cast<cudaStream_t>(stream), &stream_device);
@@ -544,13 +545,25 @@ Index BackwardSize(const std::string& cell_name, Index T, Index B, Index I, Inde
   return SizesPlan(cell_name, T, B, I, H, o).backward_layout().total;
 }
 
+// Raises on a CUDA error other than "no driver" or "no device", so that a broken GPU set-up
+// (an old driver, say) is not taken for a machine without a GPU.
 int DeviceCount() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return n;
+  int driver = 0, runtime = 0, count = 0;
+  const std::string error = CudaDevices(&driver, &runtime, &count);
+  if (!error.empty()) throw std::runtime_error(error);
+  return count;
+}
+
+py::dict CudaVersions() {
+  int driver = 0, runtime = 0, count = 0;
+  const std::string error = CudaDevices(&driver, &runtime, &count);
+  py::dict out;
+  out["driver"] = driver;  // 0: no NVIDIA driver installed
+  out["runtime"] = runtime;
+  out["built_with"] = CUDART_VERSION;  // the toolkit that compiled this module
+  out["device_count"] = count;
+  out["error"] = error.empty() ? py::object(py::none()) : py::object(py::str(error));
+  return out;
 }
 
 std::string CublasLibrary() {
@@ -595,7 +608,13 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
   m.def("backward_workspace_size", &tfcells::BackwardSize, "cell"_a, "T"_a, "B"_a, "I"_a,
         "H"_a, "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "has_bias"_a = true,
         py::kw_only(), "input_dropout"_a = false, "recurrent_dropout"_a = false);
-  m.def("device_count", &tfcells::DeviceCount, "CUDA devices visible (0 when none or no driver)");
+  m.def("device_count", &tfcells::DeviceCount,
+        "CUDA devices visible: 0 when there is no NVIDIA driver or no device; raises "
+        "RuntimeError with CUDA's error name and text for any other failure (e.g. a driver "
+        "older than the CUDA runtime this module was built with).");
+  m.def("cuda_versions", &tfcells::CudaVersions,
+        "{driver, runtime, built_with, device_count, error}: CUDA versions as 1000 * major + "
+        "10 * minor (driver 0: none installed), and what device_count() would raise (or None).");
   m.def("cublas_library", &tfcells::CublasLibrary,
         "The cuBLAS file the kernels use (loading it); raises RuntimeError if none loads.");
   tfcells::AddTables(m);

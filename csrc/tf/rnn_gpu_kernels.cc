@@ -4,7 +4,10 @@
 //
 // The kernels are the shared OpKernels of rnn_kernels.h: they validate inputs and allocate
 // outputs and scratch through TensorFlow's allocator; GpuLauncher then enqueues the core's CUDA
-// path on the op's own stream, on the op's device. Nothing synchronises the device.
+// path on the op's own stream, on the op's device. cuBLAS' workspace is a temporary of the op
+// too (cublasSetWorkspace): under TensorFlow's default up-front reservation of the GPU's
+// memory, a workspace cuBLAS allocated itself could fail. Nothing synchronises the device.
+#include "../cuda/constants.h"
 #include "../cuda/cuda_rnn.h"
 #include "rnn_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -12,6 +15,7 @@
 #include "xla/stream_executor/stream_executor.h"
 
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -51,6 +55,24 @@ void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
   cudaStream_t stream = nullptr;
   int device = -1;
   OP_REQUIRES_OK(ctx, OpStream(ctx, &stream, &device));
+  CudaOptions options;
+  options.allow_tf32 = AllowTf32().load();
+  // cuBLAS' workspace from TensorFlow's allocator (ordered on the op's stream like any temp),
+  // before the device switch below so that an error leaves the caller's device alone.
+  int current = device;
+  if (current < 0) cudaGetDevice(&current);
+  std::size_t bytes = 0;
+  const std::string size_error = CublasWorkspaceBytes(current, &bytes);
+  OP_REQUIRES(ctx, size_error.empty(), tensorflow::errors::Internal("tfcells: ", size_error));
+  constexpr std::size_t kAlign = cuda_constants::kCublasWorkspaceAlignment;
+  tensorflow::Tensor workspace;
+  OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT8,
+                                         tensorflow::TensorShape({static_cast<std::int64_t>(
+                                             bytes + kAlign)}),
+                                         &workspace));
+  const auto base = reinterpret_cast<std::uintptr_t>(workspace.tensor_data().data());
+  options.blas_workspace = reinterpret_cast<void*>((base + kAlign - 1) / kAlign * kAlign);
+  options.blas_workspace_bytes = bytes;
   int previous = -1;
   if (device >= 0) {
     cudaError_t e = cudaGetDevice(&previous);
@@ -59,8 +81,6 @@ void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
                 tensorflow::errors::Internal("tfcells: cannot select GPU ", device, ": ",
                                              cudaGetErrorString(e)));
   }
-  CudaOptions options;
-  options.allow_tf32 = AllowTf32().load();
   const std::string error = enqueue(stream, options);
   if (device >= 0 && previous >= 0 && previous != device) cudaSetDevice(previous);
   OP_REQUIRES(ctx, error.empty(),

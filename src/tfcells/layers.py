@@ -34,6 +34,7 @@ from keras.src.backend.common.variables import AutocastScope
 from keras.src.layers.input_spec import InputSpec
 from tensorflow.python.ops import control_flow_util
 
+from . import _loader
 from . import ops as _ops
 
 __all__ = ["LSTM", "GRU", "SimpleRNN", "LSTMCell", "GRUCell", "SimpleRNNCell", "RNN"]
@@ -240,7 +241,7 @@ class _FusedRNN:
             reason = _cell_unsupported_reason(cell)
             if reason is not None:
                 return reason
-        return None
+        return _loader.gpu_fallback_reason()  # GPU kernels opt-in until they passed on a GPU
 
     def _layer_frozen(self):
         return not self.trainable

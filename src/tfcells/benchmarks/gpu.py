@@ -68,7 +68,11 @@ def _cuda_module():
         return None, (f"tfcells._tfcells_cuda does not import ({e}): this tfcells build has "
                       "no CUDA code; rebuild it where nvcc is available, or point "
                       "$TFCELLS_CUDA_MODULE_DIR at a CMake build directory holding it")
-    if module.device_count() == 0:
+    try:
+        count = module.device_count()
+    except RuntimeError as e:  # a broken set-up (e.g. an old driver), not an absent GPU
+        return None, f"CUDA fails: {e}"
+    if count == 0:
         return None, "the CUDA runtime finds no GPU"
     try:
         module.cublas_library()
@@ -98,8 +102,8 @@ def which_suite():
     else:
         tf_gpus = tf.config.list_physical_devices("GPU")
         why_tf = ("TensorFlow sees no GPU (tensorflow-cpu, or no NVIDIA GPU)" if not tf_gpus
-                  else "TensorFlow sees a GPU, but tfcells' GPU kernels are not loaded (this "
-                  "tfcells build has no CUDA kernels; rebuild it where nvcc is available)")
+                  else "TensorFlow sees a GPU, but tfcells' GPU kernels are not loaded: "
+                  f"{_loader.gpu_kernels_unavailable}")
     if tf_gpus and _loader.gpu_c_library is not None:
         # PyTorch, a contender, needs GPU memory too: TF must not take it all up front.
         for device in tf_gpus:

@@ -15,13 +15,13 @@ def set_threads(n):
     TF's pools can only be sized before its runtime starts, so call this before any TF op.
     """
     warnings = []
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(n)
-        tf.config.threading.set_inter_op_parallelism_threads(n)
-    except RuntimeError as e:  # already initialised (e.g. main() called inside a test)
-        warnings.append(f"TensorFlow thread pools not changed: {e}")
+    tf = _tensorflow()
+    if tf is not None:  # the GPU suite also runs where TensorFlow is absent
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(n)
+            tf.config.threading.set_inter_op_parallelism_threads(n)
+        except RuntimeError as e:  # already initialised (e.g. main() called inside a test)
+            warnings.append(f"TensorFlow thread pools not changed: {e}")
     try:
         import tfcells
 
@@ -39,13 +39,22 @@ def set_threads(n):
     return warnings
 
 
-def threads():
-    """The thread counts in effect (0 for TF means: TF picks, one per core)."""
-    import tensorflow as tf
+def _tensorflow():
+    """TensorFlow, or None where it does not import (a GPU machine with PyTorch alone)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    return tf
 
+
+def threads():
+    """The thread counts in effect (0 for TF means: TF picks, one per core; None: TensorFlow
+    does not import here)."""
+    tf = _tensorflow()
     out = {
-        "tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-        "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        "tf_intra_op": tf and tf.config.threading.get_intra_op_parallelism_threads(),
+        "tf_inter_op": tf and tf.config.threading.get_inter_op_parallelism_threads(),
         "numpy_blas": floor.blas_threads(),
     }
     try:
