@@ -263,15 +263,14 @@ struct GateOperands {
   const Operand* PerGate() const { return per_gate ? gate.data() : nullptr; }
 };
 
-
 // One step of the forward pass for one shard of batch rows: the views a cell's Forward reads
 // (cells.h) and the products it runs.
 template <typename T, typename Backend, typename Operands, typename Operand>
 struct ForwardStep {
   using Value = T;
   Backend& sb;
-  const Operands& w_h;     // the product gates' recurrent operands
-  const Operand& w_cand;   // split_candidate: the candidate's recurrent operand
+  const Operands& w_h;    // the product gates' recurrent operands
+  const Operand& w_cand;  // split_candidate: the candidate's recurrent operand
   StepMatrix<const T> h_dropout_rows[kMaxGates] = {};  // per gate, from the shard's first row
   T* dropped_h = nullptr;  // scratch for h_prev ⊙ one gate's mask
   Index n = 0, H = 0, GH = 0;
@@ -302,12 +301,12 @@ template <typename T, typename Backend, typename Operands, typename Operand>
 struct BackwardStep {
   using Value = T;
   Backend& sb;
-  const Operands& w_h_t;   // the product gates' recurrent operands, transposed
+  const Operands& w_h_t;    // the product gates' recurrent operands, transposed
   const Operand& w_cand_t;  // split_candidate: the candidate's, transposed
   StepMatrix<const T> h_dropout_rows[kMaxGates] = {};
   T* step_product = nullptr;  // scratch for one gate's share of dh_prev
-  bool carry = false;            // whether dh_prev is wanted (every step but the first processed,
-                           // and that one when dh0 is)
+  // Whether dh_prev is wanted: at every step but the first processed, and there for dh0.
+  bool carry = false;
   Index n = 0, H = 0;
   StepMatrix<const T> gates = {}, aux = {}, aux_prev = {}, h_prev = {}, dy = {};
   StepMatrix<const bool> mask = {};
