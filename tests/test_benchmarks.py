@@ -440,3 +440,14 @@ def test_fit_tiny(tmp_path, monkeypatch, capsys):
     assert bad["status"] == "mismatch" and bad["samples_per_s"] is None
     assert "lstm_1/kernel changed" in bad["detail"]
     assert "MISMATCH" in out and "CHANGED" in out
+
+
+def test_short_blocks_get_their_task_contention():
+    """Blocks too short for OtherWork (< 0.5 s) still get a contention figure, the task's, so
+    a loaded machine cannot leave tiny steps unflagged."""
+    task = runner.Task("simple_rnn", CONFIGS["inference"], Shape(2, 2, 3, 4))
+    recs = runner.run_task(task, ["tfcells", "keras"], "float32", "cpu", reps=2, warmup=0)
+    for r in recs:
+        assert r["status"] == "ok" and r["median_ms"] < 500
+        assert r["other_cores"] is not None and r["other_cores_over"] == "task"
+        assert r["floor_other_cores"] is not None and r["floor_other_cores_over"] == "task"

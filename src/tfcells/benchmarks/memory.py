@@ -6,10 +6,11 @@ allocator keeps none, so the suite reads what the operating system counts instea
 process per contender, because memory a previous contender freed stays resident in the
 allocators and would be reused unseen. So that each does not pay for importing TensorFlow
 again, one server process imports the libraries (and starts nothing), then forks a child per
-measurement. In the child: make the data, start TensorFlow's and PyTorch's runtimes (whichever
-contender runs), read the RSS (the baseline), build the step and run it once (tracing), reset
+measurement. In the child: make the data, start TensorFlow's runtime and PyTorch's (if
+installed) whichever contender runs, read the RSS (the baseline), build the step and run it once (tracing), reset
 the RSS high-water mark, then run warm steps until the mark has not grown for STABLE_STEPS
-steps (at most MAX_STEPS, MAX_S seconds: allocators settle over several steps) and read it.
+steps (at least STABLE_STEPS + 1, at most MAX_STEPS or MAX_S seconds: allocators settle over
+several steps) and read it.
 Reported: that peak minus the baseline, i.e. the weights, the traced graph, what the framework
 keeps between steps and the steps' own peak. Where the mark cannot be reset (Linux' clear_refs)
 the peak over the child's whole life stands in, tracing included (rss_method says which).
@@ -109,12 +110,13 @@ def child(spec):
     step.run()  # tracing
     first = _peak_mb() - base
     method = METHOD if resettable and _reset_peak() else METHOD_FALLBACK
+    # At least STABLE_STEPS + 1 warm steps whatever the load, then on while the mark grows.
     peaks, start = [], time.perf_counter()
-    while len(peaks) < MAX_STEPS and time.perf_counter() - start < MAX_S:
+    while len(peaks) <= STABLE_STEPS or (
+            len(peaks) < MAX_STEPS and time.perf_counter() - start < MAX_S
+            and peaks[-1] > peaks[-1 - STABLE_STEPS]):
         step.run()
         peaks.append(_peak_mb())
-        if len(peaks) > STABLE_STEPS and peaks[-1] <= peaks[-1 - STABLE_STEPS]:
-            break
     return {"rss_peak_mb": peaks[-1] - base, "rss_first_call_peak_mb": first,
             "rss_baseline_mb": base, "rss_steps": len(peaks), "rss_method": method}
 

@@ -71,7 +71,7 @@ FLAGS = {
     "disturbed": "other processes used the cores while this contender was timed",
     "floor_disturbed": "other processes used the cores while the floor was timed",
     "floor_ratio_above_1": "floor ratio above 1: the floor, meant as a lower bound, was slower "
-                           "than this contender (contention that went unmeasured, or the "
+                           "than this contender (contention the measurement missed, or the "
                            "floor's GEMM path slower than the contender's here)",
     "vs_tfcells_disturbed": "÷ tfcells: one of the two times was disturbed",
     "vs_all_trainable_disturbed": "÷ all_trainable: one of the two times was disturbed",
@@ -319,8 +319,10 @@ def _reps_text(records, settings):
 
 def _busy(records, m):
     """Other work on the machine skews the numbers; say so where the numbers are."""
-    blocks = [r.get("other_cores") for r in records] + \
-        [r.get("floor_other_cores") for r in records]
+    # The floor once per task (every record of the task repeats it).
+    floors = {(r["cell"], r["config"], r["dtype"], r["T"], r["B"], r["I"], r["H"],
+               r.get("sweep")): r.get("floor_other_cores") for r in records}
+    blocks = [r.get("other_cores") for r in records] + list(floors.values())
     hit = [c for c in blocks if _disturbed(c)]
     above = sum("floor_ratio_above_1" in r.get("flags", ()) for r in records)
     out = []
@@ -333,8 +335,8 @@ def _busy(records, m):
     if above:
         out.append(f"{above} floor ratios are above 1 (marked ⚠): there the floor, meant as a "
                    "lower bound, was slower than the contender, so one of the two blocks ran "
-                   "under contention that went unmeasured (it is measured on blocks of at "
-                   "least 0.5 s) or the floor's GEMMs ran slower than the contender's; rerun.")
+                   "under contention the measurement missed (a short block gets its task's "
+                   "average) or the floor's GEMMs ran slower than the contender's; rerun.")
     return " ".join(out)
 
 
@@ -391,7 +393,8 @@ def markdown(records, meta, wide=False):
                "the GEMM FLOP model's ratio in parentheses. " if wide else "")
             + "MISMATCH: values differ from the reference, so not timed; ?: no other "
             "contender confirmed the values; ⚠: other processes used the cores while this (or, "
-            "on a ratio, one of its inputs) was timed, or a floor ratio is above 1 (JSON: "
+            "on a ratio, one of its inputs) was timed (measured per block; a block shorter than "
+            "0.5 s gets the average over its task's timing), or a floor ratio is above 1 (JSON: "
             "flags)."
             + (" Memory: " + memory["method"] + " (baseline: the frameworks imported and "
                "started, the data made; the peak includes the weights, the traced graph and "
