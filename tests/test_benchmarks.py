@@ -375,7 +375,10 @@ def test_full_sweeps(tmp_path, capsys):
     assert {d: sorted(r[d] for r in rs) for d, rs in sweeps.items()} == \
         {"T": [1, 2, 4, 8], "B": [1, 2, 4, 8], "H": [1, 2, 4, 8]}
     assert all(r["I"] == r["H"] for r in sweeps["H"])
-    assert "time against T" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "time against T" in out
+    # Compact sweep tables too (--wide adds GEMM GFLOP and every floor ratio).
+    assert "| T | floor ms | tfcells ms | floor ratio tfcells |" in out
 
 
 def test_gpu_without_gpu_says_so(capsys):

@@ -250,8 +250,9 @@ def _notes(records):
     return notes
 
 
-def _sweep_tables(records):
-    """--full: for each cell, config and swept dimension, time against the dimension."""
+def _sweep_tables(records, wide=True):
+    """--full: for each cell, config and swept dimension, time against the dimension (compact
+    unless wide: no GEMM GFLOP or spread, tfcells' floor ratio only)."""
     out = []
     for dim in SWEEP_DIMS:
         points = [r for r in records if r.get("sweep") == dim]
@@ -269,15 +270,16 @@ def _sweep_tables(records):
             fixed = ", ".join(f"{d}={ref[d]}" for d in others) + \
                 (f", I={ref['I']}" if dim != "H" else ", I=H")
             out.append(f"\n### {cell} {config}: time against {dim} ({fixed}, {dtype})\n")
-            rows = [[dim, "GEMM GFLOP"] + ["floor ms"] * floor
+            ratio_impls = impls if wide else [i for i in impls if i == "tfcells"]
+            rows = [[dim] + ["GEMM GFLOP"] * wide + ["floor ms"] * floor
                     + [f"{_label(i)} ms" for i in impls]
-                    + [f"floor ratio {_label(i)}" for i in impls] * floor]
+                    + [f"floor ratio {_label(i)}" for i in ratio_impls] * floor]
             for value, by_impl in by_value.items():
                 any_rec = next(iter(by_impl.values()))
-                rows.append([str(value), f"{any_rec['flops'] / 1e9:.3g}"]
+                rows.append([str(value)] + [f"{any_rec['flops'] / 1e9:.3g}"] * wide
                             + [_floor_time(any_rec)] * floor
-                            + [_cell_time(by_impl.get(i)) for i in impls]
-                            + [_floor_ratio(by_impl.get(i)) for i in impls] * floor)
+                            + [_cell_time(by_impl.get(i), spread=wide) for i in impls]
+                            + [_floor_ratio(by_impl.get(i)) for i in ratio_impls] * floor)
             out.append(_table(rows))
             growth = _growth(by_value, impls)
             if growth:
@@ -378,7 +380,7 @@ def markdown(records, meta, wide=False):
                    f"torch.cuda.synchronize) before the clock stops; TF32 in effect: "
                    f"{meta['settings']['tf32']}; no GEMM floor (it is measured on the CPU).")
     out += _sections(records, m, lambda by_config: _main_table(by_config, wide),
-                     _memory_line)
+                     _memory_line, wide)
     memory = meta["settings"].get("memory") or {}
     out += ["", ("Times are medians in ms, ± half the interquartile range. " if wide else
                  "Times are medians in ms (--wide: ± half the interquartile range, GEMM "
@@ -404,7 +406,7 @@ def markdown(records, meta, wide=False):
     return "\n".join(out + _notes_section(records)) + "\n"
 
 
-def _sections(records, machine, table, after=None):
+def _sections(records, machine, table, after=None, wide=True):
     """The busy warning, then one table per (cell, shape) (with `after`'s line below it, if
     any) and the sweeps."""
     out = []
@@ -417,7 +419,7 @@ def _sections(records, machine, table, after=None):
         line = after(by_config) if after else ""
         if line:
             out += ["", line]
-    sweeps = _sweep_tables(records)
+    sweeps = _sweep_tables(records, wide)
     if sweeps:
         out += ["", "## Scaling (--full sweeps)"] + sweeps
     return out
