@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tfcells
-from tfcells.benchmarks import cli, contenders, floor, machine, memory, report, runner
+from tfcells.benchmarks import cli, contenders, floor, memory, report, runner
 from tfcells.benchmarks.workload import CONFIGS, Shape
 
 # --no-memory: the memory runs (a process per contender) have their own test.
@@ -309,9 +309,8 @@ def test_memory_child_sees_what_a_step_holds(monkeypatch):
     assert out["rss_peak_mb"] >= 3 * 64 - 8, out
     assert out["rss_first_call_peak_mb"] < out["rss_peak_mb"] - 64, out
     # A contender the fresh process does not know is reported, not fatal.
-    [res] = memory.measure_all([(cli.runner.Task("simple_rnn", CONFIGS["all_trainable"],
-                                                 Shape(2, 2, 3, 4)), "hog", "float32", "cpu",
-                                 None)])
+    task = runner.Task("simple_rnn", CONFIGS["all_trainable"], Shape(2, 2, 3, 4))
+    [res] = memory.measure_all([(task, "hog", "float32", "cpu", None)])
     assert "no contender 'hog'" in res["rss_error"]
 
 

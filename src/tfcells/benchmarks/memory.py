@@ -7,11 +7,10 @@ process per contender, because memory a previous contender freed stays resident 
 allocators and would be reused unseen. So that each does not pay for importing TensorFlow
 again, one server process imports the libraries (and starts nothing), then forks a child per
 measurement. In the child: make the data, start TensorFlow's runtime and PyTorch's (if
-installed) whichever contender runs, read the RSS (the baseline), build the step and run it once (tracing), reset
-the RSS high-water mark, then run warm steps until the mark has not grown for STABLE_STEPS
-steps (at least STABLE_STEPS + 1, at most MAX_STEPS or MAX_S seconds: allocators settle over
-several steps) and read it.
-Reported: that peak minus the baseline, i.e. the weights, the traced graph, what the framework
+installed) whichever contender runs, read the RSS (the baseline), build the step and run it
+once (tracing), reset the RSS high-water mark, then run warm steps until the mark has not
+grown for STABLE_STEPS steps (at least STABLE_STEPS + 1, at most MAX_STEPS or MAX_S seconds:
+allocators settle over several steps) and read it. Reported: that peak minus the baseline, i.e. the weights, the traced graph, what the framework
 keeps between steps and the steps' own peak. Where the mark cannot be reset (Linux' clear_refs)
 the peak over the child's whole life stands in, tracing included (rss_method says which).
 
