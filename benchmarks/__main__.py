@@ -1,11 +1,10 @@
 """`python -m benchmarks` from the repository root: the suite lives in tfcells.benchmarks so
-that it installs with the package (console script `tfcells-bench`)."""
+that it installs with the package (console script `tfcells-bench`). TensorFlow's start-up
+notices are quieted by `import tfcells`, which sees this command line (see
+tfcells.benchmarks.quiet_if_benchmark)."""
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tfcells.benchmarks.cli import main  # noqa: E402
+from tfcells.benchmarks.cli import main
 
 sys.exit(main())

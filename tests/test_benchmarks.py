@@ -2,15 +2,21 @@
 catches a contender that computes something else. No timing is asserted."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcells.benchmarks import cli, contenders, floor
+import tfcells
+from tfcells.benchmarks import cli, contenders, floor, memory, report, runner
 from tfcells.benchmarks.workload import CONFIGS, Shape
 
-TINY = ["--shape", "3,2,4,5", "--reps", "1", "--warmup", "0", "--no-progress"]
+# --no-memory: the memory runs (a process per contender) have their own test.
+TINY = ["--shape", "3,2,4,5", "--reps", "1", "--warmup", "0", "--no-progress", "--no-memory"]
 REQUIRED = {"cell", "config", "impl", "T", "B", "I", "H", "dtype", "device", "median_ms",
             "status", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "max_ms", "floor_ms",
             "floor_ratio", "flops", "gflops", "peak_mem_mb", "mode", "check", "other_cores",
@@ -163,13 +169,198 @@ def test_floor_runs_its_gemms():
     assert labels == ["x·W_x", "h·W_h", "dG·W_hᵀ"]
 
 
-def test_plot(tmp_path):
+def test_plot(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    png = tmp_path / "bench.png"
+    monkeypatch.chdir(tmp_path)
     rc = cli.main([*TINY, "--cells", "simple_rnn", "--configs", "all_trainable",
-                   "--impls", "tfcells", "--plot", str(png)])
+                   "--impls", "tfcells", "--plot", "bench.png", "--json", "bench.json"])
     assert rc == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each file written is named, with its full path, on stderr (stdout is the report).
+    err = capsys.readouterr().err
+    assert f"wrote plot: {tmp_path / 'bench.png'}" in err
+    assert f"wrote JSON: {tmp_path / 'bench.json'}" in err
+
+
+def test_help_says_what_runs(tmp_path, capsys):
+    """--help states the default repetitions as the report states them and as they run, and
+    what happens to the JSON and plot by default."""
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: no JSON is written" in text and "default: no plot is written" in text
+    per_block = int(re.search(r"default: \d+ = 2 x (\d+) quick", text).group(1))
+    path = tmp_path / "bench.json"
+    rc = cli.main([a for a in TINY if a not in ("--reps", "1")] +
+                  ["--cells", "simple_rnn", "--configs", "inference", "--impls", "tfcells",
+                   "--budget", "0", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"0 warm-up and {per_block} repetitions" in out
+    records = json.loads(path.read_text())["records"]
+    assert [r["reps"] for r in records] == [per_block]
+
+
+def _rec(impl, config="all_trainable", median=10.0, other=None, floor_ms=8.0,
+         floor_other=None):
+    return {"cell": "lstm", "dtype": "float32", "device": "cpu", "T": 4, "B": 2, "I": 3,
+            "H": 5, "sweep": None, "config": config, "impl": impl, "status": "ok",
+            "median_ms": median, "iqr_ms": 0.2, "q1_ms": median - 0.1, "q3_ms": median + 0.1,
+            "flops": 1e6 if config == "all_trainable" else 5e5, "floor_ms": floor_ms,
+            "floor_other_cores": floor_other, "other_cores": other,
+            "floor_ratio": floor_ms / median, "detail": ""}
+
+
+def test_flags_floor_above_one_and_disturbed_inputs():
+    """A floor ratio above 1 is flagged though no block was seen disturbed (short blocks are
+    not measured), and so is every ratio with a disturbed input, in the JSON and the table."""
+    recs = report.annotate([
+        _rec("tfcells", median=7.5),                    # floor 8 > 7.5: ratio 1.07
+        _rec("keras", median=20.0, other=1.5),          # disturbed
+        _rec("tfcells", "inference", median=3.0, floor_ms=2.0),
+        _rec("keras", "inference", median=6.0, floor_ms=2.0)])
+    by = {(r["config"], r["impl"]): r for r in recs}
+    assert by["all_trainable", "tfcells"]["flags"] == ["floor_ratio_above_1"]
+    assert by["all_trainable", "keras"]["flags"] == ["disturbed", "vs_tfcells_disturbed",
+                                                      "vs_all_trainable_disturbed"]
+    assert by["inference", "keras"]["flags"] == ["vs_all_trainable_disturbed"]
+    assert by["inference", "tfcells"]["flags"] == []
+    assert by["inference", "keras"]["vs_tfcells"] == pytest.approx(2.0)
+    assert by["inference", "tfcells"]["vs_all_trainable"] == pytest.approx(0.4)
+    table = report._main_table(report._groups(recs, sweep=False)[
+        ("lstm", "float32", "cpu", 4, 2, 3, 5)], wide=True)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert "| 1.07 ⚠ |" in rows["all_trainable"]       # floor ratio tfcells
+    assert "| 2.67× ⚠ |" in rows["all_trainable"]      # keras ÷ tfcells, keras disturbed
+    assert "| 0.400 ⚠ |" in rows["all_trainable"]      # floor ratio keras
+    assert "| 2.00× |" in rows["inference"]
+    assert "| 0.40 (0.50) |" in rows["inference"]       # tfcells ÷ all_trainable, clean
+    assert "⚠" not in rows["inference"].split(" | ")[-1]
+
+
+def test_compact_and_wide_tables(tmp_path, capsys):
+    """The default table is compact; --wide adds GEMM GFLOP, the spread, tfcells ÷
+    all_trainable and every floor ratio; the JSON has all of those either way."""
+    rc, data = _run(tmp_path, "--cells", "lstm", "--configs", "all_trainable,inference",
+                    "--impls", "tfcells,keras")
+    compact = capsys.readouterr().out
+    rc_wide = cli.main([*TINY, "--cells", "lstm", "--configs", "all_trainable,inference",
+                        "--impls", "tfcells,keras", "--wide"])
+    wide = capsys.readouterr().out
+    assert rc == rc_wide == 0
+    header = [line for line in compact.splitlines() if line.startswith("| config |")]
+    assert header == ["| config | floor ms | tfcells ms | keras ms | keras ÷ tfcells | "
+                      "floor ratio tfcells |"]
+    assert "±" not in compact.split("## lstm")[1].split("Times are")[0]
+    header = [line for line in wide.splitlines() if line.startswith("| config |")]
+    assert header == ["| config | GEMM GFLOP | floor ms | tfcells ms | keras ms | "
+                      "keras ÷ tfcells | tfcells ÷ all_trainable (FLOP model) | "
+                      "floor ratio tfcells | floor ratio keras |"]
+    for r in data["records"]:
+        assert {"iqr_ms", "flops", "floor_ratio", "vs_tfcells", "vs_all_trainable",
+                "flops_vs_all_trainable", "flags"} <= set(r)
+
+
+def test_memory_of_every_contender(tmp_path, capsys):
+    """Each contender's step of the first configuration runs again in a fresh process that
+    reports its RSS peak; the report shows it, the JSON has it and how it was taken."""
+    path = tmp_path / "bench.json"
+    rc = cli.main([a for a in TINY if a != "--no-memory"] +
+                  ["--cells", "simple_rnn", "--configs", "all_trainable,inference",
+                   "--impls", "tfcells,keras", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    data = json.loads(path.read_text())
+    assert data["meta"]["settings"]["memory"]["method"] == memory.METHOD
+    by = {(r["config"], r["impl"]): r for r in data["records"]}
+    for impl in ("tfcells", "keras"):
+        r = by["all_trainable", impl]
+        assert "rss_error" not in r, r["rss_error"]
+        assert r["rss_peak_mb"] > 0 and r["rss_steps"] >= 1 and r["rss_method"] == memory.METHOD
+        assert "rss_peak_mb" not in by["inference", impl]  # the first configuration only
+    assert re.search(r"Memory, all_trainable step \(.*\): tfcells \d+ MB, keras \d+ MB\.",
+                     out)
+
+
+class _Hog(contenders.Contender):
+    """A step that keeps 64 MB more alive after every call, up to 192 MB."""
+
+    name = label = "hog"
+
+    def build(self, work):
+        held = []
+
+        def run():
+            if len(held) < 3:
+                held.append(np.ones(2**24, np.float32))
+            return None
+
+        return contenders.Step(run, lambda raw: {}, "numpy")
+
+
+def test_memory_child_sees_what_a_step_holds(monkeypatch):
+    """memory.child counts what the warm steps keep, above the baseline it reads before the
+    build (here in this process: the fresh process is measure_all's business)."""
+    monkeypatch.setitem(contenders.REGISTRY, "hog", _Hog())
+    spec = {"cell": "simple_rnn", "config": "all_trainable", "impl": "hog",
+            "shape": {"T": 2, "B": 2, "I": 3, "H": 4}, "dtype": "float32", "device": "cpu",
+            "threads": None}
+    out = memory.child(spec)
+    assert out["rss_peak_mb"] >= 3 * 64 - 8, out
+    assert out["rss_first_call_peak_mb"] < out["rss_peak_mb"] - 64, out
+    # A contender the fresh process does not know is reported, not fatal.
+    task = runner.Task("simple_rnn", CONFIGS["all_trainable"], Shape(2, 2, 3, 4))
+    [res] = memory.measure_all([(task, "hog", "float32", "cpu", None)])
+    assert "no contender 'hog'" in res["rss_error"]
+
+
+def test_build_info_says_whether_gpu_kernels_run(monkeypatch):
+    """A CUDA build of tfcells under tensorflow-cpu (nvcc on a CPU-only machine) has GPU
+    kernels that cannot run: build_info says so, and the report repeats it."""
+    info = tfcells.build_info()
+    assert isinstance(info["gpu_kernels_usable"], bool)
+    assert (info["gpu_kernels_reason"] is None) == info["gpu_kernels_usable"]
+    if tf.test.is_built_with_cuda():
+        pytest.skip("this TensorFlow is a CUDA build")
+    from tfcells import _build_info
+
+    monkeypatch.setattr(_build_info, "CUDA", True)
+    info = tfcells.build_info()
+    assert info["cuda"] is True and info["gpu_kernels_usable"] is False
+    assert "not a CUDA build" in info["gpu_kernels_reason"]
+    text = report._build_text({"tfcells_build": info})
+    assert text.startswith("tfcells' CUDA kernels are built but cannot run here")
+
+
+@pytest.mark.parametrize("argv,orig_argv,expected", [
+    (["/venv/bin/tfcells-bench", "--quick"], None, True),
+    (["-m"], ["python", "-m", "tfcells.benchmarks", "--full"], True),
+    (["-m"], ["python3", "-X", "utf8", "-mbenchmarks"], True),
+    (["-m"], ["python", "-m", "pytest", "tests"], False),
+    (["-c"], ["python", "-c", "import tfcells"], False),
+    (["train.py"], ["python", "train.py", "-m", "benchmarks"], False),
+])
+def test_started_as_benchmark(argv, orig_argv, expected):
+    from tfcells.benchmarks import started_as_benchmark
+
+    assert started_as_benchmark(argv, orig_argv or ["python", *argv]) is expected
+
+
+def test_every_entry_point_is_quiet():
+    """TensorFlow's start-up notices (printed while it imports) stay out of the console
+    script's output, as out of python -m benchmarks'; a program importing tfcells keeps them
+    (its own TF_CPP_MIN_LOG_LEVEL is left alone)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    script = os.path.join(os.path.dirname(sys.executable), "tfcells-bench")
+    cmd = [script] if os.path.exists(script) else [sys.executable, "-m", "tfcells.benchmarks"]
+    proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    proc = subprocess.run([sys.executable, "-c", "import os, tfcells; "
+                           "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.stdout.strip() == "None"
 
 
 def test_full_sweeps(tmp_path, capsys):
@@ -183,7 +374,10 @@ def test_full_sweeps(tmp_path, capsys):
     assert {d: sorted(r[d] for r in rs) for d, rs in sweeps.items()} == \
         {"T": [1, 2, 4, 8], "B": [1, 2, 4, 8], "H": [1, 2, 4, 8]}
     assert all(r["I"] == r["H"] for r in sweeps["H"])
-    assert "time against T" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "time against T" in out
+    # Compact sweep tables too (--wide adds GEMM GFLOP and every floor ratio).
+    assert "| T | floor ms | tfcells ms | floor ratio tfcells |" in out
 
 
 def test_gpu_without_gpu_says_so(capsys):
@@ -248,3 +442,14 @@ def test_fit_tiny(tmp_path, monkeypatch, capsys):
     assert bad["status"] == "mismatch" and bad["samples_per_s"] is None
     assert "lstm_1/kernel changed" in bad["detail"]
     assert "MISMATCH" in out and "CHANGED" in out
+
+
+def test_short_blocks_get_their_task_contention():
+    """Blocks too short for OtherWork (< 0.5 s) still get a contention figure, the task's, so
+    a loaded machine cannot leave tiny steps unflagged."""
+    task = runner.Task("simple_rnn", CONFIGS["inference"], Shape(2, 2, 3, 4))
+    recs = runner.run_task(task, ["tfcells", "keras"], "float32", "cpu", reps=2, warmup=0)
+    for r in recs:
+        assert r["status"] == "ok" and r["median_ms"] < 500
+        assert r["other_cores"] is not None and r["other_cores_over"] == "task"
+        assert r["floor_other_cores"] is not None and r["floor_other_cores_over"] == "task"

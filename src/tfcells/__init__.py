@@ -4,6 +4,12 @@ The backward pass of every op computes only the gradients that are needed: a fro
 an input that needs no gradient or an initial state that is a constant costs no work.
 """
 
+# Before TensorFlow is imported: when this process is the benchmark suite (tfcells-bench,
+# python -m tfcells.benchmarks), quiet the start-up notices TensorFlow prints as it imports.
+from .benchmarks import quiet_if_benchmark as _quiet_if_benchmark
+
+_quiet_if_benchmark()
+
 try:
     import tensorflow as _tensorflow  # noqa: F401
 except ImportError as _error:

@@ -9,12 +9,34 @@ from .layers import LSTM, GRU, SimpleRNN, LSTMCell, GRUCell, SimpleRNNCell, RNN
 __version__ = _build_info.VERSION
 
 
+def _gpu_kernels_reason():
+    """Why tfcells' GPU kernels cannot run in this process, or None when they can."""
+    import tensorflow as tf
+
+    from . import _loader
+
+    if not _build_info.CUDA:
+        return "tfcells was built without CUDA (no nvcc at build time)"
+    if not tf.test.is_built_with_cuda():
+        return "this TensorFlow is not a CUDA build (tensorflow-cpu)"
+    if _loader.gpu_c_library is None:
+        return "the GPU kernel library was not loaded"
+    if not tf.config.list_physical_devices("GPU"):
+        return "TensorFlow sees no GPU"
+    return None
+
+
 def build_info():
-    """How this tfcells was built: versions, and whether CUDA kernels were compiled."""
+    """How this tfcells was built: versions, whether CUDA kernels were compiled ("cuda"), and
+    whether they can run here ("gpu_kernels_usable": a CUDA build of TensorFlow, the GPU
+    library loaded, a GPU visible; else "gpu_kernels_reason" says why not)."""
+    reason = _gpu_kernels_reason()
     return {
         "version": _build_info.VERSION,
         "tensorflow_version": _build_info.TENSORFLOW_VERSION,
         "cuda": _build_info.CUDA,
+        "gpu_kernels_usable": reason is None,
+        "gpu_kernels_reason": reason,
         "compiler": _build_info.COMPILER,
         "native_arch": _build_info.NATIVE_ARCH,
     }

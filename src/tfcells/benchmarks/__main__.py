@@ -1,10 +1,8 @@
-import os
 import sys
 
-# TensorFlow's start-up chatter would bury the table; errors still show.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from .cli import main  # noqa: E402
+# TensorFlow was quieted by tfcells' __init__, before it imported TensorFlow
+# (benchmarks.quiet_if_benchmark).
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,10 +1,12 @@
 """Command line: what to run (the plan), how (threads, device), and where results go."""
 
 import argparse
+import functools
+import os
 import sys
 import time
 
-from . import check, contenders, fit, gpu, machine, report, runner
+from . import check, contenders, fit, gpu, machine, memory, report, runner
 from .workload import CELLS, CONFIGS, Shape
 
 BASE_SHAPE = Shape(T=100, B=64, I=256, H=256)
@@ -19,9 +21,10 @@ QUICK_CONFIGS = {
 # scaled by these factors (T 25..200, B 16..128, I=H 64..512 around the default shape).
 SWEEP_FACTORS = (0.25, 0.5, 1, 2)
 SWEEP_CONFIG = "all_trainable"
-# Per device: timed repetitions (--quick, --full) and warm-up calls. A GPU step takes
-# milliseconds, and its first calls pay for cuBLAS/cuDNN plan selection.
-REPS = {"cpu": (5, 7), "gpu": (20, 50)}
+# Per device: timed repetitions per contender (--quick, --full), half in each of its two
+# timing blocks (runner.block_reps), and warm-up calls. A GPU step takes milliseconds, and its
+# first calls pay for cuBLAS/cuDNN plan selection.
+REPS = {"cpu": (6, 8), "gpu": (20, 50)}
 WARMUP = {"cpu": 1, "gpu": 3}
 
 
@@ -82,8 +85,12 @@ def parse_args(argv):
     p.add_argument("--shape", type=_shape,
                    help="T,B,I,H (default 100,64,256,256; on a GPU the two of --quick)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--reps", type=int,
-                   help="timed repetitions (default: 5 quick, 7 full; on a GPU 20, 50)")
+    # The defaults as the report states them: two blocks of block_reps(N) each.
+    reps = {d: [f"{n} = 2 x {runner.block_reps(n)}" for n in r] for d, r in REPS.items()}
+    p.add_argument("--reps", type=int, metavar="N",
+                   help="timed repetitions per contender, in two blocks of N/2 (rounded up); "
+                        "the faster block's median counts (default: {0[0]} quick, {0[1]} full; "
+                        "on a GPU {1[0]}, {1[1]})".format(reps["cpu"], reps["gpu"]))
     p.add_argument("--budget", type=float, metavar="S",
                    help="seconds per contender's timing block, after which it stops at 3 or "
                         "more repetitions (default: 3 quick, none full; 0: none)")
@@ -101,8 +108,21 @@ def parse_args(argv):
     p.add_argument("--tf32", action="store_true",
                    help="--device gpu: float32 GEMMs on TF32 tensor cores, for every contender "
                         "(default: off for all, full float32)")
-    p.add_argument("--json", metavar="PATH", help="write one record per result to PATH")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG chart to PATH (matplotlib)")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write every record (all columns, memory, settings, machine) "
+                        "as JSON to PATH (default: no JSON is written; the path is printed)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="also write a PNG chart to PATH, with matplotlib (default: no plot is "
+                        "written; the path is printed)")
+    p.add_argument("--wide", action="store_true",
+                   help="print the full tables: GEMM GFLOP, ± half the IQR, every "
+                        "contender's floor ratio, tfcells ÷ all_trainable (default: a compact "
+                        "table; the JSON always has every column)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the memory measurement: by default each contender's step in "
+                        "the first configuration of the first table (with --full: of every "
+                        "table) runs again in a fresh process that reports its peak RSS, "
+                        "after all timing (a few seconds per contender)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
@@ -120,7 +140,9 @@ def parse_args(argv):
         kernel_opts = [o for o, v in (("--cells", args.cells), ("--configs", args.configs),
                                       ("--impls", args.impls), ("--shape", args.shape),
                                       ("--reps", args.reps), ("--budget", args.budget),
-                                      ("--plot", args.plot)) if v is not None]
+                                      ("--plot", args.plot), ("--wide", args.wide or None),
+                                      ("--no-memory", args.no_memory or None))
+                       if v is not None]
         if kernel_opts:
             p.error(f"--fit does not use {', '.join(kernel_opts)}")
         if min(v for v in (args.fit_samples, args.fit_len, args.fit_epochs, 1)
@@ -149,6 +171,30 @@ def plan(args, bases=(BASE_SHAPE,), quick_configs=QUICK_CONFIGS, full_configs=tu
                     shape = Shape(**{**vars(base), **size})
                     tasks.append(runner.Task(cell, CONFIGS[SWEEP_CONFIG], shape, sweep=dim))
     return tasks
+
+
+def memory_plan(tasks, every_table=False):
+    """The tasks whose memory is measured: the first configuration of the first table (of
+    every table with every_table, as --full does), all_trainable unless --configs says
+    otherwise. A fresh process per contender costs seconds; --quick stays quick."""
+    firsts = {}
+    for task in tasks:
+        if task.sweep is None:
+            firsts.setdefault((task.cell, task.shape), task)
+    return list(firsts.values())[:None if every_table else 1]
+
+
+def _measure_memory(tasks, records_of, args, progress):
+    """Adds each timed contender's RSS peak (memory.py) to its record."""
+    pairs = [(task, rec) for task in tasks for rec in records_of[task]
+             if rec["status"] in report.TIMED]
+    if not pairs:
+        return
+    progress.start(f"memory: {len(pairs)} contenders, a fresh process each")
+    jobs = [(task, rec["impl"], args.dtype, args.device, args.threads) for task, rec in pairs]
+    for (_, rec), fields in zip(pairs, memory.measure_all(jobs)):
+        rec.update(fields)
+    progress.advance()
 
 
 class _Progress:
@@ -230,17 +276,27 @@ def main(argv=None):
         meta["gpu"] = gpu.device_facts(args.dtype, args.tf32)
     tolerance = check.TF32_TOLERANCE if args.tf32 and args.dtype == "float32" else None
     meta["settings"]["tolerance"] = tolerance or check.TOLERANCE[args.dtype]
-    progress = _Progress(len(tasks), not args.no_progress)
-    records = []
+    # RSS says nothing about GPU memory: the memory runs are for the CPU suite.
+    memory_tasks = [] if args.no_memory or suite != "cpu" else memory_plan(tasks, args.full)
+    meta["settings"]["memory"] = {
+        "method": memory.METHOD if memory_tasks else None,
+        "configs": sorted({t.config.name for t in memory_tasks})}
+    progress = _Progress(len(tasks) + bool(memory_tasks), not args.no_progress)
+    records, records_of = [], {}
     try:
         for task in tasks:
             progress.start(f"{task.cell} {task.config.name} {task.shape}")
-            records += runner.run_task(task, impls, args.dtype, args.device, reps, warmup,
-                                       budget or None, registry=registry, tolerance=tolerance)
+            records_of[task] = runner.run_task(task, impls, args.dtype, args.device, reps,
+                                               warmup, budget or None, registry=registry,
+                                               tolerance=tolerance)
+            records += records_of[task]
             progress.advance()
+        # After all timing, so that the children never share the cores with a timed block.
+        _measure_memory(memory_tasks, records_of, args, progress)
     finally:
         progress.close()
-    markdown = report.markdown
+    report.annotate(records)
+    markdown = functools.partial(report.markdown, wide=args.wide)
     if suite == "cuda_module":
         gpu.annotate(records, meta["gpu"]["peak_tflops"], args.tf32)
         markdown = report.gpu_markdown
@@ -253,10 +309,17 @@ def _finish(args, records, meta, start, markdown, failing, plot=False):
     meta["wall_s"] = time.perf_counter() - start
     meta["machine"]["load_average_end"] = machine.load_average()
     print(markdown(records, meta))
+    written = []
     if args.json:
         report.write_json(args.json, records, meta)
+        written.append(("JSON", args.json))
     if plot and args.plot:
-        report.plot(args.plot, records, meta)
+        if report.plot(args.plot, records, meta):
+            written.append(("plot", args.plot))
+        else:
+            print(f"nothing was timed: no plot written to {args.plot}", file=sys.stderr)
+    for what, path in written:  # on stderr: stdout is the report
+        print(f"wrote {what}: {os.path.abspath(path)}", file=sys.stderr)
     # A contender that computes other numbers than the reference, or fails, is a finding:
     # say so in the exit status too (results are written all the same).
     return 1 if any(r["status"] in failing for r in records) else 0

@@ -40,24 +40,83 @@ def _disturbed(cores):
     return cores is not None and cores > DISTURBED_CORES
 
 
-def _cell_time(rec):
+def _flagged(text, flag):
+    return text + " ⚠" if flag else text
+
+
+def _cell_time(rec, spread=True):
     if rec is None or rec["status"] == "skipped":
         return "—"
     if rec["status"] not in TIMED:
         return rec["status"].upper()  # MISMATCH or ERROR: not timed, see the notes
-    text = f"{_num(rec['median_ms'])} ±{_num(rec['iqr_ms'] / 2)}"
+    text = _num(rec["median_ms"])
+    if spread:
+        text += f" ±{_num(rec['iqr_ms'] / 2)}"
     if rec["status"] == "unverified":
         text += " ?"
-    return text + " ⚠" if _disturbed(rec.get("other_cores")) else text
+    return _flagged(text, _disturbed(rec.get("other_cores")))
 
 
 def _floor_time(rec):
-    text = _num(rec["floor_ms"])
-    return text + " ⚠" if _disturbed(rec.get("floor_other_cores")) else text
+    return _flagged(_num(rec["floor_ms"]), _disturbed(rec.get("floor_other_cores")))
 
 
 def _ratio(a, b):
     return a / b if a is not None and b else None
+
+
+# Flags (a record's "flags" in the JSON): why one of its numbers is not to be trusted as it
+# stands. Each marks the table cells it concerns with ⚠.
+FLAGS = {
+    "disturbed": "other processes used the cores while this contender was timed",
+    "floor_disturbed": "other processes used the cores while the floor was timed",
+    "floor_ratio_above_1": "floor ratio above 1: the floor, meant as a lower bound, was slower "
+                           "than this contender (contention the measurement missed, or the "
+                           "floor's GEMM path slower than the contender's here)",
+    "vs_tfcells_disturbed": "÷ tfcells: one of the two times was disturbed",
+    "vs_all_trainable_disturbed": "÷ all_trainable: one of the two times was disturbed",
+}
+
+
+def annotate(records):
+    """Derived values and their flags, computed once for the tables and the JSON alike:
+    vs_tfcells (this time ÷ tfcells' in the same configuration; keras ÷ tfcells in the table),
+    vs_all_trainable (÷ the same contender's all-trainable time) with the FLOP model's share,
+    and flags (FLAGS) for every number whose inputs carry a ⚠."""
+    def key(r, config, impl):
+        return (r["cell"], r["dtype"], r["device"], r["T"], r["B"], r["I"], r["H"],
+                r.get("sweep"), config, impl)
+
+    by_key = {key(r, r["config"], r["impl"]): r for r in records}
+    for r in records:
+        if r["status"] not in TIMED:
+            continue
+        ours, base = (by_key.get(key(r, r["config"], "tfcells")),
+                      by_key.get(key(r, BASELINE_CONFIG, r["impl"])))
+        hit = _disturbed(r.get("other_cores"))
+        flags = ["disturbed"] * hit
+        if r.get("floor_ms") and _disturbed(r.get("floor_other_cores")):
+            flags.append("floor_disturbed")
+        if (r.get("floor_ratio") or 0) > 1:
+            flags.append("floor_ratio_above_1")
+        r["vs_tfcells"] = _ratio(r["median_ms"], _median(ours))
+        if r["vs_tfcells"] is not None and (hit or _disturbed(ours.get("other_cores"))):
+            flags.append("vs_tfcells_disturbed")
+        r["vs_all_trainable"] = _ratio(r["median_ms"], _median(base))
+        r["flops_vs_all_trainable"] = _ratio(r.get("flops"), base and base.get("flops"))
+        if r["vs_all_trainable"] is not None and (hit or _disturbed(base.get("other_cores"))):
+            flags.append("vs_all_trainable_disturbed")
+        r["flags"] = flags
+    return records
+
+
+def _floor_ratio(rec):
+    """An impl's floor ratio cell, marked when any of its inputs is, or when it is above 1."""
+    if rec is None or rec.get("floor_ratio") is None:
+        return "—"
+    flags = set(rec.get("flags", ()))
+    return _flagged(_num(rec["floor_ratio"]), flags & {"disturbed", "floor_disturbed",
+                                                       "floor_ratio_above_1"})
 
 
 def _has_floor(records):
@@ -72,12 +131,20 @@ def _median(rec):
 def _vs_all_trainable(by_config, config, impl):
     """impl's time in `config` ÷ its all-trainable time, with the FLOP model's ratio."""
     base, rec = by_config.get(BASELINE_CONFIG, {}).get(impl), by_config[config].get(impl)
-    rel = _ratio(_median(rec), _median(base))
-    text = "—" if rel is None else f"{rel:.2f}"
+    rel = rec.get("vs_all_trainable") if rec else None
+    text = "—" if rel is None else _flagged(f"{rel:.2f}",
+                                            "vs_all_trainable_disturbed" in rec["flags"])
     if base is not None:
         any_rec = next(iter(by_config[config].values()))
         text += f" ({any_rec['flops'] / base['flops']:.2f})"
     return text
+
+
+def _vs_tfcells(rec):
+    """keras ÷ tfcells (> 1: tfcells is faster)."""
+    if rec is None or rec.get("vs_tfcells") is None:
+        return "—"
+    return _flagged(f"{rec['vs_tfcells']:.2f}×", "vs_tfcells_disturbed" in rec["flags"])
 
 
 def _groups(records, sweep):
@@ -107,25 +174,40 @@ def _table(rows):
     return "\n".join(lines)
 
 
-def _main_table(by_config):
+def _main_table(by_config, wide=False):
+    """One cell and shape, a row per configuration. Compact: the floor, each contender's
+    median, keras ÷ tfcells and tfcells' floor ratio; wide (--wide): also GEMM GFLOP, ± half
+    the IQR, tfcells ÷ all_trainable and every contender's floor ratio."""
     impls = _impls(by_config)
     floor = _has_floor(r for by_impl in by_config.values() for r in by_impl.values())
-    header = (["config", "GEMM GFLOP"] + ["floor ms"] * floor
-              + [f"{_label(i)} ms" for i in impls]
-              + ["keras ÷ tfcells", "tfcells ÷ all_trainable (FLOP model)"]
-              + [f"floor ratio {_label(i)}" for i in impls] * floor)
+    ratio_impls = impls if wide else [i for i in impls if i == "tfcells"]
+    header = (["config"] + ["GEMM GFLOP"] * wide + ["floor ms"] * floor
+              + [f"{_label(i)} ms" for i in impls] + ["keras ÷ tfcells"]
+              + ["tfcells ÷ all_trainable (FLOP model)"] * wide
+              + [f"floor ratio {_label(i)}" for i in ratio_impls] * floor)
     rows = [header]
     for config, by_impl in by_config.items():
         any_rec = next(iter(by_impl.values()))
-        speedup = _ratio(_median(by_impl.get("keras")), _median(by_impl.get("tfcells")))
-        row = [config, f"{any_rec['flops'] / 1e9:.3g}"] + [_floor_time(any_rec)] * floor
-        row += [_cell_time(by_impl.get(i)) for i in impls]
-        row += ["—" if speedup is None else f"{speedup:.2f}×",
-                _vs_all_trainable(by_config, config, "tfcells")]
-        row += [_num(by_impl[i].get("floor_ratio")) if i in by_impl else "—"
-                for i in impls] * floor
+        row = [config] + [f"{any_rec['flops'] / 1e9:.3g}"] * wide
+        row += [_floor_time(any_rec)] * floor
+        row += [_cell_time(by_impl.get(i), spread=wide) for i in impls]
+        row += [_vs_tfcells(by_impl.get("keras"))]
+        row += [_vs_all_trainable(by_config, config, "tfcells")] * wide
+        row += [_floor_ratio(by_impl.get(i)) for i in ratio_impls] * floor
         rows.append(row)
     return _table(rows)
+
+
+def _memory_line(by_config):
+    """The RSS peaks (memory.py) of the configuration they were measured for, if any."""
+    for config, by_impl in by_config.items():
+        measured = [(i, r) for i, r in by_impl.items() if "rss_peak_mb" in r or "rss_error" in r]
+        if measured:
+            parts = [f"{_label(i)} {r['rss_peak_mb']:.0f} MB" if "rss_peak_mb" in r else
+                     f"{_label(i)} not measured ({r['rss_error']})" for i, r in measured]
+            return (f"Memory, {config} step (RSS peak above the process' baseline, a fresh "
+                    "process per contender): " + ", ".join(parts) + ".")
+    return ""
 
 
 def _gpu_table(by_config, peak):
@@ -168,8 +250,9 @@ def _notes(records):
     return notes
 
 
-def _sweep_tables(records):
-    """--full: for each cell, config and swept dimension, time against the dimension."""
+def _sweep_tables(records, wide=True):
+    """--full: for each cell, config and swept dimension, time against the dimension (compact
+    unless wide: no GEMM GFLOP or spread, tfcells' floor ratio only)."""
     out = []
     for dim in SWEEP_DIMS:
         points = [r for r in records if r.get("sweep") == dim]
@@ -187,16 +270,16 @@ def _sweep_tables(records):
             fixed = ", ".join(f"{d}={ref[d]}" for d in others) + \
                 (f", I={ref['I']}" if dim != "H" else ", I=H")
             out.append(f"\n### {cell} {config}: time against {dim} ({fixed}, {dtype})\n")
-            rows = [[dim, "GEMM GFLOP"] + ["floor ms"] * floor
+            ratio_impls = impls if wide else [i for i in impls if i == "tfcells"]
+            rows = [[dim] + ["GEMM GFLOP"] * wide + ["floor ms"] * floor
                     + [f"{_label(i)} ms" for i in impls]
-                    + [f"floor ratio {_label(i)}" for i in impls] * floor]
+                    + [f"floor ratio {_label(i)}" for i in ratio_impls] * floor]
             for value, by_impl in by_value.items():
                 any_rec = next(iter(by_impl.values()))
-                rows.append([str(value), f"{any_rec['flops'] / 1e9:.3g}"]
+                rows.append([str(value)] + [f"{any_rec['flops'] / 1e9:.3g}"] * wide
                             + [_floor_time(any_rec)] * floor
-                            + [_cell_time(by_impl.get(i)) for i in impls]
-                            + [_num(by_impl[i].get("floor_ratio")) if i in by_impl else "—"
-                               for i in impls] * floor)
+                            + [_cell_time(by_impl.get(i), spread=wide) for i in impls]
+                            + [_floor_ratio(by_impl.get(i)) for i in ratio_impls] * floor)
             out.append(_table(rows))
             growth = _growth(by_value, impls)
             if growth:
@@ -232,31 +315,56 @@ def _reps_text(records, settings):
         counted = (f"{span} repetitions (up to {per_block}, fewer once a block passed "
                    f"{settings['budget_s']:g} s)")
     return (f"After a checked first call, two blocks per contender (the second round in "
-            f"reverse order), each {settings['warmup']} warm-up and {counted}; the faster "
-            "block's median counts (JSON: block_medians_ms)")
+            f"reverse order), each {settings['warmup']} warm-up and {counted} (--reps "
+            f"{settings['reps']}); the faster block's median counts (JSON: block_medians_ms)")
 
 
 def _busy(records, m):
     """Other work on the machine skews the numbers; say so where the numbers are."""
-    blocks = [r.get("other_cores") for r in records] + \
-        [r.get("floor_other_cores") for r in records]
+    # The floor once per task (every record of the task repeats it).
+    floors = {(r["cell"], r["config"], r["dtype"], r["T"], r["B"], r["I"], r["H"],
+               r.get("sweep")): r.get("floor_other_cores") for r in records}
+    blocks = [r.get("other_cores") for r in records] + list(floors.values())
     hit = [c for c in blocks if _disturbed(c)]
-    if not hit:
+    above = sum("floor_ratio_above_1" in r.get("flags", ()) for r in records)
+    out = []
+    if hit:
+        out.append(f"other processes kept up to {max(hit):.1f} of {m['logical_cores']} cores "
+                   f"busy during {len(hit)} timing blocks (marked ⚠, more than "
+                   f"{DISTURBED_CORES:g} core on average). Those numbers are skewed, "
+                   "multi-threaded BLAS-based steps (the floor, tfcells, PyTorch) most; rerun "
+                   "on an idle machine.")
+    if above:
+        out.append(f"{above} floor ratios are above 1 (marked ⚠): there the floor, meant as a "
+                   "lower bound, was slower than the contender, so one of the two blocks ran "
+                   "under contention the measurement missed (a short block gets its task's "
+                   "average) or the floor's GEMMs ran slower than the contender's; rerun.")
+    return " ".join(out)
+
+
+def _build_text(m):
+    """Whether tfcells has CUDA kernels and whether they can run here (build_info)."""
+    b = m.get("tfcells_build") or {}
+    if "cuda" not in b:
         return ""
-    return (f"other processes kept up to {max(hit):.1f} of {m['logical_cores']} cores busy "
-            f"during {len(hit)} timing blocks (marked ⚠, more than {DISTURBED_CORES:g} core "
-            "on average). Those numbers are skewed, multi-threaded BLAS-based steps (the "
-            "floor, tfcells, PyTorch) most; rerun on an idle machine.")
+    if not b["cuda"]:
+        return "tfcells built without CUDA kernels."
+    if b.get("gpu_kernels_usable"):
+        return "tfcells' CUDA kernels are built and usable here."
+    why = b.get("gpu_kernels_reason")
+    return "tfcells' CUDA kernels are built but cannot run here" + (f" ({why})." if why
+                                                                     else ".")
 
 
-def markdown(records, meta):
+def markdown(records, meta, wide=False):
     m = meta["machine"]
     th = m["threads"]
     out = [f"# tfcells benchmark — {m['date']}", "",
            f"{m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB; "
            f"TensorFlow {m['versions']['tensorflow']}, Keras {m['versions']['keras']}, "
            f"tfcells {m['versions']['tfcells']}, NumPy {m['versions']['numpy']} "
-           f"(OpenBLAS {m['numpy_blas']}), PyTorch {m['versions']['torch'] or 'not installed'}.",
+           f"(OpenBLAS {m['numpy_blas']}), PyTorch {m['versions']['torch'] or 'not installed'}. "
+           + _build_text(m),
            "Threads: TF intra-op {tf_intra_op} / inter-op {tf_inter_op}, tfcells GEMM "
            "{tfcells_gemm} (0: the library's default, one per core), NumPy BLAS {numpy_blas}, "
            "PyTorch {torch}. "
@@ -271,21 +379,36 @@ def markdown(records, meta):
         out.append(f"On TensorFlow's GPU: each step waits for the device (sync_devices, "
                    f"torch.cuda.synchronize) before the clock stops; TF32 in effect: "
                    f"{meta['settings']['tf32']}; no GEMM floor (it is measured on the CPU).")
-    out += _sections(records, m, _main_table)
-    out += ["", "Times are medians in ms, ± half the interquartile range. floor = the step's "
+    out += _sections(records, m, lambda by_config: _main_table(by_config, wide),
+                     _memory_line, wide)
+    memory = meta["settings"].get("memory") or {}
+    out += ["", ("Times are medians in ms, ± half the interquartile range. " if wide else
+                 "Times are medians in ms (--wide: ± half the interquartile range, GEMM "
+                 "GFLOP, tfcells ÷ all_trainable and every contender's floor ratio; the JSON "
+                 "has them all). ")
+            + "floor = the step's "
             "GEMMs alone (same shapes) on this machine, through NumPy's BLAS or tfcells' own "
             "GEMM path, whichever was faster (each timed in its own block; JSON: floor_path); "
             "floor ratio = floor ÷ median (1.0: all time spent in GEMMs at the best GEMM rate). "
-            "keras ÷ tfcells > 1: tfcells is "
-            "faster. tfcells ÷ all_trainable: time relative to tfcells' all-trainable step, "
-            "with the GEMM FLOP model's ratio in parentheses. MISMATCH: values differ from the "
-            "reference, so not timed; ?: no other contender confirmed the values; ⚠: other "
-            "processes used the cores while this was timed."]
+            "keras ÷ tfcells > 1: tfcells is faster. "
+            + ("tfcells ÷ all_trainable: time relative to tfcells' all-trainable step, with "
+               "the GEMM FLOP model's ratio in parentheses. " if wide else "")
+            + "MISMATCH: values differ from the reference, so not timed; ?: no other "
+            "contender confirmed the values; ⚠: other processes used the cores while this (or, "
+            "on a ratio, one of its inputs) was timed (measured per block; a block shorter than "
+            "0.5 s gets the average over its task's timing), or a floor ratio is above 1 (JSON: "
+            "flags)."
+            + (" Memory: " + memory["method"] + " (baseline: the frameworks imported and "
+               "started, the data made; the peak includes the weights, the traced graph and "
+               "what the framework keeps between steps). Also in the JSON: rss_peak_mb; "
+               "peak_mem_mb is TensorFlow's allocator peak, which misses buffers outside it "
+               "(e.g. Keras' while loop)." if memory.get("method") else "")]
     return "\n".join(out + _notes_section(records)) + "\n"
 
 
-def _sections(records, machine, table):
-    """The busy warning, then one table per (cell, shape) and the sweeps."""
+def _sections(records, machine, table, after=None, wide=True):
+    """The busy warning, then one table per (cell, shape) (with `after`'s line below it, if
+    any) and the sweeps."""
     out = []
     busy = _busy(records, machine)
     if busy:
@@ -293,7 +416,10 @@ def _sections(records, machine, table):
     for (cell, dtype, device, T, B, I, H), by_config in _groups(records, sweep=False).items():
         out += ["", f"## {cell}: T={T} B={B} I={I} H={H}, {dtype}, {device}", "",
                 table(by_config)]
-    sweeps = _sweep_tables(records)
+        line = after(by_config) if after else ""
+        if line:
+            out += ["", line]
+    sweeps = _sweep_tables(records, wide)
     if sweeps:
         out += ["", "## Scaling (--full sweeps)"] + sweeps
     return out
@@ -430,6 +556,7 @@ def _color(impl, colors):
 
 
 def plot(path, records, meta):
+    """Writes the PNG; False when there was nothing to draw (then no file is written)."""
     import matplotlib  # lazily: only --plot needs it
 
     matplotlib.use("Agg")
@@ -439,7 +566,7 @@ def plot(path, records, meta):
     sweep_cells = list(OrderedDict.fromkeys(r["cell"] for r in records if r.get("sweep")))
     nrows = len(groups) + len(sweep_cells)
     if nrows == 0:
-        return
+        return False  # nothing timed: no file
     fig = plt.figure(figsize=(13, 4.2 * nrows))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, ((cell, dtype, device, T, B, I, H), by_config) in enumerate(groups.items()):
@@ -496,3 +623,4 @@ def plot(path, records, meta):
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True

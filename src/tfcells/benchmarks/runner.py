@@ -125,14 +125,20 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
     # block per contender would put that on whoever was unlucky.
     blocks = {impl: [] for impl in timed}
     order = list(timed)
-    for round_order in (order, order[::-1]):
-        for impl in round_order:
-            fn, measure = timed[impl]
-            time.sleep(QUIET_S)
-            with machine.OtherWork() as other:
-                block = measure(fn, block_reps(reps), warmup, budget_s)
-            block["other_cores"] = other.cores
-            blocks[impl].append(block)
+    with machine.OtherWork() as phase:
+        for round_order in (order, order[::-1]):
+            for impl in round_order:
+                fn, measure = timed[impl]
+                time.sleep(QUIET_S)
+                with machine.OtherWork() as other:
+                    block = measure(fn, block_reps(reps), warmup, budget_s)
+                block["other_cores"], block["other_cores_over"] = other.cores, "block"
+                blocks[impl].append(block)
+    # OtherWork cannot measure a block shorter than 0.5 s: such a block gets the figure of the
+    # whole timing phase (its blocks and pauses), so that contention never goes unflagged.
+    for block in (b for runs in blocks.values() for b in runs):
+        if block["other_cores"] is None and phase.cores is not None:
+            block["other_cores"], block["other_cores_over"] = phase.cores, "task"
     stats = {}
     for impl, runs in blocks.items():
         stats[impl] = dict(min(runs, key=lambda b: b["median_ms"]),
@@ -150,6 +156,8 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
         rec.update(flops=flops, floor_ms=floor_ms,
                    floor_iqr_ms=floor_stats["iqr_ms"] if floor_stats else None,
                    floor_other_cores=floor_stats["other_cores"] if floor_stats else None,
+                   floor_other_cores_over=floor_stats["other_cores_over"] if floor_stats
+                   else None,
                    floor_path=floor_stats["path"] if floor_stats else None)
         if impl not in stats:
             continue
