@@ -19,8 +19,8 @@ def _gpu_kernels_reason():
         return "tfcells was built without CUDA (no nvcc at build time)"
     if not tf.test.is_built_with_cuda():
         return "this TensorFlow is not a CUDA build (tensorflow-cpu)"
-    if _loader.gpu_c_library is None:
-        return "the GPU kernel library was not loaded"
+    if _loader.gpu_c_library is None:  # the loader's reason (the opt-in, a CUDA version, ...)
+        return _loader.gpu_kernels_unavailable or "the GPU kernel library was not loaded"
     if not tf.config.list_physical_devices("GPU"):
         return "TensorFlow sees no GPU"
     return None
