@@ -445,6 +445,18 @@ class _FusedRNN:
         packed = tree.pack_sequence_as(initial_state, new_states)
         return last_output, outputs, list(packed)
 
+    def _maybe_config_dropout_masks(self, cell, input_sequence, input_state):
+        """Keras' RNN.call draws each cell's dropout masks here, before inner_loop. For a
+        stack it runs each cell once to get the next cell's input shape, in the call's
+        training mode, which fails on a symbolic `training`; the masks do not depend on the
+        mode, so this runs those cells with training=False."""
+        if not isinstance(cell, keras.layers.StackedRNNCells):
+            return super()._maybe_config_dropout_masks(cell, input_sequence, input_state)
+        for c, s in zip(cell.cells, input_state):
+            super()._maybe_config_dropout_masks(c, input_sequence, s)
+            s = list(s) if tree.is_nested(s) else [s]
+            input_sequence, _ = c(input_sequence, s, training=False)
+
     def call(self, sequences, initial_state=None, mask=None, training=False):
         self._check_call_arguments(sequences, initial_state, mask)
         return super().call(sequences, initial_state=initial_state, mask=mask,
