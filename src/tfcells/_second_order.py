@@ -15,8 +15,9 @@ Which gradients:
   is carried by those. The step mask and the dropout masks get None, as at first order.
 - Frozen inputs stay frozen. `frozen=(...)` (and so the Keras layers' freezing) feeds the
   forward op a `tf.stop_gradient` of the input, so the gradient op reads that same stopped
-  tensor: a frozen weight gets None at every order, and no second-order work is done for it
-  (the tape skips it). A gradient the first-order op did not produce (a frozen or unwatched
+  tensor: a frozen weight gets None at every order. A tape skips its second-order work
+  (`skip_input_indices`); graph-mode `tf.gradients`, which cannot say so, gets a gradient for
+  the stopped tensor that goes no further. A gradient the first-order op did not produce (a frozen or unwatched
   input) has no output to differentiate, and so adds nothing at second order either.
 
 Names, not positions: the inputs and outputs are matched by the op definitions' argument names
