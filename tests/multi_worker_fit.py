@@ -26,12 +26,14 @@ def main(data_path, out_path, tf_config=None):
     import tfcells
     from tfcells.testing import CountWork
 
-    floatx = keras.config.floatx()
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     try:
         _train(np, tf, keras, tfcells, CountWork, data_path, out_path, tf_config)
     finally:
         keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
 
 
 def _train(np, tf, keras, tfcells, CountWork, data_path, out_path, tf_config):

@@ -108,7 +108,9 @@ def test_gradient_penalty_matches_keras(kind, config):
     expected = _penalty_gradients(theirs, x, states, mask, training)
     with CountWork() as work:
         got = _penalty_gradients(ours, x, states, mask, training)
-    assert work.delta["forward_calls"] == 1 and work.delta["backward_calls"] == 1
+    # The fused gradient op runs twice: for the penalty's first-order gradients, and again
+    # when the outer tape follows the loss' own dependence on the outputs (sin'(y) seeds).
+    assert work.delta["forward_calls"] == 1 and work.delta["backward_calls"] == 2
     _assert_all_close(got, expected)
 
 
