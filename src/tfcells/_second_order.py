@@ -17,8 +17,8 @@ Which gradients:
   forward op a `tf.stop_gradient` of the input, so the gradient op reads that same stopped
   tensor: a frozen weight gets None at every order. A tape skips its second-order work
   (`skip_input_indices`); graph-mode `tf.gradients`, which cannot say so, gets a gradient for
-  the stopped tensor that goes no further. A gradient the first-order op did not produce (a frozen or unwatched
-  input) has no output to differentiate, and so adds nothing at second order either.
+  the stopped tensor that goes no further. A gradient the first-order op did not produce (a
+  frozen or unwatched input) has no output to differentiate, so adds nothing at second order.
 
 Names, not positions: the inputs and outputs are matched by the op definitions' argument names
 (the gradient op's inputs are the forward op's inputs, its cache outputs, then `d<output>`
