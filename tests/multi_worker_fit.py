@@ -3,11 +3,11 @@
     python multi_worker_fit.py DATA.npz OUT.npz [TF_CONFIG json]
 
 Trains Input -> tfcells.LSTM (frozen) -> tfcells.GRU -> Dense on DATA.npz's x, y from its
-initial weights (SGD, mean squared error), one epoch, global batch GLOBAL_BATCH, in float64;
-with a TF_CONFIG under
-MultiWorkerMirroredStrategy (one CPU replica per worker), else in this process alone. Writes
-the weights after the epoch and the kernels' work counters to OUT.npz (worker 0 only).
-test_multi_worker.py runs the single-process reference in its own process (main()).
+initial weights (SGD, mean squared error), one epoch, global batch GLOBAL_BATCH, in float64:
+with a TF_CONFIG under MultiWorkerMirroredStrategy (one CPU replica per worker), else in this
+process alone. Writes the weights after the epoch and the kernels' work counters to OUT.npz
+(worker 0 only). test_multi_worker.py runs the single-process reference in its own process
+(main()).
 """
 
 import json
