@@ -32,6 +32,8 @@ import tensorflow as tf
 from keras.src import tree
 from keras.src.backend.common.variables import AutocastScope
 from keras.src.layers.input_spec import InputSpec
+from tensorflow.python.eager import record
+from tensorflow.python.framework import func_graph
 from tensorflow.python.ops import control_flow_util
 
 from . import _loader
@@ -45,6 +47,7 @@ _TANH = {keras.activations.tanh, keras.ops.tanh, tf.tanh, tf.math.tanh, tf.nn.ta
 _SIGMOID = {keras.activations.sigmoid, keras.ops.sigmoid, tf.sigmoid, tf.math.sigmoid,
             tf.nn.sigmoid}
 _FUSED_CHOICES = ("auto", True, False)
+_FLOAT_INPUTS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,10 +147,23 @@ def _cell_unsupported_reason(cell):
     if type(cell).call is not theirs.call:
         return f"{type(cell).__name__} overrides call()"
     if cell.activation not in _TANH:
-        return f"activation {cell.activation!r} is not tanh"
+        return f"activation {_name(cell.activation)} is not tanh"
     if ours is not SimpleRNNCell and cell.recurrent_activation not in _SIGMOID:
-        return f"recurrent_activation {cell.recurrent_activation!r} is not sigmoid"
+        return f"recurrent_activation {_name(cell.recurrent_activation)} is not sigmoid"
     return None
+
+
+def _name(function):
+    """An activation as users name it ("relu"), not as Python prints it."""
+    return getattr(function, "__name__", None) or repr(function)
+
+
+def _dropout_applies(cell):
+    """Which of the cell's dropouts Keras applies in training: (input, recurrent)."""
+    if isinstance(cell, keras.layers.SimpleRNNCell):  # applies any mask it has
+        return cell.dropout > 0, cell.recurrent_dropout > 0
+    # LSTMCell and GRUCell skip a rate of 1.
+    return 0.0 < cell.dropout < 1.0, 0.0 < cell.recurrent_dropout < 1.0
 
 
 def _dropout_masks(cell, x, h0, training, dtype):
@@ -160,21 +176,19 @@ def _dropout_masks(cell, x, h0, training, dtype):
     masks = {}
     if not training:
         return x, masks
-    simple = isinstance(cell, keras.layers.SimpleRNNCell)
-    per_gate = not simple and cell.implementation == 1
-    # LSTMCell and GRUCell skip a rate of 1; SimpleRNNCell applies any mask it has.
-    applies = (lambda rate: rate > 0) if simple else (lambda rate: 0.0 < rate < 1.0)
+    per_gate = not isinstance(cell, keras.layers.SimpleRNNCell) and cell.implementation == 1
+    input_applies, recurrent_applies = _dropout_applies(cell)
 
     def stacked(mask):
         return tf.stack([tf.cast(m, dtype) for m in (mask if per_gate else [mask])])
 
-    if applies(cell.dropout):
+    if input_applies:
         mask = cell.get_dropout_mask(x[:, 0, :])
         if per_gate:
             masks["input_dropout_mask"] = stacked(mask)
         else:
             x = x * tf.cast(mask, x.dtype)[:, None, :]
-    if applies(cell.recurrent_dropout):
+    if recurrent_applies:
         masks["recurrent_dropout_mask"] = stacked(cell.get_recurrent_dropout_mask(h0))
     return x, masks
 
@@ -188,12 +202,20 @@ def _read(variable, dtype):
     return value
 
 
-def _python_bool(value):
-    """`training` as a Python bool; a tensor counts as True unless its value is known."""
+def _static_training(value):
+    """`training` as a Python bool, or None for a tensor whose value is known only when the
+    graph runs (a symbolic `training` inside tf.function)."""
     if value is None or isinstance(value, (bool, int)):
         return bool(value)
     static = tf.get_static_value(value)
-    return True if static is None else bool(static)
+    return None if static is None else bool(static)
+
+
+def _cache_wanted():
+    """Whether the ops should keep their training cache, decided outside a tf.cond: inside
+    its branches the ops cannot see which tapes are recording."""
+    return record.could_possibly_record() or not isinstance(
+        tf.compat.v1.get_default_graph(), func_graph.FuncGraph)
 
 
 def _in_xla_context():
@@ -208,7 +230,13 @@ def _in_xla_context():
 
 
 class _FusedRNN:
-    """Mixin for a `keras.layers.RNN` subclass: runs `inner_loop` through the fused ops."""
+    """Mixin for a `keras.layers.RNN` subclass: runs `inner_loop` through the fused ops.
+
+    Keras' `RNN.call` draws the dropout masks, then calls `inner_loop`, which reads top to
+    bottom: which path (`fused_unsupported_reason`), the step mask and states, the fused ops
+    one cell after the other (`_run_cells`, `_run_cell`: dropout masks, weights, frozen
+    inputs, the op), then the outputs as Keras' loop returns them (`_keras_results`).
+    """
 
     def _init_fused(self, input_gradient, use_fused):
         if use_fused not in _FUSED_CHOICES:
@@ -216,7 +244,7 @@ class _FusedRNN:
                              f"{{'auto', True, False}}. Received: use_fused={use_fused!r}")
         self.input_gradient = bool(input_gradient)
         self.use_fused = use_fused
-        if self.fused_unsupported_reason(training=False) is None:
+        if self._config_unsupported_reason() is None:
             # The fused ops have no XLA kernels; like Keras' cuDNN path, opt out of
             # jit_compile (Keras then warns and compiles without XLA).
             self.supports_jit = False
@@ -227,12 +255,21 @@ class _FusedRNN:
             return list(cell.cells)
         return [cell]
 
-    def fused_unsupported_reason(self, training=False):
-        """None when this layer runs through the fused op, else why Keras' own loop runs.
+    # -- which path -----------------------------------------------------------------------
 
-        `training` is accepted for compatibility: no configuration depends on it any more
-        (input and recurrent dropout run fused, with Keras' masks).
+    def fused_unsupported_reason(self, training=False, inputs=None):
+        """None when a call made here runs through the fused op, else why Keras' loop runs.
+
+        Covers every fallback: the layer's configuration; with `inputs` (the call's input,
+        or anything with a `dtype`), nested inputs and a dtype other than floating point;
+        and, called inside `tf.function(jit_compile=True)`, the XLA context (the fused op
+        has no XLA kernel). `training` is accepted for compatibility: no configuration
+        depends on it (dropout runs fused, with Keras' masks; a symbolic `training` tensor
+        selects between two fused calls).
         """
+        return self._config_unsupported_reason() or _call_unsupported_reason(inputs)
+
+    def _config_unsupported_reason(self):
         if self.use_fused is False:
             return "use_fused=False"
         if self.unroll:
@@ -242,6 +279,8 @@ class _FusedRNN:
             if reason is not None:
                 return reason
         return _loader.gpu_fallback_reason()  # GPU kernels opt-in until they passed on a GPU
+
+    # -- frozen inputs --------------------------------------------------------------------
 
     def _layer_frozen(self):
         return not self.trainable
@@ -314,76 +353,86 @@ class _FusedRNN:
     # -- the loop --------------------------------------------------------------------------
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        training_flag = _python_bool(training)
-        reason = self.fused_unsupported_reason(training=training_flag)
-        if reason is None and tree.is_nested(sequences):
-            reason = "nested inputs"
-        if reason is None and _in_xla_context():
-            reason = "inside an XLA (jit_compile) function"
-        if reason is None and tf.as_dtype(sequences.dtype) not in (
-                tf.float16, tf.bfloat16, tf.float32, tf.float64):
-            reason = f"input dtype {sequences.dtype}"
+        reason = self.fused_unsupported_reason(inputs=sequences)
         if reason is not None:
-            if self.use_fused is True:
-                raise ValueError(
-                    f'Layer "{self.name}" was created with use_fused=True, but the fused op '
-                    f"cannot run this configuration: {reason}. Pass use_fused='auto' to fall "
-                    "back to Keras' own loop.")
-            return super().inner_loop(sequences, initial_state, mask=mask, training=training)
-        return self._fused_inner_loop(sequences, initial_state, mask, training_flag)
-
-    def _fused_inner_loop(self, sequences, initial_state, mask, training):
-        cells = self._rnn_cells()
-        if tree.is_nested(mask):
-            mask = tree.flatten(mask)[0]
-        if mask is not None:
-            mask = tf.convert_to_tensor(mask)
-            if mask.shape.rank == 3:
-                mask = tf.squeeze(mask, axis=2)
-            if mask.dtype != tf.bool:
-                mask = tf.cast(mask, tf.bool)
+            return self._keras_inner_loop(reason, sequences, initial_state, mask, training)
+        step_mask = _step_mask(mask)
         if not tree.is_nested(initial_state):
             initial_state = [initial_state]
-        flat_states = tree.flatten(initial_state)
+        states = tree.flatten(initial_state)
+        static_training = _static_training(training)
+        if static_training is None and any(any(_dropout_applies(cell))
+                                           for cell in self._rnn_cells()):
+            # A symbolic `training` (a tf.bool tensor inside tf.function) decides at run time
+            # whether dropout applies: one fused call for each value, the tensor picks.
+            keep_cache = _cache_wanted()
+            outputs, new_states = tf.cond(
+                training,
+                lambda: self._run_cells(sequences, states, step_mask, True, keep_cache),
+                lambda: self._run_cells(sequences, states, step_mask, False, keep_cache))
+        else:
+            outputs, new_states = self._run_cells(sequences, states, step_mask,
+                                                  bool(static_training), None)
+        return self._keras_results(outputs, new_states, mask, initial_state, sequences.dtype)
 
-        in_dtype = tf.as_dtype(sequences.dtype)
+    def _keras_inner_loop(self, reason, sequences, initial_state, mask, training):
+        if self.use_fused is True:
+            raise ValueError(
+                f'Layer "{self.name}" was created with use_fused=True, but the fused op '
+                f"cannot run this configuration: {reason}. Pass use_fused='auto' to fall "
+                "back to Keras' own loop.")
+        return super().inner_loop(sequences, initial_state, mask=mask, training=training)
+
+    def _run_cells(self, x, states, step_mask, training, keep_cache):
+        """Each cell's fused op over the whole sequence, the next reading its outputs.
+
+        Returns (outputs of the last cell [B, T, H] in processing order, final states)."""
+        in_dtype = tf.as_dtype(x.dtype)
         dtype = tf.float32 if in_dtype in (tf.float16, tf.bfloat16) else in_dtype
-        x = sequences
-        step_mask = mask
         go_backwards = self.go_backwards
         new_states = []
-        for index, cell in enumerate(cells):
-            ours, _ = _cell_kind(cell)
+        for index, cell in enumerate(self._rnn_cells()):
             n = _state_count(cell)
-            states, flat_states = flat_states[:n], flat_states[n:]
-            x, dropout = _dropout_masks(cell, x, states[0], training, dtype)
-            x = tf.cast(x, dtype)
-            states = [tf.cast(s, dtype) for s in states]
-            kernel = _read(cell.kernel, dtype)
-            recurrent_kernel = _read(cell.recurrent_kernel, dtype)
-            bias = _read(cell.bias, dtype) if cell.bias is not None else None
-            common = dict(mask=step_mask, go_backwards=go_backwards,
-                          frozen=self._frozen_inputs(cell, index == 0), **dropout)
-            if ours is LSTMCell:
-                y, h, c = _ops.lstm(x, states[0], states[1], kernel, recurrent_kernel, bias,
-                                    **common)
-                new_states += [h, c]
-            elif ours is GRUCell:
-                y, h = _ops.gru(x, states[0], kernel, recurrent_kernel, bias,
-                                reset_after=cell.reset_after, **common)
-                new_states.append(h)
-            else:
-                y, h = _ops.simple_rnn(x, states[0], kernel, recurrent_kernel, bias, **common)
-                new_states.append(h)
+            cell_states, states = states[:n], states[n:]
+            x, cell_states = self._run_cell(cell, index, x, cell_states, step_mask,
+                                            go_backwards, training, dtype, keep_cache)
+            new_states += cell_states
             # Outputs come in processing order; the next cell reads them as they are.
-            x = y
             if go_backwards and step_mask is not None:
                 step_mask = tf.reverse(step_mask, [1])
             go_backwards = False
+        return x, new_states
 
-        outputs = x
-        if mask is not None:
-            processed = tf.reverse(mask, [1]) if self.go_backwards else mask
+    def _run_cell(self, cell, index, x, states, step_mask, go_backwards, training, dtype,
+                  keep_cache):
+        """One cell's fused op: Keras' dropout masks, the weights as stored, the inputs
+        that are frozen. Returns (outputs, final states)."""
+        x, dropout = _dropout_masks(cell, x, states[0], training, dtype)
+        x = tf.cast(x, dtype)
+        states = [tf.cast(s, dtype) for s in states]
+        kernel = _read(cell.kernel, dtype)
+        recurrent_kernel = _read(cell.recurrent_kernel, dtype)
+        bias = _read(cell.bias, dtype) if cell.bias is not None else None
+        common = dict(mask=step_mask, go_backwards=go_backwards, training=keep_cache,
+                      frozen=self._frozen_inputs(cell, index == 0), **dropout)
+        ours, _ = _cell_kind(cell)
+        if ours is LSTMCell:
+            y, h, c = _ops.lstm(x, states[0], states[1], kernel, recurrent_kernel, bias,
+                                **common)
+            return y, [h, c]
+        if ours is GRUCell:
+            y, h = _ops.gru(x, states[0], kernel, recurrent_kernel, bias,
+                            reset_after=cell.reset_after, **common)
+            return y, [h]
+        y, h = _ops.simple_rnn(x, states[0], kernel, recurrent_kernel, bias, **common)
+        return y, [h]
+
+    def _keras_results(self, outputs, new_states, mask, initial_state, out_dtype):
+        """(last_output, outputs, states) as Keras' loop returns them: masked steps repeat
+        the previous output (or are zero with zero_output_for_mask), in the input's dtype."""
+        step_mask = _step_mask(mask)
+        if step_mask is not None:
+            processed = tf.reverse(step_mask, [1]) if self.go_backwards else step_mask
             if self.zero_output_for_mask:
                 keep = processed
             else:
@@ -391,13 +440,23 @@ class _FusedRNN:
                 # zero, not at the initial state: steps before the first unmasked one are 0.
                 keep = tf.math.cumsum(tf.cast(processed, tf.int32), axis=1) > 0
             outputs = tf.where(keep[:, :, None], outputs, tf.zeros_like(outputs))
-        last_output = outputs[:, -1]
-        out_dtype = in_dtype
+        last_output = tf.cast(outputs[:, -1], out_dtype)
         outputs = tf.cast(outputs, out_dtype)
-        last_output = tf.cast(last_output, out_dtype)
         new_states = [tf.cast(s, out_dtype) for s in new_states]
         packed = tree.pack_sequence_as(initial_state, new_states)
         return last_output, outputs, list(packed)
+
+    def _maybe_config_dropout_masks(self, cell, input_sequence, input_state):
+        """Keras' RNN.call draws each cell's dropout masks here, before inner_loop. For a
+        stack it runs each cell once to get the next cell's input shape, in the call's
+        training mode, which fails on a symbolic `training`; the masks do not depend on the
+        mode, so this runs those cells with training=False."""
+        if not isinstance(cell, keras.layers.StackedRNNCells):
+            return super()._maybe_config_dropout_masks(cell, input_sequence, input_state)
+        for c, s in zip(cell.cells, input_state):
+            super()._maybe_config_dropout_masks(c, input_sequence, s)
+            s = list(s) if tree.is_nested(s) else [s]
+            input_sequence, _ = c(input_sequence, s, training=False)
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         self._check_call_arguments(sequences, initial_state, mask)
@@ -406,6 +465,34 @@ class _FusedRNN:
 
     def _fused_config(self):
         return {"input_gradient": self.input_gradient, "use_fused": self.use_fused}
+
+
+def _call_unsupported_reason(inputs):
+    """Why a call with these inputs, made here, cannot run the fused op (None when it can)."""
+    if inputs is not None:
+        if tree.is_nested(inputs):
+            return "nested inputs"
+        dtype = tf.as_dtype(inputs.dtype)
+        if dtype not in _FLOAT_INPUTS:
+            return (f"input dtype {dtype.name} (the fused op takes floating-point inputs; "
+                    "Keras' loop promotes the input)")
+    if _in_xla_context():
+        return "inside an XLA (jit_compile) function: the fused op has no XLA kernel"
+    return None
+
+
+def _step_mask(mask):
+    """Keras' mask (maybe nested, maybe [B, T, 1], maybe not bool) as a [B, T] bool tensor."""
+    if tree.is_nested(mask):
+        mask = tree.flatten(mask)[0]
+    if mask is None:
+        return None
+    mask = tf.convert_to_tensor(mask)
+    if mask.shape.rank == 3:
+        mask = tf.squeeze(mask, axis=2)
+    if mask.dtype != tf.bool:
+        mask = tf.cast(mask, tf.bool)
+    return mask
 
 
 _FUSED_DOC = """

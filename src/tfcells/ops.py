@@ -244,3 +244,9 @@ def _rnn_grad(op, *output_grads):
 
 for _op_type in _CELLS_BY_OP:
     tf_ops.RegisterGradient(_op_type)(_rnn_grad)
+
+# The gradient ops' own gradient (second order, forward mode): see _second_order.
+from . import _second_order  # noqa: E402
+
+for _op_type in _CELLS_BY_OP:
+    tf_ops.RegisterGradient(_op_type + "Grad")(_second_order.gradient_of_gradient)

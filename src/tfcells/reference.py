@@ -1,31 +1,60 @@
 """Reference recurrences written with plain TensorFlow ops, one step at a time.
 
-They follow Keras' math and weight layout, share no code with the kernels, and are what the
-tests differentiate with tf.GradientTape (in float64) to check the fused ops.
+They follow Keras' math and weight layout and share no code with the kernels. The tests
+differentiate them with tf.GradientTape (in float64) to check the fused ops, and the gradient
+ops' own gradient (second order, forward mode; see `tfcells._second_order`) differentiates
+them twice: this module is the one place where the cells' math is written in TensorFlow.
+
+Each cell is a step function, (x_t, states) -> new states, run by one driver: unrolled in
+Python when the number of steps is known when the function is traced (as it always is
+eagerly), a `tf.while_loop` otherwise. Both are differentiable to any order.
 """
 
 import tensorflow as tf
 
 
-def _steps(x, mask, time_major, go_backwards):
-    """Yields (x_t, mask_t) in processing order; x_t is [B, I], mask_t [B, 1] or None."""
-    if not time_major:
-        x = tf.transpose(x, [1, 0, 2])
-        mask = None if mask is None else tf.transpose(mask)
-    order = range(x.shape[0] - 1, -1, -1) if go_backwards else range(x.shape[0])
-    for t in order:
-        yield x[t], None if mask is None else tf.cast(mask[t], x.dtype)[:, None]
-
-
 def _keep(m, new, old):
+    """A masked step (m = 0) keeps the previous state (Keras semantics)."""
     return new if m is None else m * new + (1 - m) * old
 
 
-def _stack(outputs, h0, time_major):
-    if not outputs:
-        shape = [0, h0.shape[0], h0.shape[1]] if time_major else [h0.shape[0], 0, h0.shape[1]]
-        return tf.zeros(shape, h0.dtype)
-    return tf.stack(outputs, axis=0 if time_major else 1)
+def _recur(step, x, states, mask, time_major, go_backwards):
+    """Runs `step(x_t, states) -> states` over the sequence, masked steps keeping the state.
+
+    Returns (outputs [B, T, H] or [T, B, H] in processing order, final states); the output
+    of a step is its first state.
+    """
+    xs = x if time_major else tf.transpose(x, [1, 0, 2])
+    ms = None
+    if mask is not None:
+        ms = tf.cast(mask if time_major else tf.transpose(mask), x.dtype)[:, :, None]
+    if go_backwards:
+        xs = tf.reverse(xs, [0])
+        ms = None if ms is None else tf.reverse(ms, [0])
+
+    def masked_step(x_t, m_t, states):
+        new = step(x_t, states)
+        return tuple(_keep(m_t, n, s) for n, s in zip(new, states))
+
+    states = tuple(states)
+    steps = xs.shape[0]
+    if steps is not None:
+        outputs = []
+        for t in range(steps):
+            states = masked_step(xs[t], None if ms is None else ms[t], states)
+            outputs.append(states[0])
+        ys = (tf.stack(outputs) if outputs else
+              tf.zeros(tf.concat([[0], tf.shape(states[0])], 0), x.dtype))
+    else:
+        def body(t, states, ys):
+            states = masked_step(xs[t], None if ms is None else ms[t], states)
+            return t + 1, states, ys.write(t, states[0])
+
+        n = tf.shape(xs)[0]
+        ys = tf.TensorArray(x.dtype, size=n, element_shape=states[0].shape)
+        _, states, ys = tf.while_loop(lambda t, *_: t < n, body, (0, states, ys))
+        ys = ys.stack()
+    return (ys if time_major else tf.transpose(ys, [1, 0, 2])), states
 
 
 def _products(v, dropout, w, gates):
@@ -39,18 +68,18 @@ def _products(v, dropout, w, gates):
 
 def lstm(x, h0, c0, kernel, recurrent_kernel, bias=None, mask=None, time_major=False,
          go_backwards=False, input_dropout_mask=None, recurrent_dropout_mask=None):
-    h, c, outputs = h0, c0, []
-    for x_t, m in _steps(x, mask, time_major, go_backwards):
+    def step(x_t, states):
+        h, c = states
         z = (_products(x_t, input_dropout_mask, kernel, 4) +
              _products(h, recurrent_dropout_mask, recurrent_kernel, 4))
         if bias is not None:
             z = z + bias
         zi, zf, zc, zo = tf.split(z, 4, axis=1)
         c_new = tf.sigmoid(zf) * c + tf.sigmoid(zi) * tf.tanh(zc)
-        h_new = tf.sigmoid(zo) * tf.tanh(c_new)
-        h, c = _keep(m, h_new, h), _keep(m, c_new, c)
-        outputs.append(h)
-    return _stack(outputs, h0, time_major), h, c
+        return tf.sigmoid(zo) * tf.tanh(c_new), c_new
+
+    outputs, (h, c) = _recur(step, x, (h0, c0), mask, time_major, go_backwards)
+    return outputs, h, c
 
 
 def gru(x, h0, kernel, recurrent_kernel, bias=None, mask=None, reset_after=True,
@@ -58,8 +87,9 @@ def gru(x, h0, kernel, recurrent_kernel, bias=None, mask=None, reset_after=True,
         recurrent_dropout_mask=None):
     units = recurrent_kernel.shape[0]
     rec_drop = recurrent_dropout_mask
-    h, outputs = h0, []
-    for x_t, m in _steps(x, mask, time_major, go_backwards):
+
+    def step(x_t, states):
+        (h,) = states
         xz = _products(x_t, input_dropout_mask, kernel, 3)
         if bias is not None:
             xz = xz + (bias[0] if reset_after else bias)
@@ -79,19 +109,21 @@ def gru(x, h0, kernel, recurrent_kernel, bias=None, mask=None, reset_after=True,
             r = tf.sigmoid(x_r + r_zr[:, units:])
             h_h = h if rec_drop is None else h * rec_drop[2]
             hh = tf.tanh(x_h + tf.matmul(r * h_h, recurrent_kernel[:, 2 * units:]))
-        h = _keep(m, z * h + (1 - z) * hh, h)
-        outputs.append(h)
-    return _stack(outputs, h0, time_major), h
+        return (z * h + (1 - z) * hh,)
+
+    outputs, (h,) = _recur(step, x, (h0,), mask, time_major, go_backwards)
+    return outputs, h
 
 
 def simple_rnn(x, h0, kernel, recurrent_kernel, bias=None, mask=None, time_major=False,
                go_backwards=False, input_dropout_mask=None, recurrent_dropout_mask=None):
-    h, outputs = h0, []
-    for x_t, m in _steps(x, mask, time_major, go_backwards):
+    def step(x_t, states):
+        (h,) = states
         z = (_products(x_t, input_dropout_mask, kernel, 1) +
              _products(h, recurrent_dropout_mask, recurrent_kernel, 1))
         if bias is not None:
             z = z + bias
-        h = _keep(m, tf.tanh(z), h)
-        outputs.append(h)
-    return _stack(outputs, h0, time_major), h
+        return (tf.tanh(z),)
+
+    outputs, (h,) = _recur(step, x, (h0,), mask, time_major, go_backwards)
+    return outputs, h
