@@ -40,10 +40,10 @@ void SplitGemm(const CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k
     return;
   }
   int tasks = be.runner ? be.max_tasks : 1;
-  if (2.0 * m * n * k < CpuBackend::kMinParallelGemmFlops) tasks = 1;
+  if (2.0 * m * n * k < cpu_tuning::kMinParallelGemmFlops) tasks = 1;
   // Split the larger side of C into contiguous blocks, one per task.
   const bool by_rows = m >= n;
-  const Index extent = by_rows ? m : n, align = by_rows ? 8 : 16;
+  const Index extent = by_rows ? m : n, align = by_rows ? cpu_tuning::kSplitRowAlign : cpu_tuning::kSplitColAlign;
   const Index block = ((extent + tasks - 1) / tasks + align - 1) / align * align;
   tasks = static_cast<int>(std::min<Index>(tasks, (extent + block - 1) / block));
   if (tasks <= 1) {
