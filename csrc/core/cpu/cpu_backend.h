@@ -55,7 +55,9 @@ struct CpuBackend {
   void ForRowShards(Index rows, double step_flops, const F& fn) {
     // One shard per thread: more would run the caller beside all of the pool's threads
     // (heavier tails measured, same median).
-    int tasks = runner ? static_cast<int>(std::min<Index>(max_tasks, rows / cpu_tuning::kMinShardRows)) : 1;
+    int tasks =
+        runner ? static_cast<int>(std::min<Index>(max_tasks, rows / cpu_tuning::kMinShardRows))
+               : 1;
     if (tasks < max_tasks && step_flops >= cpu_tuning::kMaxShardedStepFlops) tasks = 1;
     if (tasks <= 1) return fn(*this, Index(0), rows);
     (*runner)(tasks, [&](int task) {  // near-equal shards, none empty (tasks <= rows)
@@ -98,7 +100,8 @@ struct CpuBackend {
   void ColumnSum(Index rows, Index cols, const T* a, Index lda, T* out) {
     constexpr Index kAlign = cpu_tuning::kColumnSumAlign;
     const int tasks = (runner && rows * cols >= cpu_tuning::kMinParallelElements)
-                          ? static_cast<int>(std::min<Index>(max_tasks, (cols + kAlign - 1) / kAlign))
+                          ? static_cast<int>(std::min<Index>(max_tasks, (cols + kAlign - 1) /
+                                                                              kAlign))
                           : 1;
     const Index block = ((cols + tasks - 1) / tasks + kAlign - 1) / kAlign * kAlign;
     auto sum = [&](int task) {

@@ -131,8 +131,8 @@ class PackedOperand {
       const Index blocks = (m + kRows - 1) / kRows, height = m / blocks, taller = m % blocks;
       for (Index blk = 0, i = 0; blk < blocks; ++blk) {
         const Index rows = height + (blk < taller ? 1 : 0);
-        step_gemm::Rows<T, ROWS, VECS>(rows, k_, a + i * lda, lda, panel, beta, c + i * ldc + j, ldc,
-                                  cols);
+        step_gemm::Rows<T, ROWS, VECS>(rows, k_, a + i * lda, lda, panel, beta, c + i * ldc + j,
+                                       ldc, cols);
         i += rows;
       }
     }
