@@ -2,6 +2,7 @@
 
 from . import _build_info
 from ._loader import c_library as _c_library
+from . import _tfcells_core
 from . import ops
 from .ops import lstm, gru, simple_rnn
 from .layers import LSTM, GRU, SimpleRNN, LSTMCell, GRUCell, SimpleRNNCell, RNN
@@ -10,13 +11,18 @@ __version__ = _build_info.VERSION
 
 
 def build_info():
-    """How this tfcells was built: versions, and whether CUDA kernels were compiled."""
+    """How this tfcells was built and runs: versions, whether CUDA kernels were compiled, and
+    the CPU kernels' ISA level: `cpu_isa` the one running (the best this machine supports, or
+    the one the environment variable TFCELLS_CPU_ISA named at import), `cpu_isas` every level
+    of this build this machine can run, lowest first."""
     return {
         "version": _build_info.VERSION,
         "tensorflow_version": _build_info.TENSORFLOW_VERSION,
         "cuda": _build_info.CUDA,
         "compiler": _build_info.COMPILER,
         "native_arch": _build_info.NATIVE_ARCH,
+        "cpu_isa": _tfcells_core.cpu_isa(),
+        "cpu_isas": _tfcells_core.cpu_isas(),
     }
 
 
