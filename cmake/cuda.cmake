@@ -55,7 +55,7 @@ endif()
 if(TFCELLS_CUDA)
   # --- framework-free CUDA backend (static, position-independent, symbols hidden) ------------
   # plan.cc is compiled here again rather than taken from tfcells_core, so that none of
-  # tfcells_core's flags (-march=native, sanitizers) or its OpenBLAS reach these targets.
+  # tfcells_core's flags (per-level ISA flags, sanitizers) or its OpenBLAS reach these targets.
   add_library(tfcells_cuda STATIC
     csrc/cuda/cuda_rnn_f32.cu
     csrc/cuda/cuda_rnn_f64.cu

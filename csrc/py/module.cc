@@ -198,4 +198,9 @@ PYBIND11_MODULE(_tfcells_core, m) {
   tfcells::Bind<float>(m);
   tfcells::Bind<double>(m);
   tfcells::AddTables(m);
+  // Run-time CPU dispatch (csrc/core/cpu/cpu_rnn.h); cpu_isa raises ValueError for a bad
+  // TFCELLS_CPU_ISA.
+  m.def("cpu_isa", &tfcells::CpuIsa);
+  m.def("cpu_isas", &tfcells::CpuIsas);
+  m.def("cpu_isas_built", &tfcells::CpuIsasBuilt);
 }

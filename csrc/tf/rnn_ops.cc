@@ -4,6 +4,7 @@
 #include <new>
 
 #include "../core/cpu/cpu_rnn.h"
+#include "../core/cpu/cpu_tuning.h"
 #include "rnn_kernels.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
@@ -120,15 +121,12 @@ struct CpuLauncher {
     WithPool(ctx, [&](const CpuOptions& options) { BackwardCpu(a, options); });
   }
 
-  // ParallelFor hands out single units (one task each) when their cost is this high.
-  static constexpr std::int64_t kOneTaskPerUnitCost = 1'000'000'000;
-
   template <typename Run>
   static void WithPool(tensorflow::OpKernelContext* ctx, const Run& run) {
     const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
     tensorflow::thread::ThreadPool* pool = workers->workers;
     const ParallelRunner runner = [pool](int tasks, const std::function<void(int)>& fn) {
-      pool->ParallelFor(tasks, kOneTaskPerUnitCost, [&fn](std::int64_t begin, std::int64_t end) {
+      pool->ParallelFor(tasks, cpu_tuning::kPoolCostPerTask, [&fn](std::int64_t begin, std::int64_t end) {
         for (std::int64_t i = begin; i < end; ++i) fn(static_cast<int>(i));
       });
     };

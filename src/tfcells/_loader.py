@@ -29,6 +29,17 @@ def _check_tensorflow_version():
         )
 
 
+def _check_cpu_isa():
+    """The CPU kernels' ISA level, chosen when the core loads (TFCELLS_CPU_ISA caps it); a bad
+    TFCELLS_CPU_ISA fails the import with the valid choices."""
+    from . import _tfcells_core
+    try:
+        return _tfcells_core.cpu_isa()
+    except ValueError as error:
+        raise ImportError(str(error)) from None
+
+
+CPU_ISA = _check_cpu_isa()
 _check_tensorflow_version()
 ops_module = tf.load_op_library(OPS_LIBRARY_PATH)
 # The same library, for the few plain C functions it exports (work counters, thread control).
@@ -36,6 +47,14 @@ c_library = ctypes.CDLL(OPS_LIBRARY_PATH)
 c_library.tfcells_work_counters.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
 c_library.tfcells_set_gemm_threads.argtypes = [ctypes.c_int]
 c_library.tfcells_gemm_threads.restype = ctypes.c_int
+c_library.tfcells_cpu_isa.restype = ctypes.c_char_p
+c_library.tfcells_cpu_isa_error.restype = ctypes.c_char_p
+# The op library links its own copy of the core, which chose its level when it loaded.
+if c_library.tfcells_cpu_isa().decode() != CPU_ISA:
+    raise ImportError(
+        f"tfcells' op library chose CPU level {c_library.tfcells_cpu_isa().decode()!r} "
+        f"({c_library.tfcells_cpu_isa_error().decode()}), its NumPy module {CPU_ISA!r}: was "
+        "TFCELLS_CPU_ISA changed while tfcells was importing?")
 
 # GPU kernels live in their own library (the ops are registered by the CPU one). Loaded only into
 # a CUDA build of TensorFlow (tensorflow-cpu has no GPU device to run them on), of the CUDA major

@@ -2,6 +2,7 @@
 
 from . import _build_info
 from ._loader import c_library as _c_library
+from . import _tfcells_core
 from . import ops
 from .ops import lstm, gru, simple_rnn
 from .layers import LSTM, GRU, SimpleRNN, LSTMCell, GRUCell, SimpleRNNCell, RNN
@@ -27,9 +28,12 @@ def _gpu_kernels_reason():
 
 
 def build_info():
-    """How this tfcells was built: versions, whether CUDA kernels were compiled ("cuda"), and
-    whether they can run here ("gpu_kernels_usable": a CUDA build of TensorFlow, the GPU
-    library loaded, a GPU visible; else "gpu_kernels_reason" says why not)."""
+    """How this tfcells was built and runs: versions, whether CUDA kernels were compiled ("cuda")
+    and whether they can run here ("gpu_kernels_usable": a CUDA build of TensorFlow, the GPU
+    library loaded, a GPU visible; else "gpu_kernels_reason" says why not), and the CPU kernels'
+    ISA level: `cpu_isa` the one running (the best this machine supports, or the one the
+    environment variable TFCELLS_CPU_ISA named at import), `cpu_isas` every level of this build
+    this machine can run, lowest first."""
     reason = _gpu_kernels_reason()
     return {
         "version": _build_info.VERSION,
@@ -39,6 +43,8 @@ def build_info():
         "gpu_kernels_reason": reason,
         "compiler": _build_info.COMPILER,
         "native_arch": _build_info.NATIVE_ARCH,
+        "cpu_isa": _tfcells_core.cpu_isa(),
+        "cpu_isas": _tfcells_core.cpu_isas(),
     }
 
 

@@ -7,6 +7,7 @@
 
 #include "../common.h"
 #include "cpu_rnn.h"
+#include "cpu_tuning.h"
 #include "step_gemm.h"
 
 namespace tfcells {
@@ -14,14 +15,7 @@ TFCELLS_ISA_BEGIN
 
 struct CpuBackend {
   static constexpr InputProjection kInputProjection = kCpuInputProjection;
-  static constexpr Index kMinParallelElements = 8192;
-  // The packed step GEMM runs at full rate from 8 rows on (m = 8: 113 GFLOP/s/core here, as
-  // at m = 64), so a batch shard needs no more.
-  static constexpr Index kMinShardRows = 8;
-  static constexpr double kMaxShardedStepFlops = 16e6;
-  // Below this many flops a GEMM runs on the calling thread: splitting a per-step GEMM of a
-  // small layer costs more in hand-offs than it saves.
-  static constexpr double kMinParallelGemmFlops = 4e6;
+  // Tuning constants: cpu_tuning.h.
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;
 
@@ -42,7 +36,7 @@ struct CpuBackend {
                 Index ldc) {
     const Index panels = w.Panels();
     if (m == 0 || panels == 0) return;
-    const int tasks = (runner && 2.0 * m * w.n() * w.k() >= kMinParallelGemmFlops)
+    const int tasks = (runner && 2.0 * m * w.n() * w.k() >= cpu_tuning::kMinParallelGemmFlops)
                           ? static_cast<int>(std::min<Index>(max_tasks, panels))
                           : 1;
     if (tasks <= 1) return w.Multiply(m, a, lda, beta, c, ldc, 0, panels);
@@ -61,9 +55,11 @@ struct CpuBackend {
   template <typename F>
   void ForRowShards(Index rows, double step_flops, const F& fn) {
     // One shard per thread: more would run the caller beside all of the pool's threads
-    // (measured: heavier tails, GRU p90 35-40 ms against 28-32, same median).
-    int tasks = runner ? static_cast<int>(std::min<Index>(max_tasks, rows / kMinShardRows)) : 1;
-    if (tasks < max_tasks && step_flops >= kMaxShardedStepFlops) tasks = 1;
+    // (heavier tails measured, same median).
+    int tasks =
+        runner ? static_cast<int>(std::min<Index>(max_tasks, rows / cpu_tuning::kMinShardRows))
+               : 1;
+    if (tasks < max_tasks && step_flops >= cpu_tuning::kMaxShardedStepFlops) tasks = 1;
     if (tasks <= 1) return fn(*this, Index(0), rows);
     (*runner)(tasks, [&](int task) {  // near-equal shards, none empty (tasks <= rows)
       CpuBackend shard;  // sequential inside the shard
@@ -74,7 +70,7 @@ struct CpuBackend {
   // Rows are split across the pool when there is enough work to pay for the hand-off.
   template <typename F>
   void ForEach(Index rows, Index cols, const F& functor) {
-    const int tasks = (runner && rows * cols >= kMinParallelElements)
+    const int tasks = (runner && rows * cols >= cpu_tuning::kMinParallelElements)
                           ? static_cast<int>(std::min<Index>(max_tasks, rows))
                           : 1;
     if (tasks <= 1) return ForEachRow(0, rows, cols, functor);
@@ -103,10 +99,12 @@ struct CpuBackend {
   // summation order (row by row) does not depend on the split, so results are deterministic.
   template <typename T>
   void ColumnSum(Index rows, Index cols, const T* a, Index lda, T* out) {
-    const int tasks = (runner && rows * cols >= kMinParallelElements)
-                          ? static_cast<int>(std::min<Index>(max_tasks, (cols + 15) / 16))
+    constexpr Index kAlign = cpu_tuning::kColumnSumAlign;
+    const int tasks = (runner && rows * cols >= cpu_tuning::kMinParallelElements)
+                          ? static_cast<int>(std::min<Index>(max_tasks, (cols + kAlign - 1) /
+                                                                              kAlign))
                           : 1;
-    const Index block = ((cols + tasks - 1) / tasks + 15) / 16 * 16;
+    const Index block = ((cols + tasks - 1) / tasks + kAlign - 1) / kAlign * kAlign;
     auto sum = [&](int task) {
       const Index begin = task * block, end = std::min(cols, begin + block);
       for (Index j = begin; j < end; ++j) out[j] = T(0);

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <functional>
+#include <string>
+#include <vector>
 
 #include "../rnn.h"
 
@@ -27,9 +29,10 @@ void ForwardCpu(const ForwardArgs<double>& args, const CpuOptions& options = {})
 void BackwardCpu(const BackwardArgs<float>& args, const CpuOptions& options = {});
 void BackwardCpu(const BackwardArgs<double>& args, const CpuOptions& options = {});
 
-// A step's GEMMs alone, as this backend runs them inside the ops, on `threads` std::threads:
-// the benchmark's GEMM floor times them. out[m, n] = op(a[t])·w for t = 0..count-1, with
-// w [k, n] and a [count, m, k] (trans_a: a [1, k, m], read transposed), all row-major.
+// Benchmark-only, defined by the tfcells_bench target (csrc/bench/products.cc), which only the
+// _tfcells_core module links. A step's GEMMs alone, as this backend runs them inside the ops,
+// on `threads` warm worker threads: the benchmark's GEMM floor times them.
+// out[m, n] = op(a[t])·w for t = 0..count-1, with w [k, n] and a [count, m, k] (trans_a: a [1, k, m], read transposed), all row-major.
 //   count == 1: one large GEMM split across the threads (the input projection, dx, dW);
 //   count > 1:  the recurrence's per-step products (no trans_a): w packed once, then batch
 //               shards or split steps, by the ops' own rules.
@@ -41,5 +44,22 @@ void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const dou
 // Cap on the parallel pieces of one GEMM; 0 (the default) lets the caller's pool decide.
 void SetCpuGemmThreads(int threads);
 int CpuGemmThreads();
+
+// Run-time ISA dispatch (cpu_isa.cc). The CPU kernels are compiled once per ISA level
+// (x86-64, x86-64-v3, x86-64-v4, avx512-bf16, amx; or one "native" level); when the library
+// loads it picks the best level this CPU and OS support, or the one the environment variable
+// TFCELLS_CPU_ISA names.
+//
+// The level the kernels run at. Throws std::invalid_argument, as every entry point above does,
+// when TFCELLS_CPU_ISA names no level of this build or one this machine cannot run (the message
+// lists the valid choices).
+std::string CpuIsa();
+// Every level of this build this machine can run, lowest first.
+std::vector<std::string> CpuIsas();
+// Every level of this build, lowest first.
+std::vector<std::string> CpuIsasBuilt();
+// Runs the kernels at `level` from now on ("" : the best); for the self-test and timings that
+// compare levels in one process. Throws as CpuIsa does for an invalid level.
+void SetCpuIsa(const std::string& level);
 
 }  // namespace tfcells

@@ -8,13 +8,15 @@
 //    pass, and never writes to the buffers of the others;
 //  - with a thread-pool runner (batch shards, split GEMMs and loops) the results match the
 //    sequential ones;
-//  - a buffer smaller than the call plan asks for is refused before anything runs.
+//  - a buffer smaller than the call plan asks for is refused before anything runs;
+// and all of it once per ISA level of the kernels that this machine runs (argv[1]: one level).
 #include <cmath>
 #include <cstdio>
 #include <functional>
 #include <limits>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -281,7 +283,7 @@ void RunParallel(const Case& cs, unsigned seed, int max_tasks) {
 }  // namespace
 }  // namespace tfcells
 
-int main() {
+int main(int argc, char** argv) {
   using namespace tfcells;
   const struct {
     CellKind cell;
@@ -296,31 +298,57 @@ int main() {
                              {3, 0, 2, 3}, {3, 2, 4, 0}, {2, 3, 3, 1},
                              {2, 13, 3, 17}};  // T, B, I, H
   int cases = 0;
-  unsigned seed = 1;
-  for (const auto& c : cells)
-    for (const auto& s : shapes)
-      for (int layout = 0; layout < 4; ++layout)
-        for (int flags = 0; flags < 8; ++flags) {
-          Case cs{c.cell, c.name, {}, bool(flags & 1), bool(flags & 2), bool(flags & 4)};
+  // Every level of the build that this machine runs (the first argument: only that one).
+  std::vector<std::string> levels = CpuIsasBuilt();
+  if (argc > 1) levels = {argv[1]};
+  int levels_run = 0;
+  for (const std::string& level : levels) {
+    try {
+      SetCpuIsa(level);
+    } catch (const std::invalid_argument& e) {
+      std::printf("  level %s: skipped, %s\n", level.c_str(), e.what());
+      continue;
+    }
+    EXPECT(CpuIsa() == level, "SetCpuIsa");
+    ++levels_run;
+    const int before = cases, failed = failures;
+    unsigned seed = 1;
+    for (const auto& c : cells)
+      for (const auto& s : shapes)
+        for (int layout = 0; layout < 4; ++layout)
+          for (int flags = 0; flags < 8; ++flags) {
+            Case cs{c.cell, c.name, {}, bool(flags & 1), bool(flags & 2), bool(flags & 4)};
+            cs.d.T = s[0], cs.d.B = s[1], cs.d.I = s[2], cs.d.H = s[3];
+            cs.d.time_major = layout & 1;
+            cs.d.go_backwards = layout & 2;
+            Run(cs, seed++);
+            ++cases;
+          }
+    // T, B, I, H, tasks. The last: many more shards than a batch of 330 divides evenly into
+    // (a machine with 40 threads), where equal-size blocks would leave the last ones empty.
+    const Index parallel_shapes[][5] = {
+        {5, 50, 3, 6, 3}, {3, 32, 5, 300, 3}, {2, 330, 3, 5, 40}};
+    for (const auto& c : cells)
+      for (const auto& s : parallel_shapes)
+        for (int layout = 0; layout < 4; ++layout) {
+          Case cs{c.cell, c.name, {}, true, layout < 2, layout == 1 || layout == 2};
           cs.d.T = s[0], cs.d.B = s[1], cs.d.I = s[2], cs.d.H = s[3];
           cs.d.time_major = layout & 1;
           cs.d.go_backwards = layout & 2;
-          Run(cs, seed++);
+          RunParallel(cs, seed++, static_cast<int>(s[4]));
           ++cases;
         }
-  // T, B, I, H, tasks. The last: many more shards than a batch of 330 divides evenly into
-  // (a machine with 40 threads), where equal-size blocks would leave the last ones empty.
-  const Index parallel_shapes[][5] = {{5, 50, 3, 6, 3}, {3, 32, 5, 300, 3}, {2, 330, 3, 5, 40}};
-  for (const auto& c : cells)
-    for (const auto& s : parallel_shapes)
-      for (int layout = 0; layout < 4; ++layout) {
-        Case cs{c.cell, c.name, {}, true, layout < 2, layout == 1 || layout == 2};
-        cs.d.T = s[0], cs.d.B = s[1], cs.d.I = s[2], cs.d.H = s[3];
-        cs.d.time_major = layout & 1;
-        cs.d.go_backwards = layout & 2;
-        RunParallel(cs, seed++, static_cast<int>(s[4]));
-        ++cases;
-      }
+    std::printf("  level %s: %d cases, %d failures\n", level.c_str(), cases - before,
+                failures - failed);
+  }
+  EXPECT(levels_run > 0, "no level ran");
+  // A level that does not exist is refused with the valid choices.
+  try {
+    SetCpuIsa("x86-64-v9");
+    EXPECT(false, "SetCpuIsa(x86-64-v9) accepted");
+  } catch (const std::invalid_argument& e) {
+    EXPECT(std::string(e.what()).find("valid choices: ") != std::string::npos, "level error");
+  }
   // Shapes whose GEMMs would overflow the BLAS' 32-bit sizes are refused before any buffer
   // exists (only shapes are passed here).
   {

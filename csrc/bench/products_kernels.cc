@@ -1,0 +1,35 @@
+// The GEMM floor's products at one ISA level (compiled once per level, as
+// csrc/core/cpu/cpu_kernels.cc is): through the backend, sharding and split rules the ops use.
+#include <algorithm>
+
+#include "../core/cpu/cpu_backend.h"
+#include "../core/cpu/cpu_dispatch.h"
+#include "products.h"
+
+namespace tfcells {
+TFCELLS_ISA_BEGIN
+namespace {
+
+template <typename T>
+void Products(Index count, bool trans_a, Index m, Index k, Index n, const T* a, const T* w,
+              T* out, const CpuOptions& options) {
+  CpuBackend be;
+  be.runner = options.runner;
+  be.max_tasks = options.max_tasks;
+  if (count == 1) return be.Gemm(trans_a, false, m, n, k, a, trans_a ? m : k, w, n, T(0), out, n);
+  const auto operand = be.StepOperand(false, k, n, w, n);
+  be.ForRowShards(m, 2.0 * m * k * n, [&](CpuBackend& shard, Index b0, Index b1) {
+    for (Index t = 0; t < count; ++t)
+      shard.StepGemm(b1 - b0, a + (t * m + b0) * k, k, operand, T(0), out + b0 * n, n);
+  });
+}
+
+}  // namespace
+TFCELLS_ISA_END
+
+const ProductsKernels& TFCELLS_LEVEL_NAME(ProductsKernelsOf_, TFCELLS_ISA)() {
+  static constexpr ProductsKernels kKernels = {&Products<float>, &Products<double>};
+  return kKernels;
+}
+
+}  // namespace tfcells

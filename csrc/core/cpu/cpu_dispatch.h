@@ -1,0 +1,30 @@
+// Inside the CPU backend: the kernels of one ISA level, as the dispatcher calls them.
+// cpu_kernels.cc is compiled once per level (cmake/cpu_levels.cmake); each compilation defines
+// CpuKernelsOf_<namespace>(), and the dispatcher (cpu_rnn.cc, compiled once) calls the chosen
+// level's.
+#pragma once
+
+#include "cpu_rnn.h"
+
+// CpuKernelsOf_isa_x86_64_v3 for TFCELLS_ISA = isa_x86_64_v3.
+#define TFCELLS_LEVEL_NAME2(prefix, id) prefix##id
+#define TFCELLS_LEVEL_NAME(prefix, id) TFCELLS_LEVEL_NAME2(prefix, id)
+
+namespace tfcells {
+
+// Same signatures as ForwardCpu/BackwardCpu; options already capped (CpuRunOptions).
+struct CpuKernels {
+  void (*forward_f32)(const ForwardArgs<float>&, const CpuOptions&);
+  void (*forward_f64)(const ForwardArgs<double>&, const CpuOptions&);
+  void (*backward_f32)(const BackwardArgs<float>&, const CpuOptions&);
+  void (*backward_f64)(const BackwardArgs<double>&, const CpuOptions&);
+};
+
+// Position of the chosen level in TFCELLS_CPU_LEVELS (tfcells_cpu_levels.h, generated);
+// throws std::invalid_argument when TFCELLS_CPU_ISA was not a level this machine runs.
+int CpuIsaIndex();
+
+// The caller's options with SetCpuGemmThreads' cap applied (and OpenBLAS set to one thread).
+CpuOptions CpuRunOptions(const CpuOptions& options);
+
+}  // namespace tfcells

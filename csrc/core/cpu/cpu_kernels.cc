@@ -1,0 +1,98 @@
+// The CPU kernels of one ISA level: compiled once per level with -DTFCELLS_ISA=<namespace> and
+// that level's flags (cmake/cpu_levels.cmake). Nothing here may run at load (no static
+// initialisers: the build refuses them), and nothing outside the level's namespace is defined
+// here but CpuKernelsOf_<namespace>().
+#include <cblas.h>
+
+#include <algorithm>
+
+#include "cpu_backend.h"
+#include "cpu_dispatch.h"
+
+namespace tfcells {
+TFCELLS_ISA_BEGIN
+namespace {
+
+CBLAS_TRANSPOSE Op(bool trans) { return trans ? CblasTrans : CblasNoTrans; }
+
+void Blas(bool ta, bool tb, Index m, Index n, Index k, const float* a, Index lda,
+          const float* b, Index ldb, float beta, float* c, Index ldc) {
+  scipy_cblas_sgemm(CblasRowMajor, Op(ta), Op(tb), m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+}
+void Blas(bool ta, bool tb, Index m, Index n, Index k, const double* a, Index lda,
+          const double* b, Index ldb, double beta, double* c, Index ldc) {
+  scipy_cblas_dgemm(CblasRowMajor, Op(ta), Op(tb), m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc);
+}
+
+template <typename T>
+void SplitGemm(const CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k, const T* a,
+               Index lda, const T* b, Index ldb, T beta, T* c, Index ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // BLAS rejects k == 0 (its leading dimensions would be 0): C = beta * C
+    for (Index i = 0; i < m; ++i)
+      for (Index j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  int tasks = be.runner ? be.max_tasks : 1;
+  if (2.0 * m * n * k < cpu_tuning::kMinParallelGemmFlops) tasks = 1;
+  // Split the larger side of C into contiguous blocks, one per task.
+  const bool by_rows = m >= n;
+  const Index extent = by_rows ? m : n;
+  const Index align = by_rows ? cpu_tuning::kSplitRowAlign : cpu_tuning::kSplitColAlign;
+  const Index block = ((extent + tasks - 1) / tasks + align - 1) / align * align;
+  tasks = static_cast<int>(std::min<Index>(tasks, (extent + block - 1) / block));
+  if (tasks <= 1) {
+    Blas(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  (*be.runner)(tasks, [&](int task) {
+    const Index begin = task * block, size = std::min(block, extent - begin);
+    if (by_rows)  // rows of C are rows of op(A)
+      Blas(ta, tb, size, n, k, ta ? a + begin : a + begin * lda, lda, b, ldb, beta,
+           c + begin * ldc, ldc);
+    else  // columns of C are columns of op(B)
+      Blas(ta, tb, m, size, k, a, lda, tb ? b + begin * ldb : b + begin, ldb, beta, c + begin,
+           ldc);
+  });
+}
+
+CpuBackend MakeBackend(const CpuOptions& options) {
+  CpuBackend be;
+  be.runner = options.runner;
+  be.max_tasks = options.max_tasks;
+  return be;
+}
+
+template <typename T>
+void RunForward(const ForwardArgs<T>& args, const CpuOptions& options) {
+  CpuBackend be = MakeBackend(options);
+  Forward(be, args);
+}
+template <typename T>
+void RunBackward(const BackwardArgs<T>& args, const CpuOptions& options) {
+  CpuBackend be = MakeBackend(options);
+  Backward(be, args);
+}
+
+}  // namespace
+
+void CpuBackend::Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a,
+                      Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) {
+  SplitGemm(*this, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+
+void CpuBackend::Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const double* a,
+                      Index lda, const double* b, Index ldb, double beta, double* c,
+                      Index ldc) {
+  SplitGemm(*this, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+
+TFCELLS_ISA_END
+
+const CpuKernels& TFCELLS_LEVEL_NAME(CpuKernelsOf_, TFCELLS_ISA)() {
+  static constexpr CpuKernels kKernels = {&RunForward<float>, &RunForward<double>,
+                                          &RunBackward<float>, &RunBackward<double>};
+  return kKernels;
+}
+
+}  // namespace tfcells

@@ -1,0 +1,53 @@
+// Every tuning constant of the CPU backend, each with the reason for its value. Measured
+// figures belong in the README and the benchmarks, not here. This header is compiled once per
+// ISA level (csrc/core/cpu/cpu_kernels.cc), so a constant may differ by vector width.
+#pragma once
+
+#include <cstdint>
+
+#include "../common.h"
+
+namespace tfcells {
+TFCELLS_ISA_BEGIN
+namespace cpu_tuning {
+
+// The same on every level: they weigh thread hand-offs, not vector units.
+
+// A pointwise loop or column sum smaller than this runs on the calling thread: below it the
+// hand-off to the pool costs more than the loop.
+constexpr Index kMinParallelElements = 8192;
+// Rows a batch shard needs: the packed step GEMM runs at full rate from this many rows on.
+constexpr Index kMinShardRows = 8;
+// With fewer rows than one shard per thread, a step of at least this many flops is split
+// across the pool instead (per-step hand-offs then pay for themselves).
+constexpr double kMaxShardedStepFlops = 16e6;
+// Below this many flops a GEMM runs on the calling thread: splitting it costs more in
+// hand-offs than it saves.
+constexpr double kMinParallelGemmFlops = 4e6;
+// Split a large BLAS GEMM on multiples of these (rows of C / columns of C), so every piece
+// keeps whole register blocks of the BLAS kernel.
+constexpr Index kSplitRowAlign = 8, kSplitColAlign = 16;
+// Column sums split on multiples of this many columns: whole cache lines per task.
+constexpr Index kColumnSumAlign = 16;
+
+// For csrc/tf's CpuLauncher (TensorFlow's ParallelFor cost_per_unit): a cost so high that
+// ParallelFor hands every task its own shard, never several tasks to one thread.
+constexpr std::int64_t kPoolCostPerTask = 1'000'000'000;
+
+// The packed step GEMM's register blocking (step_gemm.h): kStepRows rows of A against a panel
+// of kStepPanelVectors vectors of columns. kStepRows * kStepPanelVectors accumulators, the
+// panel's vectors and one broadcast must fit the register file.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+constexpr int kStepRows = 12, kStepPanelVectors = 2;  // 32 zmm registers: 24 + 2 + 1
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+constexpr int kStepRows = 6, kStepPanelVectors = 2;  // 16 ymm registers: 12 + 2 + 1
+#else
+constexpr int kVectorBytes = 16;
+constexpr int kStepRows = 6, kStepPanelVectors = 2;  // 16 xmm registers: 12 + 2 + 1
+#endif
+
+}  // namespace cpu_tuning
+TFCELLS_ISA_END
+}  // namespace tfcells
