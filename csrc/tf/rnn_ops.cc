@@ -126,9 +126,10 @@ struct CpuLauncher {
     const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
     tensorflow::thread::ThreadPool* pool = workers->workers;
     const ParallelRunner runner = [pool](int tasks, const std::function<void(int)>& fn) {
-      pool->ParallelFor(tasks, cpu_tuning::kPoolCostPerTask, [&fn](std::int64_t begin, std::int64_t end) {
-        for (std::int64_t i = begin; i < end; ++i) fn(static_cast<int>(i));
-      });
+      pool->ParallelFor(tasks, cpu_tuning::kPoolCostPerTask,
+                        [&fn](std::int64_t begin, std::int64_t end) {
+                          for (std::int64_t i = begin; i < end; ++i) fn(static_cast<int>(i));
+                        });
     };
     CpuOptions options;
     options.runner = &runner;
