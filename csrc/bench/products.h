@@ -1,10 +1,22 @@
-// Inside the benchmark target: the products of one ISA level (products_kernels.cc, compiled
-// once per level), as ProductsCpu (products.cc) calls them.
+// The benchmark target's products: ProductsCpu for the GEMM floor, and the kernels of one ISA
+// level (products_kernels.cc, compiled once per level) that it calls.
 #pragma once
 
 #include "../core/cpu/cpu_rnn.h"
 
 namespace tfcells {
+
+// Benchmark-only (products.cc; only the _tfcells_core module links this target). A step's GEMMs
+// alone, as the CPU backend runs them inside the ops, on `threads` warm worker threads: the
+// benchmark's GEMM floor times them. out[m, n] = op(a[t])·w for t = 0..count-1, with w [k, n]
+// and a [count, m, k] (trans_a: a [1, k, m], read transposed), all row-major.
+//   count == 1: one large GEMM split across the threads (the input projection, dx, dW);
+//   count > 1:  the recurrence's per-step products (no trans_a): w packed once, then batch
+//               shards or split steps, by the ops' own rules.
+void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const float* a,
+                 const float* w, float* out, int threads);
+void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
+                 const double* w, double* out, int threads);
 
 struct ProductsKernels {
   void (*f32)(Index count, bool trans_a, Index m, Index k, Index n, const float* a,

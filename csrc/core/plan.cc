@@ -23,7 +23,7 @@ std::string Mismatch(const char* name, const Shape& got, const Shape& want,
 
 // recurrent_kernel fixes H. When it is malformed, the H the kernel implies (or its own
 // columns) gives the message a concrete shape to show.
-std::string RecurrentKernelError(const CallOptions& o, const InputShapes& s, int G) {
+std::string RecurrentKernelError(const InputShapes& s, int G) {
   const Shape& rk = s.recurrent_kernel;
   std::string error = "recurrent_kernel must have shape [H, " + std::to_string(G) +
                       "*H], got " + ShapeString(rk);
@@ -36,7 +36,6 @@ std::string RecurrentKernelError(const CallOptions& o, const InputShapes& s, int
     H = rk[1] / G;
     source = "its " + std::to_string(rk[1]) + " columns";
   }
-  (void)o;
   if (H >= 0)
     error += "; with H = " + std::to_string(H) + " from " + source + " that is " +
              ShapeString({H, G * H});
@@ -54,7 +53,7 @@ std::string CallPlan::Make(const CallOptions& o, const InputShapes& s, CallPlan*
   for (Index e : s.x)
     if (e < 0) return "x has a negative extent: " + ShapeString(s.x);
   const Shape& rk = s.recurrent_kernel;
-  if (rk.size() != 2 || rk[1] != G * rk[0] || rk[0] < 0) return RecurrentKernelError(o, s, G);
+  if (rk.size() != 2 || rk[1] != G * rk[0] || rk[0] < 0) return RecurrentKernelError(s, G);
   Dims d;
   d.time_major = o.time_major;
   d.go_backwards = o.go_backwards;
@@ -231,10 +230,14 @@ std::string CallPlan::CheckBackwardInputs(const CacheSizes& cache, const Shape* 
     for (Index e : *s) n *= e;
     return n == 0;
   };
-  const std::pair<const char*, const Shape*> grads[] = {
-      {"dy", dy}, {"dh_last", dh_last}, {"dc_last", info_.cell_state ? dc_last : nullptr}};
-  for (const auto& [name, shape] : grads) {
-    const Shape want_shape = std::string(name) == "dy" ? SequenceShape(dims_.H) : StateShape();
+  const struct {
+    const char* name;
+    const Shape* shape;
+    Shape want;
+  } grads[] = {{"dy", dy, SequenceShape(dims_.H)},
+               {"dh_last", dh_last, StateShape()},
+               {"dc_last", info_.cell_state ? dc_last : nullptr, StateShape()}};
+  for (const auto& [name, shape, want_shape] : grads) {
     if (!empty(shape) && *shape != want_shape)
       return std::string(name) + " must have shape " + ShapeString(want_shape) +
              " or be empty, got " + ShapeString(*shape);

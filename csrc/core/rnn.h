@@ -222,11 +222,23 @@ void RequireSize(const Span<T>& buffer, Index want, const char* name) {
               " elements, but the call plan needs " + std::to_string(want));
 }
 
-template <typename Backend>
-void RequirePlan(const CallPlan* plan) {
-  Require(plan != nullptr, "no call plan");
-  Require(plan->options().input_projection == Backend::kInputProjection,
+// What both passes check before anything runs: a plan made for this backend, no optional input
+// the plan does not know of (the workspace has no scratch for it), and the training cache at the
+// plan's sizes.
+template <typename Backend, typename Args>
+void RequireBuffers(const Args& a) {
+  Require(a.plan != nullptr, "no call plan");
+  const CallOptions& o = a.plan->options();
+  Require(o.input_projection == Backend::kInputProjection,
           "the call plan was made for another backend's input projection");
+  Require((o.has_mask || !a.in.mask) && (o.has_bias || !a.in.bias) &&
+              (o.has_input_dropout || !a.in.input_dropout) &&
+              (o.has_recurrent_dropout || !a.in.recurrent_dropout),
+          "an optional input is given that the call plan was made without");
+  const CacheSizes cache = a.plan->Cache();
+  RequireSize(a.gates, cache.gates, "the gates cache");
+  RequireSize(a.aux, cache.aux, "the aux cache");
+  RequireSize(a.h_prev, cache.h_prev, "the h_prev cache");
 }
 
 // The workspace segment s (null when empty).
@@ -623,12 +635,8 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
 
 template <typename T, typename Backend>
 void Forward(Backend& be, const ForwardArgs<T>& a) {
-  detail::RequirePlan<Backend>(a.plan);
+  detail::RequireBuffers<Backend>(a);
   const CallPlan& plan = *a.plan;
-  const CacheSizes cache = plan.Cache();
-  detail::RequireSize(a.gates, cache.gates, "the gates cache");
-  detail::RequireSize(a.aux, cache.aux, "the aux cache");
-  detail::RequireSize(a.h_prev, cache.h_prev, "the h_prev cache");
   detail::RequireSize(a.workspace, plan.forward_layout().total, "the forward workspace");
   CountWork(kForwardCalls);
   VisitCell(plan.cell(), [&](auto cell) { detail::ForwardPass<decltype(cell)>(be, plan, a); });
@@ -636,13 +644,9 @@ void Forward(Backend& be, const ForwardArgs<T>& a) {
 
 template <typename T, typename Backend>
 void Backward(Backend& be, const BackwardArgs<T>& a) {
-  detail::RequirePlan<Backend>(a.plan);
+  detail::RequireBuffers<Backend>(a);
   const CallPlan& plan = *a.plan;
-  const CacheSizes cache = plan.Cache();
   detail::Require(plan.training(), "a backward pass needs a training call plan");
-  detail::RequireSize(a.gates, cache.gates, "the gates cache");
-  detail::RequireSize(a.aux, cache.aux, "the aux cache");
-  detail::RequireSize(a.h_prev, cache.h_prev, "the h_prev cache");
   detail::RequireSize(a.workspace, plan.backward_layout().total, "the backward workspace");
   CountWork(kBackwardCalls);
   VisitCell(plan.cell(), [&](auto cell) { detail::BackwardPass<decltype(cell)>(be, plan, a); });

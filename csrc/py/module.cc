@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include "../bench/products.h"
 #include "../core/cpu/cpu_rnn.h"
 #include "cells.h"
 

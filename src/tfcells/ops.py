@@ -26,8 +26,6 @@ GRAD_BIAS = _tfcells_core.GRAD_BIAS
 GRAD_BITS = dict(_tfcells_core.GRAD_BITS)  # input name -> bit
 _GRAD_OUTPUTS = dict(_tfcells_core.GRAD_OUTPUTS)  # input name -> gradient op output name
 
-# The op inputs that never have a gradient: the step mask and the dropout masks.
-_NO_GRADIENT = ("mask", "input_dropout", "recurrent_dropout")
 # The forward op's outputs from here on are its training cache.
 _CACHE = ("gates", "aux", "h_prev")
 

@@ -29,18 +29,6 @@ void ForwardCpu(const ForwardArgs<double>& args, const CpuOptions& options = {})
 void BackwardCpu(const BackwardArgs<float>& args, const CpuOptions& options = {});
 void BackwardCpu(const BackwardArgs<double>& args, const CpuOptions& options = {});
 
-// Benchmark-only, defined by the tfcells_bench target (csrc/bench/products.cc), which only the
-// _tfcells_core module links. A step's GEMMs alone, as this backend runs them inside the ops,
-// on `threads` warm worker threads: the benchmark's GEMM floor times them.
-// out[m, n] = op(a[t])·w for t = 0..count-1, with w [k, n] and a [count, m, k] (trans_a: a [1, k, m], read transposed), all row-major.
-//   count == 1: one large GEMM split across the threads (the input projection, dx, dW);
-//   count > 1:  the recurrence's per-step products (no trans_a): w packed once, then batch
-//               shards or split steps, by the ops' own rules.
-void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const float* a,
-                 const float* w, float* out, int threads);
-void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
-                 const double* w, double* out, int threads);
-
 // Cap on the parallel pieces of one GEMM; 0 (the default) lets the caller's pool decide.
 void SetCpuGemmThreads(int threads);
 int CpuGemmThreads();

@@ -376,6 +376,23 @@ int main(int argc, char** argv) {
       refused = true;
     }
     EXPECT(refused, "short cache");
+    // An optional input the plan was made without has no scratch in its workspace: refused.
+    Problem with_dropout({CellKind::kLstm, "lstm", cs.d, true, false, true}, 54321);
+    Problem::Result out = p.Forward(false);
+    ForwardArgs<double> a;
+    const CallPlan plan = p.Plan(false);
+    Vec workspace(plan.forward_layout().total);
+    a.plan = &plan;
+    a.in = with_dropout.Inputs();
+    a.y = out.y.data(), a.h_last = out.h_last.data(), a.c_last = out.c_last.data();
+    a.workspace = {workspace.data(), Index(workspace.size())};
+    refused = false;
+    try {
+      ForwardCpu(a);
+    } catch (const std::invalid_argument&) {
+      refused = true;
+    }
+    EXPECT(refused, "unplanned dropout mask");
     ++cases;
   }
   std::printf("core self-test: %d cases, %d failures\n", cases, failures);
