@@ -59,6 +59,7 @@ if(TFCELLS_CUDA)
   add_library(tfcells_cuda STATIC
     csrc/cuda/cuda_rnn_f32.cu
     csrc/cuda/cuda_rnn_f64.cu
+    csrc/cuda/cuda_rnn_f16.cu
     csrc/cuda/cublas_loader.cc
     csrc/cuda/cuda_info.cc
     csrc/core/plan.cc)

@@ -183,6 +183,7 @@ void CallPlan::Layout() {
   const bool per_step = options_.input_projection == InputProjection::kPerStep;
   const bool in_dropout = options_.has_input_dropout, rec_dropout = options_.has_recurrent_dropout;
   const bool training = options_.training;
+  const bool staged = options_.storage != Storage::kCompute;
   {
     Carver c;
     forward_.input_projection = c.Take(training ? 0 : (per_step ? B : rows) * GH);
@@ -190,6 +191,15 @@ void CallPlan::Layout() {
     forward_.state = c.Take(!training && info_.aux == Aux::kState ? 2 * B * H : 0);
     forward_.dropped_x = c.Take(in_dropout ? (per_step ? B : rows) * d.I : 0);
     forward_.dropped_h = c.Take(rec_dropout ? B * H : 0);
+    if (staged) {
+      StagedTensors& st = forward_.staged;
+      st.x = c.Take(rows * d.I);
+      st.h0 = c.Take(B * H);
+      st.c0 = c.Take(info_.cell_state ? B * H : 0);
+      st.y = c.Take(rows * H);
+      st.h_last = c.Take(B * H);
+      st.c_last = c.Take(info_.cell_state ? B * H : 0);
+    }
     forward_.total = c.total();
   }
   const int m = options_.grad_mask;
@@ -208,6 +218,17 @@ void CallPlan::Layout() {
   backward_.masked_rows = c.Take(rows * std::max(masked_x ? d.I : 0, masked_h ? H : 0));
   backward_.step_product = c.Take(rec_dropout ? B * H : 0);
   backward_.step_dx = c.Take(in_dropout && per_step && (m & kGradX) ? B * d.I : 0);
+  if (staged) {  // the backward pass reads x only for dW_x, and h_prev from the cache, not h0
+    StagedTensors& st = backward_.staged;
+    st.x = c.Take((m & kGradKernel) ? rows * d.I : 0);
+    st.c0 = c.Take(info_.cell_state ? B * H : 0);
+    st.dy = c.Take(rows * H);
+    st.dh_last = c.Take(B * H);
+    st.dc_last = c.Take(info_.cell_state ? B * H : 0);
+    st.dx = c.Take((m & kGradX) ? rows * d.I : 0);
+    st.dh0 = c.Take((m & kGradH0) ? B * H : 0);
+    st.dc0 = c.Take((m & kGradC0) ? B * H : 0);
+  }
   backward_.total = c.total();
 }
 

@@ -20,6 +20,10 @@ namespace tfcells {
 using Shape = std::vector<Index>;
 std::string ShapeString(const Shape& s);
 
+// What the sequences, the states and their gradients are stored in (storage.h): the compute
+// type itself, or a 16-bit type with float32 compute.
+enum class Storage { kCompute, kBFloat16, kFloat16 };
+
 // Everything about a call that is not read from a tensor.
 struct CallOptions {
   CellKind cell = CellKind::kLstm;
@@ -32,6 +36,7 @@ struct CallOptions {
   bool training = true;      // the forward pass keeps the cache its gradient reads
   int grad_mask = kGradAll;  // the gradients a backward pass produces (normalised by Make)
   InputProjection input_projection = InputProjection::kPerStep;  // the backend's choice
+  Storage storage = Storage::kCompute;
 };
 
 // The shapes of the forward inputs; absent optional inputs are ignored (c0 outside the LSTM).
@@ -51,6 +56,13 @@ struct Segment {
   Index offset = 0, size = 0;
 };
 
+// With 16-bit storage, compute-type copies of the tensors a pass reads (widened before it runs)
+// and writes (rounded after it). Segments a pass does not need have size 0.
+struct StagedTensors {
+  Segment x, h0, c0, y, h_last, c_last;     // forward; the backward reads x and c0
+  Segment dy, dh_last, dc_last, dx, dh0, dc0;  // backward
+};
+
 // The forward workspace. Segments a call does not need have size 0.
 struct ForwardLayout {
   Segment input_projection;  // inference: x·W_x of one step (per step) or of all steps
@@ -58,6 +70,7 @@ struct ForwardLayout {
   Segment state;             // inference with Aux::kState: two alternating [B, H] slots
   Segment dropped_x;         // input dropout: x ⊙ one gate's mask (one step, or all rows)
   Segment dropped_h;         // recurrent dropout: h_prev ⊙ one gate's mask, one step
+  StagedTensors staged;
   Index total = 0;
 };
 
@@ -70,6 +83,7 @@ struct BackwardLayout {
   Segment masked_rows;     // dropout: x or h_prev ⊙ one gate's mask, all rows
   Segment step_product;    // recurrent dropout: one gate's share of dh_prev, one step
   Segment step_dx;         // input dropout, per-step dx: one gate's share of dx_t
+  StagedTensors staged;
   Index total = 0;
 };
 

@@ -34,19 +34,23 @@
 #include <array>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cells.h"
 #include "common.h"
 #include "plan.h"
+#include "storage.h"
 
 namespace tfcells {
 
-// The forward inputs, as both passes read them. Optional ones may be null.
-template <typename T>
+// The forward inputs, as both passes read them. Optional ones may be null. T: the compute type,
+// which the weights, the dropout masks and the training cache have; S: the storage type of the
+// sequences and states (storage.h: bfloat16 or float16 with T = float; otherwise S = T).
+template <typename T, typename S = T>
 struct InputPointers {
-  const T* x = nullptr;                 // [B,T,I] ([T,B,I] if time_major)
-  const T* h0 = nullptr;                // [B,H]
-  const T* c0 = nullptr;                // [B,H], LSTM only
+  const S* x = nullptr;                 // [B,T,I] ([T,B,I] if time_major)
+  const S* h0 = nullptr;                // [B,H]
+  const S* c0 = nullptr;                // [B,H], LSTM only
   const T* kernel = nullptr;            // [I, G*H]
   const T* recurrent_kernel = nullptr;  // [H, G*H]
   const T* bias = nullptr;              // optional: [bias_rows, G*H]
@@ -58,43 +62,48 @@ struct InputPointers {
   const T* recurrent_dropout = nullptr;
 };
 
-template <typename T>
+template <typename T, typename S = T>
 struct ForwardArgs {
   const CallPlan* plan = nullptr;
-  InputPointers<T> in;
-  T* y = nullptr;       // [B,T,H] ([T,B,H]), in processing order
-  T* h_last = nullptr;  // [B,H]
-  T* c_last = nullptr;  // [B,H], LSTM only
+  InputPointers<T, S> in;
+  S* y = nullptr;       // [B,T,H] ([T,B,H]), in processing order
+  S* h_last = nullptr;  // [B,H]
+  S* c_last = nullptr;  // [B,H], LSTM only
   // Training cache (plan.Cache()), laid out like x; empty for inference.
   Span<T> gates, aux, h_prev;
   Span<T> workspace;  // plan.forward_layout().total elements
 };
 
-template <typename T>
+template <typename T, typename S = T>
 struct BackwardArgs {
   const CallPlan* plan = nullptr;
-  InputPointers<T> in;
+  InputPointers<T, S> in;
   Span<const T> gates, aux, h_prev;  // the forward's training cache
-  const T* dy = nullptr;       // optional: gradient w.r.t. y
-  const T* dh_last = nullptr;  // optional
-  const T* dc_last = nullptr;  // optional, LSTM only
+  const S* dy = nullptr;       // optional: gradient w.r.t. y
+  const S* dh_last = nullptr;  // optional
+  const S* dc_last = nullptr;  // optional, LSTM only
   // The gradients plan.grad_mask() names; the others' pointers may be null and are not touched.
-  T *dx = nullptr, *dh0 = nullptr, *dc0 = nullptr;
+  S *dx = nullptr, *dh0 = nullptr, *dc0 = nullptr;
   T *dkernel = nullptr, *drecurrent_kernel = nullptr, *dbias = nullptr;
   Span<T> workspace;  // plan.backward_layout().total elements
 };
 
-// Where a backward pass writes the gradient of `bit`.
-template <typename T>
-T*& GradientPointer(BackwardArgs<T>& a, GradBit bit) {
+// Points the gradient of `bit` at `data` (of the gradient's type: S for dx, dh0, dc0, else T).
+template <typename T, typename S>
+void SetGradient(BackwardArgs<T, S>& a, GradBit bit, void* data) {
   switch (bit) {
-    case kGradX: return a.dx;
-    case kGradH0: return a.dh0;
-    case kGradC0: return a.dc0;
-    case kGradKernel: return a.dkernel;
-    case kGradRecurrentKernel: return a.drecurrent_kernel;
-    default: return a.dbias;
+    case kGradX: a.dx = static_cast<S*>(data); break;
+    case kGradH0: a.dh0 = static_cast<S*>(data); break;
+    case kGradC0: a.dc0 = static_cast<S*>(data); break;
+    case kGradKernel: a.dkernel = static_cast<T*>(data); break;
+    case kGradRecurrentKernel: a.drecurrent_kernel = static_cast<T*>(data); break;
+    default: a.dbias = static_cast<T*>(data); break;
   }
+}
+
+// Whether a gradient has the storage type (the sequences' and states') or the compute type.
+inline bool IsStateGradient(GradBit bit) {
+  return bit == kGradX || bit == kGradH0 || bit == kGradC0;
 }
 
 TFCELLS_ISA_BEGIN
@@ -631,25 +640,120 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   }
 }
 
-}  // namespace detail
-
-template <typename T, typename Backend>
-void Forward(Backend& be, const ForwardArgs<T>& a) {
-  detail::RequireBuffers<Backend>(a);
-  const CallPlan& plan = *a.plan;
-  detail::RequireSize(a.workspace, plan.forward_layout().total, "the forward workspace");
-  CountWork(kForwardCalls);
-  VisitCell(plan.cell(), [&](auto cell) { detail::ForwardPass<decltype(cell)>(be, plan, a); });
+// The storage type's tag in CallOptions.
+template <typename T, typename S>
+constexpr Storage StorageOf() {
+  if constexpr (std::is_same_v<S, bfloat16>) return Storage::kBFloat16;
+  if constexpr (std::is_same_v<S, float16>) return Storage::kFloat16;
+  return Storage::kCompute;
 }
 
-template <typename T, typename Backend>
-void Backward(Backend& be, const BackwardArgs<T>& a) {
+// dst = src widened to the compute type, or rounded to the storage type.
+template <typename To, typename From>
+struct ConvertPoint {
+  StepMatrix<To> dst;
+  StepMatrix<const From> src;
+  TFCELLS_HD void operator()(Index r, Index j) const {
+    if constexpr (std::is_same_v<To, float>) {
+      dst(r, j) = ToFloat(src(r, j));
+    } else {
+      dst(r, j) = FromFloat<To>(src(r, j));
+    }
+  }
+};
+
+// Converts the [rows, cols] matrix src into dst and returns dst; null (nothing converted) when
+// there is no src or no dst (an absent input, an empty tensor, a gradient not asked for).
+template <typename To, typename From, typename Backend>
+To* Converted(Backend& be, Index rows, Index cols, const From* src, To* dst) {
+  if (src == nullptr || dst == nullptr) return nullptr;
+  be.ForEach(rows, cols, ConvertPoint<To, From>{Plain(dst, cols), Plain(src, cols)});
+  return dst;
+}
+
+// 16-bit storage: the pass runs in the compute type on staged copies (the plan's
+// StagedTensors): the tensors it reads widened first, the ones it writes rounded last.
+template <typename T, typename S, typename Backend>
+void StagedForward(Backend& be, const CallPlan& plan, const ForwardArgs<T, S>& a) {
+  const Dims& d = plan.dims();
+  const StagedTensors& st = plan.forward_layout().staged;
+  const Index rows = d.Rows(), B = d.B, H = d.H;
+  ForwardArgs<T> w;
+  w.plan = a.plan;
+  w.in = {Converted(be, rows, d.I, a.in.x, Carve(a.workspace, st.x)),
+          Converted(be, B, H, a.in.h0, Carve(a.workspace, st.h0)),
+          Converted(be, B, H, a.in.c0, Carve(a.workspace, st.c0)),
+          a.in.kernel, a.in.recurrent_kernel, a.in.bias, a.in.mask, a.in.input_dropout,
+          a.in.recurrent_dropout};
+  w.y = Carve(a.workspace, st.y);
+  w.h_last = Carve(a.workspace, st.h_last);
+  w.c_last = Carve(a.workspace, st.c_last);
+  w.gates = a.gates, w.aux = a.aux, w.h_prev = a.h_prev;
+  w.workspace = a.workspace;  // the pass carves its own segments, disjoint from the staged ones
+  VisitCell(plan.cell(), [&](auto cell) { ForwardPass<decltype(cell)>(be, plan, w); });
+  Converted(be, rows, H, static_cast<const T*>(w.y), a.y);
+  Converted(be, B, H, static_cast<const T*>(w.h_last), a.h_last);
+  Converted(be, B, H, static_cast<const T*>(w.c_last), a.c_last);
+}
+
+template <typename T, typename S, typename Backend>
+void StagedBackward(Backend& be, const CallPlan& plan, const BackwardArgs<T, S>& a) {
+  const Dims& d = plan.dims();
+  const StagedTensors& st = plan.backward_layout().staged;
+  const Index rows = d.Rows(), B = d.B, H = d.H;
+  BackwardArgs<T> w;
+  w.plan = a.plan;
+  w.in = {Converted(be, rows, d.I, a.in.x, Carve(a.workspace, st.x)),
+          nullptr,  // the pass reads the h_prev cache, never h0
+          Converted(be, B, H, a.in.c0, Carve(a.workspace, st.c0)),
+          a.in.kernel, a.in.recurrent_kernel, a.in.bias, a.in.mask, a.in.input_dropout,
+          a.in.recurrent_dropout};
+  w.gates = a.gates, w.aux = a.aux, w.h_prev = a.h_prev;
+  w.dy = Converted(be, rows, H, a.dy, Carve(a.workspace, st.dy));
+  w.dh_last = Converted(be, B, H, a.dh_last, Carve(a.workspace, st.dh_last));
+  w.dc_last = Converted(be, B, H, a.dc_last, Carve(a.workspace, st.dc_last));
+  w.dx = Carve(a.workspace, st.dx);
+  w.dh0 = Carve(a.workspace, st.dh0);
+  w.dc0 = Carve(a.workspace, st.dc0);
+  w.dkernel = a.dkernel, w.drecurrent_kernel = a.drecurrent_kernel, w.dbias = a.dbias;
+  w.workspace = a.workspace;
+  VisitCell(plan.cell(), [&](auto cell) { BackwardPass<decltype(cell)>(be, plan, w); });
+  Converted(be, rows, d.I, static_cast<const T*>(w.dx), a.dx);
+  Converted(be, B, H, static_cast<const T*>(w.dh0), a.dh0);
+  Converted(be, B, H, static_cast<const T*>(w.dc0), a.dc0);
+}
+
+}  // namespace detail
+
+template <typename T, typename S, typename Backend>
+void Forward(Backend& be, const ForwardArgs<T, S>& a) {
+  detail::RequireBuffers<Backend>(a);
+  const CallPlan& plan = *a.plan;
+  detail::Require(plan.options().storage == detail::StorageOf<T, S>(),
+                  "the call plan was made for another storage type");
+  detail::RequireSize(a.workspace, plan.forward_layout().total, "the forward workspace");
+  CountWork(kForwardCalls);
+  if constexpr (std::is_same_v<T, S>) {
+    VisitCell(plan.cell(), [&](auto cell) { detail::ForwardPass<decltype(cell)>(be, plan, a); });
+  } else {
+    detail::StagedForward(be, plan, a);
+  }
+}
+
+template <typename T, typename S, typename Backend>
+void Backward(Backend& be, const BackwardArgs<T, S>& a) {
   detail::RequireBuffers<Backend>(a);
   const CallPlan& plan = *a.plan;
   detail::Require(plan.training(), "a backward pass needs a training call plan");
+  detail::Require(plan.options().storage == detail::StorageOf<T, S>(),
+                  "the call plan was made for another storage type");
   detail::RequireSize(a.workspace, plan.backward_layout().total, "the backward workspace");
   CountWork(kBackwardCalls);
-  VisitCell(plan.cell(), [&](auto cell) { detail::BackwardPass<decltype(cell)>(be, plan, a); });
+  if constexpr (std::is_same_v<T, S>) {
+    VisitCell(plan.cell(), [&](auto cell) { detail::BackwardPass<decltype(cell)>(be, plan, a); });
+  } else {
+    detail::StagedBackward(be, plan, a);
+  }
 }
 
 TFCELLS_ISA_END

@@ -46,6 +46,15 @@ std::string BackwardCuda(const BackwardArgs<float>& args, cudaStream_t stream,
                          const CudaOptions& options = {});
 std::string BackwardCuda(const BackwardArgs<double>& args, cudaStream_t stream,
                          const CudaOptions& options = {});
+// 16-bit storage, float32 compute (storage.h).
+std::string ForwardCuda(const ForwardArgs<float, bfloat16>& args, cudaStream_t stream,
+                        const CudaOptions& options = {});
+std::string ForwardCuda(const ForwardArgs<float, float16>& args, cudaStream_t stream,
+                        const CudaOptions& options = {});
+std::string BackwardCuda(const BackwardArgs<float, bfloat16>& args, cudaStream_t stream,
+                         const CudaOptions& options = {});
+std::string BackwardCuda(const BackwardArgs<float, float16>& args, cudaStream_t stream,
+                         const CudaOptions& options = {});
 
 // The workspace CudaOptions::blas_workspace should have on `device` (NVIDIA's recommended size
 // for its architecture). Returns "" or why the device could not be queried.

@@ -1,5 +1,5 @@
 // The bodies of the CUDA entry points; instantiated once per dtype (cuda_rnn_f32.cu,
-// cuda_rnn_f64.cu) so that the two compile in parallel.
+// cuda_rnn_f64.cu, cuda_rnn_f16.cu) so that they compile in parallel.
 #pragma once
 
 #include <exception>
@@ -12,8 +12,8 @@
 namespace tfcells {
 namespace cuda_detail {
 
-template <typename T>
-std::string RunForward(const ForwardArgs<T>& args, cudaStream_t stream,
+template <typename T, typename S>
+std::string RunForward(const ForwardArgs<T, S>& args, cudaStream_t stream,
                        const CudaOptions& options) {
   try {
     CudaBackend be(stream, options);
@@ -25,8 +25,8 @@ std::string RunForward(const ForwardArgs<T>& args, cudaStream_t stream,
   }
 }
 
-template <typename T>
-std::string RunBackward(const BackwardArgs<T>& args, cudaStream_t stream,
+template <typename T, typename S>
+std::string RunBackward(const BackwardArgs<T, S>& args, cudaStream_t stream,
                         const CudaOptions& options) {
   try {
     CudaBackend be(stream, options);

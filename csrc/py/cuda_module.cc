@@ -452,7 +452,7 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
     const auto out = arrays.Float(*outputs[i], std::string(g.output) + " (requested by grad_mask)",
                                   true, true);
     RequireShape(out, plan.GradShape(g.bit), "(the shape of its input)");
-    GradientPointer(a, g.bit) = out->template data<T>();
+    SetGradient(a, g.bit, out->template data<T>());
   }
   const auto ws = arrays.Float(workspace, "workspace", true, true);
   RequireAtLeast(*ws, plan.backward_layout().total);

@@ -142,7 +142,7 @@ py::dict Backward(const std::string& cell_name, const Array<T>& x, const Array<T
   for (const GradientInfo& g : kGradients) {
     if (!plan.wants(g.bit)) continue;
     auto arr = Empty<T>(plan.GradShape(g.bit));
-    GradientPointer(a, g.bit) = arr.mutable_data();
+    SetGradient(a, g.bit, arr.mutable_data());
     out[g.output] = arr;
   }
   auto workspace = Empty<T>({plan.backward_layout().total});

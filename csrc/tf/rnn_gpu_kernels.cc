@@ -90,14 +90,14 @@ void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
 struct GpuLauncher {
   static constexpr InputProjection kInputProjection = kCudaInputProjection;
 
-  template <typename T>
-  static void Forward(tensorflow::OpKernelContext* ctx, const ForwardArgs<T>& a) {
+  template <typename T, typename S>
+  static void Forward(tensorflow::OpKernelContext* ctx, const ForwardArgs<T, S>& a) {
     OnOpDevice(ctx, "CUDA forward pass", [&](cudaStream_t stream, const CudaOptions& options) {
       return ForwardCuda(a, stream, options);
     });
   }
-  template <typename T>
-  static void Backward(tensorflow::OpKernelContext* ctx, const BackwardArgs<T>& a) {
+  template <typename T, typename S>
+  static void Backward(tensorflow::OpKernelContext* ctx, const BackwardArgs<T, S>& a) {
     OnOpDevice(ctx, "CUDA backward pass", [&](cudaStream_t stream, const CudaOptions& options) {
       return BackwardCuda(a, stream, options);
     });

@@ -7,6 +7,8 @@
 #include <string>
 
 #include "../core/rnn.h"
+#include "../core/storage.h"
+#include "tensorflow/core/framework/numeric_types.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 
@@ -39,14 +41,31 @@ inline tensorflow::TensorShape TfShape(const Shape& s) {
   return out;
 }
 
+// TensorFlow's type for a core type (the 16-bit ones have the same bits, storage.h).
+template <typename T>
+struct TfTypeOf {
+  using type = T;
+};
+template <>
+struct TfTypeOf<bfloat16> {
+  using type = tensorflow::bfloat16;
+};
+template <>
+struct TfTypeOf<float16> {
+  using type = Eigen::half;
+};
+template <typename T>
+using TfType = typename TfTypeOf<T>::type;
+static_assert(sizeof(TfType<bfloat16>) == 2 && sizeof(TfType<float16>) == 2);
+
 template <typename T>
 const T* DataOrNull(const tensorflow::Tensor& t) {
-  return t.NumElements() ? t.flat<T>().data() : nullptr;
+  return t.NumElements() ? reinterpret_cast<const T*>(t.flat<TfType<T>>().data()) : nullptr;
 }
 
 template <typename T>
 T* DataOrNull(tensorflow::Tensor* t) {
-  return t->NumElements() ? t->flat<T>().data() : nullptr;
+  return t->NumElements() ? reinterpret_cast<T*>(t->flat<TfType<T>>().data()) : nullptr;
 }
 
 template <typename T>
@@ -54,8 +73,9 @@ Span<T> SpanOf(tensorflow::Tensor* t) {
   return {DataOrNull<T>(t), t->NumElements()};
 }
 
-// The attributes and forward inputs the forward op and its gradient op share.
-template <typename T, typename Launcher>
+// The attributes and forward inputs the forward op and its gradient op share. T: the compute
+// type (weights, cache); S: the storage type (sequences, states: the op's attribute T).
+template <typename T, typename S, typename Launcher>
 class RnnOpBase : public tensorflow::OpKernel {
  public:
   RnnOpBase(tensorflow::OpKernelConstruction* ctx, CellKind cell) : OpKernel(ctx) {
@@ -72,23 +92,38 @@ class RnnOpBase : public tensorflow::OpKernel {
       options_.cell = reset_after ? CellKind::kGruResetAfter : CellKind::kGruResetBefore;
     }
     options_.input_projection = Launcher::kInputProjection;
+    options_.storage = detail::StorageOf<T, S>();
   }
 
  protected:
   // Reads the forward inputs into `in` and makes the call's plan.
   tensorflow::Status MakePlan(tensorflow::OpKernelContext* ctx, CallPlan* plan,
-                              InputPointers<T>* in) const {
+                              InputPointers<T, S>* in) const {
     const bool cell_state = Info(options_.cell).cell_state;
     InputShapes shapes;
     const struct {
       const char* name;
       bool present;
       Shape* shape;
-      const T** data;
-    } inputs[] = {
+      const S** data;
+    } states[] = {
         {"x", true, &shapes.x, &in->x},
         {"h0", true, &shapes.h0, &in->h0},
         {"c0", cell_state, &shapes.c0, &in->c0},
+    };
+    for (const auto& input : states) {
+      if (!input.present) continue;
+      const tensorflow::Tensor* t;
+      TF_RETURN_IF_ERROR(ctx->input(input.name, &t));
+      *input.shape = ShapeOf(*t);
+      *input.data = DataOrNull<S>(*t);
+    }
+    const struct {
+      const char* name;
+      bool present;
+      Shape* shape;
+      const T** data;
+    } inputs[] = {
         {"kernel", true, &shapes.kernel, &in->kernel},
         {"recurrent_kernel", true, &shapes.recurrent_kernel, &in->recurrent_kernel},
         {"bias", options_.has_bias, &shapes.bias, &in->bias},
@@ -117,27 +152,27 @@ class RnnOpBase : public tensorflow::OpKernel {
   CallOptions options_;
 };
 
-template <typename T, typename Launcher>
-class RnnForwardOp : public RnnOpBase<T, Launcher> {
+template <typename T, typename S, typename Launcher>
+class RnnForwardOp : public RnnOpBase<T, S, Launcher> {
  public:
   RnnForwardOp(tensorflow::OpKernelConstruction* ctx, CellKind cell)
-      : RnnOpBase<T, Launcher>(ctx, cell) {
+      : RnnOpBase<T, S, Launcher>(ctx, cell) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("training", &this->options_.training));
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
     CallPlan plan;
-    ForwardArgs<T> a;
+    ForwardArgs<T, S> a;
     a.plan = &plan;
     OP_REQUIRES_OK(ctx, this->MakePlan(ctx, &plan, &a.in));
     tensorflow::Tensor *y, *h_last, *c_last, *gates, *aux, *h_prev;
     OP_REQUIRES_OK(ctx, ctx->allocate_output("y", TfShape(plan.SequenceShape(plan.dims().H)), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output("h_last", TfShape(plan.StateShape()), &h_last));
-    a.y = DataOrNull<T>(y);
-    a.h_last = DataOrNull<T>(h_last);
+    a.y = DataOrNull<S>(y);
+    a.h_last = DataOrNull<S>(h_last);
     if (plan.info().cell_state) {
       OP_REQUIRES_OK(ctx, ctx->allocate_output("c_last", TfShape(plan.StateShape()), &c_last));
-      a.c_last = DataOrNull<T>(c_last);
+      a.c_last = DataOrNull<S>(c_last);
     }
     const CacheSizes cache = plan.Cache();
     OP_REQUIRES_OK(ctx, ctx->allocate_output("gates", {cache.gates}, &gates));
@@ -152,18 +187,18 @@ class RnnForwardOp : public RnnOpBase<T, Launcher> {
   }
 };
 
-template <typename T, typename Launcher>
-class RnnGradOp : public RnnOpBase<T, Launcher> {
+template <typename T, typename S, typename Launcher>
+class RnnGradOp : public RnnOpBase<T, S, Launcher> {
  public:
   RnnGradOp(tensorflow::OpKernelConstruction* ctx, CellKind cell)
-      : RnnOpBase<T, Launcher>(ctx, cell) {
+      : RnnOpBase<T, S, Launcher>(ctx, cell) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("grad_mask", &this->options_.grad_mask));
     this->options_.grad_mask &= kGradAll;
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
     CallPlan plan;
-    BackwardArgs<T> a;
+    BackwardArgs<T, S> a;
     a.plan = &plan;
     OP_REQUIRES_OK(ctx, this->MakePlan(ctx, &plan, &a.in));
     const bool cell_state = plan.info().cell_state;
@@ -186,9 +221,9 @@ class RnnGradOp : public RnnOpBase<T, Launcher> {
     a.gates = {DataOrNull<T>(*gates), gates->NumElements()};
     a.aux = {DataOrNull<T>(*aux), aux->NumElements()};
     a.h_prev = {DataOrNull<T>(*h_prev), h_prev->NumElements()};
-    a.dy = DataOrNull<T>(*dy);
-    a.dh_last = DataOrNull<T>(*dh_last);
-    a.dc_last = dc_last ? DataOrNull<T>(*dc_last) : nullptr;
+    a.dy = DataOrNull<S>(*dy);
+    a.dh_last = DataOrNull<S>(*dh_last);
+    a.dc_last = dc_last ? DataOrNull<S>(*dc_last) : nullptr;
 
     // Gradients that are not requested are empty tensors.
     for (const GradientInfo& g : kGradients) {
@@ -199,7 +234,10 @@ class RnnGradOp : public RnnOpBase<T, Launcher> {
                               g.output, wanted ? TfShape(plan.GradShape(g.bit))
                                                : tensorflow::TensorShape({0}),
                               &t));
-      GradientPointer(a, g.bit) = wanted ? DataOrNull<T>(t) : nullptr;
+      void* data = !wanted            ? nullptr
+                   : IsStateGradient(g.bit) ? static_cast<void*>(DataOrNull<S>(t))
+                                           : static_cast<void*>(DataOrNull<T>(t));
+      SetGradient(a, g.bit, data);
     }
     tensorflow::Tensor workspace;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
@@ -210,28 +248,37 @@ class RnnGradOp : public RnnOpBase<T, Launcher> {
 };
 
 // Kernel classes bound to their op family's cell, for REGISTER_KERNEL_BUILDER.
-template <typename T, typename Launcher, CellKind kCell>
-struct ForwardKernel : RnnForwardOp<T, Launcher> {
+template <typename T, typename S, typename Launcher, CellKind kCell>
+struct ForwardKernel : RnnForwardOp<T, S, Launcher> {
   explicit ForwardKernel(tensorflow::OpKernelConstruction* ctx)
-      : RnnForwardOp<T, Launcher>(ctx, kCell) {}
+      : RnnForwardOp<T, S, Launcher>(ctx, kCell) {}
 };
-template <typename T, typename Launcher, CellKind kCell>
-struct GradKernel : RnnGradOp<T, Launcher> {
+template <typename T, typename S, typename Launcher, CellKind kCell>
+struct GradKernel : RnnGradOp<T, S, Launcher> {
   explicit GradKernel(tensorflow::OpKernelConstruction* ctx)
-      : RnnGradOp<T, Launcher>(ctx, kCell) {}
+      : RnnGradOp<T, S, Launcher>(ctx, kCell) {}
 };
 
 }  // namespace tfcells
 
-// The forward and gradient kernels of every op family (kOpFamilies) and dtype, for one device.
-#define TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, T, DEVICE, LAUNCHER)                           \
-  REGISTER_KERNEL_BUILDER(Name("Tfcells" #OP).Device(DEVICE).TypeConstraint<T>("T"),          \
-                          ::tfcells::ForwardKernel<T, LAUNCHER, ::tfcells::CellKind::CELL>);  \
-  REGISTER_KERNEL_BUILDER(Name("Tfcells" #OP "Grad").Device(DEVICE).TypeConstraint<T>("T"),   \
-                          ::tfcells::GradKernel<T, LAUNCHER, ::tfcells::CellKind::CELL>);
-#define TFCELLS_REGISTER_KERNELS_OF(OP, CELL, DEVICE, LAUNCHER)   \
-  TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, float, DEVICE, LAUNCHER) \
-  TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, double, DEVICE, LAUNCHER)
+// The forward and gradient kernels of every op family (kOpFamilies) and dtype pair, for one
+// device: the op's T is the storage type S, its Tcompute the compute type T.
+#define TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, T, S, DEVICE, LAUNCHER)                        \
+  REGISTER_KERNEL_BUILDER(Name("Tfcells" #OP)                                                 \
+                              .Device(DEVICE)                                                 \
+                              .TypeConstraint<::tfcells::TfType<S>>("T")                      \
+                              .TypeConstraint<T>("Tcompute"),                                 \
+                          ::tfcells::ForwardKernel<T, S, LAUNCHER, ::tfcells::CellKind::CELL>); \
+  REGISTER_KERNEL_BUILDER(Name("Tfcells" #OP "Grad")                                          \
+                              .Device(DEVICE)                                                 \
+                              .TypeConstraint<::tfcells::TfType<S>>("T")                      \
+                              .TypeConstraint<T>("Tcompute"),                                 \
+                          ::tfcells::GradKernel<T, S, LAUNCHER, ::tfcells::CellKind::CELL>);
+#define TFCELLS_REGISTER_KERNELS_OF(OP, CELL, DEVICE, LAUNCHER)                          \
+  TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, float, float, DEVICE, LAUNCHER)                 \
+  TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, double, double, DEVICE, LAUNCHER)               \
+  TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, float, ::tfcells::bfloat16, DEVICE, LAUNCHER)   \
+  TFCELLS_REGISTER_KERNEL_PAIR(OP, CELL, float, ::tfcells::float16, DEVICE, LAUNCHER)
 #define TFCELLS_REGISTER_KERNELS(DEVICE, LAUNCHER)                     \
   TFCELLS_REGISTER_KERNELS_OF(Lstm, kLstm, DEVICE, LAUNCHER)           \
   TFCELLS_REGISTER_KERNELS_OF(Gru, kGruResetAfter, DEVICE, LAUNCHER)   \

@@ -48,12 +48,18 @@ using OpDef = tensorflow::register_op::OpDefBuilderWrapper;
 // The forward inputs of a cell family's ops, and the attributes both ops share. The dropout
 // masks (Keras' implementation=1 while training; [G, B, I] and [G, B, H]) and the step mask
 // have no gradient; each optional input is empty unless its has_* attribute is set.
+//
+// T is the type of the sequences, the states and their gradients; Tcompute that of the weights,
+// the dropout masks, the training cache and the weight gradients, and the type the kernels
+// compute in: T itself for float32 and float64, float32 for bfloat16 and float16 (storage.h).
 void AddForwardInputs(OpDef& op, const OpFamily& family) {
   op.Input("x: T").Input("h0: T");
   if (Info(family.cell).cell_state) op.Input("c0: T");
-  op.Input("kernel: T").Input("recurrent_kernel: T").Input("bias: T").Input("mask: bool");
-  op.Input("input_dropout: T").Input("recurrent_dropout: T");
-  op.Attr("T: {float, double}")
+  op.Input("kernel: Tcompute").Input("recurrent_kernel: Tcompute").Input("bias: Tcompute");
+  op.Input("mask: bool");
+  op.Input("input_dropout: Tcompute").Input("recurrent_dropout: Tcompute");
+  op.Attr("T: {float, double, bfloat16, half}")
+      .Attr("Tcompute: {float, double}")
       .Attr("time_major: bool = false")
       .Attr("go_backwards: bool = false")
       .Attr("has_bias: bool = true")
@@ -72,7 +78,7 @@ void RegisterForward(const OpFamily& family) {
   AddForwardInputs(op, family);
   op.Output("y: T").Output("h_last: T");
   if (cell_state) op.Output("c_last: T");
-  op.Output("gates: T").Output("aux: T").Output("h_prev: T");
+  op.Output("gates: Tcompute").Output("aux: Tcompute").Output("h_prev: Tcompute");
   op.Attr("training: bool = true").Attr("frozen: int = 0");
   op.SetShapeFn([cell_state](InferenceContext* c) { return ForwardShape(c, cell_state); });
   op();
@@ -84,10 +90,12 @@ void RegisterGradient(const OpFamily& family) {
   const bool cell_state = Info(family.cell).cell_state;
   OpDef op(family.gradient);
   AddForwardInputs(op, family);
-  op.Input("gates: T").Input("aux: T").Input("h_prev: T").Input("dy: T").Input("dh_last: T");
+  op.Input("gates: Tcompute").Input("aux: Tcompute").Input("h_prev: Tcompute");
+  op.Input("dy: T").Input("dh_last: T");
   if (cell_state) op.Input("dc_last: T");
   for (const GradientInfo& g : kGradients)
-    if (g.bit != kGradC0 || cell_state) op.Output(std::string(g.output) + ": T");
+    if (g.bit != kGradC0 || cell_state)
+      op.Output(std::string(g.output) + (IsStateGradient(g.bit) ? ": T" : ": Tcompute"));
   op.Attr("grad_mask: int");
   op.SetShapeFn(GradShape);
   op();
@@ -112,12 +120,12 @@ namespace {
 struct CpuLauncher {
   static constexpr InputProjection kInputProjection = kCpuInputProjection;
 
-  template <typename T>
-  static void Forward(tensorflow::OpKernelContext* ctx, const ForwardArgs<T>& a) {
+  template <typename T, typename S>
+  static void Forward(tensorflow::OpKernelContext* ctx, const ForwardArgs<T, S>& a) {
     WithPool(ctx, [&](const CpuOptions& options) { ForwardCpu(a, options); });
   }
-  template <typename T>
-  static void Backward(tensorflow::OpKernelContext* ctx, const BackwardArgs<T>& a) {
+  template <typename T, typename S>
+  static void Backward(tensorflow::OpKernelContext* ctx, const BackwardArgs<T, S>& a) {
     WithPool(ctx, [&](const CpuOptions& options) { BackwardCpu(a, options); });
   }
 

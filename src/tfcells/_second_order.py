@@ -77,11 +77,16 @@ def gradient_of_gradient(op, *upstream):
     for name in ("input_dropout", "recurrent_dropout"):
         kwargs[name + "_mask"] = values[name] if attr("has_" + name) else None
 
+    # With 16-bit storage the recurrence runs in the compute dtype, as the kernels run it: the
+    # 16-bit inputs are widened under both tapes, so their gradients come back in 16 bits.
+    compute = attr("Tcompute")
+    wanted = {n: tf.cast(g, compute) for n, g in wanted.items()}
     with tf.GradientTape() as outer:
         # Distinct copies, so that one tensor fed to two inputs (h0 is c0) gets the partial
         # derivative of each slot, as the gradient op computed them.
-        local = {n: tf.identity(values[n]) for n in differentiable + ["d" + o for o in seeds]}
-        outer.watch([local[n] for n in sources])
+        given = {n: tf.identity(values[n]) for n in differentiable + ["d" + o for o in seeds]}
+        outer.watch([given[n] for n in sources])
+        local = {n: tf.cast(v, compute) for n, v in given.items()}
         with tf.GradientTape() as inner:
             inner.watch([local[n] for n in wanted])
             args = {n: local.get(n) for n in forward_inputs if n in _ops.GRAD_BITS}
@@ -89,7 +94,7 @@ def gradient_of_gradient(op, *upstream):
         first = inner.gradient([outputs[o] for o in seeds], [local[n] for n in wanted],
                                output_gradients=[local["d" + o] for o in seeds],
                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    second = outer.gradient(first, [local[n] for n in sources],
+    second = outer.gradient(first, [given[n] for n in sources],
                             output_gradients=list(wanted.values()))
     by_name = dict(zip(sources, second))
     return [by_name.get(name) for name in grad_inputs]

@@ -29,7 +29,14 @@ _GRAD_OUTPUTS = dict(_tfcells_core.GRAD_OUTPUTS)  # input name -> gradient op ou
 # The forward op's outputs from here on are its training cache.
 _CACHE = ("gates", "aux", "h_prev")
 
-_SUPPORTED_DTYPES = (tf.float32, tf.float64)
+# The dtypes x, the states and the outputs may have, and the dtype each computes in: the
+# weights, the dropout masks and the training cache have that compute dtype, as do the weight
+# gradients (csrc/core/storage.h: products accumulate in float32, the gate math and the LSTM
+# cell state run in float32, and only what is stored in 16 bits is rounded).
+COMPUTE_DTYPES = {tf.float32: tf.float32, tf.float64: tf.float64,
+                  tf.bfloat16: tf.float32, tf.float16: tf.float32}
+# The inputs stored in x's dtype; the others (weights, masks) are in the compute dtype.
+_STATE_INPUTS = ("x", "h0", "c0")
 
 
 class _Cell:
@@ -54,12 +61,17 @@ _SIMPLE_RNN = _Cell("simple_rnn", "TfcellsSimpleRnn", ops_module.tfcells_simple_
 _CELLS_BY_OP = {"TfcellsLstm": _LSTM, "TfcellsGru": _GRU, "TfcellsSimpleRnn": _SIMPLE_RNN}
 
 
-def _as_tensor(value, name, dtype, fn):
+def _as_tensor(value, name, dtype, fn, storage=None):
+    """`value` as a tensor of `dtype`. A 16-bit `storage` dtype (x's) is accepted too and
+    converted (the weights of a bfloat16 call may be bfloat16 or float32)."""
     if isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(value, "dtype"):
         value_dtype = tf.as_dtype(value.dtype)
         if dtype is not None and value_dtype != dtype:
-            raise TypeError(f"tfcells.{fn}: {name} has dtype {value_dtype.name}, but x has "
-                            f"dtype {dtype.name}; all tensors must share one dtype")
+            if value_dtype == storage:
+                return tf.cast(value, dtype)
+            wanted = dtype.name if storage in (None, dtype) else f"{dtype.name} or {storage.name}"
+            raise TypeError(f"tfcells.{fn}: {name} has dtype {value_dtype.name}, but must be "
+                            f"{wanted} (x has dtype {(storage or dtype).name})")
         return tf.convert_to_tensor(value)
     return tf.convert_to_tensor(value, dtype=dtype, name=name)
 
@@ -86,18 +98,20 @@ def _training_cache_needed(tensors):
 
 def _run(cell, fn, values, time_major, go_backwards, frozen, training, extra_attrs):
     x = _as_tensor(values["x"], "x", None, fn)
-    if x.dtype not in _SUPPORTED_DTYPES:
+    if x.dtype not in COMPUTE_DTYPES:
         raise TypeError(f"tfcells.{fn}: x has dtype {x.dtype.name}; the kernels support "
-                        "float32 and float64 (the Keras layers run reduced-precision "
-                        "policies in float32)")
+                        "float32, float64, bfloat16 and float16")
+    compute = COMPUTE_DTYPES[x.dtype]
     layout = "[T, B, I]" if time_major else "[B, T, I]"
     _static_rank_check(x, 3, "x", fn, layout)
     tensors = {"x": x}
     for name in (n for n in cell.inputs if n in GRAD_BITS and n != "x"):
         if name == "bias" and values["bias"] is None:
-            tensors["bias"] = tf.zeros([0], x.dtype)
-        else:
+            tensors["bias"] = tf.zeros([0], compute)
+        elif name in _STATE_INPUTS:
             tensors[name] = _as_tensor(values[name], name, x.dtype, fn)
+        else:
+            tensors[name] = _as_tensor(values[name], name, compute, fn, storage=x.dtype)
     for name in ("h0", "c0", "kernel", "recurrent_kernel"):
         if name in tensors:
             _static_rank_check(tensors[name], 2, name, fn, "a matrix")
@@ -112,9 +126,10 @@ def _run(cell, fn, values, time_major, go_backwards, frozen, training, extra_att
         tensors["mask"] = mask
     for name, width in (("input_dropout", "I"), ("recurrent_dropout", "H")):
         if values[name] is None:
-            tensors[name] = tf.zeros([0], x.dtype)
+            tensors[name] = tf.zeros([0], compute)
         else:
-            tensors[name] = _as_tensor(values[name], name + "_mask", x.dtype, fn)
+            tensors[name] = _as_tensor(values[name], name + "_mask", compute, fn,
+                                       storage=x.dtype)
             _static_rank_check(tensors[name], 3, name + "_mask", fn,
                                f"[{cell.gates}, B, {width}]: one mask per gate")
 
@@ -148,9 +163,13 @@ def lstm(x, h0, c0, kernel, recurrent_kernel, bias=None, mask=None, time_major=F
     """Runs an LSTM (Keras layout and math) over a whole sequence.
 
     Args:
-      x: [B, T, I] ([T, B, I] if time_major), float32 or float64.
-      h0, c0: [B, H] initial state.
+      x: [B, T, I] ([T, B, I] if time_major): float32, float64, bfloat16 or float16. With
+        the 16-bit types the kernels compute in float32 (COMPUTE_DTYPES) and round only the
+        outputs and the gradients of x and the states.
+      h0, c0: [B, H] initial state, in x's dtype.
       kernel: [I, 4H]; recurrent_kernel: [H, 4H]; bias: [4H] or None. Gate order i, f, c, o.
+        In the compute dtype (float32 for a 16-bit x, which may also take them in x's dtype);
+        their gradients come in the dtype they were given in.
       mask: optional [B, T] ([T, B]) bool; a masked step keeps the previous state.
       go_backwards: process the steps from last to first; outputs come in processing order.
       frozen: names of inputs whose gradient is never computed (treated as constants), e.g.

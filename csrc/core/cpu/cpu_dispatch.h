@@ -4,6 +4,8 @@
 // level's.
 #pragma once
 
+#include <type_traits>
+
 #include "cpu_rnn.h"
 
 // CpuKernelsOf_isa_x86_64_v3 for TFCELLS_ISA = isa_x86_64_v3.
@@ -16,8 +18,28 @@ namespace tfcells {
 struct CpuKernels {
   void (*forward_f32)(const ForwardArgs<float>&, const CpuOptions&);
   void (*forward_f64)(const ForwardArgs<double>&, const CpuOptions&);
+  void (*forward_bf16)(const ForwardArgs<float, bfloat16>&, const CpuOptions&);
+  void (*forward_f16)(const ForwardArgs<float, float16>&, const CpuOptions&);
   void (*backward_f32)(const BackwardArgs<float>&, const CpuOptions&);
   void (*backward_f64)(const BackwardArgs<double>&, const CpuOptions&);
+  void (*backward_bf16)(const BackwardArgs<float, bfloat16>&, const CpuOptions&);
+  void (*backward_f16)(const BackwardArgs<float, float16>&, const CpuOptions&);
+
+  // The entry for these arguments' types.
+  template <typename T, typename S>
+  auto Forward(const ForwardArgs<T, S>&) const {
+    if constexpr (std::is_same_v<S, bfloat16>) return forward_bf16;
+    else if constexpr (std::is_same_v<S, float16>) return forward_f16;
+    else if constexpr (std::is_same_v<T, double>) return forward_f64;
+    else return forward_f32;
+  }
+  template <typename T, typename S>
+  auto Backward(const BackwardArgs<T, S>&) const {
+    if constexpr (std::is_same_v<S, bfloat16>) return backward_bf16;
+    else if constexpr (std::is_same_v<S, float16>) return backward_f16;
+    else if constexpr (std::is_same_v<T, double>) return backward_f64;
+    else return backward_f32;
+  }
 };
 
 // Position of the chosen level in TFCELLS_CPU_LEVELS (tfcells_cpu_levels.h, generated);

@@ -63,13 +63,13 @@ CpuBackend MakeBackend(const CpuOptions& options) {
   return be;
 }
 
-template <typename T>
-void RunForward(const ForwardArgs<T>& args, const CpuOptions& options) {
+template <typename T, typename S>
+void RunForward(const ForwardArgs<T, S>& args, const CpuOptions& options) {
   CpuBackend be = MakeBackend(options);
   Forward(be, args);
 }
-template <typename T>
-void RunBackward(const BackwardArgs<T>& args, const CpuOptions& options) {
+template <typename T, typename S>
+void RunBackward(const BackwardArgs<T, S>& args, const CpuOptions& options) {
   CpuBackend be = MakeBackend(options);
   Backward(be, args);
 }
@@ -90,8 +90,11 @@ void CpuBackend::Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, con
 TFCELLS_ISA_END
 
 const CpuKernels& TFCELLS_LEVEL_NAME(CpuKernelsOf_, TFCELLS_ISA)() {
-  static constexpr CpuKernels kKernels = {&RunForward<float>, &RunForward<double>,
-                                          &RunBackward<float>, &RunBackward<double>};
+  static constexpr CpuKernels kKernels = {
+      &RunForward<float, float>,   &RunForward<double, double>,
+      &RunForward<float, bfloat16>, &RunForward<float, float16>,
+      &RunBackward<float, float>,  &RunBackward<double, double>,
+      &RunBackward<float, bfloat16>, &RunBackward<float, float16>};
   return kKernels;
 }
 

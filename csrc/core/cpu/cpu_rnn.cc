@@ -44,18 +44,19 @@ CpuOptions CpuRunOptions(const CpuOptions& options) {
   return run;
 }
 
-void ForwardCpu(const ForwardArgs<float>& args, const CpuOptions& options) {
-  Kernels().forward_f32(args, CpuRunOptions(options));
-}
-void ForwardCpu(const ForwardArgs<double>& args, const CpuOptions& options) {
-  Kernels().forward_f64(args, CpuRunOptions(options));
-}
-void BackwardCpu(const BackwardArgs<float>& args, const CpuOptions& options) {
-  Kernels().backward_f32(args, CpuRunOptions(options));
-}
-void BackwardCpu(const BackwardArgs<double>& args, const CpuOptions& options) {
-  Kernels().backward_f64(args, CpuRunOptions(options));
-}
+// One definition per argument type (the overloads cpu_rnn.h declares).
+#define TFCELLS_CPU_ENTRY_POINTS(T, S)                                              \
+  void ForwardCpu(const ForwardArgs<T, S>& args, const CpuOptions& options) {       \
+    Kernels().Forward(args)(args, CpuRunOptions(options));                          \
+  }                                                                                 \
+  void BackwardCpu(const BackwardArgs<T, S>& args, const CpuOptions& options) {     \
+    Kernels().Backward(args)(args, CpuRunOptions(options));                         \
+  }
+TFCELLS_CPU_ENTRY_POINTS(float, float)
+TFCELLS_CPU_ENTRY_POINTS(double, double)
+TFCELLS_CPU_ENTRY_POINTS(float, bfloat16)
+TFCELLS_CPU_ENTRY_POINTS(float, float16)
+#undef TFCELLS_CPU_ENTRY_POINTS
 
 void SetCpuGemmThreads(int threads) { gemm_threads_setting.store(std::max(0, threads)); }
 int CpuGemmThreads() { return gemm_threads_setting.load(); }

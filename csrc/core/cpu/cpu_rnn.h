@@ -26,8 +26,12 @@ struct CpuOptions {
 
 void ForwardCpu(const ForwardArgs<float>& args, const CpuOptions& options = {});
 void ForwardCpu(const ForwardArgs<double>& args, const CpuOptions& options = {});
+void ForwardCpu(const ForwardArgs<float, bfloat16>& args, const CpuOptions& options = {});
+void ForwardCpu(const ForwardArgs<float, float16>& args, const CpuOptions& options = {});
 void BackwardCpu(const BackwardArgs<float>& args, const CpuOptions& options = {});
 void BackwardCpu(const BackwardArgs<double>& args, const CpuOptions& options = {});
+void BackwardCpu(const BackwardArgs<float, bfloat16>& args, const CpuOptions& options = {});
+void BackwardCpu(const BackwardArgs<float, float16>& args, const CpuOptions& options = {});
 
 // Cap on the parallel pieces of one GEMM; 0 (the default) lets the caller's pool decide.
 void SetCpuGemmThreads(int threads);

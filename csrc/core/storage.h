@@ -1,0 +1,123 @@
+// 16-bit storage types: what x, the states, the outputs and their gradients may be held in.
+// Compute stays float32 (products accumulate in it, the gate math and the LSTM cell state run in
+// it); a value is widened when the core reads it and rounded once when the core writes it.
+//
+// The bit layouts are TensorFlow's (Eigen::bfloat16, Eigen::half) and CUDA's (__nv_bfloat16,
+// __half), so tensors of those types are read in place. Rounding is to nearest, ties to even,
+// as TensorFlow's casts round: a rounded output is bit for bit tf.cast of the float32 value.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "common.h"
+
+namespace tfcells {
+
+struct bfloat16 {
+  std::uint16_t bits;
+};
+struct float16 {  // IEEE 754 binary16
+  std::uint16_t bits;
+};
+
+// What a storage type computes in: float32 for the 16-bit types, the type itself otherwise.
+template <typename S>
+struct ComputeTypeOf {
+  using type = S;
+};
+template <>
+struct ComputeTypeOf<bfloat16> {
+  using type = float;
+};
+template <>
+struct ComputeTypeOf<float16> {
+  using type = float;
+};
+template <typename S>
+using ComputeType = typename ComputeTypeOf<S>::type;
+
+namespace storage_bits {
+
+TFCELLS_HD std::uint32_t BitsOf(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+TFCELLS_HD float FloatOf(std::uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+}  // namespace storage_bits
+
+TFCELLS_HD float ToFloat(bfloat16 v) { return storage_bits::FloatOf(std::uint32_t(v.bits) << 16); }
+
+// binary16 to binary32 is exact. The normal case rebiases the exponent by scaling a float whose
+// bits are the half's shifted into place; subnormals come out of a float subtraction. The
+// method of Maratyszcza's FP16 library: branch-free, so the compiler vectorises the loops.
+TFCELLS_HD float ToFloat(float16 v) {
+  using namespace storage_bits;
+  const std::uint32_t w = std::uint32_t(v.bits) << 16;
+  const std::uint32_t sign = w & 0x80000000u;
+  const std::uint32_t two_w = w + w;
+  const float normalized = FloatOf((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = FloatOf((two_w >> 17) | (126u << 23)) - 0.5f;
+  return FloatOf(sign | (two_w < (1u << 27) ? BitsOf(denormalized) : BitsOf(normalized)));
+}
+
+template <typename S>
+TFCELLS_HD S FromFloat(float f);
+
+// Round to nearest even on the upper 16 bits; a NaN stays a (quiet) NaN.
+template <>
+TFCELLS_HD bfloat16 FromFloat<bfloat16>(float f) {
+  const std::uint32_t u = storage_bits::BitsOf(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return {std::uint16_t((u >> 16) | 0x0040u)};
+  return {std::uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+}
+
+// Round to nearest even into binary16: adding a power of two that puts the half's last mantissa
+// bit at the float's last lets the float addition do the rounding (overflow goes to infinity,
+// small values to subnormals or zero); a NaN stays a (quiet) NaN.
+template <>
+TFCELLS_HD float16 FromFloat<float16>(float f) {
+  using namespace storage_bits;
+  const float abs_f = FloatOf(BitsOf(f) & 0x7FFFFFFFu);
+  float base = (abs_f * 0x1.0p+112f) * 0x1.0p-110f;
+  const std::uint32_t w = BitsOf(f);
+  const std::uint32_t shl1_w = w + w;
+  const std::uint32_t sign = w & 0x80000000u;
+  std::uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = FloatOf((bias >> 1) + 0x07800000u) + base;
+  const std::uint32_t bits = BitsOf(base);
+  const std::uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const std::uint32_t mantissa_bits = bits & 0x00000FFFu;
+  const std::uint32_t nonsign = exp_bits + mantissa_bits;
+  return {std::uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
+}
+
+// Widening and rounding as the core's loops use them: the identity for the compute types.
+TFCELLS_HD float Widen(float v) { return v; }
+TFCELLS_HD double Widen(double v) { return v; }
+template <typename S>
+TFCELLS_HD S Narrow(ComputeType<S> v) {
+  if constexpr (sizeof(S) == sizeof(v)) {
+    return v;
+  } else {
+    return FromFloat<S>(v);
+  }
+}
+
+}  // namespace tfcells
