@@ -47,7 +47,7 @@ _TANH = {keras.activations.tanh, keras.ops.tanh, tf.tanh, tf.math.tanh, tf.nn.ta
 _SIGMOID = {keras.activations.sigmoid, keras.ops.sigmoid, tf.sigmoid, tf.math.sigmoid,
             tf.nn.sigmoid}
 _FUSED_CHOICES = ("auto", True, False)
-_FLOAT_INPUTS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+_FLOAT_INPUTS = tuple(_ops.COMPUTE_DTYPES)  # the dtypes the fused op stores sequences in
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,9 +386,11 @@ class _FusedRNN:
     def _run_cells(self, x, states, step_mask, training, keep_cache):
         """Each cell's fused op over the whole sequence, the next reading its outputs.
 
-        Returns (outputs of the last cell [B, T, H] in processing order, final states)."""
-        in_dtype = tf.as_dtype(x.dtype)
-        dtype = tf.float32 if in_dtype in (tf.float16, tf.bfloat16) else in_dtype
+        Returns (outputs of the last cell [B, T, H] in processing order, final states).
+        The sequences and states stay in the input's dtype (a mixed policy's 16-bit compute
+        dtype), the weights are read as stored (float32) and the kernels compute in
+        float32."""
+        dtype = tf.as_dtype(x.dtype)
         go_backwards = self.go_backwards
         new_states = []
         for index, cell in enumerate(self._rnn_cells()):
@@ -406,13 +408,13 @@ class _FusedRNN:
     def _run_cell(self, cell, index, x, states, step_mask, go_backwards, training, dtype,
                   keep_cache):
         """One cell's fused op: Keras' dropout masks, the weights as stored, the inputs
-        that are frozen. Returns (outputs, final states)."""
-        x, dropout = _dropout_masks(cell, x, states[0], training, dtype)
-        x = tf.cast(x, dtype)
+        that are frozen. Returns (outputs, final states) in x's dtype."""
+        compute = _ops.COMPUTE_DTYPES[dtype]
+        x, dropout = _dropout_masks(cell, x, states[0], training, compute)
         states = [tf.cast(s, dtype) for s in states]
-        kernel = _read(cell.kernel, dtype)
-        recurrent_kernel = _read(cell.recurrent_kernel, dtype)
-        bias = _read(cell.bias, dtype) if cell.bias is not None else None
+        kernel = _read(cell.kernel, compute)
+        recurrent_kernel = _read(cell.recurrent_kernel, compute)
+        bias = _read(cell.bias, compute) if cell.bias is not None else None
         common = dict(mask=step_mask, go_backwards=go_backwards, training=keep_cache,
                       frozen=self._frozen_inputs(cell, index == 0), **dropout)
         ours, _ = _cell_kind(cell)

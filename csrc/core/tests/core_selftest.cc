@@ -9,8 +9,12 @@
 //  - with a thread-pool runner (batch shards, split GEMMs and loops) the results match the
 //    sequential ones;
 //  - a buffer smaller than the call plan asks for is refused before anything runs;
+//  - with 16-bit storage (bfloat16, float16) every output and state gradient is the float32
+//    pass's, rounded, and every weight gradient the float32 pass's exactly; the conversions
+//    round to nearest even (checked against exhaustive and independent references);
 // and all of it once per ISA level of the kernels that this machine runs (argv[1]: one level).
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <functional>
 #include <limits>
@@ -18,6 +22,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "../cpu/cpu_rnn.h"
@@ -283,6 +288,166 @@ void RunParallel(const Case& cs, unsigned seed, int max_tasks) {
 }  // namespace
 }  // namespace tfcells
 
+namespace tfcells {
+namespace {
+
+// The same call in float32 on widened inputs, and with storage S: outputs and state gradients
+// must be the float32 ones rounded, weight gradients identical.
+template <typename S>
+void RunStaged(const Case& cs, unsigned seed) {
+  const Problem p(cs, seed);
+  const Dims& d = cs.d;
+  auto narrow = [](const Vec& v) {
+    std::vector<S> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = FromFloat<S>(float(v[i]));
+    return out;
+  };
+  auto widen = [](const std::vector<S>& v) {
+    std::vector<float> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = ToFloat(v[i]);
+    return out;
+  };
+  auto as_float = [](const Vec& v) { return std::vector<float>(v.begin(), v.end()); };
+  const std::vector<S> xs = narrow(p.x), h0s = narrow(p.h0), c0s = narrow(p.c0);
+  const std::vector<S> dys = narrow(p.w_y), dhs = narrow(p.w_h), dcs = narrow(p.w_c);
+  const std::vector<float> kernel = as_float(p.kernel), rk = as_float(p.recurrent_kernel),
+                           bias = as_float(p.bias), in_drop = as_float(p.input_dropout),
+                           rec_drop = as_float(p.recurrent_dropout);
+  const bool lstm = cs.cell == CellKind::kLstm;
+  const Index seq = d.T * d.B * d.H, state = d.B * d.H;
+
+  // One forward (training) and backward pass with storage U.
+  struct Out {
+    std::vector<float> cache[3], dweights[3];
+    std::vector<char> y, h, c, dx, dh0, dc0;  // raw bytes of storage-typed results
+  };
+  auto run = [&](auto tag, const auto& x, const auto& h0, const auto& c0, const auto& dy,
+                 const auto& dh, const auto& dc) {
+    using U = decltype(tag);
+    CallPlan fplan = p.Plan(true), bplan = p.Plan(true, kGradAll);
+    if constexpr (!std::is_same_v<U, float>) {
+      CallOptions o = fplan.options();
+      o.storage = std::is_same_v<U, bfloat16> ? Storage::kBFloat16 : Storage::kFloat16;
+      CallPlan::Make(o, CallPlan::ShapesFor(o, d), &fplan);
+      o.grad_mask = kGradAll;
+      CallPlan::Make(o, CallPlan::ShapesFor(o, d), &bplan);
+    }
+    std::vector<U> y(seq), h(state), c(state), dx(x.size()), dh0(state), dc0(state);
+    const CacheSizes cache = fplan.Cache();
+    Out out;
+    out.cache[0].resize(cache.gates), out.cache[1].resize(cache.aux);
+    out.cache[2].resize(cache.h_prev);
+    out.dweights[0].resize(kernel.size()), out.dweights[1].resize(rk.size());
+    out.dweights[2].resize(bias.size());
+    InputPointers<float, U> in;
+    in.x = x.data(), in.h0 = h0.data(), in.c0 = c0.data(), in.kernel = kernel.data();
+    in.recurrent_kernel = rk.data(), in.bias = cs.bias ? bias.data() : nullptr;
+    in.mask = cs.mask ? reinterpret_cast<const bool*>(p.mask.data()) : nullptr;
+    in.input_dropout = cs.dropout ? in_drop.data() : nullptr;
+    in.recurrent_dropout = cs.dropout ? rec_drop.data() : nullptr;
+    std::vector<float> fws(fplan.forward_layout().total, std::nanf(""));
+    ForwardArgs<float, U> f;
+    f.plan = &fplan, f.in = in, f.y = y.data(), f.h_last = h.data(), f.c_last = c.data();
+    f.gates = {out.cache[0].data(), cache.gates}, f.aux = {out.cache[1].data(), cache.aux};
+    f.h_prev = {out.cache[2].data(), cache.h_prev};
+    f.workspace = {fws.data(), Index(fws.size())};
+    ForwardCpu(f);
+    std::vector<float> bws(bplan.backward_layout().total, std::nanf(""));
+    BackwardArgs<float, U> b;
+    b.plan = &bplan, b.in = in;
+    b.gates = {out.cache[0].data(), cache.gates}, b.aux = {out.cache[1].data(), cache.aux};
+    b.h_prev = {out.cache[2].data(), cache.h_prev};
+    b.dy = dy.data(), b.dh_last = dh.data(), b.dc_last = lstm ? dc.data() : nullptr;
+    b.dx = dx.data(), b.dh0 = dh0.data(), b.dc0 = dc0.data();
+    b.dkernel = out.dweights[0].data(), b.drecurrent_kernel = out.dweights[1].data();
+    b.dbias = out.dweights[2].data();
+    b.workspace = {bws.data(), Index(bws.size())};
+    BackwardCpu(b);
+    auto bytes = [&](const std::vector<U>& v) {  // rounded to S when U is float
+      std::vector<S> r(v.size());
+      for (size_t i = 0; i < v.size(); ++i) {
+        if constexpr (std::is_same_v<U, float>) r[i] = FromFloat<S>(v[i]);
+        else r[i] = v[i];
+      }
+      const char* raw = reinterpret_cast<const char*>(r.data());
+      return std::vector<char>(raw, raw + r.size() * sizeof(S));
+    };
+    out.y = bytes(y), out.h = bytes(h), out.c = bytes(c);
+    out.dx = bytes(dx), out.dh0 = bytes(dh0), out.dc0 = bytes(dc0);
+    return out;
+  };
+  const Out ref = run(0.0f, widen(xs), widen(h0s), widen(c0s), widen(dys), widen(dhs),
+                      widen(dcs));
+  const Out got = run(S{}, xs, h0s, c0s, dys, dhs, dcs);
+  EXPECT(got.y == ref.y && got.h == ref.h && (!lstm || got.c == ref.c), cs.name);
+  EXPECT(got.dx == ref.dx && got.dh0 == ref.dh0 && (!lstm || got.dc0 == ref.dc0), cs.name);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT(got.cache[i] == ref.cache[i], cs.name);
+    EXPECT(got.dweights[i] == ref.dweights[i], cs.name);
+  }
+}
+
+// The 16-bit conversions: every 16-bit value survives widening and rounding back; rounding
+// floats agrees with independent references (the nearest of the two neighbours in double for
+// bfloat16, the compiler's _Float16 for float16) on a stride through all 2^32 bit patterns and
+// on the halfway points, where ties go to even.
+void CheckConversions() {
+  auto float_of = [](std::uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  int bad = 0;
+  for (std::uint32_t b = 0; b < 0x10000; ++b) {
+    const bfloat16 v{std::uint16_t(b)};
+    const float16 h{std::uint16_t(b)};
+    const float fv = ToFloat(v), fh = ToFloat(h);
+    if (std::isnan(fv) ? !std::isnan(ToFloat(FromFloat<bfloat16>(fv)))
+                       : FromFloat<bfloat16>(fv).bits != b)
+      ++bad;
+    if (std::isnan(fh) ? !std::isnan(ToFloat(FromFloat<float16>(fh)))
+                       : FromFloat<float16>(fh).bits != b)
+      ++bad;
+    _Float16 ref;
+    std::memcpy(&ref, &h.bits, 2);
+    if (!std::isnan(fh) && float(ref) != fh) ++bad;  // widening: exact
+  }
+  EXPECT(bad == 0, "16-bit round trips");
+  bad = 0;
+  auto check = [&](std::uint32_t u) {
+    const float f = float_of(u);
+    // bfloat16: the two candidates around f (truncated, and one ulp further from zero).
+    // Past the largest finite value the next candidate is infinity, at 2^128 for rounding.
+    const std::uint16_t lo = std::uint16_t(u >> 16), hi = std::uint16_t(lo + 1);
+    const double vh = (hi & 0x7FFF) == 0x7F80 ? std::copysign(std::ldexp(1.0, 128), f)
+                                              : double(ToFloat(bfloat16{hi}));
+    const double dl = std::fabs(double(ToFloat(bfloat16{lo})) - f), dh = std::fabs(vh - f);
+    const std::uint16_t want = std::isnan(f) || std::isinf(f) ? lo
+                               : (dl < dh || (dl == dh && (lo & 1) == 0)) ? lo
+                                                                          : hi;
+    const bfloat16 got = FromFloat<bfloat16>(f);
+    if (std::isnan(f) ? !std::isnan(ToFloat(got)) : got.bits != want) ++bad;
+    const _Float16 ref = _Float16(f);
+    std::uint16_t ref_bits;
+    std::memcpy(&ref_bits, &ref, 2);
+    const float16 h = FromFloat<float16>(f);
+    if (std::isnan(f) ? !std::isnan(ToFloat(h)) : h.bits != ref_bits) ++bad;
+  };
+  for (std::uint64_t u = 0; u < (1ull << 32); u += 997) check(std::uint32_t(u));
+  for (std::uint32_t b = 0; b < 0x10000; ++b) {  // halfway points of both types, and beside
+    for (std::uint32_t tail : {0x8000u, 0x7FFFu, 0x8001u}) check((b << 16) | tail);
+    const float16 h{std::uint16_t(b)};
+    const float fh = ToFloat(h);
+    std::uint32_t u;
+    std::memcpy(&u, &fh, 4);
+    for (std::uint32_t delta : {0x1000u, 0x0FFFu, 0x1001u}) check(u + delta);
+  }
+  EXPECT(bad == 0, "16-bit rounding");
+}
+
+}  // namespace
+}  // namespace tfcells
+
 int main(int argc, char** argv) {
   using namespace tfcells;
   const struct {
@@ -338,10 +503,26 @@ int main(int argc, char** argv) {
           RunParallel(cs, seed++, static_cast<int>(s[4]));
           ++cases;
         }
+    // 16-bit storage: every cell and layout, with all optional inputs and without, and the
+    // empty shapes.
+    for (const auto& c : cells)
+      for (const auto& s : shapes)
+        for (int layout = 0; layout < 4; ++layout)
+          for (bool all : {false, true}) {
+            Case cs{c.cell, c.name, {}, all, all, all};
+            cs.d.T = s[0], cs.d.B = s[1], cs.d.I = s[2], cs.d.H = s[3];
+            cs.d.time_major = layout & 1;
+            cs.d.go_backwards = layout & 2;
+            RunStaged<bfloat16>(cs, seed);
+            RunStaged<float16>(cs, seed++);
+            cases += 2;
+          }
     std::printf("  level %s: %d cases, %d failures\n", level.c_str(), cases - before,
                 failures - failed);
   }
   EXPECT(levels_run > 0, "no level ran");
+  CheckConversions();
+  ++cases;
   // A level that does not exist is refused with the valid choices.
   try {
     SetCpuIsa("x86-64-v9");
