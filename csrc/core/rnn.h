@@ -671,6 +671,18 @@ To* Converted(Backend& be, Index rows, Index cols, const From* src, To* dst) {
   return dst;
 }
 
+// The inputs in the compute type: x, h0 and c0 widened into their staged copies (each only
+// where the plan stages it), the others as they are.
+template <typename T, typename S, typename Backend>
+InputPointers<T> WidenedInputs(Backend& be, const Dims& d, const InputPointers<T, S>& in,
+                               const Span<T>& workspace, const StagedTensors& st) {
+  return {Converted(be, d.Rows(), d.I, in.x, Carve(workspace, st.x)),
+          Converted(be, d.B, d.H, in.h0, Carve(workspace, st.h0)),
+          Converted(be, d.B, d.H, in.c0, Carve(workspace, st.c0)),
+          in.kernel, in.recurrent_kernel, in.bias, in.mask, in.input_dropout,
+          in.recurrent_dropout};
+}
+
 // 16-bit storage: the pass runs in the compute type on staged copies (the plan's
 // StagedTensors): the tensors it reads widened first, the ones it writes rounded last.
 template <typename T, typename S, typename Backend>
@@ -680,11 +692,7 @@ void StagedForward(Backend& be, const CallPlan& plan, const ForwardArgs<T, S>& a
   const Index rows = d.Rows(), B = d.B, H = d.H;
   ForwardArgs<T> w;
   w.plan = a.plan;
-  w.in = {Converted(be, rows, d.I, a.in.x, Carve(a.workspace, st.x)),
-          Converted(be, B, H, a.in.h0, Carve(a.workspace, st.h0)),
-          Converted(be, B, H, a.in.c0, Carve(a.workspace, st.c0)),
-          a.in.kernel, a.in.recurrent_kernel, a.in.bias, a.in.mask, a.in.input_dropout,
-          a.in.recurrent_dropout};
+  w.in = WidenedInputs(be, d, a.in, a.workspace, st);
   w.y = Carve(a.workspace, st.y);
   w.h_last = Carve(a.workspace, st.h_last);
   w.c_last = Carve(a.workspace, st.c_last);
@@ -703,11 +711,7 @@ void StagedBackward(Backend& be, const CallPlan& plan, const BackwardArgs<T, S>&
   const Index rows = d.Rows(), B = d.B, H = d.H;
   BackwardArgs<T> w;
   w.plan = a.plan;
-  w.in = {Converted(be, rows, d.I, a.in.x, Carve(a.workspace, st.x)),
-          nullptr,  // the pass reads the h_prev cache, never h0
-          Converted(be, B, H, a.in.c0, Carve(a.workspace, st.c0)),
-          a.in.kernel, a.in.recurrent_kernel, a.in.bias, a.in.mask, a.in.input_dropout,
-          a.in.recurrent_dropout};
+  w.in = WidenedInputs(be, d, a.in, a.workspace, st);  // no h0: it reads the h_prev cache
   w.gates = a.gates, w.aux = a.aux, w.h_prev = a.h_prev;
   w.dy = Converted(be, rows, H, a.dy, Carve(a.workspace, st.dy));
   w.dh_last = Converted(be, B, H, a.dh_last, Carve(a.workspace, st.dh_last));

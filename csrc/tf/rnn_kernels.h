@@ -5,6 +5,7 @@
 #pragma once
 
 #include <string>
+#include <type_traits>
 
 #include "../core/rnn.h"
 #include "../core/storage.h"
@@ -101,43 +102,28 @@ class RnnOpBase : public tensorflow::OpKernel {
                               InputPointers<T, S>* in) const {
     const bool cell_state = Info(options_.cell).cell_state;
     InputShapes shapes;
-    const struct {
-      const char* name;
-      bool present;
-      Shape* shape;
-      const S** data;
-    } states[] = {
-        {"x", true, &shapes.x, &in->x},
-        {"h0", true, &shapes.h0, &in->h0},
-        {"c0", cell_state, &shapes.c0, &in->c0},
-    };
-    for (const auto& input : states) {
-      if (!input.present) continue;
+    // An input that is present: its shape, and its data as the core's type (S or T).
+    auto read = [&](const char* name, bool present, Shape* shape,
+                    auto** data) -> tensorflow::Status {
+      if (!present) return tensorflow::OkStatus();
       const tensorflow::Tensor* t;
-      TF_RETURN_IF_ERROR(ctx->input(input.name, &t));
-      *input.shape = ShapeOf(*t);
-      *input.data = DataOrNull<S>(*t);
-    }
-    const struct {
-      const char* name;
-      bool present;
-      Shape* shape;
-      const T** data;
-    } inputs[] = {
-        {"kernel", true, &shapes.kernel, &in->kernel},
-        {"recurrent_kernel", true, &shapes.recurrent_kernel, &in->recurrent_kernel},
-        {"bias", options_.has_bias, &shapes.bias, &in->bias},
-        {"input_dropout", options_.has_input_dropout, &shapes.input_dropout, &in->input_dropout},
-        {"recurrent_dropout", options_.has_recurrent_dropout, &shapes.recurrent_dropout,
-         &in->recurrent_dropout},
+      TF_RETURN_IF_ERROR(ctx->input(name, &t));
+      *shape = ShapeOf(*t);
+      using Element = std::remove_const_t<std::remove_reference_t<decltype(**data)>>;
+      *data = DataOrNull<Element>(*t);
+      return tensorflow::OkStatus();
     };
-    for (const auto& input : inputs) {
-      if (!input.present) continue;
-      const tensorflow::Tensor* t;
-      TF_RETURN_IF_ERROR(ctx->input(input.name, &t));
-      *input.shape = ShapeOf(*t);
-      *input.data = DataOrNull<T>(*t);
-    }
+    TF_RETURN_IF_ERROR(read("x", true, &shapes.x, &in->x));
+    TF_RETURN_IF_ERROR(read("h0", true, &shapes.h0, &in->h0));
+    TF_RETURN_IF_ERROR(read("c0", cell_state, &shapes.c0, &in->c0));
+    TF_RETURN_IF_ERROR(read("kernel", true, &shapes.kernel, &in->kernel));
+    TF_RETURN_IF_ERROR(
+        read("recurrent_kernel", true, &shapes.recurrent_kernel, &in->recurrent_kernel));
+    TF_RETURN_IF_ERROR(read("bias", options_.has_bias, &shapes.bias, &in->bias));
+    TF_RETURN_IF_ERROR(read("input_dropout", options_.has_input_dropout, &shapes.input_dropout,
+                            &in->input_dropout));
+    TF_RETURN_IF_ERROR(read("recurrent_dropout", options_.has_recurrent_dropout,
+                            &shapes.recurrent_dropout, &in->recurrent_dropout));
     if (options_.has_mask) {
       const tensorflow::Tensor* mask;
       TF_RETURN_IF_ERROR(ctx->input("mask", &mask));
