@@ -7,8 +7,9 @@
 #                                       machine's instructions, so not portable to older CPUs
 #
 # Each level: name (TFCELLS_CPU_ISA, build_info()["cpu_isa"]) | namespace of its code | flags.
-# Each level's code may use everything of the levels before it. avx512-bf16 and amx compile the
-# AVX-512 kernels for now; they are there for the bfloat16/float16 kernels to fill.
+# Each level's code may use everything of the levels before it. avx512-bf16 adds the bfloat16
+# pair dot product of bfloat16 calls' step products (step_gemm.h); amx has no tile kernels yet
+# and runs avx512-bf16's.
 if(TFCELLS_NATIVE_ARCH)
   set(_tfcells_levels "native|isa_native|-march=native")
 elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")

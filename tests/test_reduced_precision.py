@@ -3,7 +3,10 @@
 With a 16-bit x the kernels compute in float32 (csrc/core/storage.h): they widen x and the
 states, run the float32 pass and round what they store in 16 bits. So the exact check is that
 every 16-bit output and state gradient equals tf.cast of the float32 op's (TensorFlow's own
-round-to-nearest-even) and every weight gradient equals the float32 op's bit for bit. The
+round-to-nearest-even) and every weight gradient equals the float32 op's bit for bit. Where
+the CPU level has AVX512_BF16 (build_info()["cpu_bf16_products"]), a bfloat16 call's step
+products multiply bfloat16 pairs instead, and the same comparison holds to 16-bit tolerance
+(the core self-test checks those products bit for bit against their definition). The
 accuracy checks then measure both tfcells and Keras' own layers against float64.
 """
 
@@ -19,6 +22,8 @@ from tfcells.testing import CountWork
 from test_ops import CELLS, CELL_IDS, make_inputs
 
 HALF_DTYPES = [tf.bfloat16, tf.float16]
+# bfloat16 calls multiply bfloat16 pairs at this CPU level (not the float32 pass exactly).
+BF16_PAIRS = tfcells.build_info()["cpu_bf16_products"]
 HALF_IDS = ["bfloat16", "float16"]
 STATE_NAMES = ("x", "h0", "c0")
 
@@ -38,6 +43,19 @@ def _run(fn, inputs, upstream, **kwargs):
     grads = tape.gradient(out, [inputs[n] for n in names],
                           output_gradients=[tf.cast(u, o.dtype) for u, o in zip(upstream, out)])
     return out, dict(zip(names, grads))
+
+
+def _assert_same_pass(got, want, dtype, name):
+    """`got` is `want` (the float32 op's, cast to got's dtype) bit for bit, or within 16-bit
+    tolerance where bfloat16 calls multiply bfloat16 pairs."""
+    want = tf.cast(want, got.dtype).numpy()
+    if dtype == tf.bfloat16 and BF16_PAIRS:
+        scale = max(float(np.max(np.abs(want.astype(np.float32)), initial=0.0)), 0.1)
+        err = np.max(np.abs(got.numpy().astype(np.float32) - want.astype(np.float32)),
+                     initial=0.0)
+        assert err <= 3e-2 * scale, (name, err, scale)
+    else:
+        np.testing.assert_array_equal(got.numpy(), want, name)
 
 
 def _upstream(cell, inputs, dtype, seed=1):
@@ -73,14 +91,10 @@ def test_16bit_is_the_float32_pass_rounded(cell, dtype, variant):
     out32, g32 = _run(cell.op, widened, upstream, **kwargs)
     for o16, o32 in zip(out16, out32):
         assert o16.dtype == dtype
-        np.testing.assert_array_equal(o16.numpy(), tf.cast(o32, dtype).numpy())
+        _assert_same_pass(o16, o32, dtype, "output")
     for name, g in g16.items():
-        if name in STATE_NAMES:
-            assert g.dtype == dtype, name
-            np.testing.assert_array_equal(g.numpy(), tf.cast(g32[name], dtype).numpy(), name)
-        else:
-            assert g.dtype == tf.float32, name
-            np.testing.assert_array_equal(g.numpy(), g32[name].numpy(), name)
+        assert g.dtype == (dtype if name in STATE_NAMES else tf.float32), name
+        _assert_same_pass(g, g32[name], dtype, name)
 
 
 def _relative_error(got, want):
@@ -211,8 +225,7 @@ def test_16bit_weights_are_accepted_and_their_gradients_come_in_16bit(dtype):
     assert all(g.dtype == dtype for g in grads.values())
     widened = {k: tf.cast(v, tf.float32) for k, v in inputs.items()}
     _, g32 = _run(cell.op, widened, _upstream(cell, inputs, dtype))
-    np.testing.assert_array_equal(grads["kernel"].numpy(),
-                                  tf.cast(g32["kernel"], dtype).numpy())
+    _assert_same_pass(grads["kernel"], g32["kernel"], dtype, "kernel")
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=HALF_IDS)

@@ -204,4 +204,5 @@ PYBIND11_MODULE(_tfcells_core, m) {
   m.def("cpu_isa", &tfcells::CpuIsa);
   m.def("cpu_isas", &tfcells::CpuIsas);
   m.def("cpu_isas_built", &tfcells::CpuIsasBuilt);
+  m.def("cpu_bf16_products", &tfcells::CpuBf16Products);
 }

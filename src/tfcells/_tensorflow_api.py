@@ -33,7 +33,8 @@ def build_info():
     library loaded, a GPU visible; else "gpu_kernels_reason" says why not), and the CPU kernels'
     ISA level: `cpu_isa` the one running (the best this machine supports, or the one the
     environment variable TFCELLS_CPU_ISA named at import), `cpu_isas` every level of this build
-    this machine can run, lowest first."""
+    this machine can run, lowest first, and `cpu_bf16_products`: whether a bfloat16 call's step
+    products multiply bfloat16 pairs at that level (AVX512_BF16), or float32 values."""
     reason = _gpu_kernels_reason()
     return {
         "version": _build_info.VERSION,
@@ -45,6 +46,7 @@ def build_info():
         "native_arch": _build_info.NATIVE_ARCH,
         "cpu_isa": _tfcells_core.cpu_isa(),
         "cpu_isas": _tfcells_core.cpu_isas(),
+        "cpu_bf16_products": _tfcells_core.cpu_bf16_products(),
     }
 
 

@@ -18,6 +18,8 @@ struct CpuBackend {
   // Tuning constants: cpu_tuning.h.
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;
+  // Step products on bfloat16 pairs (a call with bfloat16 storage, CpuOptions::products).
+  bool bf16_products = false;
 
   void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a, Index lda,
             const float* b, Index ldb, float beta, float* c, Index ldc);
@@ -26,7 +28,7 @@ struct CpuBackend {
 
   template <typename T>
   PackedOperand<T> StepOperand(bool trans, Index k, Index n, const T* w, Index ld) const {
-    return PackedOperand<T>(trans, k, n, w, ld);
+    return PackedOperand<T>(trans, k, n, w, ld, bf16_products);
   }
 
   // Large steps split the operand's column panels across the pool; each output element has

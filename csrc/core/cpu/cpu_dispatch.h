@@ -24,6 +24,7 @@ struct CpuKernels {
   void (*backward_f64)(const BackwardArgs<double>&, const CpuOptions&);
   void (*backward_bf16)(const BackwardArgs<float, bfloat16>&, const CpuOptions&);
   void (*backward_f16)(const BackwardArgs<float, float16>&, const CpuOptions&);
+  bool native_bf16_dot;  // the level has AVX512_BF16's dot product (StepProducts::kAuto)
 
   // The entry for these arguments' types.
   template <typename T, typename S>

@@ -56,21 +56,25 @@ void SplitGemm(const CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k
   });
 }
 
+template <typename S>
 CpuBackend MakeBackend(const CpuOptions& options) {
   CpuBackend be;
   be.runner = options.runner;
   be.max_tasks = options.max_tasks;
+  be.bf16_products = std::is_same_v<S, bfloat16> &&
+                     (options.products == StepProducts::kBFloat16 ||
+                      (options.products == StepProducts::kAuto && step_gemm::kNativeBf16Dot));
   return be;
 }
 
 template <typename T, typename S>
 void RunForward(const ForwardArgs<T, S>& args, const CpuOptions& options) {
-  CpuBackend be = MakeBackend(options);
+  CpuBackend be = MakeBackend<S>(options);
   Forward(be, args);
 }
 template <typename T, typename S>
 void RunBackward(const BackwardArgs<T, S>& args, const CpuOptions& options) {
-  CpuBackend be = MakeBackend(options);
+  CpuBackend be = MakeBackend<S>(options);
   Backward(be, args);
 }
 
@@ -94,7 +98,8 @@ const CpuKernels& TFCELLS_LEVEL_NAME(CpuKernelsOf_, TFCELLS_ISA)() {
       &RunForward<float, float>,   &RunForward<double, double>,
       &RunForward<float, bfloat16>, &RunForward<float, float16>,
       &RunBackward<float, float>,  &RunBackward<double, double>,
-      &RunBackward<float, bfloat16>, &RunBackward<float, float16>};
+      &RunBackward<float, bfloat16>, &RunBackward<float, float16>,
+      step_gemm::kNativeBf16Dot};
   return kKernels;
 }
 

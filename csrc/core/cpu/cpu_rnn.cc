@@ -58,6 +58,8 @@ TFCELLS_CPU_ENTRY_POINTS(float, bfloat16)
 TFCELLS_CPU_ENTRY_POINTS(float, float16)
 #undef TFCELLS_CPU_ENTRY_POINTS
 
+bool CpuBf16Products() { return Kernels().native_bf16_dot; }
+
 void SetCpuGemmThreads(int threads) { gemm_threads_setting.store(std::max(0, threads)); }
 int CpuGemmThreads() { return gemm_threads_setting.load(); }
 

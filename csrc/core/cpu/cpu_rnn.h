@@ -19,9 +19,16 @@ using ParallelRunner = std::function<void(int tasks, const std::function<void(in
 // Bindings make their call plans with it.
 inline constexpr InputProjection kCpuInputProjection = InputProjection::kPerStep;
 
+// What the per-step products of a call with bfloat16 storage multiply: float32 values, or
+// bfloat16 pairs accumulated in float32 (AVX512_BF16's dot product, twice float32's rate).
+// kAuto: pairs where the running level has that instruction, float32 elsewhere (the faster
+// there). The other storage types always multiply float32 (or float64).
+enum class StepProducts { kAuto, kFloat32, kBFloat16 };
+
 struct CpuOptions {
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;  // how many pieces a large GEMM may be split into
+  StepProducts products = StepProducts::kAuto;
 };
 
 void ForwardCpu(const ForwardArgs<float>& args, const CpuOptions& options = {});
@@ -32,6 +39,9 @@ void BackwardCpu(const BackwardArgs<float>& args, const CpuOptions& options = {}
 void BackwardCpu(const BackwardArgs<double>& args, const CpuOptions& options = {});
 void BackwardCpu(const BackwardArgs<float, bfloat16>& args, const CpuOptions& options = {});
 void BackwardCpu(const BackwardArgs<float, float16>& args, const CpuOptions& options = {});
+
+// Whether a call with bfloat16 storage multiplies bfloat16 pairs at the running level (kAuto).
+bool CpuBf16Products();
 
 // Cap on the parallel pieces of one GEMM; 0 (the default) lets the caller's pool decide.
 void SetCpuGemmThreads(int threads);

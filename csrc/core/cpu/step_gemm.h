@@ -11,10 +11,17 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include "../common.h"
+#include "../storage.h"
 #include "cpu_tuning.h"
 
 namespace tfcells {
@@ -40,6 +47,27 @@ void Store(T* p, const typename Vector<T>::type& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// C[ROWS, cols] = acc + βC, for cols <= VECS * lanes.
+template <typename T, int ROWS, int VECS>
+void StoreBlock(typename Vector<T>::type (&acc)[ROWS][VECS], T beta, T* c, Index ldc,
+                Index cols) {
+  constexpr Index L = kLanes<T>, P = VECS * L;
+  for (int r = 0; r < ROWS; ++r) {
+    T* c_row = c + r * ldc;
+    if (cols == P) {
+      for (int v = 0; v < VECS; ++v) {
+        if (beta != T(0)) acc[r][v] += beta * Load(c_row + v * L);  // β = 0 never reads C
+        Store(c_row + v * L, acc[r][v]);
+      }
+    } else {  // the last, partial panel
+      T row[P];
+      for (int v = 0; v < VECS; ++v) Store(row + v * L, acc[r][v]);
+      for (Index j = 0; j < cols; ++j)
+        c_row[j] = beta != T(0) ? row[j] + beta * c_row[j] : row[j];
+    }
+  }
+}
+
 // C[ROWS, cols] = A[ROWS, k] · panel[k, VECS * lanes] + βC, for cols <= VECS * lanes.
 template <typename T, int ROWS, int VECS>
 void MicroKernel(Index k, const T* a, Index lda, const T* panel, T beta, T* c, Index ldc,
@@ -58,31 +86,71 @@ void MicroKernel(Index k, const T* a, Index lda, const T* panel, T beta, T* c, I
       for (int v = 0; v < VECS; ++v) acc[r][v] += a_rk * b[v];
     }
   }
-  for (int r = 0; r < ROWS; ++r) {
-    T* c_row = c + r * ldc;
-    if (cols == P) {
-      for (int v = 0; v < VECS; ++v) {
-        if (beta != T(0)) acc[r][v] += beta * Load(c_row + v * L);  // β = 0 never reads C
-        Store(c_row + v * L, acc[r][v]);
-      }
-    } else {  // the last, partial panel
-      T row[P];
-      for (int v = 0; v < VECS; ++v) Store(row + v * L, acc[r][v]);
-      for (Index j = 0; j < cols; ++j)
-        c_row[j] = beta != T(0) ? row[j] + beta * c_row[j] : row[j];
-    }
-  }
+  StoreBlock<T, ROWS, VECS>(acc, beta, c, ldc, cols);
 }
 
-// MicroKernel for a block of 1..MAX_ROWS rows: one kernel instance per height.
-template <typename T, int MAX_ROWS, int VECS>
-void Rows(Index rows, Index k, const T* a, Index lda, const T* panel, T beta, T* c, Index ldc,
-          Index cols) {
-  if constexpr (MAX_ROWS > 1) {
-    if (rows < MAX_ROWS)
-      return Rows<T, MAX_ROWS - 1, VECS>(rows, k, a, lda, panel, beta, c, ldc, cols);
+// bfloat16 pairs: one 32-bit word holds the bfloat16 of rows 2i (low half) and 2i + 1 (high
+// half) of a column, as AVX512_BF16's dot product (vdpbf16ps) reads its operands.
+using Pair = std::uint32_t;
+inline Pair PairOf(float lo, float hi) {
+  return Pair(FromFloat<bfloat16>(lo).bits) | (Pair(FromFloat<bfloat16>(hi).bits) << 16);
+}
+
+// acc += a.hi * b.hi, then acc += a.lo * b.lo, per lane: vdpbf16ps' definition. The product of
+// two bfloat16 is exact in float32, so without the instruction two float additions of exact
+// products round exactly as it does (but for subnormals, which the instruction flushes).
+inline typename Vector<float>::type DotPairs(typename Vector<float>::type acc, Pair a,
+                                             typename Vector<Pair>::type b) {
+  using VF = typename Vector<float>::type;
+#if defined(__AVX512BF16__)
+  if constexpr (kVectorBytes == 64) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(int(a)), (__m512bh)b);
   }
-  MicroKernel<T, MAX_ROWS, VECS>(k, a, lda, panel, beta, c, ldc, cols);
+#endif
+  const float a_lo = storage_bits::FloatOf(a << 16), a_hi = storage_bits::FloatOf(a & 0xFFFF0000u);
+  acc += a_hi * (VF)(b & 0xFFFF0000u);
+  acc += a_lo * (VF)(b << 16);
+  return acc;
+}
+
+// Whether this level's DotPairs is the instruction (what makes bfloat16 products pay).
+inline constexpr bool kNativeBf16Dot =
+#if defined(__AVX512BF16__)
+    kVectorBytes == 64;
+#else
+    false;
+#endif
+
+// MicroKernel on bfloat16 pairs: C[ROWS, cols] = A · panel + βC, with A [ROWS, k2] and the
+// panel [k2, VECS * lanes] in pairs (k2: half of k, rounded up).
+template <int ROWS, int VECS>
+void MicroKernelPairs(Index k2, const Pair* a, const Pair* panel, float beta, float* c,
+                      Index ldc, Index cols) {
+  using VF = typename Vector<float>::type;
+  constexpr Index L = kLanes<float>, P = VECS * L;
+  VF acc[ROWS][VECS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECS; ++v) acc[r][v] = VF{};
+  for (Index kk = 0; kk < k2; ++kk) {
+    typename Vector<Pair>::type b[VECS];
+    for (int v = 0; v < VECS; ++v) b[v] = Load(panel + kk * P + v * L);
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) {
+      const Pair a_rk = a[r * k2 + kk];
+      for (int v = 0; v < VECS; ++v) acc[r][v] = DotPairs(acc[r][v], a_rk, b[v]);
+    }
+  }
+  StoreBlock<float, ROWS, VECS>(acc, beta, c, ldc, cols);
+}
+
+// f(std::integral_constant<int, rows>) for a block of 1..MAX_ROWS rows: one kernel instance per
+// height.
+template <int MAX_ROWS, typename F>
+void WithRows(Index rows, const F& f) {
+  if constexpr (MAX_ROWS > 1) {
+    if (rows < MAX_ROWS) return WithRows<MAX_ROWS - 1>(rows, f);
+  }
+  f(std::integral_constant<int, MAX_ROWS>{});
 }
 
 }  // namespace step_gemm
@@ -90,6 +158,10 @@ void Rows(Index rows, Index k, const T* a, Index lda, const T* panel, T beta, T*
 // op(W) [k, n] packed once: panel p holds columns [p*P, p*P + P) (P = kPanelCols, zero-padded
 // past n), row after row. ROWS and VECS: the micro-kernel's blocking (other values than the
 // level's only for timing them).
+//
+// With `pairs` (float only: a call that stores its sequences in bfloat16) W is packed as
+// bfloat16 pairs of rows instead, and each step rounds A's rows to bfloat16 pairs too: the
+// products are those of bfloat16 values, accumulated in float32 (AVX512_BF16's dot product).
 template <typename T, int ROWS = cpu_tuning::kStepRows, int VECS = cpu_tuning::kStepPanelVectors>
 class PackedOperand {
  public:
@@ -97,8 +169,26 @@ class PackedOperand {
 
   PackedOperand() = default;
   // op(W) = W [k, n] (trans false) or Wᵀ with W [n, k] (trans true); ld: W's row stride.
-  PackedOperand(bool trans, Index k, Index n, const T* w, Index ld)
-      : k_(k), n_(n), panels_(new T[Panels() * k * kPanelCols]) {
+  PackedOperand(bool trans, Index k, Index n, const T* w, Index ld, bool pairs = false)
+      : k_(k), n_(n), pairs_(pairs && std::is_same_v<T, float>) {
+    auto at = [&](Index kk, Index col) { return trans ? w[col * ld + kk] : w[kk * ld + col]; };
+    if (pairs_) {
+      const Index k2 = (k + 1) / 2;
+      pair_panels_.reset(new step_gemm::Pair[Panels() * k2 * kPanelCols]);
+      for (Index p = 0; p < Panels(); ++p) {
+        step_gemm::Pair* dst = pair_panels_.get() + p * k2 * kPanelCols;
+        const Index c0 = p * kPanelCols, cols = std::min(kPanelCols, n - c0);
+        for (Index kk = 0; kk < k2; ++kk)
+          for (Index c = 0; c < kPanelCols; ++c) {
+            const bool in = c < cols;
+            const float lo = in ? float(at(2 * kk, c0 + c)) : 0.0f;
+            const float hi = in && 2 * kk + 1 < k ? float(at(2 * kk + 1, c0 + c)) : 0.0f;
+            dst[kk * kPanelCols + c] = step_gemm::PairOf(lo, hi);
+          }
+      }
+      return;
+    }
+    panels_.reset(new T[Panels() * k * kPanelCols]);
     for (Index p = 0; p < Panels(); ++p) {
       T* dst = panels_.get() + p * k * kPanelCols;
       const Index c0 = p * kPanelCols, cols = std::min(kPanelCols, n - c0);
@@ -118,29 +208,63 @@ class PackedOperand {
   Index k() const { return k_; }
   Index n() const { return n_; }
   Index Panels() const { return (n_ + kPanelCols - 1) / kPanelCols; }
+  bool pairs() const { return pairs_; }
 
   // C[m, columns of panels [p0, p1)] = A[m, k] · op(W) + βC.
   void Multiply(Index m, const T* a, Index lda, T beta, T* c, Index ldc, Index p0,
                 Index p1) const {
-    constexpr Index kRows = ROWS;
+    // Row blocks of near-equal height (64 rows, ROWS = 12: 11,11,11,11,10,10, not 12,...,4): a
+    // short block keeps too few accumulators busy to hide the multiply-add latency.
+    const Index blocks = (m + ROWS - 1) / ROWS, height = m / blocks, taller = m % blocks;
+    if (pairs_) {
+      if constexpr (std::is_same_v<T, float>)
+        MultiplyPairs(blocks, height, taller, a, lda, beta, c, ldc, p0, p1);
+      return;
+    }
     for (Index p = p0; p < p1; ++p) {
       const T* panel = panels_.get() + p * k_ * kPanelCols;
       const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
-      // Row blocks of near-equal height (64 rows, ROWS = 12: 11,11,11,11,10,10, not 12,...,4): a
-      // short block keeps too few accumulators busy to hide the multiply-add latency.
-      const Index blocks = (m + kRows - 1) / kRows, height = m / blocks, taller = m % blocks;
       for (Index blk = 0, i = 0; blk < blocks; ++blk) {
         const Index rows = height + (blk < taller ? 1 : 0);
-        step_gemm::Rows<T, ROWS, VECS>(rows, k_, a + i * lda, lda, panel, beta, c + i * ldc + j,
-                                       ldc, cols);
+        step_gemm::WithRows<ROWS>(rows, [&](auto r) {
+          step_gemm::MicroKernel<T, decltype(r)::value, VECS>(k_, a + i * lda, lda, panel, beta,
+                                                              c + i * ldc + j, ldc, cols);
+        });
         i += rows;
       }
     }
   }
 
  private:
+  // A row block is rounded to pairs once, then multiplied by every panel in [p0, p1).
+  void MultiplyPairs(Index blocks, Index height, Index taller, const float* a, Index lda,
+                     float beta, float* c, Index ldc, Index p0, Index p1) const {
+    const Index k2 = (k_ + 1) / 2;
+    std::unique_ptr<step_gemm::Pair[]> rows_in_pairs(new step_gemm::Pair[ROWS * k2]);
+    for (Index blk = 0, i = 0; blk < blocks; ++blk) {
+      const Index rows = height + (blk < taller ? 1 : 0);
+      for (Index r = 0; r < rows; ++r) {
+        const float* a_row = a + (i + r) * lda;
+        for (Index kk = 0; kk < k2; ++kk)
+          rows_in_pairs[r * k2 + kk] =
+              step_gemm::PairOf(a_row[2 * kk], 2 * kk + 1 < k_ ? a_row[2 * kk + 1] : 0.0f);
+      }
+      for (Index p = p0; p < p1; ++p) {
+        const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
+        step_gemm::WithRows<ROWS>(rows, [&](auto r) {
+          step_gemm::MicroKernelPairs<decltype(r)::value, VECS>(k2, rows_in_pairs.get(),
+                                               pair_panels_.get() + p * k2 * kPanelCols, beta,
+                                               c + i * ldc + j, ldc, cols);
+        });
+      }
+      i += rows;
+    }
+  }
+
   Index k_ = 0, n_ = 0;
+  bool pairs_ = false;
   std::unique_ptr<T[]> panels_;  // uninitialised: every element is written once
+  std::unique_ptr<step_gemm::Pair[]> pair_panels_;
 };
 
 TFCELLS_ISA_END

@@ -10,9 +10,12 @@
 //    sequential ones;
 //  - a buffer smaller than the call plan asks for is refused before anything runs;
 //  - with 16-bit storage (bfloat16, float16) every output and state gradient is the float32
-//    pass's, rounded, and every weight gradient the float32 pass's exactly; the conversions
-//    round to nearest even (checked against exhaustive and independent references);
+//    pass's, rounded, and every weight gradient the float32 pass's exactly; with bfloat16
+//    pair products they stay within 3e-2 of it, and the pair step GEMM matches a scalar
+//    reference bit for bit; the conversions round to nearest even (checked against exhaustive
+//    and independent references);
 // and all of it once per ISA level of the kernels that this machine runs (argv[1]: one level).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <cstdio>
@@ -26,6 +29,7 @@
 #include <vector>
 
 #include "../cpu/cpu_rnn.h"
+#include "../cpu/step_gemm.h"
 
 namespace tfcells {
 namespace {
@@ -293,8 +297,14 @@ namespace {
 
 // The same call in float32 on widened inputs, and with storage S: outputs and state gradients
 // must be the float32 ones rounded, weight gradients identical.
+//
+// products = kBFloat16 (bfloat16 storage only): the step products multiply bfloat16 pairs, so
+// the results are no longer the float32 pass's: every value must stay within 3e-2 of it, as a
+// fraction of the largest magnitude or of 0.1 (the inputs' scale: a gradient that cancels to
+// near zero keeps the absolute rounding error of its terms).
 template <typename S>
-void RunStaged(const Case& cs, unsigned seed) {
+void RunStaged(const Case& cs, unsigned seed,
+               StepProducts products = StepProducts::kFloat32) {
   const Problem p(cs, seed);
   const Dims& d = cs.d;
   auto narrow = [](const Vec& v) {
@@ -345,13 +355,15 @@ void RunStaged(const Case& cs, unsigned seed) {
     in.mask = cs.mask ? reinterpret_cast<const bool*>(p.mask.data()) : nullptr;
     in.input_dropout = cs.dropout ? in_drop.data() : nullptr;
     in.recurrent_dropout = cs.dropout ? rec_drop.data() : nullptr;
+    CpuOptions options;
+    options.products = std::is_same_v<U, float> ? StepProducts::kFloat32 : products;
     std::vector<float> fws(fplan.forward_layout().total, std::nanf(""));
     ForwardArgs<float, U> f;
     f.plan = &fplan, f.in = in, f.y = y.data(), f.h_last = h.data(), f.c_last = c.data();
     f.gates = {out.cache[0].data(), cache.gates}, f.aux = {out.cache[1].data(), cache.aux};
     f.h_prev = {out.cache[2].data(), cache.h_prev};
     f.workspace = {fws.data(), Index(fws.size())};
-    ForwardCpu(f);
+    ForwardCpu(f, options);
     std::vector<float> bws(bplan.backward_layout().total, std::nanf(""));
     BackwardArgs<float, U> b;
     b.plan = &bplan, b.in = in;
@@ -362,7 +374,7 @@ void RunStaged(const Case& cs, unsigned seed) {
     b.dkernel = out.dweights[0].data(), b.drecurrent_kernel = out.dweights[1].data();
     b.dbias = out.dweights[2].data();
     b.workspace = {bws.data(), Index(bws.size())};
-    BackwardCpu(b);
+    BackwardCpu(b, options);
     auto bytes = [&](const std::vector<U>& v) {  // rounded to S when U is float
       std::vector<S> r(v.size());
       for (size_t i = 0; i < v.size(); ++i) {
@@ -379,12 +391,70 @@ void RunStaged(const Case& cs, unsigned seed) {
   const Out ref = run(0.0f, widen(xs), widen(h0s), widen(c0s), widen(dys), widen(dhs),
                       widen(dcs));
   const Out got = run(S{}, xs, h0s, c0s, dys, dhs, dcs);
+  if (products == StepProducts::kBFloat16) {
+    auto values = [](const std::vector<char>& bytes) {
+      std::vector<float> v(bytes.size() / sizeof(S));
+      for (size_t i = 0; i < v.size(); ++i) {
+        S e;
+        std::memcpy(&e, bytes.data() + i * sizeof(S), sizeof(S));
+        v[i] = ToFloat(e);
+      }
+      return v;
+    };
+    auto near = [](const std::vector<float>& a, const std::vector<float>& b) {
+      double scale = 1e-30, err = 0;
+      for (size_t i = 0; i < b.size(); ++i) scale = std::max(scale, double(std::fabs(b[i])));
+      for (size_t i = 0; i < b.size(); ++i) err = std::max(err, double(std::fabs(a[i] - b[i])));
+      return a.size() == b.size() && err <= 3e-2 * std::max(scale, 0.1);
+    };
+    for (auto member : {&Out::y, &Out::h, &Out::c, &Out::dx, &Out::dh0, &Out::dc0})
+      EXPECT(near(values(got.*member), values(ref.*member)), cs.name);
+    for (int i = 0; i < 3; ++i) EXPECT(near(got.dweights[i], ref.dweights[i]), cs.name);
+    return;
+  }
   EXPECT(got.y == ref.y && got.h == ref.h && (!lstm || got.c == ref.c), cs.name);
   EXPECT(got.dx == ref.dx && got.dh0 == ref.dh0 && (!lstm || got.dc0 == ref.dc0), cs.name);
   for (int i = 0; i < 3; ++i) {
     EXPECT(got.cache[i] == ref.cache[i], cs.name);
     EXPECT(got.dweights[i] == ref.dweights[i], cs.name);
   }
+}
+
+// The step GEMM on bfloat16 pairs (the self-test's own compile of it: the packing, blocking
+// and pair order every level shares; only the dot product differs, by an instruction defined
+// to round the same) against a scalar reference of vdpbf16ps' definition: bit for bit.
+void CheckPairProducts() {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  int bad = 0;
+  for (Index m : {1, 5, 13, 30})
+    for (Index k : {1, 2, 7, 64})
+      for (Index cols : {1, 17, 40, 100})
+        for (bool trans : {false, true})
+          for (float beta : {0.0f, 1.0f}) {
+            std::vector<float> a(m * k), w(k * cols), c(m * cols);
+            for (float& e : a) e = n(rng);
+            for (float& e : w) e = n(rng);
+            for (float& e : c) e = n(rng);
+            std::vector<float> want = c;
+            auto w_at = [&](Index kk, Index j) { return trans ? w[j * k + kk] : w[kk * cols + j]; };
+            auto round = [](float v) { return ToFloat(FromFloat<bfloat16>(v)); };
+            for (Index i = 0; i < m; ++i)
+              for (Index j = 0; j < cols; ++j) {
+                float acc = 0.0f;
+                for (Index kk = 0; kk < k; kk += 2) {
+                  const float a_hi = kk + 1 < k ? round(a[i * k + kk + 1]) : 0.0f;
+                  const float b_hi = kk + 1 < k ? round(w_at(kk + 1, j)) : 0.0f;
+                  acc += a_hi * b_hi;
+                  acc += round(a[i * k + kk]) * round(w_at(kk, j));
+                }
+                want[i * cols + j] = beta != 0.0f ? acc + c[i * cols + j] : acc;
+              }
+            const PackedOperand<float> op(trans, k, cols, w.data(), trans ? k : cols, true);
+            op.Multiply(m, a.data(), k, beta, c.data(), cols, 0, op.Panels());
+            if (c != want) ++bad;
+          }
+  EXPECT(bad == 0, "bfloat16 pair products");
 }
 
 // The 16-bit conversions: every 16-bit value survives widening and rounding back; rounding
@@ -514,15 +584,17 @@ int main(int argc, char** argv) {
             cs.d.time_major = layout & 1;
             cs.d.go_backwards = layout & 2;
             RunStaged<bfloat16>(cs, seed);
+            RunStaged<bfloat16>(cs, seed, StepProducts::kBFloat16);
             RunStaged<float16>(cs, seed++);
-            cases += 2;
+            cases += 3;
           }
     std::printf("  level %s: %d cases, %d failures\n", level.c_str(), cases - before,
                 failures - failed);
   }
   EXPECT(levels_run > 0, "no level ran");
   CheckConversions();
-  ++cases;
+  CheckPairProducts();
+  cases += 2;
   // A level that does not exist is refused with the valid choices.
   try {
     SetCpuIsa("x86-64-v9");
