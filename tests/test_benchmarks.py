@@ -453,3 +453,127 @@ def test_short_blocks_get_their_task_contention():
         assert r["status"] == "ok" and r["median_ms"] < 500
         assert r["other_cores"] is not None and r["other_cores_over"] == "task"
         assert r["floor_other_cores"] is not None and r["floor_other_cores_over"] == "task"
+
+
+class _SeesPolicy(contenders.KerasContender):
+    """Keras' layer, noting the global dtype policy its model is built under."""
+
+    name = label = "sees_policy"
+    seen = []
+
+    def make_model(self, work):
+        import keras
+        self.seen.append(keras.mixed_precision.dtype_policy().name)
+        return super().make_model(work)
+
+
+class _FailsUnderPolicy(contenders.KerasContender):
+    """Raises while its model is built, under the mixed policy."""
+
+    name = label = "fails"
+
+    def make_model(self, work):
+        raise RuntimeError("broken on purpose")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_run(tmp_path, monkeypatch, capsys, dtype):
+    """--dtype bfloat16 / float16: 16-bit records; Keras' layer (under the mixed policy) and
+    tfcells' op agree within the 16-bit tolerance, a wrong contender is still caught; BlockLSTM
+    says why it cannot; the floor says which dtype's GEMMs it is; and Keras' global policy is
+    float32 again afterwards, also after a contender that failed under the policy."""
+    import keras
+
+    from tfcells.benchmarks import check
+
+    assert keras.mixed_precision.dtype_policy().name == "float32"
+    _SeesPolicy.seen = []
+    monkeypatch.setitem(contenders.REGISTRY, "sees_policy", _SeesPolicy())
+    monkeypatch.setitem(contenders.REGISTRY, "fails", _FailsUnderPolicy())
+    monkeypatch.setitem(contenders.REGISTRY, "wrong_gates", _WrongGates())
+    rc, data = _run(tmp_path, "--dtype", dtype, "--cells", "lstm",
+                    "--configs", "all_trainable,inference",
+                    "--impls", "tfcells,keras,blocklstm,torch,sees_policy,fails,wrong_gates")
+    out = capsys.readouterr().out
+    assert keras.mixed_precision.dtype_policy().name == "float32"
+    assert rc == 1  # the failing and the wrong contender
+    assert data["meta"]["settings"]["dtype"] == dtype
+    assert data["meta"]["settings"]["tolerance"] == check.TOLERANCE[dtype]
+    by = {(r["config"], r["impl"]): r for r in data["records"]}
+    for config in ("all_trainable", "inference"):
+        assert {r["dtype"] for (c, _), r in by.items() if c == config} == {dtype}
+        assert by[config, "tfcells"]["status"] == "ok", by[config, "tfcells"]
+        keras_rec = by[config, "keras"]
+        assert keras_rec["status"] == "ok", keras_rec
+        errors = keras_rec["check"]["max_rel_err"]
+        assert keras_rec["check"]["reference"] == "tfcells"
+        assert set(errors) == ({"y", "kernel", "recurrent_kernel", "bias", "x"}
+                               if config == "all_trainable" else {"y"})
+        assert max(errors.values()) <= check.TOLERANCE[dtype]
+        assert by[config, "wrong_gates"]["status"] == "mismatch"
+        assert by[config, "fails"]["status"] == "error"
+        assert "broken on purpose" in by[config, "fails"]["detail"]
+        blocklstm = by[config, "blocklstm"]
+        assert blocklstm["status"] == "skipped" and "mixed precision" in blocklstm["detail"]
+        assert by[config, "torch"]["status"] in ("ok", "skipped")
+        if by[config, "torch"]["status"] == "skipped":
+            assert by[config, "torch"]["detail"]
+        # The floor: float32 GEMMs (what tfcells computes in) and 16-bit ones, the faster.
+        rec = by[config, "tfcells"]
+        paths = rec["floor_paths"]
+        assert {p["dtype"] for p in paths.values()} == {"float32", dtype}
+        assert paths["tf_" + dtype]["dtype"] == dtype
+        fastest = min(paths, key=lambda k: paths[k]["median_ms"])
+        assert rec["floor_path"] == fastest
+        assert rec["floor_dtype"] == paths[fastest]["dtype"]
+        assert rec["floor_ms"] == paths[fastest]["median_ms"]
+    # The Keras-layer contender was built under the mixed policy, each time.
+    assert _SeesPolicy.seen == [f"mixed_{dtype}"] * 2
+    assert f"## lstm: T=3 B=2 I=4 H=5, {dtype}, cpu" in out
+    assert "Floor: " in out and f"{dtype} GEMMs" in out
+
+
+def test_mixed_precision_contenders():
+    """A 16-bit workload: float32 weights, 16-bit data; Keras' layer computes and outputs
+    in the 16-bit dtype with float32 variables, tfcells' op outputs 16-bit, and the policy is
+    float32 again once the step is built and traced."""
+    import keras
+
+    from tfcells.benchmarks.workload import make_workload
+
+    work = make_workload("gru", CONFIGS["all_trainable"], Shape(3, 2, 4, 5), "bfloat16")
+    assert work.x.dtype.name == work.dy.dtype.name == "bfloat16"
+    assert {w.dtype.name for w in work.weights[0].values()} == {"float32"}
+    for impl in ("keras", "tfcells"):
+        con = contenders.REGISTRY[impl]
+        with contenders.keras_policy(con.policy(work)):
+            _, variables, _ = con.make_model(work)
+        assert variables and all(v.dtype == tf.float32 for v in variables.values()), impl
+        step = con.build(work)
+        assert keras.mixed_precision.dtype_policy().name == "float32"
+        y, grads = step.run()
+        assert y.dtype == tf.bfloat16, impl
+        # Weight gradients in float32 (the variables'), dx in x's dtype.
+        dtypes = dict(zip(work.grads, (g.dtype for g in grads)))
+        assert dtypes == {"kernel": tf.float32, "recurrent_kernel": tf.float32,
+                          "bias": tf.float32, "x": tf.bfloat16}, impl
+
+
+def test_floor_16bit_paths():
+    """A 16-bit floor times float32 GEMMs on both paths and the same products in bfloat16
+    through tf.matmul; each path's dtype is known."""
+    shape = Shape(2, 3, 4, 5)
+    paths = floor.floor_callables("lstm", CONFIGS["all_trainable"], shape, "bfloat16")
+    assert sorted(paths) == ["numpy", "tf_bfloat16", "tfcells"]
+    for fn in paths.values():
+        fn()
+    assert [floor.path_dtype(p, "bfloat16") for p in sorted(paths)] == \
+        ["float32", "bfloat16", "float32"]
+    assert sorted(floor.floor_callables("lstm", CONFIGS["inference"], shape, "float32")) == \
+        ["numpy", "tfcells"]
+
+
+def test_fit_refuses_16bit(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--fit", "--dtype", "bfloat16"])
+    assert "--fit does not use --dtype" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import sys
 import time
 
 from . import check, contenders, fit, gpu, machine, memory, report, runner
-from .workload import CELLS, CONFIGS, Shape
+from .workload import CELLS, CONFIGS, MIXED_POLICIES, Shape
 
 BASE_SHAPE = Shape(T=100, B=64, I=256, H=256)
 # --quick: every configuration for LSTM, the extremes and dropout for the others (~2 min on 2
@@ -84,7 +84,13 @@ def parse_args(argv):
                         "checked against)")
     p.add_argument("--shape", type=_shape,
                    help="T,B,I,H (default 100,64,256,256; on a GPU the two of --quick)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--dtype", default="float32",
+                   choices=("float32", "float64", *MIXED_POLICIES),
+                   help="float32 (default) or float64 throughout; bfloat16 or float16: mixed "
+                        "precision, float32 weights and 16-bit data: Keras' layers under the "
+                        "mixed_bfloat16 / mixed_float16 policy, tfcells' op on 16-bit x and "
+                        "states, PyTorch under torch.autocast; the GEMM floor is the faster "
+                        "of float32 GEMMs and 16-bit ones (tf.matmul), and says which")
     # The defaults as the report states them: two blocks of block_reps(N) each.
     reps = {d: [f"{n} = 2 x {runner.block_reps(n)}" for n in r] for d, r in REPS.items()}
     p.add_argument("--reps", type=int, metavar="N",
@@ -141,7 +147,9 @@ def parse_args(argv):
                                       ("--impls", args.impls), ("--shape", args.shape),
                                       ("--reps", args.reps), ("--budget", args.budget),
                                       ("--plot", args.plot), ("--wide", args.wide or None),
-                                      ("--no-memory", args.no_memory or None))
+                                      ("--no-memory", args.no_memory or None),
+                                      ("--dtype", None if args.dtype == "float32"
+                                       else args.dtype))
                        if v is not None]
         if kernel_opts:
             p.error(f"--fit does not use {', '.join(kernel_opts)}")
@@ -258,6 +266,10 @@ def main(argv=None):
     if wrong:
         print(f"{', '.join(wrong)}: not part of the {suite} suite, which runs "
               f"{', '.join(registry)} on {', '.join(configs)}", file=sys.stderr)
+        return 2
+    if suite == "cuda_module" and args.dtype in MIXED_POLICIES:
+        print(f"--dtype {args.dtype}: the {suite} suite runs float32 and float64 only",
+              file=sys.stderr)
         return 2
     if suite == "cuda_module":
         tasks = plan(args, gpu.SHAPES, dict.fromkeys(CELLS, gpu.CONFIGS), gpu.CONFIGS)

@@ -6,10 +6,12 @@ inference) and a `fetch` that converts what it returned into NumPy arrays in Ker
 against the same reference before it is timed.
 """
 
+import contextlib
+
 import numpy as np
 
 from . import timing, torchmap
-from .workload import CELLS, DROPOUT_RATE
+from .workload import CELLS, DROPOUT_RATE, weight_dtype
 
 REGISTRY = {}  # name -> Contender, in registration (= report) order
 
@@ -88,12 +90,17 @@ class TFContender(Contender):
         """Returns (forward(x) -> y [B, T, H], {grad name: variable}, to_keras(name, grad))."""
         raise NotImplementedError
 
+    def policy(self, work):
+        """The Keras global dtype policy make_model and tracing run under (None: unchanged).
+        Keras-layer contenders run a 16-bit workload under its mixed policy."""
+        return None
+
     def build(self, work):
         import tensorflow as tf
 
         x, dy = _tf_inputs(work)
         device = _tf_device(work.device)
-        with tf.device(device):
+        with keras_policy(self.policy(work)), tf.device(device):
             forward, variables, to_keras = self.make_model(work)
         names = work.grads
 
@@ -104,7 +111,7 @@ class TFContender(Contender):
                     if "x" in names:
                         tape.watch(x)
                     y = forward(x)
-                    loss = tf.reduce_sum(y * dy)
+                    loss = tf.reduce_sum(y * tf.cast(dy, y.dtype))
                 sources = [x if n == "x" else variables[n] for n in names]
                 return y, tape.gradient(loss, sources)  # returned, so nothing is pruned
         else:
@@ -112,6 +119,11 @@ class TFContender(Contender):
             def step(x, dy):
                 del dy
                 return forward(x), []
+
+        with keras_policy(self.policy(work)), tf.device(device):
+            # Traced here, under the contender's policy (a Keras layer may read it when
+            # called); the timed calls run the traced graph, with the policy restored.
+            step.get_concrete_function(x, dy)
 
         def run():
             with tf.device(device):
@@ -128,6 +140,23 @@ class TFContender(Contender):
             return out
 
         return Step(run, fetch, "tf")
+
+
+@contextlib.contextmanager
+def keras_policy(name):
+    """Keras' global dtype policy set to `name` (None: left as it is) inside the block only,
+    restored afterwards even on an error, so that no contender's policy leaks into another's."""
+    if name is None:
+        yield
+        return
+    import keras
+
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
 
 
 def _identity(name, grad):
@@ -160,12 +189,14 @@ class TfcellsContender(TFContender):
 
         fn = getattr(tfcells.ops, work.cell)
         B, H = work.shape.B, work.shape.H
+        # 16-bit: states and outputs in work.dtype, float32 weights (the op computes in
+        # float32), the fused op as tfcells' layers call it under a mixed policy.
         states = [tf.zeros([B, H], work.dtype)] * (2 if work.cell == "lstm" else 1)
         layers = []
         for layer in range(work.config.layers):
             w = self.layer_weights(work, layer)
-            variables = {n: tf.Variable(w[n], name=n) for n in ("kernel", "recurrent_kernel",
-                                                                 "bias")}
+            variables = {n: tf.Variable(w[n], name=n, dtype=weight_dtype(work.dtype))
+                         for n in ("kernel", "recurrent_kernel", "bias")}
             # The op is told what is frozen; a layer with nothing to train is not recorded.
             wanted = set(work.grads) if layer == work.config.layers - 1 else set()
             frozen = tuple(n for n in variables if n not in wanted)
@@ -192,6 +223,9 @@ class KerasContender(TFContender):
     supports_dropout = True
     _LAYERS = {"lstm": "LSTM", "gru": "GRU", "simple_rnn": "SimpleRNN"}
 
+    def policy(self, work):
+        return work.mixed_policy
+
     def make_model(self, work):
         import keras
 
@@ -202,8 +236,11 @@ class KerasContender(TFContender):
             rates = {}
             if work.config.dropout:
                 rates = {"dropout": DROPOUT_RATE, "recurrent_dropout": DROPOUT_RATE}
+            # 16-bit: dtype None, the global mixed policy (policy()): float32 variables,
+            # compute and outputs in work.dtype.
             rnn = getattr(keras.layers, self._LAYERS[work.cell])(
-                work.shape.H, return_sequences=True, dtype=work.dtype, **rates)
+                work.shape.H, return_sequences=True,
+                dtype=None if work.mixed_policy else work.dtype, **rates)
             rnn.build((work.shape.B, work.shape.T, n_in))
             rnn.set_weights([w["kernel"], w["recurrent_kernel"], w["bias"]])
             if work.config.dropout:
@@ -252,7 +289,10 @@ class BlockLSTMContender(TFContender):
     cells = ("lstm",)
 
     def unsupported(self, work):
-        if work.dtype not in ("float32", "float16"):
+        if work.mixed_policy:
+            return ("a raw op with one dtype for weights and data: no mixed precision "
+                    "(float32 weights, 16-bit data), and no bfloat16 kernel")
+        if work.dtype != "float32":
             return f"BlockLSTM has no {work.dtype} kernel"
         return super().unsupported(work)
 
@@ -288,6 +328,16 @@ class BlockLSTMContender(TFContender):
 
 # ---------------------------------------------------------------------------- PyTorch
 
+def _dtype_name(torch_dtype):
+    return str(torch_dtype).replace("torch.", "")
+
+
+def _numpy(t):
+    """A torch tensor as NumPy; bfloat16 (which NumPy lacks) as float32, values unchanged."""
+    t = t.detach().cpu()
+    return (t.float() if _dtype_name(t.dtype) == "bfloat16" else t).numpy()
+
+
 class TorchContender(Contender):
     """torch.nn.LSTM / GRU / RNN with the workload's weights (torchmap), on the CPU or, with
     --device gpu, on CUDA (cuDNN)."""
@@ -308,26 +358,60 @@ class TorchContender(Contender):
 
             if not torch.cuda.is_available():
                 return f"PyTorch {torch.__version__} sees no CUDA GPU"
-        return super().unsupported(work)
+        return super().unsupported(work) or self._autocast_unsupported(work)
+
+    @staticmethod
+    def _autocast(torch, work):
+        """16-bit: the float32 modules run under torch.autocast, as PyTorch's mixed-precision
+        training runs them; else a no-op context."""
+        if not work.mixed_policy:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda" if work.device == "gpu" else "cpu",
+                              dtype=getattr(torch, work.dtype))
+
+    def _autocast_unsupported(self, work):
+        """Why autocast would not run this cell in work.dtype here (a PyTorch that lacks the
+        dtype for the device warns and runs float32): a one-step probe of the module."""
+        if not work.mixed_policy:
+            return None
+        import torch
+
+        device = "cuda" if work.device == "gpu" else "cpu"
+        try:
+            module = getattr(torch.nn, torchmap.MODULES[work.cell])(1, 1, batch_first=True,
+                                                                     device=device)
+            with self._autocast(torch, work):
+                got = module(torch.zeros(1, 1, 1, device=device))[0].dtype
+        except Exception as e:
+            return f"torch.autocast({device}, {work.dtype}) fails: {type(e).__name__}: {e}"
+        if got != getattr(torch, work.dtype):
+            return (f"torch.autocast({device}, {work.dtype}) runs nn."
+                    f"{torchmap.MODULES[work.cell]} in {_dtype_name(got)} "
+                    f"(PyTorch {torch.__version__})")
+        return None
 
     def build(self, work):
         import torch
 
-        dtype = getattr(torch, work.dtype)
+        # 16-bit: float32 parameters and inputs, autocast to work.dtype inside the forward.
+        dtype = getattr(torch, weight_dtype(work.dtype))
         device = "cuda" if work.device == "gpu" else "cpu"
         names = work.grads
         top = work.config.layers - 1
         modules = [torchmap.make_module(torch, work.cell, self.layer_weights(work, layer),
                                         names if layer == top else (), dtype, device)
                    for layer in range(work.config.layers)]
-        x = torch.from_numpy(work.x).to(device)
-        dy = torch.from_numpy(work.dy).to(device)
+        # The workload's values (16-bit: already rounded to it) as float32, as a PyTorch
+        # user's data reaches autocast: torch.from_numpy has no bfloat16.
+        x = torch.from_numpy(work.x.astype(weight_dtype(work.dtype))).to(device)
+        dy = torch.from_numpy(work.dy.astype(weight_dtype(work.dtype))).to(device)
         params = {n: [getattr(modules[-1], p) for p in torchmap.params_of(work.cell, n)]
                   for n in names if n != "x"}
 
         def forward(x):
-            for mod in modules:
-                x, state = mod(x)
+            with self._autocast(torch, work):  # the forward only, as PyTorch's AMP does
+                for mod in modules:
+                    x, state = mod(x)
             return x, state
 
         if work.config.train:
@@ -336,8 +420,10 @@ class TorchContender(Contender):
                 y, state = forward(xin)
                 sources = [xin] if "x" in names else []
                 sources += [p for n in names if n != "x" for p in params[n]]
-                # grad_outputs=dy: the gradient of sum(y * dy), as the TF contenders take it.
-                return y.detach(), state, torch.autograd.grad(y, sources, grad_outputs=dy)
+                # grad_outputs=dy: the gradient of sum(y * dy), as the TF contenders take it
+                # (in y's dtype: 16-bit under autocast).
+                return y.detach(), state, torch.autograd.grad(y, sources,
+                                                              grad_outputs=dy.to(y.dtype))
         else:
             def compute():
                 with torch.inference_mode():
@@ -353,10 +439,10 @@ class TorchContender(Contender):
         def fetch(raw):
             y, state, grads = raw
             h, c = state if work.cell == "lstm" else (state, None)
-            out = {"y": y.cpu().numpy(), "h_last": h[0].detach().cpu().numpy()}
+            out = {"y": _numpy(y), "h_last": _numpy(h[0])}
             if c is not None:
-                out["c_last"] = c[0].detach().cpu().numpy()
-            grads = [g.cpu().numpy() for g in grads]
+                out["c_last"] = _numpy(c[0])
+            grads = [_numpy(g) for g in grads]
             if "x" in names:
                 out["x"] = grads.pop(0)
             for n in params:

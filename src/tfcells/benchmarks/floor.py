@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from .workload import GATES, trainable_names
+from .workload import GATES, trainable_names, weight_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,17 +97,47 @@ def _tfcells_products(a, b, c, trans_a):
     return lambda: _tfcells_core.products(base, b, c, threads, trans_a)
 
 
+def _tf_products(operands, dtype):
+    """All of the step's products with TensorFlow's own `dtype` GEMMs (tf.matmul on the CPU:
+    oneDNN's, or Eigen's), in one tf.function, per-step products as one batched matmul of the
+    same [m, k] x [k, n] products, the big ones transposed as the kernels read them."""
+    import tensorflow as tf
+
+    with tf.device("/CPU:0"):
+        pairs = [(tf.cast(tf.constant(a.transpose(0, 2, 1)[0] if g.trans_a else a), dtype),
+                  tf.cast(tf.constant(b), dtype), g.trans_a) for g, (a, b, _) in operands]
+
+    @tf.function(jit_compile=False)
+    def products():
+        # Returned, so that nothing is pruned.
+        return [tf.matmul(a, b, transpose_a=t) for a, b, t in pairs]
+
+    def run():
+        with tf.device("/CPU:0"):
+            products()
+
+    run()  # traced (and oneDNN's kernels made) before timing
+    return run
+
+
 def floor_callables(cell, config, shape, dtype):
     """{GEMM path: a function that runs all of the step's GEMMs once} for NumPy's BLAS and, where
     compiled, tfcells' GEMM path, with preallocated operands. Each is timed in its own block and
     the floor is the faster: mixing the two inside one step would time each after the other's
-    spinning threads (seen here: tfcells' products 2x slower right after NumPy's)."""
+    spinning threads (seen here: tfcells' products 2x slower right after NumPy's).
+
+    A 16-bit dtype (mixed precision): those two paths in float32, what tfcells computes in,
+    and the same products in `dtype` through TensorFlow's tf.matmul ("tf_bfloat16",
+    "tf_float16"), the machine's 16-bit GEMM rate (path_dtype says which is which)."""
     rng = np.random.default_rng(0)
-    operands = [(g, _operands(g, dtype, rng)) for g in gemms(cell, config, shape)]
+    compute = weight_dtype(dtype)
+    operands = [(g, _operands(g, compute, rng)) for g in gemms(cell, config, shape)]
     paths = {"numpy": [_numpy_products(a, b, c) for _, (a, b, c) in operands]}
     ours = [_tfcells_products(a, b, c, g.trans_a) for g, (a, b, c) in operands]
     if all(fn is not None for fn in ours):
         paths["tfcells"] = ours
+    if dtype != compute:
+        paths["tf_" + dtype] = [_tf_products(operands, dtype)]
 
     def sequence(fns):
         def run():
@@ -116,6 +146,11 @@ def floor_callables(cell, config, shape, dtype):
         return run
 
     return {name: sequence(fns) for name, fns in paths.items()}
+
+
+def path_dtype(path, dtype):
+    """The dtype of the GEMMs a floor path (a key of floor_callables) runs in a `dtype` run."""
+    return path[len("tf_"):] if path.startswith("tf_") else weight_dtype(dtype)
 
 
 # NumPy's OpenBLAS has its own thread pool; reach it through the library NumPy loaded.

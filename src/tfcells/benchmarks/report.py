@@ -181,7 +181,14 @@ def _main_table(by_config, wide=False):
     impls = _impls(by_config)
     floor = _has_floor(r for by_impl in by_config.values() for r in by_impl.values())
     ratio_impls = impls if wide else [i for i in impls if i == "tfcells"]
-    header = (["config"] + ["GEMM GFLOP"] * wide + ["floor ms"] * floor
+    # A 16-bit run: the floor's GEMM dtype in the header where one dtype won everywhere
+    # (_floor_line says more).
+    recs = [r for by_impl in by_config.values() for r in by_impl.values()]
+    floor_dtypes = {r.get("floor_dtype") for r in recs if r.get("floor_ms")}
+    floor_dtype = next(iter(floor_dtypes)) if len(floor_dtypes) == 1 else None
+    floor_head = ("floor ms" if floor_dtype in (None, recs[0]["dtype"]) else
+                  f"floor ms ({floor_dtype} GEMMs)")
+    header = (["config"] + ["GEMM GFLOP"] * wide + [floor_head] * floor
               + [f"{_label(i)} ms" for i in impls] + ["keras ÷ tfcells"]
               + ["tfcells ÷ all_trainable (FLOP model)"] * wide
               + [f"floor ratio {_label(i)}" for i in ratio_impls] * floor)
@@ -196,6 +203,40 @@ def _main_table(by_config, wide=False):
         row += [_floor_ratio(by_impl.get(i)) for i in ratio_impls] * floor
         rows.append(row)
     return _table(rows)
+
+
+def _floor_line(by_config):
+    """Which dtype's GEMMs the floor is where the run timed more than one (a 16-bit run: float32
+    ones, what tfcells computes in, and 16-bit ones through tf.matmul), and how they compared."""
+    firsts = {c: next(iter(by_impl.values())) for c, by_impl in by_config.items()}
+    firsts = {c: r for c, r in firsts.items() if r.get("floor_paths")}
+    if not firsts or all(len({p["dtype"] for p in r["floor_paths"].values()}) < 2
+                         for r in firsts.values()):
+        return ""
+    chosen, ratios = {}, {}
+    for config, r in firsts.items():
+        best = {}
+        for path, p in r["floor_paths"].items():
+            if p["median_ms"] and (p["dtype"] not in best or p["median_ms"] < best[p["dtype"]]):
+                best[p["dtype"]] = p["median_ms"]
+        chosen.setdefault(r["floor_dtype"], []).append(config)
+        slow = [d for d in best if d != r["floor_dtype"]]
+        for d in slow:
+            ratios.setdefault(d, []).append(best[d] / best[r["floor_dtype"]])
+    parts = [f"{d} GEMMs" + ("" if len(chosen) == 1 else f" in {', '.join(cs)}")
+             for d, cs in chosen.items()]
+    slower = [f"{d} GEMMs measured {min(v):.2g}" + (f"–{max(v):.2g}" if max(v) > min(v) * 1.05
+                                                    else "") + "× slower on this CPU"
+              for d, v in ratios.items()]
+    return ("Floor: " + "; ".join(parts) + " (the faster per configuration"
+            + (": " + "; ".join(slower) if slower else "") + "; 16-bit GEMMs through "
+            "TensorFlow's tf.matmul, float32 ones through NumPy's BLAS or tfcells' path; JSON "
+            "floor_dtype, floor_paths).")
+
+
+def _floor_and_memory_lines(by_config):
+    return "\n\n".join(line for line in (_floor_line(by_config), _memory_line(by_config))
+                        if line)
 
 
 def _memory_line(by_config):
@@ -380,7 +421,7 @@ def markdown(records, meta, wide=False):
                    f"torch.cuda.synchronize) before the clock stops; TF32 in effect: "
                    f"{meta['settings']['tf32']}; no GEMM floor (it is measured on the CPU).")
     out += _sections(records, m, lambda by_config: _main_table(by_config, wide),
-                     _memory_line, wide)
+                     _floor_and_memory_lines, wide)
     memory = meta["settings"].get("memory") or {}
     out += ["", ("Times are medians in ms, ± half the interquartile range. " if wide else
                  "Times are medians in ms (--wide: ± half the interquartile range, GEMM "

@@ -158,7 +158,15 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
                    floor_other_cores=floor_stats["other_cores"] if floor_stats else None,
                    floor_other_cores_over=floor_stats["other_cores_over"] if floor_stats
                    else None,
-                   floor_path=floor_stats["path"] if floor_stats else None)
+                   floor_path=floor_stats["path"] if floor_stats else None,
+                   # The dtype of the floor's GEMMs (a 16-bit run also times float32 ones),
+                   # and every path's median: {path: {"dtype", "median_ms"}}.
+                   floor_dtype=floor.path_dtype(floor_stats["path"], dtype) if floor_stats
+                   else None,
+                   floor_paths=({k.split(":", 1)[1]: {
+                       "dtype": floor.path_dtype(k.split(":", 1)[1], dtype),
+                       "median_ms": v["median_ms"]} for k, v in floor_paths.items()}
+                       if floor_stats else None))
         if impl not in stats:
             continue
         rec.update(stats[impl])

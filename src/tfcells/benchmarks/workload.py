@@ -8,6 +8,24 @@ import numpy as np
 GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 CELLS = tuple(GATES)
 DROPOUT_RATE = 0.2
+# --dtype bfloat16 / float16: mixed precision. The data (x, dy, states, outputs, dropout masks)
+# is stored in the 16-bit dtype; the weights are float32 variables, as Keras' mixed policies
+# keep them (tfcells computes in float32 inside: tfcells.ops.COMPUTE_DTYPES).
+MIXED_POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def weight_dtype(dtype):
+    """The dtype of the weights (variables) in a run of `dtype`."""
+    return "float32" if dtype in MIXED_POLICIES else dtype
+
+
+def numpy_dtype(dtype):
+    """A NumPy dtype for a dtype name; bfloat16 from ml_dtypes (a TensorFlow dependency)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,16 +104,21 @@ class Workload:
     cell: str
     config: Config
     shape: Shape
-    dtype: str
+    dtype: str  # of x, dy, states, outputs and masks (16-bit: MIXED_POLICIES)
     device: str  # "cpu" or "gpu"
     x: np.ndarray  # [B, T, I]
     dy: np.ndarray  # [B, T, H]: the loss is sum(outputs * dy), so every output matters
-    weights: list  # per layer: {"kernel", "recurrent_kernel", "bias"}
+    weights: list  # per layer: {"kernel", "recurrent_kernel", "bias"}, weight_dtype(dtype)
     # config.dropout: {"input": [G, B, I], "recurrent": [G, B, H]}, Keras-scaled (0 or
     # 1/(1-rate)); every contender applies these same masks, so values can be checked.
     dropout_masks: dict = None
     # Framework tensors made from x and dy, shared by that framework's contenders.
     cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def mixed_policy(self):
+        """The Keras mixed-precision policy name of a 16-bit run, else None."""
+        return MIXED_POLICIES.get(self.dtype)
 
     @property
     def grads(self):
@@ -104,7 +127,10 @@ class Workload:
 
 
 def make_workload(cell, config, shape, dtype, device="cpu", seed=0):
+    """The same random values whatever the dtype (drawn in float64, then rounded), with the
+    weights in weight_dtype(dtype) and the data in `dtype`."""
     rng = np.random.default_rng(seed)
+    wdtype, dtype = numpy_dtype(weight_dtype(dtype)), numpy_dtype(dtype)
     g = GATES[cell]
     weights = []
     for layer in range(config.layers):
@@ -113,9 +139,9 @@ def make_workload(cell, config, shape, dtype, device="cpu", seed=0):
         scale = 1.0 / np.sqrt(shape.H)
         bias_shape = [2, g * shape.H] if cell == "gru" else [g * shape.H]  # GRU reset_after
         weights.append({
-            "kernel": rng.uniform(-scale, scale, [fan_in, g * shape.H]).astype(dtype),
-            "recurrent_kernel": rng.uniform(-scale, scale, [shape.H, g * shape.H]).astype(dtype),
-            "bias": rng.uniform(-0.1, 0.1, bias_shape).astype(dtype),
+            "kernel": rng.uniform(-scale, scale, [fan_in, g * shape.H]).astype(wdtype),
+            "recurrent_kernel": rng.uniform(-scale, scale, [shape.H, g * shape.H]).astype(wdtype),
+            "bias": rng.uniform(-0.1, 0.1, bias_shape).astype(wdtype),
         })
     x = rng.standard_normal([shape.B, shape.T, shape.I]).astype(dtype)
     dy = rng.standard_normal([shape.B, shape.T, shape.H]).astype(dtype)
@@ -124,4 +150,4 @@ def make_workload(cell, config, shape, dtype, device="cpu", seed=0):
         keep = 1.0 - DROPOUT_RATE
         masks = {name: ((rng.random([g, shape.B, width]) < keep) / keep).astype(dtype)
                  for name, width in (("input", shape.I), ("recurrent", shape.H))}
-    return Workload(cell, config, shape, dtype, device, x, dy, weights, masks)
+    return Workload(cell, config, shape, dtype.name, device, x, dy, weights, masks)
