@@ -641,7 +641,7 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
 }
 
 // The storage type's tag in CallOptions.
-template <typename T, typename S>
+template <typename S>
 constexpr Storage StorageOf() {
   if constexpr (std::is_same_v<S, bfloat16>) return Storage::kBFloat16;
   if constexpr (std::is_same_v<S, float16>) return Storage::kFloat16;
@@ -733,7 +733,7 @@ template <typename T, typename S, typename Backend>
 void Forward(Backend& be, const ForwardArgs<T, S>& a) {
   detail::RequireBuffers<Backend>(a);
   const CallPlan& plan = *a.plan;
-  detail::Require(plan.options().storage == detail::StorageOf<T, S>(),
+  detail::Require(plan.options().storage == detail::StorageOf<S>(),
                   "the call plan was made for another storage type");
   detail::RequireSize(a.workspace, plan.forward_layout().total, "the forward workspace");
   CountWork(kForwardCalls);
@@ -749,7 +749,7 @@ void Backward(Backend& be, const BackwardArgs<T, S>& a) {
   detail::RequireBuffers<Backend>(a);
   const CallPlan& plan = *a.plan;
   detail::Require(plan.training(), "a backward pass needs a training call plan");
-  detail::Require(plan.options().storage == detail::StorageOf<T, S>(),
+  detail::Require(plan.options().storage == detail::StorageOf<S>(),
                   "the call plan was made for another storage type");
   detail::RequireSize(a.workspace, plan.backward_layout().total, "the backward workspace");
   CountWork(kBackwardCalls);

@@ -21,22 +21,6 @@ struct float16 {  // IEEE 754 binary16
   std::uint16_t bits;
 };
 
-// What a storage type computes in: float32 for the 16-bit types, the type itself otherwise.
-template <typename S>
-struct ComputeTypeOf {
-  using type = S;
-};
-template <>
-struct ComputeTypeOf<bfloat16> {
-  using type = float;
-};
-template <>
-struct ComputeTypeOf<float16> {
-  using type = float;
-};
-template <typename S>
-using ComputeType = typename ComputeTypeOf<S>::type;
-
 namespace storage_bits {
 
 TFCELLS_HD std::uint32_t BitsOf(float f) {
@@ -106,18 +90,6 @@ TFCELLS_HD float16 FromFloat<float16>(float f) {
   const std::uint32_t mantissa_bits = bits & 0x00000FFFu;
   const std::uint32_t nonsign = exp_bits + mantissa_bits;
   return {std::uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
-}
-
-// Widening and rounding as the core's loops use them: the identity for the compute types.
-TFCELLS_HD float Widen(float v) { return v; }
-TFCELLS_HD double Widen(double v) { return v; }
-template <typename S>
-TFCELLS_HD S Narrow(ComputeType<S> v) {
-  if constexpr (sizeof(S) == sizeof(v)) {
-    return v;
-  } else {
-    return FromFloat<S>(v);
-  }
 }
 
 }  // namespace tfcells

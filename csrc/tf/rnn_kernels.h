@@ -93,7 +93,7 @@ class RnnOpBase : public tensorflow::OpKernel {
       options_.cell = reset_after ? CellKind::kGruResetAfter : CellKind::kGruResetBefore;
     }
     options_.input_projection = Launcher::kInputProjection;
-    options_.storage = detail::StorageOf<T, S>();
+    options_.storage = detail::StorageOf<S>();
   }
 
  protected:

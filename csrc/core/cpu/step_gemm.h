@@ -51,8 +51,8 @@ void Store(T* p, const typename Vector<T>::type& v) {
 // accumulators' address and keep them in memory through the kernel's loop (measured at half
 // speed).
 template <typename T, int ROWS, int VECS>
-[[gnu::always_inline]] inline void StoreBlock(typename Vector<T>::type (&acc)[ROWS][VECS], T beta, T* c, Index ldc,
-                Index cols) {
+[[gnu::always_inline]] inline void StoreBlock(typename Vector<T>::type (&acc)[ROWS][VECS], T beta,
+                                              T* c, Index ldc, Index cols) {
   constexpr Index L = kLanes<T>, P = VECS * L;
   for (int r = 0; r < ROWS; ++r) {
     T* c_row = c + r * ldc;
@@ -98,14 +98,22 @@ inline Pair PairOf(float lo, float hi) {
   return Pair(FromFloat<bfloat16>(lo).bits) | (Pair(FromFloat<bfloat16>(hi).bits) << 16);
 }
 
+// Whether this level multiplies bfloat16 pairs with the instruction (what makes them pay).
+inline constexpr bool kNativeBf16Dot =
+#if defined(__AVX512BF16__)
+    kVectorBytes == 64;
+#else
+    false;
+#endif
+
 // acc += a.hi * b.hi, then acc += a.lo * b.lo, per lane: vdpbf16ps' definition. The product of
 // two bfloat16 is exact in float32, so without the instruction two float additions of exact
 // products round exactly as it does (but for subnormals, which the instruction flushes).
 inline typename Vector<float>::type DotPairs(typename Vector<float>::type acc, Pair a,
                                              typename Vector<Pair>::type b) {
   using VF = typename Vector<float>::type;
-#if defined(__AVX512BF16__)
-  if constexpr (kVectorBytes == 64) {
+#if defined(__AVX512BF16__)  // the intrinsic exists only where its flags are on
+  if constexpr (kNativeBf16Dot) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(int(a)), (__m512bh)b);
   }
 #endif
@@ -114,14 +122,6 @@ inline typename Vector<float>::type DotPairs(typename Vector<float>::type acc, P
   acc += a_lo * (VF)(b << 16);
   return acc;
 }
-
-// Whether this level's DotPairs is the instruction (what makes bfloat16 products pay).
-inline constexpr bool kNativeBf16Dot =
-#if defined(__AVX512BF16__)
-    kVectorBytes == 64;
-#else
-    false;
-#endif
 
 // MicroKernel on bfloat16 pairs: C[ROWS, cols] = A · panel + βC, with A [ROWS, k2] and the
 // panel [k2, VECS * lanes] in pairs (k2: half of k, rounded up).
@@ -210,7 +210,6 @@ class PackedOperand {
   Index k() const { return k_; }
   Index n() const { return n_; }
   Index Panels() const { return (n_ + kPanelCols - 1) / kPanelCols; }
-  bool pairs() const { return pairs_; }
 
   // C[m, columns of panels [p0, p1)] = A[m, k] · op(W) + βC.
   void Multiply(Index m, const T* a, Index lda, T beta, T* c, Index ldc, Index p0,
@@ -253,10 +252,10 @@ class PackedOperand {
       }
       for (Index p = p0; p < p1; ++p) {
         const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
+        const step_gemm::Pair* panel = pair_panels_.get() + p * k2 * kPanelCols;
         step_gemm::WithRows<ROWS>(rows, [&](auto r) {
-          step_gemm::MicroKernelPairs<decltype(r)::value, VECS>(k2, rows_in_pairs.get(),
-                                               pair_panels_.get() + p * k2 * kPanelCols, beta,
-                                               c + i * ldc + j, ldc, cols);
+          step_gemm::MicroKernelPairs<decltype(r)::value, VECS>(k2, rows_in_pairs.get(), panel,
+                                                                beta, c + i * ldc + j, ldc, cols);
         });
       }
       i += rows;

@@ -147,10 +147,14 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
     flops = floor.flops(task.cell, task.config, task.shape)
     # The floor: the faster GEMM path's block.
     floor_paths = {k: stats.pop(k) for k in list(stats) if k.startswith(_FLOOR + ":")}
-    floor_stats = None
+    floor_stats = path_summary = None
     if floor_paths:
         path = min(floor_paths, key=lambda k: floor_paths[k]["median_ms"])
         floor_stats = dict(floor_paths[path], path=path.split(":", 1)[1])
+        # Every path's GEMM dtype (a 16-bit run also times float32 ones) and median.
+        path_summary = {name: {"dtype": floor.path_dtype(name, dtype),
+                               "median_ms": v["median_ms"]}
+                        for name, v in ((k.split(":", 1)[1], v) for k, v in floor_paths.items())}
     floor_ms = floor_stats["median_ms"] if floor_stats else None
     for impl, rec in records.items():
         rec.update(flops=flops, floor_ms=floor_ms,
@@ -159,14 +163,9 @@ def run_task(task, impls, dtype, device, reps, warmup, budget_s=None, floor_enab
                    floor_other_cores_over=floor_stats["other_cores_over"] if floor_stats
                    else None,
                    floor_path=floor_stats["path"] if floor_stats else None,
-                   # The dtype of the floor's GEMMs (a 16-bit run also times float32 ones),
-                   # and every path's median: {path: {"dtype", "median_ms"}}.
-                   floor_dtype=floor.path_dtype(floor_stats["path"], dtype) if floor_stats
+                   floor_dtype=path_summary[floor_stats["path"]]["dtype"] if floor_stats
                    else None,
-                   floor_paths=({k.split(":", 1)[1]: {
-                       "dtype": floor.path_dtype(k.split(":", 1)[1], dtype),
-                       "median_ms": v["median_ms"]} for k, v in floor_paths.items()}
-                       if floor_stats else None))
+                   floor_paths=path_summary)
         if impl not in stats:
             continue
         rec.update(stats[impl])
