@@ -19,6 +19,14 @@ static_assert(CUBLAS_STATUS_SUCCESS == kSuccess, "CUBLAS_STATUS_SUCCESS");
 static_assert(CUBLAS_OP_N == kOpN && CUBLAS_OP_T == kOpT, "cublasOperation_t values");
 static_assert(CUBLAS_DEFAULT_MATH == kDefaultMath, "CUBLAS_DEFAULT_MATH");
 static_assert(CUBLAS_TF32_TENSOR_OP_MATH == kTf32TensorOpMath, "CUBLAS_TF32_TENSOR_OP_MATH");
+static_assert(sizeof(cudaDataType) == sizeof(int) && CUDA_R_32F == kRealFloat32, "CUDA_R_32F");
+static_assert(sizeof(cublasGemmAlgo_t) == sizeof(int) && CUBLAS_GEMM_DEFAULT == kGemmDefault,
+              "CUBLAS_GEMM_DEFAULT");
+static_assert(sizeof(cublasComputeType_t) == sizeof(int), "cublasComputeType_t is not an int");
+static_assert(CUBLAS_COMPUTE_32F == kCompute32F && CUBLAS_COMPUTE_32F_FAST_16F == kCompute32FFast16F &&
+                  CUBLAS_COMPUTE_32F_FAST_16BF == kCompute32FFast16BF &&
+                  CUBLAS_COMPUTE_32F_FAST_TF32 == kCompute32FFastTf32,
+              "cublasComputeType_t values");
 
 // The real signatures, with cuBLAS' own types replaced by the ones the loader uses.
 template <typename Real, typename Ours>
@@ -45,6 +53,14 @@ static_assert(kSameShape<decltype(&cublasSetWorkspace_v2), decltype(Api::set_wor
               "cublasSetWorkspace_v2");
 static_assert(kSameShape<decltype(&cublasSgemm_v2), decltype(Api::sgemm)>, "cublasSgemm_v2");
 static_assert(kSameShape<decltype(&cublasDgemm_v2), decltype(Api::dgemm)>, "cublasDgemm_v2");
+// The C++ header adds an inline overload taking a cudaDataType compute type: name the
+// exported one, which takes a cublasComputeType_t.
+using GemmEx = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
+                                  int, const void*, const void*, cudaDataType, int, const void*,
+                                  cudaDataType, int, const void*, void*, cudaDataType, int,
+                                  cublasComputeType_t, cublasGemmAlgo_t);
+static_assert(kSameShape<GemmEx, decltype(Api::gemm_ex)>, "cublasGemmEx");
+constexpr GemmEx kGemmEx = &cublasGemmEx;  // fails to compile if the exported one differs
 static_assert(std::is_same_v<decltype(&cublasGetStatusString), const char* (*)(cublasStatus_t)>,
               "cublasGetStatusString");
 

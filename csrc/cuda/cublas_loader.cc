@@ -42,6 +42,7 @@ std::string BindAll(void* lib, Api* api) {
   Bind(lib, "cublasSetWorkspace_v2", &api->set_workspace, &missing);
   Bind(lib, "cublasSgemm_v2", &api->sgemm, &missing);
   Bind(lib, "cublasDgemm_v2", &api->dgemm, &missing);
+  Bind(lib, "cublasGemmEx", &api->gemm_ex, &missing);
   api->status_string =
       reinterpret_cast<const char* (*)(Status)>(dlsym(lib, "cublasGetStatusString"));
   return missing.empty() ? "" : "it lacks " + missing;

@@ -27,6 +27,13 @@ constexpr int kOpN = 0;             // CUBLAS_OP_N
 constexpr int kOpT = 1;             // CUBLAS_OP_T
 constexpr int kDefaultMath = 0;     // CUBLAS_DEFAULT_MATH: exact float32
 constexpr int kTf32TensorOpMath = 3;  // CUBLAS_TF32_TENSOR_OP_MATH
+constexpr int kRealFloat32 = 0;       // CUDA_R_32F (cudaDataType)
+constexpr int kGemmDefault = -1;      // CUBLAS_GEMM_DEFAULT (cublasGemmAlgo_t)
+// cublasComputeType_t: float32 accumulation, the operands as given or rounded on the way in.
+constexpr int kCompute32F = 68;          // CUBLAS_COMPUTE_32F
+constexpr int kCompute32FFast16F = 74;   // CUBLAS_COMPUTE_32F_FAST_16F
+constexpr int kCompute32FFast16BF = 75;  // CUBLAS_COMPUTE_32F_FAST_16BF
+constexpr int kCompute32FFastTf32 = 77;  // CUBLAS_COMPUTE_32F_FAST_TF32
 
 struct Api {
   Status (*create)(Handle*);
@@ -42,6 +49,10 @@ struct Api {
                   int, const float*, float*, int);
   Status (*dgemm)(Handle, int, int, int, int, int, const double*, const double*, int,
                   const double*, int, const double*, double*, int);
+  // cublasGemmEx (cuBLAS >= 11 takes a cublasComputeType_t): float32 GEMMs whose operands
+  // the tensor cores read rounded to 16 bits (the kCompute32FFast* types).
+  Status (*gemm_ex)(Handle, int, int, int, int, int, const void*, const void*, int, int,
+                    const void*, int, int, const void*, void*, int, int, int, int);
   std::string library;  // file it was loaded from
 };
 

@@ -89,8 +89,10 @@ class CudaBackend : public InPlaceStepOperands<CudaBackend> {
  public:
   static constexpr InputProjection kInputProjection = kCudaInputProjection;
 
-  CudaBackend(cudaStream_t stream, const CudaOptions& options)
-      : stream_(stream), options_(options) {
+  // products: what float32 GEMMs multiply (gemm_mapping.h's ProductsFor); float64 GEMMs
+  // always multiply in float64.
+  CudaBackend(cudaStream_t stream, const CudaOptions& options, GpuProducts products)
+      : stream_(stream), options_(options), products_(products) {
     api_ = cublas::Load(&error_);
     if (api_ == nullptr) return;
     int device = 0;
@@ -104,7 +106,8 @@ class CudaBackend : public InPlaceStepOperands<CudaBackend> {
                                        options_.blas_workspace_bytes),
                    "cublasSetWorkspace"))
       return;
-    const bool tf32 = options_.allow_tf32;  // read by float32 GEMMs only
+    // Read by cublasSgemm only; 16-bit products name their compute type in each call.
+    const bool tf32 = products_ == GpuProducts::kTf32;
     if (!CheckBlas(api_->set_math_mode(handle_, tf32 ? cublas::kTf32TensorOpMath
                                                      : cublas::kDefaultMath),
                    "cublasSetMathMode"))
@@ -189,19 +192,31 @@ class CudaBackend : public InPlaceStepOperands<CudaBackend> {
     const T one = T(1);
     const int op_first = g.trans_first ? cublas::kOpT : cublas::kOpN;
     const int op_second = g.trans_second ? cublas::kOpT : cublas::kOpN;
-    cublas::Status status;
     if constexpr (std::is_same<T, float>::value) {
-      status = api_->sgemm(handle_, op_first, op_second, g.m, g.n, g.k, &one, g.first,
-                           g.ld_first, g.second, g.ld_second, &beta, g.c, g.ldc);
+      const bool bf16 = products_ == GpuProducts::kBFloat16;
+      if (bf16 || products_ == GpuProducts::kFloat16) {
+        // float32 in and out; the tensor cores read the operands rounded to 16 bits.
+        const int compute = bf16 ? cublas::kCompute32FFast16BF : cublas::kCompute32FFast16F;
+        CheckBlas(api_->gemm_ex(handle_, op_first, op_second, g.m, g.n, g.k, &one, g.first,
+                                cublas::kRealFloat32, g.ld_first, g.second, cublas::kRealFloat32,
+                                g.ld_second, &beta, g.c, cublas::kRealFloat32, g.ldc, compute,
+                                cublas::kGemmDefault),
+                  "cublasGemmEx");
+        return;
+      }
+      CheckBlas(api_->sgemm(handle_, op_first, op_second, g.m, g.n, g.k, &one, g.first,
+                            g.ld_first, g.second, g.ld_second, &beta, g.c, g.ldc),
+                "cublasSgemm");
     } else {
-      status = api_->dgemm(handle_, op_first, op_second, g.m, g.n, g.k, &one, g.first,
-                           g.ld_first, g.second, g.ld_second, &beta, g.c, g.ldc);
+      CheckBlas(api_->dgemm(handle_, op_first, op_second, g.m, g.n, g.k, &one, g.first,
+                            g.ld_first, g.second, g.ld_second, &beta, g.c, g.ldc),
+                "cublasDgemm");
     }
-    CheckBlas(status, std::is_same<T, float>::value ? "cublasSgemm" : "cublasDgemm");
   }
 
   cudaStream_t stream_;
   CudaOptions options_;
+  GpuProducts products_;
   const cublas::Api* api_ = nullptr;
   cublas::Handle handle_ = nullptr;
   const bool* true_flag_ = nullptr;

@@ -29,8 +29,9 @@ inline constexpr InputProjection kCudaInputProjection = InputProjection::kWholeS
 
 struct CudaOptions {
   // Let cuBLAS use TF32 tensor cores for float32 GEMMs (about 10 mantissa bits in the
-  // products). Off by default, so that float32 results match the CPU kernels closely; always
-  // on for calls with 16-bit storage.
+  // products). Off by default, so that float32 results match the CPU kernels closely. Calls
+  // with 16-bit storage multiply in their own 16-bit type instead (gemm_mapping.h's
+  // ProductsFor).
   bool allow_tf32 = false;
   // Device memory for cuBLAS' GEMMs (cublasSetWorkspace), from the caller's allocator, valid
   // on `stream` for the whole call; 256-byte aligned, CublasWorkspaceBytes() large. Null: cuBLAS

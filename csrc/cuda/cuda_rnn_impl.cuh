@@ -12,19 +12,16 @@
 namespace tfcells {
 namespace cuda_detail {
 
-// A call with 16-bit storage has accepted 16-bit precision: its float32 GEMMs run on TF32
-// tensor cores (products of 10-bit mantissas, finer than bfloat16's 8 and as fine as float16's,
-// accumulated in float32) rather than on the far slower float32 cores.
-inline CudaOptions OptionsFor(const CallPlan* plan, CudaOptions options) {
-  if (plan != nullptr && plan->options().storage != Storage::kCompute) options.allow_tf32 = true;
-  return options;
+inline GpuProducts ProductsOf(const CallPlan* plan, const CudaOptions& options) {
+  return ProductsFor(plan != nullptr ? plan->options().storage : Storage::kCompute,
+                     options.allow_tf32);
 }
 
 template <typename T, typename S>
 std::string RunForward(const ForwardArgs<T, S>& args, cudaStream_t stream,
                        const CudaOptions& options) {
   try {
-    CudaBackend be(stream, OptionsFor(args.plan, options));
+    CudaBackend be(stream, options, ProductsOf(args.plan, options));
     if (be.failed()) return be.error();
     Forward(be, args);
     return be.error();
@@ -37,7 +34,7 @@ template <typename T, typename S>
 std::string RunBackward(const BackwardArgs<T, S>& args, cudaStream_t stream,
                         const CudaOptions& options) {
   try {
-    CudaBackend be(stream, OptionsFor(args.plan, options));
+    CudaBackend be(stream, options, ProductsOf(args.plan, options));
     if (be.failed()) return be.error();
     Backward(be, args);
     return be.error();

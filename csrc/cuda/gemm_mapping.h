@@ -10,8 +10,27 @@
 #include <string>
 
 #include "../core/common.h"
+#include "../core/plan.h"
 
 namespace tfcells {
+
+// What the tensor cores multiply in a float32 GEMM of the CUDA backend (accumulation is
+// float32 in every case; cuBLAS rounds the operands on their way in).
+enum class GpuProducts { kFloat32, kTf32, kBFloat16, kFloat16 };
+
+// A call with 16-bit storage has accepted that precision: its GEMMs multiply operands rounded
+// to its own 16-bit type (twice TF32's tensor-core rate on Ampere and Hopper). Other float32
+// calls multiply in float32, or in TF32 where the caller allows it. float16's range is the
+// float16 contract of mixed precision: an operand beyond 65504 becomes inf, as in any float16
+// GEMM, which a loss-scaling optimizer detects and skips.
+inline GpuProducts ProductsFor(Storage storage, bool allow_tf32) {
+  switch (storage) {
+    case Storage::kBFloat16: return GpuProducts::kBFloat16;
+    case Storage::kFloat16: return GpuProducts::kFloat16;
+    case Storage::kCompute: break;
+  }
+  return allow_tf32 ? GpuProducts::kTf32 : GpuProducts::kFloat32;
+}
 
 template <typename T>
 struct ColumnMajorGemm {

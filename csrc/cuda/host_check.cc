@@ -5,16 +5,23 @@
 // CUBLAS_STATUS_INVALID_VALUE). Both run the input projection and dx over all T*B rows, as the
 // CUDA backend does; a third run does them a step at a time, as the CPU backend does, so the
 // two driver paths are held to each other. Outputs must agree for every cell, layout, mask
-// (dropout or not) and gradient mask. Built and run by tests/test_cuda.py:
+// (dropout or not) and gradient mask.
+// Calls with 16-bit storage run as the CUDA backend runs them: the float32 pass with every
+// GEMM's operands rounded to the storage type (ProductsFor; cuBLAS' FAST_16BF / FAST_16F
+// compute types), checked mapped against row-major bit for bit and against float64 within
+// 16-bit accuracy. Built and run by tests/test_cuda.py:
 //   g++ -std=c++17 -I csrc csrc/cuda/host_check.cc csrc/core/plan.cc -o host_check
 #include <cmath>
 #include <cstdio>
+#include <limits>
+#include <type_traits>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "../core/rnn.h"
+#include "../core/storage.h"
 #include "gemm_mapping.h"
 
 namespace tfcells {
@@ -28,6 +35,19 @@ void Loop(Index rows, Index cols, const F& f) {
 
 template <typename Backend>  // the derived backend, handed to ForRowShards' callback
 struct HostParts : InPlaceStepOperands<Backend> {
+  GpuProducts products = GpuProducts::kFloat32;  // set by Run, as cuda_rnn_impl.cuh does
+
+  // A GEMM operand as the tensor cores read it: float32 rounded to 16 bits where the
+  // products are 16-bit (TF32 is not emulated: no call here allows it).
+  template <typename T>
+  T Operand(T v) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (products == GpuProducts::kBFloat16) return ToFloat(FromFloat<bfloat16>(v));
+      if (products == GpuProducts::kFloat16) return ToFloat(FromFloat<float16>(v));
+    }
+    return v;
+  }
+
   // As the CUDA backend (kCudaInputProjection): the input projection and dx over all rows.
   static constexpr InputProjection kInputProjection = InputProjection::kWholeSequence;
 
@@ -64,7 +84,8 @@ struct RowMajorBackend : HostParts<RowMajorBackend<kProjection>> {
       for (Index j = 0; j < n; ++j) {
         T s = 0;
         for (Index p = 0; p < k; ++p)
-          s += (ta ? a[p * lda + i] : a[i * lda + p]) * (tb ? b[j * ldb + p] : b[p * ldb + j]);
+          s += this->Operand(ta ? a[p * lda + i] : a[i * lda + p]) *
+               this->Operand(tb ? b[j * ldb + p] : b[p * ldb + j]);
         c[i * ldc + j] = beta == T(0) ? s : s + beta * c[i * ldc + j];
       }
   }
@@ -93,7 +114,7 @@ struct MappedBackend : HostParts<MappedBackend> {
 
   // BLAS semantics, column-major, with its argument checks.
   template <typename T>
-  static void ColumnMajor(const ColumnMajorGemm<T>& g, T beta) {
+  void ColumnMajor(const ColumnMajorGemm<T>& g, T beta) const {
     const int rows_first = g.trans_first ? g.k : g.m, rows_second = g.trans_second ? g.n : g.k;
     if (g.ld_first < std::max(1, rows_first) || g.ld_second < std::max(1, rows_second) ||
         g.ldc < std::max(1, g.m))
@@ -109,7 +130,7 @@ struct MappedBackend : HostParts<MappedBackend> {
                                     : g.first[i + Index(p) * g.ld_first];
           const T y = g.trans_second ? g.second[j + Index(p) * g.ld_second]
                                      : g.second[p + Index(j) * g.ld_second];
-          s += x * y;
+          s += Operand(x) * Operand(y);
         }
         T& out = g.c[i + Index(j) * g.ldc];
         out = beta == T(0) ? s : s + beta * out;
@@ -140,7 +161,37 @@ struct Outputs {
   Vec dx, dh0, dc0, dkernel, drk, dbias;
 };
 
-template <typename Backend>
+// A value of the call's types, from and to the problem's doubles (16-bit: rounded to nearest).
+template <typename S>
+S From(double v) {
+  if constexpr (std::is_same_v<S, bfloat16> || std::is_same_v<S, float16>)
+    return FromFloat<S>(static_cast<float>(v));
+  else
+    return static_cast<S>(v);
+}
+template <typename S>
+double ToDouble(S v) {
+  if constexpr (std::is_same_v<S, bfloat16> || std::is_same_v<S, float16>)
+    return ToFloat(v);
+  else
+    return static_cast<double>(v);
+}
+template <typename S>
+std::vector<S> Cast(const Vec& v) {
+  std::vector<S> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = From<S>(v[i]);
+  return out;
+}
+template <typename S>
+Vec Widen(const std::vector<S>& v) {
+  Vec out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = ToDouble(v[i]);
+  return out;
+}
+
+// One forward and backward pass in compute type T with storage S (16-bit: as the CUDA backend
+// runs it, with its products), every output widened to double.
+template <typename Backend, typename T = double, typename S = T>
 Outputs Run(const Problem& p, int grad_mask) {
   const Dims& d = p.d;
   CallOptions options;
@@ -150,72 +201,109 @@ Outputs Run(const Problem& p, int grad_mask) {
   options.has_input_dropout = options.has_recurrent_dropout = p.dropout;
   options.grad_mask = grad_mask;
   options.input_projection = Backend::kInputProjection;
+  options.storage = detail::StorageOf<S>();
   CallPlan plan;
   const std::string error = CallPlan::Make(options, CallPlan::ShapesFor(options, d), &plan);
   if (!error.empty()) throw std::runtime_error("plan: " + error);
   const Index GH = plan.info().gates * d.H;
   const CacheSizes cs = plan.Cache();
-  Outputs o;
-  const double nan = std::nan("");
-  o.y.assign(d.T * d.B * d.H, nan), o.h_last.assign(d.B * d.H, nan);
-  o.c_last.assign(d.B * d.H, nan), o.gates.assign(cs.gates, nan), o.aux.assign(cs.aux, nan);
-  o.h_prev.assign(cs.h_prev, nan);
-  Vec fws(plan.forward_layout().total, nan);
-  InputPointers<double> in;
-  in.x = p.x.data(), in.h0 = p.h0.data(), in.c0 = p.c0.data();
-  in.kernel = p.kernel.data(), in.recurrent_kernel = p.rk.data();
-  in.bias = p.bias ? p.b.data() : nullptr;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const S s_nan = From<S>(std::nan(""));
+  const std::vector<S> x = Cast<S>(p.x), h0 = Cast<S>(p.h0), c0 = Cast<S>(p.c0);
+  const std::vector<S> dy = Cast<S>(p.dy), dh_last = Cast<S>(p.dh_last);
+  const std::vector<S> dc_last = Cast<S>(p.dc_last);
+  const std::vector<T> kernel = Cast<T>(p.kernel), rk = Cast<T>(p.rk), b = Cast<T>(p.b);
+  const std::vector<T> in_drop = Cast<T>(p.input_dropout);
+  const std::vector<T> rec_drop = Cast<T>(p.recurrent_dropout);
+  std::vector<S> y(d.T * d.B * d.H, s_nan), h_last(d.B * d.H, s_nan), c_last(d.B * d.H, s_nan);
+  std::vector<T> gates(cs.gates, nan), aux(cs.aux, nan), h_prev(cs.h_prev, nan);
+  std::vector<T> fws(plan.forward_layout().total, nan);
+  InputPointers<T, S> in;
+  in.x = x.data(), in.h0 = h0.data(), in.c0 = c0.data();
+  in.kernel = kernel.data(), in.recurrent_kernel = rk.data();
+  in.bias = p.bias ? b.data() : nullptr;
   in.mask = p.mask ? reinterpret_cast<const bool*>(p.m.data()) : nullptr;
-  in.input_dropout = p.dropout ? p.input_dropout.data() : nullptr;
-  in.recurrent_dropout = p.dropout ? p.recurrent_dropout.data() : nullptr;
-  ForwardArgs<double> f;
+  in.input_dropout = p.dropout ? in_drop.data() : nullptr;
+  in.recurrent_dropout = p.dropout ? rec_drop.data() : nullptr;
+  ForwardArgs<T, S> f;
   f.plan = &plan, f.in = in;
-  f.y = o.y.data(), f.h_last = o.h_last.data(), f.c_last = o.c_last.data();
-  f.gates = {o.gates.data(), cs.gates}, f.aux = {o.aux.data(), cs.aux};
-  f.h_prev = {o.h_prev.data(), cs.h_prev};
+  f.y = y.data(), f.h_last = h_last.data(), f.c_last = c_last.data();
+  f.gates = {gates.data(), cs.gates}, f.aux = {aux.data(), cs.aux};
+  f.h_prev = {h_prev.data(), cs.h_prev};
   f.workspace = {fws.data(), Index(fws.size())};
   Backend be;
+  be.products = ProductsFor(options.storage, false);
   Forward(be, f);
 
-  BackwardArgs<double> a;
+  BackwardArgs<T, S> a;
   a.plan = &plan, a.in = in;
-  a.gates = {o.gates.data(), cs.gates}, a.aux = {o.aux.data(), cs.aux};
-  a.h_prev = {o.h_prev.data(), cs.h_prev};
-  a.dy = p.dy.data(), a.dh_last = p.dh_last.data(), a.dc_last = p.dc_last.data();
-  o.dx.assign(d.T * d.B * d.I, nan), o.dh0.assign(d.B * d.H, nan), o.dc0.assign(d.B * d.H, nan);
-  o.dkernel.assign(d.I * GH, nan), o.drk.assign(d.H * GH, nan);
-  o.dbias.assign(plan.info().bias_rows * GH, nan);
-  a.dx = o.dx.data(), a.dh0 = o.dh0.data(), a.dc0 = o.dc0.data();
-  a.dkernel = o.dkernel.data(), a.drecurrent_kernel = o.drk.data(), a.dbias = o.dbias.data();
-  Vec bws(plan.backward_layout().total, nan);
+  a.gates = {gates.data(), cs.gates}, a.aux = {aux.data(), cs.aux};
+  a.h_prev = {h_prev.data(), cs.h_prev};
+  a.dy = dy.data(), a.dh_last = dh_last.data(), a.dc_last = dc_last.data();
+  std::vector<S> dx(d.T * d.B * d.I, s_nan), dh0(d.B * d.H, s_nan), dc0(d.B * d.H, s_nan);
+  std::vector<T> dkernel(d.I * GH, nan), drk(d.H * GH, nan);
+  std::vector<T> dbias(plan.info().bias_rows * GH, nan);
+  a.dx = dx.data(), a.dh0 = dh0.data(), a.dc0 = dc0.data();
+  a.dkernel = dkernel.data(), a.drecurrent_kernel = drk.data(), a.dbias = dbias.data();
+  std::vector<T> bws(plan.backward_layout().total, nan);
   a.workspace = {bws.data(), Index(bws.size())};
   Backward(be, a);
+
+  Outputs o;
+  o.y = Widen(y), o.h_last = Widen(h_last), o.c_last = Widen(c_last);
+  o.gates = Widen(gates), o.aux = Widen(aux), o.h_prev = Widen(h_prev);
+  o.dx = Widen(dx), o.dh0 = Widen(dh0), o.dc0 = Widen(dc0);
+  o.dkernel = Widen(dkernel), o.drk = Widen(drk), o.dbias = Widen(dbias);
   return o;
 }
 
-void Compare(const Vec& got, const Vec& want, const std::string& what) {
+// Equal to 1e-12 (relative): the same products summed in the same order. With `tolerance`:
+// max |got - want| <= tolerance * (1 + max |want|), the error of 16-bit arithmetic.
+void Compare(const Vec& got, const Vec& want, const std::string& what, double tolerance) {
+  double scale = 0;
+  for (double w : want) scale = std::isnan(w) ? scale : std::max(scale, std::fabs(w));
   for (size_t i = 0; i < want.size(); ++i) {
     const bool both_nan = std::isnan(got[i]) && std::isnan(want[i]);
-    if (!both_nan && !(std::fabs(got[i] - want[i]) <= 1e-12 * (1 + std::fabs(want[i]))))
-      throw std::runtime_error(what + "[" + std::to_string(i) + "]: mapped " +
-                               std::to_string(got[i]) + " vs row-major " +
-                               std::to_string(want[i]));
+    const double bound = tolerance > 0 ? tolerance * (1 + scale) : 1e-12 * (1 + std::fabs(want[i]));
+    if (!both_nan && !(std::fabs(got[i] - want[i]) <= bound))
+      throw std::runtime_error(what + "[" + std::to_string(i) + "]: got " +
+                               std::to_string(got[i]) + ", want " + std::to_string(want[i]));
   }
 }
 
-void CompareAll(const Outputs& got, const Outputs& want, const std::string& tag) {
-  Compare(got.y, want.y, tag + "y");
-  Compare(got.h_last, want.h_last, tag + "h_last");
-  Compare(got.c_last, want.c_last, tag + "c_last");
-  Compare(got.gates, want.gates, tag + "gates");
-  Compare(got.aux, want.aux, tag + "aux");
-  Compare(got.h_prev, want.h_prev, tag + "h_prev");
-  Compare(got.dx, want.dx, tag + "dx");
-  Compare(got.dh0, want.dh0, tag + "dh0");
-  Compare(got.dc0, want.dc0, tag + "dc0");
-  Compare(got.dkernel, want.dkernel, tag + "dkernel");
-  Compare(got.drk, want.drk, tag + "drecurrent_kernel");
-  Compare(got.dbias, want.dbias, tag + "dbias");
+void CompareAll(const Outputs& got, const Outputs& want, const std::string& tag,
+                double tolerance = 0) {
+  Compare(got.y, want.y, tag + "y", tolerance);
+  Compare(got.h_last, want.h_last, tag + "h_last", tolerance);
+  Compare(got.c_last, want.c_last, tag + "c_last", tolerance);
+  Compare(got.gates, want.gates, tag + "gates", tolerance);
+  Compare(got.aux, want.aux, tag + "aux", tolerance);
+  Compare(got.h_prev, want.h_prev, tag + "h_prev", tolerance);
+  Compare(got.dx, want.dx, tag + "dx", tolerance);
+  Compare(got.dh0, want.dh0, tag + "dh0", tolerance);
+  Compare(got.dc0, want.dc0, tag + "dc0", tolerance);
+  Compare(got.dkernel, want.dkernel, tag + "dkernel", tolerance);
+  Compare(got.drk, want.drk, tag + "drecurrent_kernel", tolerance);
+  Compare(got.dbias, want.dbias, tag + "dbias", tolerance);
+}
+
+// The problem with its storage-typed inputs rounded to S, for a float64 reference that sees
+// what the 16-bit call sees.
+template <typename S>
+Problem RoundedTo(Problem p) {
+  for (Vec* v : {&p.x, &p.h0, &p.c0, &p.dy, &p.dh_last, &p.dc_last}) *v = Widen(Cast<S>(*v));
+  return p;
+}
+
+// The 16-bit checks of one problem: the mapped GEMMs equal the row-major ones bit for bit with
+// the same rounded operands, and the pass stays within 16-bit accuracy of float64.
+template <typename S>
+void Check16Bit(const Problem& p, int grad_mask, double tolerance, const std::string& tag) {
+  using WholeSequence = RowMajorBackend<InputProjection::kWholeSequence>;
+  const Outputs mapped = Run<MappedBackend, float, S>(p, grad_mask);
+  CompareAll(mapped, Run<WholeSequence, float, S>(p, grad_mask), tag + "mapped ");
+  CompareAll(mapped, Run<WholeSequence>(RoundedTo<S>(p), grad_mask), tag + "vs float64 ",
+             tolerance);
 }
 
 }  // namespace
@@ -228,6 +316,15 @@ int main() {
                             CellKind::kSimpleRnn};
   int cases = 0;
   try {
+    // Which products each call gets (what cuda_rnn_impl.cuh hands the backend).
+    const bool products_ok =
+        ProductsFor(Storage::kBFloat16, false) == GpuProducts::kBFloat16 &&
+        ProductsFor(Storage::kBFloat16, true) == GpuProducts::kBFloat16 &&
+        ProductsFor(Storage::kFloat16, false) == GpuProducts::kFloat16 &&
+        ProductsFor(Storage::kFloat16, true) == GpuProducts::kFloat16 &&
+        ProductsFor(Storage::kCompute, false) == GpuProducts::kFloat32 &&
+        ProductsFor(Storage::kCompute, true) == GpuProducts::kTf32;
+    if (!products_ok) throw std::runtime_error("ProductsFor maps a storage to the wrong products");
     for (CellKind cell : cells) {
       for (int layout = 0; layout < 32; ++layout) {
         Problem p;
@@ -260,6 +357,10 @@ int main() {
           CompareAll(Run<MappedBackend>(p, grad_mask), want, tag + "mapped ");
           CompareAll(Run<RowMajorBackend<InputProjection::kPerStep>>(p, grad_mask), want,
                      tag + "per-step ");
+          if (grad_mask == 0 || grad_mask == kGradAll || grad_mask % 7 == layout % 7) {
+            Check16Bit<bfloat16>(p, grad_mask, 3e-2, tag + "bfloat16 ");
+            Check16Bit<float16>(p, grad_mask, 4e-3, tag + "float16 ");
+          }
           ++cases;
         }
       }
