@@ -477,7 +477,8 @@ def _call_forward(args):
     (dict(x=FakeDeviceArray((2, 3, 4), strides=(4, 8, 24))), ValueError, "C-contiguous"),
     (dict(h0=FakeDeviceArray((2, 5), ptr=(1 << 20) + 2)), ValueError, "aligned"),
     (dict(h0=FakeDeviceArray((2, 5), typestr="<f8")), TypeError, "float64.*float32"),
-    (dict(x=FakeDeviceArray((2, 3, 4), typestr="<i4")), TypeError, "float32 or float64"),
+    (dict(x=FakeDeviceArray((2, 3, 4), typestr="<i4")), TypeError,
+     "x has dtype int32, expected float32, float64 or float16"),
     (dict(kernel=FakeDeviceArray((4, 19))), ValueError, "kernel must have shape"),
     (dict(mask=FakeDeviceArray((2, 3), typestr="<f4")), TypeError, "mask.*bool"),
     (dict(mask=FakeDeviceArray((3, 2), typestr="|b1")), ValueError, "mask must have shape"),
@@ -617,6 +618,71 @@ def test_gpu_helpers_with_dropout_pass_the_checks_up_to_the_device_query(cell):
             cuda_backward(FakeDevice(), cell, masked, cache, grads, cuda_module.GRAD_ALL)
 
 
+# 16-bit storage: x, the states, the outputs and their gradients in float16 (typestr "<f2") or
+# bfloat16 (its bits as 2-byte integers, storage="bfloat16"); everything else float32.
+STORAGE_TYPESTR = {"float16": "<f2", "bfloat16": "<i2"}
+STORAGE_ARRAYS = ("x", "h0", "c0", "y", "h_last", "c_last")
+
+
+def _fake_16bit_lstm(storage, T=3, B=2, I=4, H=5, **override):
+    ws = cuda_module.forward_sizes("lstm", T, B, I, H, False, storage=storage)["workspace"]
+    args = _fake_lstm(T, B, I, H, workspace=FakeDeviceArray((ws,)))
+    for k in STORAGE_ARRAYS:
+        args[k] = FakeDeviceArray(args[k].__cuda_array_interface__["shape"],
+                                  typestr=STORAGE_TYPESTR[storage])
+    args.update(override)
+    return args
+
+
+@needs_module
+@pytest.mark.parametrize("storage", sorted(STORAGE_TYPESTR))
+def test_16bit_calls_pass_the_checks_up_to_the_device_query(storage):
+    if GPU_SKIP is None:
+        pytest.skip("a GPU is present: fake pointers would be queried for real")
+    extra = {"storage": "bfloat16"} if storage == "bfloat16" else {}
+    with pytest.raises((RuntimeError, ValueError), match="cannot query its memory|not in GPU"):
+        _call_forward({**_fake_16bit_lstm(storage), **extra})
+
+
+@needs_module
+def test_16bit_dtype_errors_name_the_array_and_the_type_expected():
+    bf16 = {"storage": "bfloat16"}
+    cases = [  # (arguments, error, match)
+        (_fake_16bit_lstm("float16", kernel=FakeDeviceArray((4, 20), typestr="<f2")),
+         TypeError, r"kernel has dtype float16, expected float32 \(the compute type"),
+        (_fake_16bit_lstm("float16", y=FakeDeviceArray((2, 3, 5))), TypeError,
+         "y has dtype float32, expected float16 like x"),
+        ({**_fake_16bit_lstm("bfloat16"), **bf16, "h0": FakeDeviceArray((2, 5))}, TypeError,
+         "h0 has dtype float32, expected bfloat16"),
+        ({**_fake_lstm(), **bf16}, TypeError, "x has dtype float32, expected bfloat16"),
+        (_fake_16bit_lstm("bfloat16"), TypeError, "storage='bfloat16'"),  # bits, not named
+        ({**_fake_lstm(), "storage": "int8"}, ValueError, "storage must be"),
+        (_fake_16bit_lstm("float16", workspace=FakeDeviceArray(
+            (cuda_module.forward_sizes("lstm", 3, 2, 4, 5, False)["workspace"],))),
+         ValueError, "workspace must hold at least"),  # a float32 call's: no staging room
+    ]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            _call_forward(args)
+
+
+@needs_module
+def test_16bit_sizes_add_staging_but_keep_the_cache():
+    """A 16-bit call widens its inputs into float32 staging inside the workspace; the training
+    cache is float32 either way."""
+    m = cuda_module
+    plain = m.forward_sizes("gru", 7, 3, 5, 4, True)
+    for storage in ("bfloat16", "float16"):
+        sized = m.forward_sizes("gru", 7, 3, 5, 4, True, storage=storage)
+        assert sized["workspace"] > plain["workspace"]
+        assert {k: v for k, v in sized.items() if k != "workspace"} == {
+            k: v for k, v in plain.items() if k != "workspace"}
+        assert (m.backward_workspace_size("gru", 7, 3, 5, 4, storage=storage)
+                > m.backward_workspace_size("gru", 7, 3, 5, 4))
+    with pytest.raises(ValueError, match="storage must be"):
+        m.forward_sizes("gru", 7, 3, 5, 4, storage="float32")
+
+
 # --------------------------------------------------------------- CUDA vs CPU (GPU only)
 
 
@@ -652,6 +718,90 @@ def _compare_cell(dev, rng, cell, dtype, T, B, I, H, time_major, go_backwards, w
                                            err_msg=f"{what} {name} with {combo}")
             else:  # not requested: never written
                 assert np.isnan(have[name]).all(), f"{what}: {name} written though not requested"
+
+
+def _cuda_16bit_pass(cell, inputs, grads, storage):
+    """Forward (training) and backward with every gradient, with 16-bit storage through
+    PyTorch tensors; returns the outputs and gradients widened to float32."""
+    t16 = getattr(torch, storage)
+    x = inputs["x"]
+    B, T, I = x.shape
+    H = inputs["recurrent_kernel"].shape[0]
+
+    def arg(t):  # bfloat16 has no __cuda_array_interface__: its bits as int16
+        return t.view(torch.int16) if storage == "bfloat16" else t
+
+    def put16(a):
+        return torch.from_numpy(np.ascontiguousarray(a, np.float32)).cuda().to(t16)
+
+    def empty16(*shape):
+        return torch.full(shape, float("nan"), dtype=t16, device="cuda")
+
+    def put32(a):
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+    named = {"storage": storage}
+    sizes = cuda_module.forward_sizes(cell, T, B, I, H, True, storage=storage)
+    d = {k: put16(inputs[k]) for k in ("x", "h0", "c0") if k in inputs}
+    w = {k: put32(inputs.get(k)) for k in ("kernel", "recurrent_kernel", "bias")}
+    out = {"y": empty16(B, T, H), "h_last": empty16(B, H)}
+    if cell == "lstm":
+        out["c_last"] = empty16(B, H)
+    cache = {k: torch.empty(sizes[k], dtype=torch.float32, device="cuda")
+             for k in ("gates", "aux", "h_prev")}
+    ws = torch.empty(sizes["workspace"], dtype=torch.float32, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    cuda_module.forward(cell, arg(d["x"]), arg(d["h0"]), arg(d["c0"]) if "c0" in d else None,
+                        w["kernel"], w["recurrent_kernel"], w["bias"], None,
+                        **{k: arg(v) for k, v in out.items()}, **cache, workspace=ws,
+                        stream=stream, **named)
+    g = {k: put16(v) for k, v in grads.items()}
+    shapes16 = {"dx": (B, T, I), "dh0": (B, H)}
+    if cell == "lstm":
+        shapes16["dc0"] = (B, H)
+    grad_out = {k: empty16(*s) for k, s in shapes16.items()}
+    for k in ("kernel", "recurrent_kernel", "bias"):
+        if w[k] is not None:
+            grad_out["d" + k] = torch.full_like(w[k], float("nan"))
+    bws = torch.empty(cuda_module.backward_workspace_size(cell, T, B, I, H, storage=storage),
+                      dtype=torch.float32, device="cuda")
+    cuda_module.backward(cell, arg(d["x"]), arg(d["h0"]), arg(d["c0"]) if "c0" in d else None,
+                         w["kernel"], w["recurrent_kernel"], w["bias"], None, cache["gates"],
+                         cache["aux"], cache["h_prev"], arg(g["dy"]), arg(g["dh_last"]),
+                         arg(g["dc_last"]) if "dc_last" in g else None,
+                         **{k: arg(v) if v.dtype == t16 else v for k, v in grad_out.items()},
+                         workspace=bws, stream=stream, **named)
+    torch.cuda.synchronize()
+    return {k: v.float().cpu().numpy() for k, v in {**out, **grad_out}.items()}
+
+
+@needs_gpu
+@needs_torch
+@pytest.mark.parametrize("storage, tol", [("bfloat16", 3e-2), ("float16", 4e-3)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cuda_16bit_within_16bit_accuracy_of_float32(cell, storage, tol):
+    """A 16-bit call (its GEMMs multiplying 16-bit operands on the tensor cores) against the
+    float32 call fed the same rounded inputs, at T=20: every output and gradient within `tol`
+    of its tensor's scale (csrc/cuda/host_check.cc measured 1e-2 / 2e-3 on the host)."""
+    rng = np.random.default_rng(16)
+    inputs, grads = make_problem(rng, cell, 20, 16, 24, 32, np.float32)
+    t16 = getattr(torch, storage)
+    for d in (inputs, grads):  # the float32 reference sees what the 16-bit call sees
+        for k in ("x", "h0", "c0", "dy", "dh_last", "dc_last"):
+            if k in d:
+                d[k] = torch.from_numpy(d[k]).to(t16).float().numpy()
+    got = _cuda_16bit_pass(cell, inputs, grads, storage)
+    dev = Device()
+    ref = cuda_forward(dev, cell, inputs)
+    want = cuda_backward(dev, cell, inputs, {k: ref[k] for k in ("gates", "aux", "h_prev")},
+                         grads, cuda_module.GRAD_ALL)
+    want.update({k: ref[k] for k in ("y", "h_last", "c_last") if k in ref})
+    for k, v in got.items():
+        if k not in want:
+            continue
+        scale = 1 + np.abs(want[k]).max(initial=0)
+        err = np.abs(v - want[k]).max(initial=0)
+        assert err <= tol * scale, f"{cell} {storage} {k}: error {err:.3g} > {tol} * {scale:.3g}"
 
 
 @needs_gpu

@@ -5,7 +5,8 @@
 // The caller allocates everything, outputs and workspace included (forward_sizes() and
 // backward_workspace_size() say how much); the functions check every array, enqueue the work
 // on `stream` (a cudaStream_t as an int, 0 for the legacy default stream) and return without
-// synchronising.
+// synchronising. 16-bit calls: float16 x, or storage="bfloat16" with the bits in 2-byte
+// integers; their weights, masks, cache and workspace are float32.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -14,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "../core/storage.h"
 #include "../cuda/cuda_rnn.h"
 #include "cells.h"
 
@@ -31,7 +33,7 @@ struct DeviceArray {
   std::string name;
   std::uintptr_t ptr = 0;
   std::vector<Index> shape;
-  char kind = 0;  // 'f' or 'b'
+  char kind = 0;  // 'f', 'b', or for bfloat16 bits 'i', 'u' or 'V'
   int itemsize = 0;
   bool readonly = false;
   std::optional<std::intptr_t> stream;  // the producer's stream (version 3), if given
@@ -69,7 +71,8 @@ DeviceArray Parse(const py::handle& obj, const std::string& name) {
   const std::string typestr = py::str(need("typestr"));
   if (typestr.size() < 3 || (typestr[0] != '<' && typestr[0] != '|' && typestr[0] != '='))
     throw py::value_error(name + ": unsupported typestr '" + typestr +
-                          "' (little-endian float32, float64 or bool expected)");
+                          "' (little-endian float32, float64, float16, bfloat16 bits or bool "
+                          "expected)");
   a.kind = typestr[1];
   a.itemsize = std::stoi(typestr.substr(2));
   const py::tuple data = need("data");
@@ -105,45 +108,66 @@ DeviceArray Parse(const py::handle& obj, const std::string& name) {
   return a;
 }
 
-template <typename T>
-bool IsType(const DeviceArray& a) {
-  if (std::is_same<T, bool>::value) return a.kind == 'b' && a.itemsize == 1;
-  return a.kind == 'f' && a.itemsize == int(sizeof(T));
+// The dtypes of a call's arrays. bfloat16 has no __cuda_array_interface__ typestr of its own
+// (PyTorch refuses to export it): its arrays come as 2-byte integers (or void) holding the
+// bits, e.g. `tensor.view(torch.int16)`, with storage="bfloat16".
+enum class Dtype { kFloat32, kFloat64, kFloat16, kBFloat16, kBool };
+
+bool Matches(Dtype want, const DeviceArray& a) {
+  switch (want) {
+    case Dtype::kFloat32: return a.kind == 'f' && a.itemsize == 4;
+    case Dtype::kFloat64: return a.kind == 'f' && a.itemsize == 8;
+    case Dtype::kFloat16: return a.kind == 'f' && a.itemsize == 2;
+    case Dtype::kBFloat16: return (a.kind == 'i' || a.kind == 'u' || a.kind == 'V') && a.itemsize == 2;
+    case Dtype::kBool: return a.kind == 'b' && a.itemsize == 1;
+  }
+  return false;
 }
 
-const char* TypeName(char kind, int itemsize) {
-  if (kind == 'b' && itemsize == 1) return "bool";
-  if (kind == 'f' && itemsize == 4) return "float32";
-  if (kind == 'f' && itemsize == 8) return "float64";
-  return "an unsupported dtype";
+const char* DtypeName(Dtype d) {
+  switch (d) {
+    case Dtype::kFloat32: return "float32";
+    case Dtype::kFloat64: return "float64";
+    case Dtype::kFloat16: return "float16";
+    case Dtype::kBFloat16: return "bfloat16 (as 2-byte integers)";
+    case Dtype::kBool: return "bool";
+  }
+  return "?";
+}
+
+std::string TypeName(const DeviceArray& a) {
+  const std::string bits = std::to_string(8 * a.itemsize);
+  switch (a.kind) {
+    case 'b': return a.itemsize == 1 ? "bool" : "bool" + bits;
+    case 'f': return "float" + bits;
+    case 'i': return "int" + bits;
+    case 'u': return "uint" + bits;
+    default: return std::string("'") + a.kind + "' of " + std::to_string(a.itemsize) + " bytes";
+  }
 }
 
 // Collects the arrays of one call, checks them and finds their common device.
+// `storage`: x, the states, the outputs and their gradients; `compute`: the weights, the
+// dropout masks, the cache, the workspace and the weight gradients (the same but for 16-bit
+// storage, whose compute type is float32).
 class Arrays {
  public:
-  explicit Arrays(char kind, int itemsize) : kind_(kind), itemsize_(itemsize) {}
+  Arrays(Dtype storage, Dtype compute) : storage_(storage), compute_(compute) {}
 
-  // A required or optional float array; `writable` for outputs.
+  // A required or optional array of the storage type; `writable` for outputs.
+  std::optional<DeviceArray> Storage(const py::object& obj, const std::string& name,
+                                     bool required, bool writable = false) {
+    return Typed(obj, name, required, writable, storage_, "like x");
+  }
+  // ... of the compute type.
   std::optional<DeviceArray> Float(const py::object& obj, const std::string& name,
                                    bool required, bool writable = false) {
-    if (obj.is_none()) {
-      if (required) throw py::value_error(name + " is required");
-      return std::nullopt;
-    }
-    DeviceArray a = Parse(obj, name);
-    if (a.kind != kind_ || a.itemsize != itemsize_)
-      throw py::type_error(name + " has dtype " + TypeName(a.kind, a.itemsize) + ", expected " +
-                           TypeName(kind_, itemsize_) + " like x");
-    return Add(std::move(a), writable);
+    return Typed(obj, name, required, writable, compute_,
+                 storage_ == compute_ ? "like x" : "(the compute type of a 16-bit call)");
   }
 
   std::optional<DeviceArray> Mask(const py::object& obj) {
-    if (obj.is_none()) return std::nullopt;
-    DeviceArray a = Parse(obj, "mask");
-    if (!IsType<bool>(a))
-      throw py::type_error(std::string("mask has dtype ") + TypeName(a.kind, a.itemsize) +
-                           ", expected bool");
-    return Add(std::move(a), false);
+    return Typed(obj, "mask", false, false, Dtype::kBool, "");
   }
 
   // Checks that every non-empty array is device (or managed) memory of one device, and that
@@ -224,8 +248,20 @@ class Arrays {
     return a;
   }
 
-  char kind_;
-  int itemsize_;
+  std::optional<DeviceArray> Typed(const py::object& obj, const std::string& name, bool required,
+                                   bool writable, Dtype want, const char* why) {
+    if (obj.is_none()) {
+      if (required) throw py::value_error(name + " is required");
+      return std::nullopt;
+    }
+    DeviceArray a = Parse(obj, name);
+    if (!Matches(want, a))
+      throw py::type_error(name + " has dtype " + TypeName(a) + ", expected " + DtypeName(want) +
+                           (*why ? " " : "") + why);
+    return Add(std::move(a), writable);
+  }
+
+  Dtype storage_, compute_;
   std::vector<DeviceArray> all_;
 };
 
@@ -268,27 +304,28 @@ void RequireAtLeast(const DeviceArray& a, Index want) {
 }
 
 // The forward inputs, checked, and the call's plan; shared by forward() and backward().
-template <typename T>
+template <typename T, typename S>
 struct Inputs {
   CallPlan plan;
-  InputPointers<T> ptrs;
+  InputPointers<T, S> ptrs;
   std::optional<DeviceArray> x, kernel, rk, bias;
 };
 
 // `options` carries what the caller decided (training, grad_mask); the rest is read here.
-template <typename T>
-Inputs<T> ReadInputs(Arrays& arrays, CallOptions options, const std::string& cell_name,
+template <typename T, typename S>
+Inputs<T, S> ReadInputs(Arrays& arrays, CallOptions options, const std::string& cell_name,
                      const py::object& x, const py::object& h0, const py::object& c0,
                      const py::object& kernel, const py::object& rk, const py::object& bias,
                      const py::object& mask, const py::object& input_dropout,
                      const py::object& recurrent_dropout, bool time_major, bool go_backwards) {
-  Inputs<T> in;
+  Inputs<T, S> in;
   options.cell = ParseCell(cell_name);
+  options.storage = detail::StorageOf<S>();
   const bool cell_state = Info(options.cell).cell_state;
-  in.x = arrays.Float(x, "x", true);
-  const auto h0_a = arrays.Float(h0, "h0", true);
+  in.x = arrays.Storage(x, "x", true);
+  const auto h0_a = arrays.Storage(h0, "h0", true);
   std::optional<DeviceArray> c0_a;
-  if (cell_state) c0_a = arrays.Float(c0, "c0", true);
+  if (cell_state) c0_a = arrays.Storage(c0, "c0", true);
   in.kernel = arrays.Float(kernel, "kernel", true);
   in.rk = arrays.Float(rk, "recurrent_kernel", true);
   in.bias = arrays.Float(bias, "bias", false);
@@ -309,10 +346,10 @@ Inputs<T> ReadInputs(Arrays& arrays, CallOptions options, const std::string& cel
   if (in_drop) shapes.input_dropout = in_drop->shape;
   if (rec_drop) shapes.recurrent_dropout = rec_drop->shape;
   in.plan = MakePlan(options, shapes);
-  InputPointers<T>& p = in.ptrs;
-  p.x = in.x->template data<T>();
-  p.h0 = h0_a->template data<T>();
-  p.c0 = c0_a ? c0_a->template data<T>() : nullptr;
+  InputPointers<T, S>& p = in.ptrs;
+  p.x = in.x->template data<S>();
+  p.h0 = h0_a->template data<S>();
+  p.c0 = c0_a ? c0_a->template data<S>() : nullptr;
   p.kernel = in.kernel->template data<T>();
   p.recurrent_kernel = in.rk->template data<T>();
   p.bias = in.bias ? in.bias->template data<T>() : nullptr;
@@ -349,7 +386,7 @@ void Launch(Arrays& arrays, std::intptr_t stream, bool allow_tf32, const Entry& 
   Run(error);
 }
 
-template <typename T>
+template <typename T, typename S>
 void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
              const py::object& h0, const py::object& c0, const py::object& kernel,
              const py::object& rk, const py::object& bias, const py::object& mask,
@@ -360,20 +397,20 @@ void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
              std::intptr_t stream, bool allow_tf32) {
   CallOptions options;
   options.training = !gates.is_none();
-  const Inputs<T> in =
-      ReadInputs<T>(arrays, options, cell_name, x, h0, c0, kernel, rk, bias, mask,
-                    input_dropout, recurrent_dropout, time_major, go_backwards);
+  const Inputs<T, S> in =
+      ReadInputs<T, S>(arrays, options, cell_name, x, h0, c0, kernel, rk, bias, mask,
+                       input_dropout, recurrent_dropout, time_major, go_backwards);
   const CallPlan& plan = in.plan;
-  ForwardArgs<T> a;
+  ForwardArgs<T, S> a;
   a.plan = &plan;
   a.in = in.ptrs;
-  const auto y_a = arrays.Float(y, "y", true, true);
+  const auto y_a = arrays.Storage(y, "y", true, true);
   RequireShape(y_a, plan.SequenceShape(plan.dims().H), "(the output sequence)");
-  const auto h_last_a = arrays.Float(h_last, "h_last", true, true);
+  const auto h_last_a = arrays.Storage(h_last, "h_last", true, true);
   RequireShape(h_last_a, plan.StateShape(), "([B, H])");
   std::optional<DeviceArray> c_last_a;
   if (plan.info().cell_state) {
-    c_last_a = arrays.Float(c_last, "c_last", true, true);
+    c_last_a = arrays.Storage(c_last, "c_last", true, true);
     RequireShape(c_last_a, plan.StateShape(), "([B, H])");
   }
   const CacheSizes cs = plan.Cache();
@@ -391,9 +428,9 @@ void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   const auto ws = arrays.Float(workspace, "workspace", true, true);
   RequireAtLeast(*ws, plan.forward_layout().total);
 
-  a.y = y_a->template data<T>();
-  a.h_last = h_last_a->template data<T>();
-  a.c_last = c_last_a ? c_last_a->template data<T>() : nullptr;
+  a.y = y_a->template data<S>();
+  a.h_last = h_last_a->template data<S>();
+  a.c_last = c_last_a ? c_last_a->template data<S>() : nullptr;
   a.gates = SpanOf<T>(gates_a), a.aux = SpanOf<T>(aux_a), a.h_prev = SpanOf<T>(h_prev_a);
   a.workspace = SpanOf<T>(ws);
 
@@ -401,7 +438,7 @@ void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
          [&](cudaStream_t s, const CudaOptions& o) { return ForwardCuda(a, s, o); });
 }
 
-template <typename T>
+template <typename T, typename S>
 void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
               const py::object& h0, const py::object& c0, const py::object& kernel,
               const py::object& rk, const py::object& bias, const py::object& mask,
@@ -414,11 +451,11 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
               std::intptr_t stream, bool allow_tf32) {
   CallOptions options;
   options.grad_mask = grad_mask;
-  const Inputs<T> in =
-      ReadInputs<T>(arrays, options, cell_name, x, h0, c0, kernel, rk, bias, mask,
-                    input_dropout, recurrent_dropout, time_major, go_backwards);
+  const Inputs<T, S> in =
+      ReadInputs<T, S>(arrays, options, cell_name, x, h0, c0, kernel, rk, bias, mask,
+                       input_dropout, recurrent_dropout, time_major, go_backwards);
   const CallPlan& plan = in.plan;
-  BackwardArgs<T> a;
+  BackwardArgs<T, S> a;
   a.plan = &plan;
   a.in = in.ptrs;
   const CacheSizes cs = plan.Cache();
@@ -431,28 +468,29 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   a.gates = SpanOf<const T>(gates_a), a.aux = SpanOf<const T>(aux_a);
   a.h_prev = SpanOf<const T>(h_prev_a);
 
-  const auto dy_a = arrays.Float(dy, "dy", false);
+  const auto dy_a = arrays.Storage(dy, "dy", false);
   RequireShape(dy_a, plan.SequenceShape(plan.dims().H), "(the shape of y)");
-  const auto dh_last_a = arrays.Float(dh_last, "dh_last", false);
+  const auto dh_last_a = arrays.Storage(dh_last, "dh_last", false);
   RequireShape(dh_last_a, plan.StateShape(), "([B, H])");
   std::optional<DeviceArray> dc_last_a;
   if (plan.info().cell_state) {
-    dc_last_a = arrays.Float(dc_last, "dc_last", false);
+    dc_last_a = arrays.Storage(dc_last, "dc_last", false);
     RequireShape(dc_last_a, plan.StateShape(), "([B, H])");
   }
-  a.dy = dy_a ? dy_a->template data<T>() : nullptr;
-  a.dh_last = dh_last_a ? dh_last_a->template data<T>() : nullptr;
-  a.dc_last = dc_last_a ? dc_last_a->template data<T>() : nullptr;
+  a.dy = dy_a ? dy_a->template data<S>() : nullptr;
+  a.dh_last = dh_last_a ? dh_last_a->template data<S>() : nullptr;
+  a.dc_last = dc_last_a ? dc_last_a->template data<S>() : nullptr;
 
   // In kGradients order (the keyword arguments are named after its outputs).
   const py::object* outputs[] = {&dx, &dh0, &dc0, &dkernel, &drk, &dbias};
   for (int i = 0; i < 6; ++i) {
     const GradientInfo& g = kGradients[i];
     if (!plan.wants(g.bit)) continue;  // not requested: the argument is ignored
-    const auto out = arrays.Float(*outputs[i], std::string(g.output) + " (requested by grad_mask)",
-                                  true, true);
+    const std::string name = std::string(g.output) + " (requested by grad_mask)";
+    const auto out = IsStateGradient(g.bit) ? arrays.Storage(*outputs[i], name, true, true)
+                                            : arrays.Float(*outputs[i], name, true, true);
     RequireShape(out, plan.GradShape(g.bit), "(the shape of its input)");
-    SetGradient(a, g.bit, out->template data<T>());
+    SetGradient(a, g.bit, out->template data<void>());
   }
   const auto ws = arrays.Float(workspace, "workspace", true, true);
   RequireAtLeast(*ws, plan.backward_layout().total);
@@ -462,12 +500,52 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
          [&](cudaStream_t s, const CudaOptions& o) { return BackwardCuda(a, s, o); });
 }
 
-// Reads x's dtype to pick the instantiation.
-std::pair<char, int> DtypeOf(const py::object& x) {
+// The call's storage: named ("bfloat16", "float16"), or x's dtype (float32, float64,
+// float16).
+Dtype StorageOf(const py::object& x, const py::object& storage) {
+  if (!storage.is_none()) {
+    const std::string name = py::str(storage);
+    if (name == "bfloat16") return Dtype::kBFloat16;
+    if (name == "float16") return Dtype::kFloat16;
+    throw py::value_error("storage must be None, 'bfloat16' or 'float16', got '" + name + "'");
+  }
   const DeviceArray a = Parse(x, "x");
-  if (a.kind == 'f' && (a.itemsize == 4 || a.itemsize == 8)) return {a.kind, a.itemsize};
-  throw py::type_error(std::string("x has dtype ") + TypeName(a.kind, a.itemsize) +
-                       ", expected float32 or float64");
+  for (Dtype d : {Dtype::kFloat32, Dtype::kFloat64, Dtype::kFloat16})
+    if (Matches(d, a)) return d;
+  throw py::type_error("x has dtype " + TypeName(a) +
+                       ", expected float32, float64 or float16 (bfloat16: pass its bits as "
+                       "2-byte integers with storage='bfloat16')");
+}
+
+template <typename Compute, typename Store>
+struct CallTypes {
+  using T = Compute;
+  using S = Store;
+};
+
+// Runs fn(CallTypes<T, S>{}, arrays) for the call's types: (float, float), (double, double),
+// or float32 compute over 16-bit storage.
+template <typename F>
+void WithTypes(const py::object& x, const py::object& storage, const F& fn) {
+  const Dtype s = StorageOf(x, storage);
+  switch (s) {
+    case Dtype::kFloat64: {
+      Arrays arrays(s, s);
+      return fn(CallTypes<double, double>{}, arrays);
+    }
+    case Dtype::kFloat16: {
+      Arrays arrays(s, Dtype::kFloat32);
+      return fn(CallTypes<float, float16>{}, arrays);
+    }
+    case Dtype::kBFloat16: {
+      Arrays arrays(s, Dtype::kFloat32);
+      return fn(CallTypes<float, bfloat16>{}, arrays);
+    }
+    default: {
+      Arrays arrays(s, s);
+      return fn(CallTypes<float, float>{}, arrays);
+    }
+  }
 }
 
 void ForwardAny(const std::string& cell, const py::object& x, const py::object& h0,
@@ -476,17 +554,14 @@ void ForwardAny(const std::string& cell, const py::object& x, const py::object& 
                 const py::object& h_last, const py::object& c_last, const py::object& gates,
                 const py::object& aux, const py::object& h_prev, const py::object& workspace,
                 bool time_major, bool go_backwards, std::intptr_t stream, bool allow_tf32,
-                const py::object& input_dropout, const py::object& recurrent_dropout) {
-  const auto [kind, itemsize] = DtypeOf(x);
-  Arrays arrays(kind, itemsize);
-  if (itemsize == 4)
-    Forward<float>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
-                   recurrent_dropout, y, h_last, c_last, gates, aux, h_prev, workspace,
-                   time_major, go_backwards, stream, allow_tf32);
-  else
-    Forward<double>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
-                    recurrent_dropout, y, h_last, c_last, gates, aux, h_prev, workspace,
-                    time_major, go_backwards, stream, allow_tf32);
+                const py::object& input_dropout, const py::object& recurrent_dropout,
+                const py::object& storage) {
+  WithTypes(x, storage, [&](auto types, Arrays& arrays) {
+    using Types = decltype(types);
+    Forward<typename Types::T, typename Types::S>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
+                  recurrent_dropout, y, h_last, c_last, gates, aux, h_prev, workspace,
+                  time_major, go_backwards, stream, allow_tf32);
+  });
 }
 
 void BackwardAny(const std::string& cell, const py::object& x, const py::object& h0,
@@ -498,19 +573,23 @@ void BackwardAny(const std::string& cell, const py::object& x, const py::object&
                  const py::object& drk, const py::object& dbias, const py::object& workspace,
                  int grad_mask, bool time_major, bool go_backwards, std::intptr_t stream,
                  bool allow_tf32, const py::object& input_dropout,
-                 const py::object& recurrent_dropout) {
-  const auto [kind, itemsize] = DtypeOf(x);
-  Arrays arrays(kind, itemsize);
-  if (itemsize == 4)
-    Backward<float>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
-                    recurrent_dropout, gates, aux, h_prev, dy, dh_last, dc_last, dx, dh0, dc0,
-                    dkernel, drk, dbias, workspace, grad_mask, time_major, go_backwards, stream,
-                    allow_tf32);
-  else
-    Backward<double>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
-                     recurrent_dropout, gates, aux, h_prev, dy, dh_last, dc_last, dx, dh0, dc0,
-                     dkernel, drk, dbias, workspace, grad_mask, time_major, go_backwards, stream,
-                     allow_tf32);
+                 const py::object& recurrent_dropout, const py::object& storage) {
+  WithTypes(x, storage, [&](auto types, Arrays& arrays) {
+    using Types = decltype(types);
+    Backward<typename Types::T, typename Types::S>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
+                   recurrent_dropout, gates, aux, h_prev, dy, dh_last, dc_last, dx, dh0, dc0,
+                   dkernel, drk, dbias, workspace, grad_mask, time_major, go_backwards, stream,
+                   allow_tf32);
+  });
+}
+
+// A size helper's storage option.
+Storage StorageOption(const py::object& storage) {
+  if (storage.is_none()) return Storage::kCompute;
+  const std::string name = py::str(storage);
+  if (name == "bfloat16") return Storage::kBFloat16;
+  if (name == "float16") return Storage::kFloat16;
+  throw py::value_error("storage must be None, 'bfloat16' or 'float16', got '" + name + "'");
 }
 
 // The plan of a call of these sizes (for the size helpers, before any array exists).
@@ -525,9 +604,11 @@ CallPlan SizesPlan(const std::string& cell_name, Index T, Index B, Index I, Inde
 }
 
 py::dict ForwardSizes(const std::string& cell_name, Index T, Index B, Index I, Index H,
-                      bool training, bool input_dropout, bool recurrent_dropout) {
+                      bool training, bool input_dropout, bool recurrent_dropout,
+                      const py::object& storage) {
   CallOptions o;
   o.training = training;
+  o.storage = StorageOption(storage);
   o.has_input_dropout = input_dropout, o.has_recurrent_dropout = recurrent_dropout;
   const CallPlan plan = SizesPlan(cell_name, T, B, I, H, o);
   const CacheSizes cs = plan.Cache();
@@ -538,9 +619,11 @@ py::dict ForwardSizes(const std::string& cell_name, Index T, Index B, Index I, I
 }
 
 Index BackwardSize(const std::string& cell_name, Index T, Index B, Index I, Index H,
-                   int grad_mask, bool has_bias, bool input_dropout, bool recurrent_dropout) {
+                   int grad_mask, bool has_bias, bool input_dropout, bool recurrent_dropout,
+                   const py::object& storage) {
   CallOptions o;
   o.grad_mask = grad_mask, o.has_bias = has_bias;
+  o.storage = StorageOption(storage);
   o.has_input_dropout = input_dropout, o.has_recurrent_dropout = recurrent_dropout;
   return SizesPlan(cell_name, T, B, I, H, o).backward_layout().total;
 }
@@ -588,26 +671,32 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
         "c_last"_a = none, "gates"_a = none, "aux"_a = none, "h_prev"_a = none, "workspace"_a,
         "time_major"_a = false, "go_backwards"_a = false, "stream"_a = 0,
         "allow_tf32"_a = false, "input_dropout"_a = none, "recurrent_dropout"_a = none,
+        "storage"_a = none,
         "Forward pass. Training when gates/aux/h_prev (the cache) are given. Optional dropout "
         "masks input_dropout [G, B, I] and recurrent_dropout [G, B, H]: gate g reads "
-        "x * input_dropout[g] and h_prev * recurrent_dropout[g] at every step.");
+        "x * input_dropout[g] and h_prev * recurrent_dropout[g] at every step. 16-bit storage "
+        "(x float16, or storage='bfloat16' with the bits as 2-byte integers): x, the states "
+        "and the outputs in it; weights, masks, cache and workspace float32; the GEMMs "
+        "multiply in the 16-bit type.");
   m.def("backward", &tfcells::BackwardAny, "cell"_a, "x"_a, "h0"_a, "c0"_a, "kernel"_a,
         "recurrent_kernel"_a, "bias"_a, "mask"_a, "gates"_a, "aux"_a, "h_prev"_a, "dy"_a,
         "dh_last"_a, "dc_last"_a, py::kw_only(), "dx"_a = none, "dh0"_a = none, "dc0"_a = none,
         "dkernel"_a = none, "drecurrent_kernel"_a = none, "dbias"_a = none, "workspace"_a,
         "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "time_major"_a = false,
         "go_backwards"_a = false, "stream"_a = 0, "allow_tf32"_a = false,
-        "input_dropout"_a = none, "recurrent_dropout"_a = none,
+        "input_dropout"_a = none, "recurrent_dropout"_a = none, "storage"_a = none,
         "Backward pass: writes the gradients named by grad_mask into the given arrays (the "
-        "forward's dropout masks, if any, passed again).");
+        "forward's dropout masks, if any, passed again). 16-bit storage: dy, dh_last, dc_last, "
+        "dx, dh0 and dc0 in it, the weight gradients float32.");
   m.def("forward_sizes", &tfcells::ForwardSizes, "cell"_a, "T"_a, "B"_a, "I"_a, "H"_a,
         "training"_a = true, py::kw_only(), "input_dropout"_a = false,
-        "recurrent_dropout"_a = false,
+        "recurrent_dropout"_a = false, "storage"_a = none,
         "Element counts of the training cache (gates, aux, h_prev) and the forward workspace "
         "(which grows with each dropout mask the call passes).");
   m.def("backward_workspace_size", &tfcells::BackwardSize, "cell"_a, "T"_a, "B"_a, "I"_a,
         "H"_a, "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "has_bias"_a = true,
-        py::kw_only(), "input_dropout"_a = false, "recurrent_dropout"_a = false);
+        py::kw_only(), "input_dropout"_a = false, "recurrent_dropout"_a = false,
+        "storage"_a = none);
   m.def("device_count", &tfcells::DeviceCount,
         "CUDA devices visible: 0 when there is no NVIDIA driver or no device; raises "
         "RuntimeError with CUDA's error name and text for any other failure (e.g. a driver "
