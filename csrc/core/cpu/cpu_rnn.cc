@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <atomic>
 #include <mutex>
+#include <system_error>
+#include <thread>
+#include <vector>
 
 #include "cpu_dispatch.h"
 #include "tfcells_cpu_levels.h"
@@ -30,6 +33,37 @@ const CpuKernels& Kernels() { return kKernelsOf[CpuIsaIndex()](); }
 
 std::atomic<int> gemm_threads_setting{0};
 
+// OpenBLAS' Haswell/Zen sgemm kernel prefetches the next packed panel of B while it multiplies.
+// When op(B)'s side of C is at most GEMM_P (320) wide — a gate's H columns, or all of G*H for a
+// small layer — the driver packs every panel into one slot (level3.c, l1stride = 0), so those
+// prefetches land 15-40 KiB past it, on pages of OpenBLAS' scratch buffer that nothing has
+// written. A prefetch to an unmapped page costs a page walk each time (78 ns against 0.7 ns,
+// measured in this project's VMs), which made such GEMMs 3x slower for the life of a process
+// (SimpleRNN H=256 training: 203 ms fresh, 89 ms once primed). The buffers are a global pool of
+// slots (lowest free slot per call, never unmapped): writing those pages once in each slot
+// fixes it. A GEMM with a wide op(B) packs B contiguously and writes them, so several threads
+// run one each, entering together so that each holds a different slot. ~15 ms once per process;
+// callers beyond `slots` at once would only lose speed.
+void PrimeOpenBlasBuffers() {
+  const int slots = static_cast<int>(std::clamp(2u * std::thread::hardware_concurrency(), 4u, 32u));
+  std::atomic<int> arrived{0}, started{slots};
+  std::vector<std::thread> threads;
+  try {
+    for (int t = 0; t < slots; ++t)
+      threads.emplace_back([&] {
+        // C [128, 1024] = A [128, 320] B [320, 1024]: B packed contiguously, 160 KiB per slot.
+        std::vector<float> a(128 * 320, 0.0f), b(320 * 1024, 0.0f), c(128 * 1024);
+        arrived.fetch_add(1);
+        while (arrived.load() < started.load()) std::this_thread::yield();
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, 128, 1024, 320, 1.0f,
+                          a.data(), 320, b.data(), 1024, 0.0f, c.data(), 1024);
+      });
+  } catch (const std::system_error&) {  // no more threads: prime the slots of those running
+    started.store(static_cast<int>(threads.size()));
+  }
+  for (std::thread& t : threads) t.join();
+}
+
 }  // namespace
 
 // OpenBLAS' own threads busy-wait for each other; on a loaded machine (or beside TensorFlow's
@@ -37,7 +71,10 @@ std::atomic<int> gemm_threads_setting{0};
 // and parallelises large GEMMs itself, through the caller's pool.
 CpuOptions CpuRunOptions(const CpuOptions& options) {
   static std::once_flag once;
-  std::call_once(once, [] { scipy_openblas_set_num_threads(1); });
+  std::call_once(once, [] {
+    scipy_openblas_set_num_threads(1);
+    PrimeOpenBlasBuffers();
+  });
   CpuOptions run = options;
   const int cap = gemm_threads_setting.load();
   run.max_tasks = std::max(1, cap > 0 ? std::min(cap, options.max_tasks) : options.max_tasks);
