@@ -581,3 +581,43 @@ def test_dropout_masks_of_ones_change_nothing():
     ones = {"input_dropout_mask": tf.ones([4, 3, 5]), "recurrent_dropout_mask": tf.ones([4, 3, 6])}
     for a, b in zip(plain, cell.op(**inputs, **ones)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_kept_workspaces_across_calls_of_changing_size(cell):
+    """The CPU kernels keep their workspace from one call to the next (rnn_kernels.h'
+    WorkspaceCache): one traced function, called with sequences and batches that shrink and
+    grow, so that a kept workspace is reused larger than needed, dropped when too small, and
+    its stale contents are there each time; every call matches the float64 reference."""
+    H, I = 5, 4
+    names = [n for n in cell.grad_inputs]
+    spec = {"x": tf.TensorSpec([None, None, I], tf.float32),
+            "h0": tf.TensorSpec([None, H], tf.float32)}
+    if cell.has_c:
+        spec["c0"] = tf.TensorSpec([None, H], tf.float32)
+
+    @tf.function(input_signature=[spec, tf.TensorSpec(None, tf.float32)])
+    def step(states, y_weights):
+        inputs = {**states, **weights}
+        with tf.GradientTape() as tape:
+            tape.watch(list(states.values()))
+            out = cell.op(**inputs)
+            loss = tf.reduce_sum(out[0] * y_weights)
+        return out[0], tape.gradient(loss, [inputs[n] for n in names])
+
+    full = make_inputs(cell, 3, 9, I, H, tf.float32, seed=11)
+    weights = {n: tf.Variable(full[n]) for n in ("kernel", "recurrent_kernel", "bias")}
+    for B, T in [(3, 6), (2, 2), (3, 9), (1, 6), (3, 9)]:
+        inputs = make_inputs(cell, B, T, I, H, tf.float32, seed=B * 10 + T)
+        inputs.update({n: tf.convert_to_tensor(weights[n]) for n in weights})
+        y_weights = tf.constant(np.random.default_rng(T).standard_normal((B, T, H)), tf.float32)
+        y, grads = step({k: inputs[k] for k in spec}, y_weights)
+        inputs64 = cast_inputs(inputs, tf.float64)
+        with tf.GradientTape() as tape:
+            tape.watch([inputs64[n] for n in names])
+            ref_y = cell.ref(**inputs64)[0]
+            ref_loss = tf.reduce_sum(ref_y * tf.cast(y_weights, tf.float64))
+        ref_grads = tape.gradient(ref_loss, [inputs64[n] for n in names])
+        assert_close(y, ref_y, tf.float32, f"{cell} y at B={B} T={T}")
+        for n, g, r in zip(names, grads, ref_grads):
+            assert_close(g, r, tf.float32, f"{cell} d{n} at B={B} T={T}")

@@ -119,6 +119,7 @@ namespace {
 // thread, so waiting here never starves the pool).
 struct CpuLauncher {
   static constexpr InputProjection kInputProjection = kCpuInputProjection;
+  static constexpr bool kKeepsWorkspace = true;  // rnn_kernels.h' WorkspaceCache
 
   template <typename T, typename S>
   static void Forward(tensorflow::OpKernelContext* ctx, const ForwardArgs<T, S>& a) {
