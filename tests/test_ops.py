@@ -585,10 +585,11 @@ def test_dropout_masks_of_ones_change_nothing():
 
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 def test_kept_workspaces_across_calls_of_changing_size(cell):
-    """The CPU kernels keep their workspace from one call to the next (rnn_kernels.h'
-    WorkspaceCache): one traced function, called with sequences and batches that shrink and
-    grow, so that a kept workspace is reused larger than needed, dropped when too small, and
-    its stale contents are there each time; every call matches the float64 reference."""
+    """The CPU kernels keep their workspace and training cache from one call to the next
+    (rnn_kernels.h' WorkspaceCache, OutputCache): one traced function, called with sequences
+    and batches that repeat, shrink and grow, so that kept buffers are reused (a workspace
+    larger than needed), dropped when they no longer fit, and hold stale contents each time;
+    every call matches the float64 reference."""
     H, I = 5, 4
     names = [n for n in cell.grad_inputs]
     spec = {"x": tf.TensorSpec([None, None, I], tf.float32),
@@ -607,7 +608,7 @@ def test_kept_workspaces_across_calls_of_changing_size(cell):
 
     full = make_inputs(cell, 3, 9, I, H, tf.float32, seed=11)
     weights = {n: tf.Variable(full[n]) for n in ("kernel", "recurrent_kernel", "bias")}
-    for B, T in [(3, 6), (2, 2), (3, 9), (1, 6), (3, 9)]:
+    for B, T in [(3, 6), (3, 6), (2, 2), (3, 9), (3, 9), (1, 6), (3, 9)]:
         inputs = make_inputs(cell, B, T, I, H, tf.float32, seed=B * 10 + T)
         inputs.update({n: tf.convert_to_tensor(weights[n]) for n in weights})
         y_weights = tf.constant(np.random.default_rng(T).standard_normal((B, T, H)), tf.float32)

@@ -90,7 +90,7 @@ void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
 struct GpuLauncher {
   static constexpr InputProjection kInputProjection = kCudaInputProjection;
   // TensorFlow's GPU allocator (BFC) reuses its memory already: nothing to keep.
-  static constexpr bool kKeepsWorkspace = false;
+  static constexpr bool kKeepsBuffers = false;
 
   template <typename T, typename S>
   static void Forward(tensorflow::OpKernelContext* ctx, const ForwardArgs<T, S>& a) {

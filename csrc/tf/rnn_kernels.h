@@ -1,8 +1,8 @@
 // TensorFlow OpKernels of the fused recurrent ops, shared by the CPU and GPU libraries. They read
 // the op's attributes and its inputs' shapes into a CallPlan (csrc/core/plan.h), allocate what
 // the plan asks for through TensorFlow, and hand the core raw pointers. `Launcher` supplies the
-// device: its kInputProjection, kKeepsWorkspace, and static Forward(ctx, args) and
-// Backward(ctx, args).
+// device: its kInputProjection, kKeepsBuffers (workspaces and caches kept between calls), and
+// static Forward(ctx, args) and Backward(ctx, args).
 #pragma once
 
 #include <mutex>
@@ -110,6 +110,33 @@ class WorkspaceCache {
   std::vector<tensorflow::Tensor> kept_;
 };
 
+// The forward's training-cache outputs, reused across calls for the same reason: the kernel
+// keeps a reference to each output it made, and the next call hands the same buffer out again
+// once TensorFlow has let go of it (only the kernel's reference is left: the gradient op has
+// run), else allocates a new one and keeps that instead. Between steps the kernel so holds one
+// cache, the memory each step needs anyway.
+class OutputCache {
+ public:
+  // Output `name` of n elements in *out (pointing at the kept tensor when reused).
+  tensorflow::Status Output(tensorflow::OpKernelContext* ctx, int slot, const char* name, Index n,
+                            tensorflow::Tensor** out) {
+    std::lock_guard<std::mutex> lock(mu_);
+    tensorflow::Tensor& kept = kept_[slot];
+    if (n > 0 && kept.NumElements() == n && kept.RefCountIsOne()) {
+      TF_RETURN_IF_ERROR(ctx->set_output(name, kept));  // TensorFlow holds it again
+      *out = &kept;
+      return tensorflow::OkStatus();
+    }
+    TF_RETURN_IF_ERROR(ctx->allocate_output(name, {n}, out));
+    kept = **out;
+    return tensorflow::OkStatus();
+  }
+
+ private:
+  std::mutex mu_;
+  tensorflow::Tensor kept_[3];
+};
+
 // The attributes and forward inputs the forward op and its gradient op share. T: the compute
 // type (weights, cache); S: the storage type (sequences, states: the op's attribute T).
 template <typename T, typename S, typename Launcher>
@@ -172,18 +199,18 @@ class RnnOpBase : public tensorflow::OpKernel {
   }
 
   // Runs fn(workspace span) on a workspace of n compute-type elements: kept between calls
-  // where the launcher's allocator would hand back fresh pages (Launcher::kKeepsWorkspace).
+  // where the launcher's allocator would hand back fresh pages (Launcher::kKeepsBuffers).
   template <typename F>
   void WithWorkspace(tensorflow::OpKernelContext* ctx, Index n, const F& fn) {
     tensorflow::Tensor workspace;
     const auto type = tensorflow::DataTypeToEnum<T>::value;
-    if (Launcher::kKeepsWorkspace) {
+    if (Launcher::kKeepsBuffers) {
       OP_REQUIRES_OK(ctx, workspaces_.Take(ctx, type, n, &workspace));
     } else {
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(type, {n}, &workspace));
     }
     fn(Span<T>{DataOrNull<T>(&workspace), n});
-    if (Launcher::kKeepsWorkspace) workspaces_.Give(std::move(workspace));
+    if (Launcher::kKeepsBuffers) workspaces_.Give(std::move(workspace));
   }
 
   CallOptions options_;
@@ -213,15 +240,25 @@ class RnnForwardOp : public RnnOpBase<T, S, Launcher> {
       a.c_last = DataOrNull<S>(c_last);
     }
     const CacheSizes cache = plan.Cache();
-    OP_REQUIRES_OK(ctx, ctx->allocate_output("gates", {cache.gates}, &gates));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output("aux", {cache.aux}, &aux));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output("h_prev", {cache.h_prev}, &h_prev));
+    const Index sizes[3] = {cache.gates, cache.aux, cache.h_prev};
+    tensorflow::Tensor** outputs[3] = {&gates, &aux, &h_prev};
+    const char* names[3] = {"gates", "aux", "h_prev"};
+    for (int i = 0; i < 3; ++i) {
+      if (Launcher::kKeepsBuffers) {
+        OP_REQUIRES_OK(ctx, outputs_.Output(ctx, i, names[i], sizes[i], outputs[i]));
+      } else {
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(names[i], {sizes[i]}, outputs[i]));
+      }
+    }
     a.gates = SpanOf<T>(gates), a.aux = SpanOf<T>(aux), a.h_prev = SpanOf<T>(h_prev);
     this->WithWorkspace(ctx, plan.forward_layout().total, [&](Span<T> workspace) {
       a.workspace = workspace;
       Launcher::Forward(ctx, a);
     });
   }
+
+ private:
+  OutputCache outputs_;
 };
 
 template <typename T, typename S, typename Launcher>

@@ -119,7 +119,7 @@ namespace {
 // thread, so waiting here never starves the pool).
 struct CpuLauncher {
   static constexpr InputProjection kInputProjection = kCpuInputProjection;
-  static constexpr bool kKeepsWorkspace = true;  // rnn_kernels.h' WorkspaceCache
+  static constexpr bool kKeepsBuffers = true;  // rnn_kernels.h' WorkspaceCache, OutputCache
 
   template <typename T, typename S>
   static void Forward(tensorflow::OpKernelContext* ctx, const ForwardArgs<T, S>& a) {
