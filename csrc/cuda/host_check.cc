@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -273,18 +274,13 @@ void Compare(const Vec& got, const Vec& want, const std::string& what, double to
 
 void CompareAll(const Outputs& got, const Outputs& want, const std::string& tag,
                 double tolerance = 0) {
-  Compare(got.y, want.y, tag + "y", tolerance);
-  Compare(got.h_last, want.h_last, tag + "h_last", tolerance);
-  Compare(got.c_last, want.c_last, tag + "c_last", tolerance);
-  Compare(got.gates, want.gates, tag + "gates", tolerance);
-  Compare(got.aux, want.aux, tag + "aux", tolerance);
-  Compare(got.h_prev, want.h_prev, tag + "h_prev", tolerance);
-  Compare(got.dx, want.dx, tag + "dx", tolerance);
-  Compare(got.dh0, want.dh0, tag + "dh0", tolerance);
-  Compare(got.dc0, want.dc0, tag + "dc0", tolerance);
-  Compare(got.dkernel, want.dkernel, tag + "dkernel", tolerance);
-  Compare(got.drk, want.drk, tag + "drecurrent_kernel", tolerance);
-  Compare(got.dbias, want.dbias, tag + "dbias", tolerance);
+  static const std::pair<Vec Outputs::*, const char*> kFields[] = {
+      {&Outputs::y, "y"},       {&Outputs::h_last, "h_last"}, {&Outputs::c_last, "c_last"},
+      {&Outputs::gates, "gates"}, {&Outputs::aux, "aux"},     {&Outputs::h_prev, "h_prev"},
+      {&Outputs::dx, "dx"},     {&Outputs::dh0, "dh0"},       {&Outputs::dc0, "dc0"},
+      {&Outputs::dkernel, "dkernel"}, {&Outputs::drk, "drecurrent_kernel"},
+      {&Outputs::dbias, "dbias"}};
+  for (const auto& [field, name] : kFields) Compare(got.*field, want.*field, tag + name, tolerance);
 }
 
 // The problem with its storage-typed inputs rounded to S, for a float64 reference that sees
