@@ -169,14 +169,29 @@ class _FakeDeviceArray:
 
 
 class _FakeArrays:
+    """gpu._TorchArrays' interface: storage arrays in the storage type (bfloat16 as the int16
+    bits the module takes), compute arrays in float32 for a 16-bit dtype."""
+
+    _STORAGE = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "bfloat16": "<i2"}
+
     def __init__(self, dtype):
-        self.typestr = np.dtype(dtype).str
+        self.storage = self._STORAGE[dtype]
+        self.compute = self.storage if dtype in ("float32", "float64") else "<f4"
 
     def put(self, a):
-        return _FakeDeviceArray(a.shape, self.typestr)
+        return _FakeDeviceArray(a.shape, np.asarray(a).dtype.str)
+
+    def put_storage(self, a):
+        return _FakeDeviceArray(a.shape, self.storage)
 
     def empty(self, *shape):
-        return _FakeDeviceArray(shape, self.typestr)
+        return _FakeDeviceArray(shape, self.compute)
+
+    def empty_storage(self, *shape):
+        return _FakeDeviceArray(shape, self.storage)
+
+    def arg(self, t):
+        return t
 
     def get(self, a):
         return np.zeros(a.shape)
@@ -194,7 +209,7 @@ def _cuda_module_or_skip():
     return module
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_tfcells_cuda_step_calls_pass_the_argument_checks(cell, dtype):
     """Every forward and backward call the step makes has the module's argument names, and

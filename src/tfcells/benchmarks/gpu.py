@@ -162,19 +162,33 @@ def device_facts(dtype, tf32):
 
 
 class _TorchArrays:
-    """Device memory for the pybind11 module: PyTorch CUDA tensors."""
+    """Device memory for the pybind11 module: PyTorch CUDA tensors. `dtype` is the storage
+    type (x, states, outputs and their gradients); a 16-bit one computes in float32 (weights,
+    cache, workspace, weight gradients), and bfloat16 reaches the module as its bits in int16
+    (PyTorch exports no bfloat16 __cuda_array_interface__)."""
 
     def __init__(self, torch, dtype):
-        self.torch, self.dtype = torch, getattr(torch, dtype)
+        self.torch, self.storage = torch, getattr(torch, dtype)
+        self.compute = self.storage if dtype in ("float32", "float64") else torch.float32
 
     def put(self, a):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to("cuda")
 
+    def put_storage(self, a):
+        wide = np.ascontiguousarray(a, np.float32 if self.storage != self.compute else None)
+        return self.torch.from_numpy(wide).to("cuda").to(self.storage)
+
     def empty(self, *shape):
-        return self.torch.empty(shape, dtype=self.dtype, device="cuda")
+        return self.torch.empty(shape, dtype=self.compute, device="cuda")
+
+    def empty_storage(self, *shape):
+        return self.torch.empty(shape, dtype=self.storage, device="cuda")
+
+    def arg(self, t):
+        return t.view(self.torch.int16) if t.dtype == self.torch.bfloat16 else t
 
     def get(self, t):
-        return t.cpu().numpy()
+        return (t.float() if t.dtype != self.compute else t).cpu().numpy()
 
     @property
     def stream(self):
@@ -191,17 +205,19 @@ class TfcellsCudaStep:
         s, cell, w = work.shape, work.cell, work.weights[0]
         T, B, I, H = s.T, s.B, s.I, s.H
         self.module, self.arrays, self.cell, self.allow_tf32 = module, arrays, cell, allow_tf32
+        # 16-bit storage: its name for the module (float16 it reads from x's dtype too)
+        self.storage = {} if work.dtype in ("float32", "float64") else {"storage": work.dtype}
         lstm = cell == "lstm"
-        zeros = arrays.put(np.zeros([B, H], work.dtype))
-        self.inputs = [arrays.put(work.x), zeros, zeros if lstm else None,
+        zeros = arrays.put_storage(np.zeros([B, H], np.float32))
+        self.inputs = [arrays.put_storage(work.x), zeros, zeros if lstm else None,
                        arrays.put(w["kernel"]), arrays.put(w["recurrent_kernel"]),
                        arrays.put(w["bias"]), None]  # x, h0, c0, kernels, bias, mask
-        sizes = module.forward_sizes(cell, T, B, I, H, True)
+        sizes = module.forward_sizes(cell, T, B, I, H, True, **self.storage)
         self.cache = [arrays.empty(sizes[k]) for k in ("gates", "aux", "h_prev")]
-        self.outputs = {"y": arrays.empty(B, T, H), "h_last": arrays.empty(B, H),
-                        "c_last": arrays.empty(B, H) if lstm else None}
+        self.outputs = {"y": arrays.empty_storage(B, T, H), "h_last": arrays.empty_storage(B, H),
+                        "c_last": arrays.empty_storage(B, H) if lstm else None}
         self.forward_workspace = arrays.empty(sizes["workspace"])
-        self.dy = arrays.put(work.dy)
+        self.dy = arrays.put_storage(work.dy)
         # Keras name of each requested gradient -> (mask bit, backward() argument, shape)
         wanted = {"x": ("GRAD_X", "dx", (B, T, I)),
                   "kernel": ("GRAD_KERNEL", "dkernel", w["kernel"].shape),
@@ -209,22 +225,28 @@ class TfcellsCudaStep:
                                        w["recurrent_kernel"].shape),
                   "bias": ("GRAD_BIAS", "dbias", w["bias"].shape)}
         self.grad_mask = sum(getattr(module, wanted[n][0]) for n in work.grads)
-        self.grads = {n: (wanted[n][1], arrays.empty(*wanted[n][2])) for n in work.grads}
+        self.grads = {n: (wanted[n][1], (arrays.empty_storage if n == "x" else arrays.empty)(
+            *wanted[n][2])) for n in work.grads}
         self.backward_workspace = arrays.empty(
-            module.backward_workspace_size(cell, T, B, I, H, self.grad_mask, True))
+            module.backward_workspace_size(cell, T, B, I, H, self.grad_mask, True, **self.storage))
 
     def forward(self):
         gates, aux, h_prev = self.cache
-        self.module.forward(self.cell, *self.inputs, **self.outputs, gates=gates, aux=aux,
-                            h_prev=h_prev, workspace=self.forward_workspace,
-                            stream=self.arrays.stream, allow_tf32=self.allow_tf32)
+        a = self.arrays.arg
+        self.module.forward(self.cell, *[None if t is None else a(t) for t in self.inputs],
+                            **{k: None if t is None else a(t) for k, t in self.outputs.items()},
+                            gates=gates, aux=aux, h_prev=h_prev, workspace=self.forward_workspace,
+                            stream=self.arrays.stream, allow_tf32=self.allow_tf32, **self.storage)
 
     def backward(self):
         # No incoming gradient for the final states: the loss is sum(y * dy).
-        self.module.backward(self.cell, *self.inputs, *self.cache, self.dy, None, None,
-                             **dict(self.grads.values()), workspace=self.backward_workspace,
-                             grad_mask=self.grad_mask, stream=self.arrays.stream,
-                             allow_tf32=self.allow_tf32)
+        a = self.arrays.arg
+        self.module.backward(self.cell, *[None if t is None else a(t) for t in self.inputs],
+                             *self.cache, a(self.dy), None, None,
+                             **{k: a(t) for k, t in self.grads.values()},
+                             workspace=self.backward_workspace, grad_mask=self.grad_mask,
+                             stream=self.arrays.stream, allow_tf32=self.allow_tf32,
+                             **self.storage)
 
     def run(self):
         self.forward()
