@@ -17,7 +17,7 @@ import pytest
 
 import tfcells
 from tfcells.benchmarks import check, cli, contenders, gpu, timing, torchmap
-from tfcells.benchmarks.workload import CONFIGS, Shape, make_workload
+from tfcells.benchmarks.workload import CONFIGS, Shape, make_workload, weight_dtype
 
 REQUIRE_GPU = os.environ.get("TFCELLS_REQUIRE_GPU") == "1"
 
@@ -176,7 +176,7 @@ class _FakeArrays:
 
     def __init__(self, dtype):
         self.storage = self._STORAGE[dtype]
-        self.compute = self.storage if dtype in ("float32", "float64") else "<f4"
+        self.compute = self._STORAGE[weight_dtype(dtype)]
 
     def put(self, a):
         return _FakeDeviceArray(a.shape, np.asarray(a).dtype.str)

@@ -591,7 +591,7 @@ def test_kept_workspaces_across_calls_of_changing_size(cell):
     larger than needed), dropped when they no longer fit, and hold stale contents each time;
     every call matches the float64 reference."""
     H, I = 5, 4
-    names = [n for n in cell.grad_inputs]
+    names = cell.grad_inputs
     spec = {"x": tf.TensorSpec([None, None, I], tf.float32),
             "h0": tf.TensorSpec([None, H], tf.float32)}
     if cell.has_c:

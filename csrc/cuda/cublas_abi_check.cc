@@ -23,9 +23,8 @@ static_assert(sizeof(cudaDataType) == sizeof(int) && CUDA_R_32F == kRealFloat32,
 static_assert(sizeof(cublasGemmAlgo_t) == sizeof(int) && CUBLAS_GEMM_DEFAULT == kGemmDefault,
               "CUBLAS_GEMM_DEFAULT");
 static_assert(sizeof(cublasComputeType_t) == sizeof(int), "cublasComputeType_t is not an int");
-static_assert(CUBLAS_COMPUTE_32F == kCompute32F && CUBLAS_COMPUTE_32F_FAST_16F == kCompute32FFast16F &&
-                  CUBLAS_COMPUTE_32F_FAST_16BF == kCompute32FFast16BF &&
-                  CUBLAS_COMPUTE_32F_FAST_TF32 == kCompute32FFastTf32,
+static_assert(CUBLAS_COMPUTE_32F_FAST_16F == kCompute32FFast16F &&
+                  CUBLAS_COMPUTE_32F_FAST_16BF == kCompute32FFast16BF,
               "cublasComputeType_t values");
 
 // The real signatures, with cuBLAS' own types replaced by the ones the loader uses.

@@ -29,11 +29,9 @@ constexpr int kDefaultMath = 0;     // CUBLAS_DEFAULT_MATH: exact float32
 constexpr int kTf32TensorOpMath = 3;  // CUBLAS_TF32_TENSOR_OP_MATH
 constexpr int kRealFloat32 = 0;       // CUDA_R_32F (cudaDataType)
 constexpr int kGemmDefault = -1;      // CUBLAS_GEMM_DEFAULT (cublasGemmAlgo_t)
-// cublasComputeType_t: float32 accumulation, the operands as given or rounded on the way in.
-constexpr int kCompute32F = 68;          // CUBLAS_COMPUTE_32F
+// cublasComputeType_t: float32 accumulation of operands rounded to 16 bits on the way in.
 constexpr int kCompute32FFast16F = 74;   // CUBLAS_COMPUTE_32F_FAST_16F
 constexpr int kCompute32FFast16BF = 75;  // CUBLAS_COMPUTE_32F_FAST_16BF
-constexpr int kCompute32FFastTf32 = 77;  // CUBLAS_COMPUTE_32F_FAST_TF32
 
 struct Api {
   Status (*create)(Handle*);

@@ -14,11 +14,11 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
-#include <type_traits>
-#include <utility>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../core/rnn.h"
@@ -265,7 +265,8 @@ void Compare(const Vec& got, const Vec& want, const std::string& what, double to
   for (double w : want) scale = std::isnan(w) ? scale : std::max(scale, std::fabs(w));
   for (size_t i = 0; i < want.size(); ++i) {
     const bool both_nan = std::isnan(got[i]) && std::isnan(want[i]);
-    const double bound = tolerance > 0 ? tolerance * (1 + scale) : 1e-12 * (1 + std::fabs(want[i]));
+    const double bound =
+        tolerance > 0 ? tolerance * (1 + scale) : 1e-12 * (1 + std::fabs(want[i]));
     if (!both_nan && !(std::fabs(got[i] - want[i]) <= bound))
       throw std::runtime_error(what + "[" + std::to_string(i) + "]: got " +
                                std::to_string(got[i]) + ", want " + std::to_string(want[i]));
@@ -280,7 +281,8 @@ void CompareAll(const Outputs& got, const Outputs& want, const std::string& tag,
       {&Outputs::dx, "dx"},     {&Outputs::dh0, "dh0"},       {&Outputs::dc0, "dc0"},
       {&Outputs::dkernel, "dkernel"}, {&Outputs::drk, "drecurrent_kernel"},
       {&Outputs::dbias, "dbias"}};
-  for (const auto& [field, name] : kFields) Compare(got.*field, want.*field, tag + name, tolerance);
+  for (const auto& [field, name] : kFields)
+    Compare(got.*field, want.*field, tag + name, tolerance);
 }
 
 // The problem with its storage-typed inputs rounded to S, for a float64 reference that sees

@@ -118,7 +118,8 @@ bool Matches(Dtype want, const DeviceArray& a) {
     case Dtype::kFloat32: return a.kind == 'f' && a.itemsize == 4;
     case Dtype::kFloat64: return a.kind == 'f' && a.itemsize == 8;
     case Dtype::kFloat16: return a.kind == 'f' && a.itemsize == 2;
-    case Dtype::kBFloat16: return (a.kind == 'i' || a.kind == 'u' || a.kind == 'V') && a.itemsize == 2;
+    case Dtype::kBFloat16:
+      return (a.kind == 'i' || a.kind == 'u' || a.kind == 'V') && a.itemsize == 2;
     case Dtype::kBool: return a.kind == 'b' && a.itemsize == 1;
   }
   return false;
@@ -314,10 +315,11 @@ struct Inputs {
 // `options` carries what the caller decided (training, grad_mask); the rest is read here.
 template <typename T, typename S>
 Inputs<T, S> ReadInputs(Arrays& arrays, CallOptions options, const std::string& cell_name,
-                     const py::object& x, const py::object& h0, const py::object& c0,
-                     const py::object& kernel, const py::object& rk, const py::object& bias,
-                     const py::object& mask, const py::object& input_dropout,
-                     const py::object& recurrent_dropout, bool time_major, bool go_backwards) {
+                        const py::object& x, const py::object& h0, const py::object& c0,
+                        const py::object& kernel, const py::object& rk, const py::object& bias,
+                        const py::object& mask, const py::object& input_dropout,
+                        const py::object& recurrent_dropout, bool time_major,
+                        bool go_backwards) {
   Inputs<T, S> in;
   options.cell = ParseCell(cell_name);
   options.storage = detail::StorageOf<S>();
@@ -500,14 +502,23 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
          [&](cudaStream_t s, const CudaOptions& o) { return BackwardCuda(a, s, o); });
 }
 
-// The call's storage: named ("bfloat16", "float16"), or x's dtype (float32, float64,
+// The `storage` argument of the calls and the size helpers: None (the compute type's own),
+// "bfloat16" or "float16".
+Storage StorageOption(const py::object& storage) {
+  if (storage.is_none()) return Storage::kCompute;
+  const std::string name = py::str(storage);
+  if (name == "bfloat16") return Storage::kBFloat16;
+  if (name == "float16") return Storage::kFloat16;
+  throw py::value_error("storage must be None, 'bfloat16' or 'float16', got '" + name + "'");
+}
+
+// The dtype of a call's storage arrays: the one `storage` names, else x's (float32, float64,
 // float16).
-Dtype StorageOf(const py::object& x, const py::object& storage) {
-  if (!storage.is_none()) {
-    const std::string name = py::str(storage);
-    if (name == "bfloat16") return Dtype::kBFloat16;
-    if (name == "float16") return Dtype::kFloat16;
-    throw py::value_error("storage must be None, 'bfloat16' or 'float16', got '" + name + "'");
+Dtype StorageDtype(const py::object& x, const py::object& storage) {
+  switch (StorageOption(storage)) {
+    case Storage::kBFloat16: return Dtype::kBFloat16;
+    case Storage::kFloat16: return Dtype::kFloat16;
+    case Storage::kCompute: break;
   }
   const DeviceArray a = Parse(x, "x");
   for (Dtype d : {Dtype::kFloat32, Dtype::kFloat64, Dtype::kFloat16})
@@ -527,7 +538,7 @@ struct CallTypes {
 // or float32 compute over 16-bit storage.
 template <typename F>
 void WithTypes(const py::object& x, const py::object& storage, const F& fn) {
-  const Dtype s = StorageOf(x, storage);
+  const Dtype s = StorageDtype(x, storage);
   switch (s) {
     case Dtype::kFloat64: {
       Arrays arrays(s, s);
@@ -558,9 +569,10 @@ void ForwardAny(const std::string& cell, const py::object& x, const py::object& 
                 const py::object& storage) {
   WithTypes(x, storage, [&](auto types, Arrays& arrays) {
     using Types = decltype(types);
-    Forward<typename Types::T, typename Types::S>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
-                  recurrent_dropout, y, h_last, c_last, gates, aux, h_prev, workspace,
-                  time_major, go_backwards, stream, allow_tf32);
+    Forward<typename Types::T, typename Types::S>(
+        arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout, recurrent_dropout, y,
+        h_last, c_last, gates, aux, h_prev, workspace, time_major, go_backwards, stream,
+        allow_tf32);
   });
 }
 
@@ -576,20 +588,11 @@ void BackwardAny(const std::string& cell, const py::object& x, const py::object&
                  const py::object& recurrent_dropout, const py::object& storage) {
   WithTypes(x, storage, [&](auto types, Arrays& arrays) {
     using Types = decltype(types);
-    Backward<typename Types::T, typename Types::S>(arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout,
-                   recurrent_dropout, gates, aux, h_prev, dy, dh_last, dc_last, dx, dh0, dc0,
-                   dkernel, drk, dbias, workspace, grad_mask, time_major, go_backwards, stream,
-                   allow_tf32);
+    Backward<typename Types::T, typename Types::S>(
+        arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout, recurrent_dropout, gates,
+        aux, h_prev, dy, dh_last, dc_last, dx, dh0, dc0, dkernel, drk, dbias, workspace,
+        grad_mask, time_major, go_backwards, stream, allow_tf32);
   });
-}
-
-// A size helper's storage option.
-Storage StorageOption(const py::object& storage) {
-  if (storage.is_none()) return Storage::kCompute;
-  const std::string name = py::str(storage);
-  if (name == "bfloat16") return Storage::kBFloat16;
-  if (name == "float16") return Storage::kFloat16;
-  throw py::value_error("storage must be None, 'bfloat16' or 'float16', got '" + name + "'");
 }
 
 // The plan of a call of these sizes (for the size helpers, before any array exists).

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from . import contenders, timing
-from .workload import GATES, Shape
+from .workload import GATES, Shape, weight_dtype
 
 # Single-layer training configurations (workload.CONFIGS): what a gradient mask expresses.
 CONFIGS = ("all_trainable", "kernel_frozen", "recurrent_frozen", "both_frozen",
@@ -169,7 +169,7 @@ class _TorchArrays:
 
     def __init__(self, torch, dtype):
         self.torch, self.storage = torch, getattr(torch, dtype)
-        self.compute = self.storage if dtype in ("float32", "float64") else torch.float32
+        self.compute = getattr(torch, weight_dtype(dtype))
 
     def put(self, a):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to("cuda")
@@ -206,7 +206,7 @@ class TfcellsCudaStep:
         T, B, I, H = s.T, s.B, s.I, s.H
         self.module, self.arrays, self.cell, self.allow_tf32 = module, arrays, cell, allow_tf32
         # 16-bit storage: its name for the module (float16 it reads from x's dtype too)
-        self.storage = {} if work.dtype in ("float32", "float64") else {"storage": work.dtype}
+        self.storage = {} if weight_dtype(work.dtype) == work.dtype else {"storage": work.dtype}
         lstm = cell == "lstm"
         zeros = arrays.put_storage(np.zeros([B, H], np.float32))
         self.inputs = [arrays.put_storage(work.x), zeros, zeros if lstm else None,
