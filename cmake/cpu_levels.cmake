@@ -8,8 +8,8 @@
 #
 # Each level: name (TFCELLS_CPU_ISA, build_info()["cpu_isa"]) | namespace of its code | flags.
 # Each level's code may use everything of the levels before it. avx512-bf16 adds the bfloat16
-# pair dot product of bfloat16 calls' step products (step_gemm.h); amx has no tile kernels yet
-# and runs avx512-bf16's.
+# pair dot product of bfloat16 calls' step products (step_gemm.h); amx runs those products on
+# AMX tiles.
 if(TFCELLS_NATIVE_ARCH)
   set(_tfcells_levels "native|isa_native|-march=native")
 elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")

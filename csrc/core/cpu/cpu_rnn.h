@@ -20,9 +20,10 @@ using ParallelRunner = std::function<void(int tasks, const std::function<void(in
 inline constexpr InputProjection kCpuInputProjection = InputProjection::kPerStep;
 
 // What the per-step products of a call with bfloat16 storage multiply: float32 values, or
-// bfloat16 pairs accumulated in float32 (AVX512_BF16's dot product, twice float32's rate).
-// kAuto: pairs where the running level has that instruction, float32 elsewhere (the faster
-// there). The other storage types always multiply float32 (or float64).
+// bfloat16 pairs accumulated in float32 (AVX512_BF16's dot product, twice float32's rate; on the
+// amx level AMX tiles' TDPBF16PS). kAuto: pairs where the running level has that instruction,
+// float32 elsewhere (the faster there). The other storage types always multiply float32 (or
+// float64).
 enum class StepProducts { kAuto, kFloat32, kBFloat16 };
 
 struct CpuOptions {

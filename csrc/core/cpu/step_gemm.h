@@ -16,7 +16,7 @@
 #include <memory>
 #include <type_traits>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(__AMX_BF16__)
 #include <immintrin.h>
 #endif
 
@@ -145,6 +145,128 @@ void MicroKernelPairs(Index k2, const Pair* a, const Pair* panel, float beta, fl
   StoreBlock<float, ROWS, VECS>(acc, beta, c, ldc, cols);
 }
 
+// AMX tiles (the amx level): a block of 32 rows of A in pairs (two A tiles of 16 rows x 16
+// pairs) against one panel of 32 columns (two B tiles of 16 pairs x 16 columns: the pair panels
+// are already the layout TDPBF16PS reads) into four C tiles of 16 x 16 floats. k runs in chunks
+// of 16 pairs, so the pair panels and A's rounded rows are zero-padded to a multiple of that.
+inline constexpr Index kTileRows = 16, kTilePairs = 16, kTileCols = 16;
+inline constexpr Index kTileBlockRows = 2 * kTileRows, kTileBlockCols = 2 * kTileCols;
+
+// Whether this level multiplies bfloat16 pairs on AMX tiles.
+inline constexpr bool kAmxTiles =
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    kNativeBf16Dot;
+#else
+    false;
+#endif
+
+// The tile program of one block: out[32, 32] = A[32, k2p] · panel[k2p, 32] (A's rows `lda`
+// pairs apart, the panel's rows 32 pairs). Tiles is AmxTiles, or EmulatedTiles for the
+// self-test on any CPU.
+template <typename Tiles>
+void TileBlock(Tiles& tiles, Index k2p, const Pair* a, Index lda, const Pair* panel,
+               float* out) {
+  constexpr Index kPanelBytes = kTileBlockCols * sizeof(Pair);
+  tiles.ZeroAccumulators();
+  for (Index kk = 0; kk < k2p; kk += kTilePairs) {
+    const Pair* b = panel + kk * kTileBlockCols;
+    tiles.MultiplyAccumulate(a + kk, a + kTileRows * lda + kk, lda * Index(sizeof(Pair)), b,
+                             b + kTileCols, kPanelBytes);
+  }
+  tiles.StoreAccumulators(out, kTileBlockCols * Index(sizeof(float)));
+}
+
+// The tiles as Intel's pseudo-code of TDPBF16PS defines them: eight registers of 16 rows of
+// 64 bytes, and per element of C, for each pair in order, C += a.lo * b.lo, then C += a.hi * b.hi
+// (denormals are not flushed here, as the instruction flushes them). For the self-test, which
+// checks the tile program bit for bit on CPUs without AMX.
+struct EmulatedTiles {
+  std::uint32_t tile[8][kTileRows][kTileCols];
+
+  void ZeroAccumulators() { std::memset(tile, 0, 4 * sizeof(tile[0])); }
+  void MultiplyAccumulate(const Pair* a0, const Pair* a1, Index a_stride, const Pair* b0,
+                          const Pair* b1, Index b_stride) {
+    Load(4, a0, a_stride), Load(5, a1, a_stride), Load(6, b0, b_stride), Load(7, b1, b_stride);
+    Dot(0, 4, 6), Dot(1, 4, 7), Dot(2, 5, 6), Dot(3, 5, 7);
+  }
+  void StoreAccumulators(float* out, Index stride) const {
+    char* base = reinterpret_cast<char*>(out);
+    const Index half = kTileRows * stride;
+    Store(0, base, stride), Store(1, base + 64, stride);
+    Store(2, base + half, stride), Store(3, base + half + 64, stride);
+  }
+
+ private:
+  void Load(int t, const void* p, Index stride) {
+    for (Index r = 0; r < kTileRows; ++r)
+      std::memcpy(tile[t][r], static_cast<const char*>(p) + r * stride, sizeof(tile[t][r]));
+  }
+  void Store(int t, char* p, Index stride) const {
+    for (Index r = 0; r < kTileRows; ++r) std::memcpy(p + r * stride, tile[t][r], 64);
+  }
+  void Dot(int c, int a, int b) {
+    using storage_bits::FloatOf;
+    for (Index m = 0; m < kTileRows; ++m)
+      for (Index n = 0; n < kTileCols; ++n) {
+        float acc = FloatOf(tile[c][m][n]);
+        for (Index k = 0; k < kTilePairs; ++k) {
+          const Pair x = tile[a][m][k], y = tile[b][k][n];
+          acc += FloatOf(x << 16) * FloatOf(y << 16);
+          acc += FloatOf(x & 0xFFFF0000u) * FloatOf(y & 0xFFFF0000u);
+        }
+        std::memcpy(&tile[c][m][n], &acc, sizeof(acc));
+      }
+  }
+};
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// The same program on the tile registers: C in tmm0-3, A in tmm4-5, B in tmm6-7, all 16 rows of
+// 64 bytes. The configuration is per thread: loaded for one multiplication, released after it
+// (a released thread saves no tile state on context switches). The process has asked Linux for
+// the tile state before this level is chosen (cpu_isa.cc).
+struct AmxTiles {
+  AmxTiles() {
+    alignas(64) std::uint8_t config[64] = {};
+    config[0] = 1;  // palette 1
+    for (int t = 0; t < 8; ++t) {
+      config[16 + 2 * t] = 64;  // bytes per row (16-bit little-endian field)
+      config[48 + t] = kTileRows;
+    }
+    _tile_loadconfig(config);
+  }
+  ~AmxTiles() { _tile_release(); }
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+
+  // The intrinsics are asm statements naming their registers: one statement each.
+  void ZeroAccumulators() {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  void MultiplyAccumulate(const Pair* a0, const Pair* a1, Index a_stride, const Pair* b0,
+                          const Pair* b1, Index b_stride) {
+    _tile_loadd(4, a0, a_stride);
+    _tile_loadd(5, a1, a_stride);
+    _tile_loadd(6, b0, b_stride);
+    _tile_loadd(7, b1, b_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  void StoreAccumulators(float* out, Index stride) const {
+    char* base = reinterpret_cast<char*>(out);
+    const Index half = kTileRows * stride;
+    _tile_stored(0, base, stride);
+    _tile_stored(1, base + 64, stride);
+    _tile_stored(2, base + half, stride);
+    _tile_stored(3, base + half + 64, stride);
+  }
+};
+#endif
+
 // f(std::integral_constant<int, rows>) for a block of 1..MAX_ROWS rows: one kernel instance per
 // height.
 template <int MAX_ROWS, typename F>
@@ -175,14 +297,14 @@ class PackedOperand {
       : k_(k), n_(n), pairs_(pairs && std::is_same_v<T, float>) {
     auto at = [&](Index kk, Index col) { return trans ? w[col * ld + kk] : w[kk * ld + col]; };
     if (pairs_) {
-      const Index k2 = (k + 1) / 2;
-      pair_panels_.reset(new step_gemm::Pair[Panels() * k2 * kPanelCols]);
+      const Index k2 = PairRows(), k2p = PaddedPairRows();
+      pair_panels_.reset(new step_gemm::Pair[Panels() * k2p * kPanelCols]);
       for (Index p = 0; p < Panels(); ++p) {
-        step_gemm::Pair* dst = pair_panels_.get() + p * k2 * kPanelCols;
+        step_gemm::Pair* dst = pair_panels_.get() + p * k2p * kPanelCols;
         const Index c0 = p * kPanelCols, cols = std::min(kPanelCols, n - c0);
-        for (Index kk = 0; kk < k2; ++kk)
+        for (Index kk = 0; kk < k2p; ++kk)
           for (Index c = 0; c < kPanelCols; ++c) {
-            const bool in = c < cols;
+            const bool in = c < cols && kk < k2;
             const float lo = in ? float(at(2 * kk, c0 + c)) : 0.0f;
             const float hi = in && 2 * kk + 1 < k ? float(at(2 * kk + 1, c0 + c)) : 0.0f;
             dst[kk * kPanelCols + c] = step_gemm::PairOf(lo, hi);
@@ -218,8 +340,15 @@ class PackedOperand {
     // short block keeps too few accumulators busy to hide the multiply-add latency.
     const Index blocks = (m + ROWS - 1) / ROWS, height = m / blocks, taller = m % blocks;
     if (pairs_) {
-      if constexpr (std::is_same_v<T, float>)
-        MultiplyPairs(blocks, height, taller, a, lda, beta, c, ldc, p0, p1);
+      if constexpr (std::is_same_v<T, float>) {
+        if constexpr (step_gemm::kAmxTiles) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+          MultiplyPairTiles<step_gemm::AmxTiles>(m, a, lda, beta, c, ldc, p0, p1);
+#endif
+        } else {
+          MultiplyPairs(blocks, height, taller, a, lda, beta, c, ldc, p0, p1);
+        }
+      }
       return;
     }
     for (Index p = p0; p < p1; ++p) {
@@ -236,26 +365,89 @@ class PackedOperand {
     }
   }
 
+  // The pair products on tiles (pairs only): what Multiply runs at the amx level, public so that
+  // the self-test can run the same program on EmulatedTiles. A block of 32 rows is rounded to
+  // pairs once (the rows past m as zeros), then multiplied by every panel in [p0, p1), each
+  // into a 32 x 32 scratch block that is added to C.
+  template <typename Tiles>
+  void MultiplyPairTiles(Index m, const float* a, Index lda, float beta, float* c, Index ldc,
+                         Index p0, Index p1) const {
+    static_assert(kPanelCols == step_gemm::kTileBlockCols, "a panel is two B tiles wide");
+    constexpr Index kRows = step_gemm::kTileBlockRows;
+    const Index k2p = PaddedPairRows();
+    RowBuffer buffer(kRows * k2p);
+    step_gemm::Pair* rows_in_pairs = buffer.data();
+    alignas(64) float block[kRows * kPanelCols];
+    Tiles tiles;
+    for (Index i = 0; i < m; i += kRows) {
+      const Index rows = std::min(kRows, m - i);
+      RoundRows(a + i * lda, lda, rows, k2p, rows_in_pairs);
+      std::fill(rows_in_pairs + rows * k2p, rows_in_pairs + kRows * k2p, step_gemm::Pair(0));
+      for (Index p = p0; p < p1; ++p) {
+        const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
+        step_gemm::TileBlock(tiles, k2p, rows_in_pairs, k2p,
+                             pair_panels_.get() + p * k2p * kPanelCols, block);
+        for (Index r = 0; r < rows; ++r) {
+          float* c_row = c + (i + r) * ldc + j;
+          const float* b_row = block + r * kPanelCols;
+          for (Index jj = 0; jj < cols; ++jj)
+            c_row[jj] = beta != 0.0f ? b_row[jj] + beta * c_row[jj] : b_row[jj];
+        }
+      }
+    }
+  }
+
  private:
+  Index PairRows() const { return (k_ + 1) / 2; }
+  // Pair rows of each packed panel: k's pairs, zero-padded to whole tiles.
+  Index PaddedPairRows() const {
+    return (PairRows() + step_gemm::kTilePairs - 1) / step_gemm::kTilePairs *
+           step_gemm::kTilePairs;
+  }
+
+  // Rows rounded to pairs: on the stack up to 64 KiB (k up to 1024 on tiles), else on the heap.
+  // (Not a thread_local buffer: level code may register no destructors, and its weak symbols
+  // are renamed per level.)
+  class RowBuffer {
+   public:
+    explicit RowBuffer(Index size)
+        : heap_(size > kOnStack ? new step_gemm::Pair[size] : nullptr) {}
+    step_gemm::Pair* data() { return heap_ ? heap_.get() : stack_; }
+
+   private:
+    static constexpr Index kOnStack = 16384;
+    step_gemm::Pair stack_[kOnStack];  // uninitialised: rows are written before they are read
+    std::unique_ptr<step_gemm::Pair[]> heap_;
+  };
+
+  // rows rows of A (lda apart) as pairs, `stride` pairs apart, zero past k.
+  void RoundRows(const float* a, Index lda, Index rows, Index stride,
+                 step_gemm::Pair* out) const {
+    const Index k2 = PairRows();
+    for (Index r = 0; r < rows; ++r) {
+      const float* a_row = a + r * lda;
+      step_gemm::Pair* dst = out + r * stride;
+      for (Index kk = 0; kk < k2; ++kk)
+        dst[kk] = step_gemm::PairOf(a_row[2 * kk], 2 * kk + 1 < k_ ? a_row[2 * kk + 1] : 0.0f);
+      std::fill(dst + k2, dst + stride, step_gemm::Pair(0));
+    }
+  }
+
   // A row block is rounded to pairs once, then multiplied by every panel in [p0, p1).
   void MultiplyPairs(Index blocks, Index height, Index taller, const float* a, Index lda,
                      float beta, float* c, Index ldc, Index p0, Index p1) const {
-    const Index k2 = (k_ + 1) / 2;
-    std::unique_ptr<step_gemm::Pair[]> rows_in_pairs(new step_gemm::Pair[ROWS * k2]);
+    const Index k2 = PairRows(), k2p = PaddedPairRows();
+    RowBuffer buffer(ROWS * k2);
+    step_gemm::Pair* rows_in_pairs = buffer.data();
     for (Index blk = 0, i = 0; blk < blocks; ++blk) {
       const Index rows = height + (blk < taller ? 1 : 0);
-      for (Index r = 0; r < rows; ++r) {
-        const float* a_row = a + (i + r) * lda;
-        for (Index kk = 0; kk < k2; ++kk)
-          rows_in_pairs[r * k2 + kk] =
-              step_gemm::PairOf(a_row[2 * kk], 2 * kk + 1 < k_ ? a_row[2 * kk + 1] : 0.0f);
-      }
+      RoundRows(a + i * lda, lda, rows, k2, rows_in_pairs);
       for (Index p = p0; p < p1; ++p) {
         const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
-        const step_gemm::Pair* panel = pair_panels_.get() + p * k2 * kPanelCols;
+        const step_gemm::Pair* panel = pair_panels_.get() + p * k2p * kPanelCols;
         step_gemm::WithRows<ROWS>(rows, [&](auto r) {
-          step_gemm::MicroKernelPairs<decltype(r)::value, VECS>(k2, rows_in_pairs.get(), panel,
-                                                                beta, c + i * ldc + j, ldc, cols);
+          step_gemm::MicroKernelPairs<decltype(r)::value, VECS>(k2, rows_in_pairs, panel, beta,
+                                                                c + i * ldc + j, ldc, cols);
         });
       }
       i += rows;

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <cstdio>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <random>
 #include <stdexcept>
@@ -420,41 +421,83 @@ void RunStaged(const Case& cs, unsigned seed,
   }
 }
 
-// The step GEMM on bfloat16 pairs (the self-test's own compile of it: the packing, blocking
-// and pair order every level shares; only the dot product differs, by an instruction defined
-// to round the same) against a scalar reference of vdpbf16ps' definition: bit for bit.
-void CheckPairProducts() {
+// How many bfloat16 pair products of `multiply` differ from a scalar sum in the instruction's
+// order: per pair the high halves' product first (vdpbf16ps) or the low halves' (TDPBF16PS).
+// multiply(op, m, a, lda, beta, c, ldc) computes C = A·op + βC with a PackedOperand<float, ...>
+// of pairs made by make(trans, k, cols, w, ld). Bit for bit: products of two bfloat16 are exact
+// in float32, so only the order of the additions matters.
+template <typename Make, typename Multiply>
+int PairProductMismatches(std::initializer_list<Index> ms, std::initializer_list<Index> ks,
+                          std::initializer_list<Index> colss, bool low_first, const Make& make,
+                          const Multiply& multiply) {
   std::mt19937 rng(7);
   std::normal_distribution<float> n(0.0f, 1.0f);
+  auto round = [](float v) { return ToFloat(FromFloat<bfloat16>(v)); };
   int bad = 0;
-  for (Index m : {1, 5, 13, 30})
-    for (Index k : {1, 2, 7, 64})
-      for (Index cols : {1, 17, 40, 100})
+  for (Index m : ms)
+    for (Index k : ks)
+      for (Index cols : colss)
         for (bool trans : {false, true})
           for (float beta : {0.0f, 1.0f}) {
-            std::vector<float> a(m * k), w(k * cols), c(m * cols);
+            const Index lda = k + 3, ldc = cols + 2;  // strided rows, and C's gaps kept intact
+            std::vector<float> a(m * lda), w(k * cols), c(m * ldc);
             for (float& e : a) e = n(rng);
             for (float& e : w) e = n(rng);
             for (float& e : c) e = n(rng);
             std::vector<float> want = c;
             auto w_at = [&](Index kk, Index j) { return trans ? w[j * k + kk] : w[kk * cols + j]; };
-            auto round = [](float v) { return ToFloat(FromFloat<bfloat16>(v)); };
             for (Index i = 0; i < m; ++i)
               for (Index j = 0; j < cols; ++j) {
                 float acc = 0.0f;
                 for (Index kk = 0; kk < k; kk += 2) {
-                  const float a_hi = kk + 1 < k ? round(a[i * k + kk + 1]) : 0.0f;
-                  const float b_hi = kk + 1 < k ? round(w_at(kk + 1, j)) : 0.0f;
-                  acc += a_hi * b_hi;
-                  acc += round(a[i * k + kk]) * round(w_at(kk, j));
+                  const float lo = round(a[i * lda + kk]) * round(w_at(kk, j));
+                  const float hi =
+                      kk + 1 < k ? round(a[i * lda + kk + 1]) * round(w_at(kk + 1, j)) : 0.0f;
+                  acc += low_first ? lo : hi;
+                  acc += low_first ? hi : lo;
                 }
-                want[i * cols + j] = beta != 0.0f ? acc + c[i * cols + j] : acc;
+                want[i * ldc + j] = beta != 0.0f ? acc + c[i * ldc + j] : acc;
               }
-            const PackedOperand<float> op(trans, k, cols, w.data(), trans ? k : cols, true);
-            op.Multiply(m, a.data(), k, beta, c.data(), cols, 0, op.Panels());
+            const auto op = make(trans, k, cols, w.data(), trans ? k : cols);
+            multiply(op, m, a.data(), lda, beta, c.data(), ldc);
             if (c != want) ++bad;
           }
+  return bad;
+}
+
+// The step GEMM on bfloat16 pairs (the self-test's own compile of it: the packing, blocking
+// and pair order every level shares; only the dot product differs, by an instruction defined
+// to round the same) against vdpbf16ps' definition.
+void CheckPairProducts() {
+  const int bad = PairProductMismatches(
+      {1, 5, 13, 30}, {1, 2, 7, 64}, {1, 17, 40, 100}, false,
+      [](bool trans, Index k, Index cols, const float* w, Index ld) {
+        return PackedOperand<float>(trans, k, cols, w, ld, true);
+      },
+      [](const PackedOperand<float>& op, Index m, const float* a, Index lda, float beta,
+         float* c, Index ldc) { op.Multiply(m, a, lda, beta, c, ldc, 0, op.Panels()); });
   EXPECT(bad == 0, "bfloat16 pair products");
+}
+
+// The pair products' tile program (what the amx level runs on AMX tiles) on EmulatedTiles,
+// TDPBF16PS' definition. m, k and the columns cross the 32-row blocks, 16-pair tiles and
+// 32-column panels; each product runs as two calls on halves of the panels, as a split step.
+void CheckTileProducts() {
+  constexpr int kVecs = step_gemm::kTileBlockCols / step_gemm::kLanes<float>;  // 32 columns
+  using Operand = PackedOperand<float, cpu_tuning::kStepRows, kVecs>;
+  const int bad = PairProductMismatches(
+      {1, 5, 31, 32, 33, 70}, {1, 2, 31, 32, 33, 70}, {1, 16, 32, 45, 100}, true,
+      [](bool trans, Index k, Index cols, const float* w, Index ld) {
+        return Operand(trans, k, cols, w, ld, true);
+      },
+      [](const Operand& op, Index m, const float* a, Index lda, float beta, float* c,
+         Index ldc) {
+        const Index half = op.Panels() / 2;
+        op.MultiplyPairTiles<step_gemm::EmulatedTiles>(m, a, lda, beta, c, ldc, 0, half);
+        op.MultiplyPairTiles<step_gemm::EmulatedTiles>(m, a, lda, beta, c, ldc, half,
+                                                       op.Panels());
+      });
+  EXPECT(bad == 0, "bfloat16 pair products on tiles");
 }
 
 // The 16-bit conversions: every 16-bit value survives widening and rounding back; rounding
@@ -594,7 +637,8 @@ int main(int argc, char** argv) {
   EXPECT(levels_run > 0, "no level ran");
   CheckConversions();
   CheckPairProducts();
-  cases += 2;
+  CheckTileProducts();
+  cases += 3;
   // A level that does not exist is refused with the valid choices.
   try {
     SetCpuIsa("x86-64-v9");
