@@ -5,8 +5,9 @@ states, run the float32 pass and round what they store in 16 bits. So the exact 
 every 16-bit output and state gradient equals tf.cast of the float32 op's (TensorFlow's own
 round-to-nearest-even) and every weight gradient equals the float32 op's bit for bit. Where
 the CPU level has AVX512_BF16 (build_info()["cpu_bf16_products"]), a bfloat16 call's step
-products multiply bfloat16 pairs instead, and the same comparison holds to 16-bit tolerance
-(the core self-test checks those products bit for bit against their definition). The
+products multiply bfloat16 pairs instead (on the amx level, on AMX tiles, and the weight
+gradients too), and the same comparison holds to 16-bit tolerance (the core self-test checks
+those products bit for bit against their definition). The
 accuracy checks then measure both tfcells and Keras' own layers against float64.
 """
 

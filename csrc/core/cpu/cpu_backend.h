@@ -20,6 +20,9 @@ struct CpuBackend {
   int max_tasks = 1;
   // Step products on bfloat16 pairs (a call with bfloat16 storage, CpuOptions::products).
   bool bf16_products = false;
+  // The float32 whole-sequence GEMMs (the weight gradients) on bfloat16 pairs too: PairGemm on
+  // AMX tiles (the amx level's bfloat16 calls).
+  bool bf16_gemms = false;
 
   void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a, Index lda,
             const float* b, Index ldb, float beta, float* c, Index ldc);
@@ -47,6 +50,38 @@ struct CpuBackend {
       const Index begin = task * block;
       w.Multiply(m, a, lda, beta, c, ldc, begin, std::min(panels, begin + block));
     });
+  }
+
+  // C = op(A)·op(B) + βC (row-major, as Gemm) on bfloat16 pairs accumulated in float32, on
+  // Tiles (step_gemm.h). The narrower of op(B) and op(A)ᵀ is packed as pairs (the weight
+  // gradients' op(A)ᵀ = x or h_prev: I or H columns against G·H); the other operand's rows are
+  // rounded 32 at a time, blocks of them split across the pool, and with op(A)ᵀ packed the
+  // result is Cᵀ = op(B)ᵀ·op(A)ᵀ, written transposed. k > 0.
+  template <typename Tiles>
+  void PairGemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a,
+                Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) const {
+    const bool swap = m < n;
+    const TilePairOperand packed = swap ? TilePairOperand(!trans_a, k, m, a, lda, true)
+                                        : TilePairOperand(trans_b, k, n, b, ldb, true);
+    // The rows multiplied by the packed operand: op(A)'s, or op(B)ᵀ's (B's columns unless B is
+    // stored transposed).
+    const float* rows = swap ? b : a;
+    const Index ld = swap ? ldb : lda, count = swap ? n : m;
+    const bool rows_trans = swap ? !trans_b : trans_a;
+    constexpr Index kBlock = step_gemm::kTileBlockRows;
+    const Index blocks = (count + kBlock - 1) / kBlock;
+    const int tasks = (runner && 2.0 * m * n * k >= cpu_tuning::kMinParallelGemmFlops)
+                          ? static_cast<int>(std::min<Index>(max_tasks, blocks))
+                          : 1;
+    auto run = [&](int task) {
+      const Index r0 = blocks * task / tasks * kBlock,
+                  r1 = std::min(count, blocks * (task + 1) / tasks * kBlock);
+      packed.template MultiplyPairTiles<Tiles>(r1 - r0, rows_trans ? rows + r0 : rows + r0 * ld,
+                                               ld, beta, swap ? c + r0 : c + r0 * ldc, ldc, 0,
+                                               packed.Panels(), rows_trans, swap);
+    };
+    if (tasks <= 1) return run(0);
+    (*runner)(tasks, run);
   }
 
   // Batch shards run on the pool, each on one thread from the first step to the last: no

@@ -369,29 +369,34 @@ class PackedOperand {
   // the self-test can run the same program on EmulatedTiles. A block of 32 rows is rounded to
   // pairs once (the rows past m as zeros), then multiplied by every panel in [p0, p1), each
   // into a 32 x 32 scratch block that is added to C.
+  // a_trans: row i of A is column i of `a` (a[kk * lda + i]); c_trans: C is stored transposed
+  // (C[i, j] at c[j * ldc + i]). Both for whole-sequence GEMMs (CpuBackend::PairGemm).
   template <typename Tiles>
   void MultiplyPairTiles(Index m, const float* a, Index lda, float beta, float* c, Index ldc,
-                         Index p0, Index p1) const {
+                         Index p0, Index p1, bool a_trans = false, bool c_trans = false) const {
     static_assert(kPanelCols == step_gemm::kTileBlockCols, "a panel is two B tiles wide");
     constexpr Index kRows = step_gemm::kTileBlockRows;
     const Index k2p = PaddedPairRows();
+    const Index row_step = c_trans ? 1 : ldc, col_step = c_trans ? ldc : 1;
     RowBuffer buffer(kRows * k2p);
     step_gemm::Pair* rows_in_pairs = buffer.data();
     alignas(64) float block[kRows * kPanelCols];
     Tiles tiles;
     for (Index i = 0; i < m; i += kRows) {
       const Index rows = std::min(kRows, m - i);
-      RoundRows(a + i * lda, lda, rows, k2p, rows_in_pairs);
+      RoundRows(a_trans ? a + i : a + i * lda, lda, rows, k2p, rows_in_pairs, a_trans);
       std::fill(rows_in_pairs + rows * k2p, rows_in_pairs + kRows * k2p, step_gemm::Pair(0));
       for (Index p = p0; p < p1; ++p) {
         const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
         step_gemm::TileBlock(tiles, k2p, rows_in_pairs, k2p,
                              pair_panels_.get() + p * k2p * kPanelCols, block);
         for (Index r = 0; r < rows; ++r) {
-          float* c_row = c + (i + r) * ldc + j;
+          float* c_row = c + (i + r) * row_step + j * col_step;
           const float* b_row = block + r * kPanelCols;
-          for (Index jj = 0; jj < cols; ++jj)
-            c_row[jj] = beta != 0.0f ? b_row[jj] + beta * c_row[jj] : b_row[jj];
+          for (Index jj = 0; jj < cols; ++jj) {
+            float& out = c_row[jj * col_step];
+            out = beta != 0.0f ? b_row[jj] + beta * out : b_row[jj];
+          }
         }
       }
     }
@@ -420,17 +425,28 @@ class PackedOperand {
     std::unique_ptr<step_gemm::Pair[]> heap_;
   };
 
-  // rows rows of A (lda apart) as pairs, `stride` pairs apart, zero past k.
-  void RoundRows(const float* a, Index lda, Index rows, Index stride,
-                 step_gemm::Pair* out) const {
+  // rows rows of A (lda apart; with a_trans columns, lda apart) as pairs, `stride` pairs apart,
+  // zero past k.
+  void RoundRows(const float* a, Index lda, Index rows, Index stride, step_gemm::Pair* out,
+                 bool a_trans = false) const {
     const Index k2 = PairRows();
-    for (Index r = 0; r < rows; ++r) {
-      const float* a_row = a + r * lda;
-      step_gemm::Pair* dst = out + r * stride;
-      for (Index kk = 0; kk < k2; ++kk)
-        dst[kk] = step_gemm::PairOf(a_row[2 * kk], 2 * kk + 1 < k_ ? a_row[2 * kk + 1] : 0.0f);
-      std::fill(dst + k2, dst + stride, step_gemm::Pair(0));
+    if (a_trans) {  // a row of `a` at a time: each holds element kk of every row of A
+      for (Index kk = 0; kk < k2; ++kk) {
+        const float* lo = a + 2 * kk * lda;
+        const float* hi = 2 * kk + 1 < k_ ? lo + lda : nullptr;
+        for (Index r = 0; r < rows; ++r)
+          out[r * stride + kk] = step_gemm::PairOf(lo[r], hi ? hi[r] : 0.0f);
+      }
+    } else {
+      for (Index r = 0; r < rows; ++r) {
+        const float* a_row = a + r * lda;
+        for (Index kk = 0; kk < k2; ++kk)
+          out[r * stride + kk] =
+              step_gemm::PairOf(a_row[2 * kk], 2 * kk + 1 < k_ ? a_row[2 * kk + 1] : 0.0f);
+      }
     }
+    for (Index r = 0; r < rows; ++r)
+      std::fill(out + r * stride + k2, out + (r + 1) * stride, step_gemm::Pair(0));
   }
 
   // A row block is rounded to pairs once, then multiplied by every panel in [p0, p1).
@@ -459,6 +475,10 @@ class PackedOperand {
   std::unique_ptr<T[]> panels_;  // uninitialised: every element is written once
   std::unique_ptr<step_gemm::Pair[]> pair_panels_;
 };
+
+// A PackedOperand of pairs in the tiles' 32-column panels (at the amx level the level's own).
+using TilePairOperand = PackedOperand<float, cpu_tuning::kStepRows,
+                                      step_gemm::kTileBlockCols / step_gemm::kLanes<float>>;
 
 TFCELLS_ISA_END
 }  // namespace tfcells

@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cpu/cpu_backend.h"
 #include "../cpu/cpu_rnn.h"
 #include "../cpu/step_gemm.h"
 
@@ -483,8 +484,7 @@ void CheckPairProducts() {
 // TDPBF16PS' definition. m, k and the columns cross the 32-row blocks, 16-pair tiles and
 // 32-column panels; each product runs as two calls on halves of the panels, as a split step.
 void CheckTileProducts() {
-  constexpr int kVecs = step_gemm::kTileBlockCols / step_gemm::kLanes<float>;  // 32 columns
-  using Operand = PackedOperand<float, cpu_tuning::kStepRows, kVecs>;
+  using Operand = TilePairOperand;
   const int bad = PairProductMismatches(
       {1, 5, 31, 32, 33, 70}, {1, 2, 31, 32, 33, 70}, {1, 16, 32, 45, 100}, true,
       [](bool trans, Index k, Index cols, const float* w, Index ld) {
@@ -498,6 +498,50 @@ void CheckTileProducts() {
                                                        op.Panels());
       });
   EXPECT(bad == 0, "bfloat16 pair products on tiles");
+}
+
+// The whole-sequence GEMM on tiles (CpuBackend::PairGemm, the amx level's weight gradients) on
+// EmulatedTiles: every transposition, both packing choices (m < n packs op(A)ᵀ and writes C
+// transposed), split across threads, bit for bit against the scalar sum in TDPBF16PS' order.
+void CheckPairGemm() {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  auto round = [](float v) { return ToFloat(FromFloat<bfloat16>(v)); };
+  int bad = 0;
+  // m, n, k; the last two large enough to be split (CpuTuning's kMinParallelGemmFlops).
+  const Index shapes[][3] = {{1, 1, 1},    {5, 40, 33},    {40, 5, 33},
+                             {70, 100, 7}, {100, 70, 300}, {70, 100, 301}};
+  for (const auto& s : shapes)
+    for (int trans = 0; trans < 4; ++trans)
+      for (float beta : {0.0f, 1.0f})
+        for (int tasks : {1, 3}) {
+          const Index m = s[0], cols = s[1], k = s[2];
+          const bool ta = trans & 1, tb = trans & 2;
+          const Index lda = (ta ? m : k) + 1, ldb = (tb ? k : cols) + 2, ldc = cols + 3;
+          std::vector<float> a((ta ? k : m) * lda), b((tb ? cols : k) * ldb), c(m * ldc);
+          for (float& e : a) e = n(rng);
+          for (float& e : b) e = n(rng);
+          for (float& e : c) e = n(rng);
+          auto a_at = [&](Index i, Index kk) { return ta ? a[kk * lda + i] : a[i * lda + kk]; };
+          auto b_at = [&](Index kk, Index j) { return tb ? b[j * ldb + kk] : b[kk * ldb + j]; };
+          std::vector<float> want = c;
+          for (Index i = 0; i < m; ++i)
+            for (Index j = 0; j < cols; ++j) {
+              float acc = 0.0f;
+              for (Index kk = 0; kk < k; kk += 2) {
+                acc += round(a_at(i, kk)) * round(b_at(kk, j));
+                if (kk + 1 < k) acc += round(a_at(i, kk + 1)) * round(b_at(kk + 1, j));
+              }
+              want[i * ldc + j] = beta != 0.0f ? acc + c[i * ldc + j] : acc;
+            }
+          CpuBackend be;
+          be.runner = tasks > 1 ? &kThreads : nullptr;
+          be.max_tasks = tasks;
+          be.PairGemm<step_gemm::EmulatedTiles>(ta, tb, m, cols, k, a.data(), lda, b.data(), ldb,
+                                                beta, c.data(), ldc);
+          if (c != want) ++bad;
+        }
+  EXPECT(bad == 0, "bfloat16 whole-sequence GEMM on tiles");
 }
 
 // The 16-bit conversions: every 16-bit value survives widening and rounding back; rounding
@@ -638,7 +682,8 @@ int main(int argc, char** argv) {
   CheckConversions();
   CheckPairProducts();
   CheckTileProducts();
-  cases += 3;
+  CheckPairGemm();
+  cases += 4;
   // A level that does not exist is refused with the valid choices.
   try {
     SetCpuIsa("x86-64-v9");
