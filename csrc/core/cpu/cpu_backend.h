@@ -34,6 +34,14 @@ struct CpuBackend {
     return PackedOperand<T>(trans, k, n, w, ld, bf16_products);
   }
 
+  // Pieces a GEMM of `flops` splits into, at most `pieces`: one below the size that pays for
+  // the hand-offs.
+  int GemmTasks(double flops, Index pieces) const {
+    return runner && flops >= cpu_tuning::kMinParallelGemmFlops
+               ? static_cast<int>(std::min<Index>(max_tasks, pieces))
+               : 1;
+  }
+
   // Large steps split the operand's column panels across the pool; each output element has
   // one writer and the same sum order either way.
   template <typename T>
@@ -41,9 +49,7 @@ struct CpuBackend {
                 Index ldc) {
     const Index panels = w.Panels();
     if (m == 0 || panels == 0) return;
-    const int tasks = (runner && 2.0 * m * w.n() * w.k() >= cpu_tuning::kMinParallelGemmFlops)
-                          ? static_cast<int>(std::min<Index>(max_tasks, panels))
-                          : 1;
+    const int tasks = GemmTasks(2.0 * m * w.n() * w.k(), panels);
     if (tasks <= 1) return w.Multiply(m, a, lda, beta, c, ldc, 0, panels);
     const Index block = (panels + tasks - 1) / tasks;
     (*runner)(tasks, [&](int task) {
@@ -70,9 +76,7 @@ struct CpuBackend {
     const bool rows_trans = swap ? !trans_b : trans_a;
     constexpr Index kBlock = step_gemm::kTileBlockRows;
     const Index blocks = (count + kBlock - 1) / kBlock;
-    const int tasks = (runner && 2.0 * m * n * k >= cpu_tuning::kMinParallelGemmFlops)
-                          ? static_cast<int>(std::min<Index>(max_tasks, blocks))
-                          : 1;
+    const int tasks = GemmTasks(2.0 * m * n * k, blocks);
     auto run = [&](int task) {
       const Index r0 = blocks * task / tasks * kBlock,
                   r1 = std::min(count, blocks * (task + 1) / tasks * kBlock);

@@ -33,14 +33,13 @@ void SplitGemm(const CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k
       for (Index j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
   }
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if constexpr (std::is_same_v<T, float> && step_gemm::kAmxTiles) {
+#if TFCELLS_AMX_TILES
+  if constexpr (std::is_same_v<T, float>) {
     if (be.bf16_gemms)
       return be.PairGemm<step_gemm::AmxTiles>(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
   }
 #endif
-  int tasks = be.runner ? be.max_tasks : 1;
-  if (2.0 * m * n * k < cpu_tuning::kMinParallelGemmFlops) tasks = 1;
+  int tasks = be.GemmTasks(2.0 * m * n * k, be.max_tasks);
   // Split the larger side of C into contiguous blocks, one per task.
   const bool by_rows = m >= n;
   const Index extent = by_rows ? m : n;

@@ -152,13 +152,15 @@ void MicroKernelPairs(Index k2, const Pair* a, const Pair* panel, float beta, fl
 inline constexpr Index kTileRows = 16, kTilePairs = 16, kTileCols = 16;
 inline constexpr Index kTileBlockRows = 2 * kTileRows, kTileBlockCols = 2 * kTileCols;
 
-// Whether this level multiplies bfloat16 pairs on AMX tiles.
-inline constexpr bool kAmxTiles =
+// Whether this level multiplies bfloat16 pairs on AMX tiles (only the amx level's flags have
+// them; step_gemm::AmxTiles exists only there).
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    kNativeBf16Dot;
+#define TFCELLS_AMX_TILES 1
+static_assert(kNativeBf16Dot, "the amx level has AVX512_BF16 and 64-byte vectors");
 #else
-    false;
+#define TFCELLS_AMX_TILES 0
 #endif
+inline constexpr bool kAmxTiles = TFCELLS_AMX_TILES;
 
 // The tile program of one block: out[32, 32] = A[32, k2p] · panel[k2p, 32] (A's rows `lda`
 // pairs apart, the panel's rows 32 pairs). Tiles is AmxTiles, or EmulatedTiles for the
@@ -202,7 +204,8 @@ struct EmulatedTiles {
       std::memcpy(tile[t][r], static_cast<const char*>(p) + r * stride, sizeof(tile[t][r]));
   }
   void Store(int t, char* p, Index stride) const {
-    for (Index r = 0; r < kTileRows; ++r) std::memcpy(p + r * stride, tile[t][r], 64);
+    for (Index r = 0; r < kTileRows; ++r)
+      std::memcpy(p + r * stride, tile[t][r], sizeof(tile[t][r]));
   }
   void Dot(int c, int a, int b) {
     using storage_bits::FloatOf;
@@ -219,7 +222,7 @@ struct EmulatedTiles {
   }
 };
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if TFCELLS_AMX_TILES
 // The same program on the tile registers: C in tmm0-3, A in tmm4-5, B in tmm6-7, all 16 rows of
 // 64 bytes. The configuration is per thread: loaded for one multiplication, released after it
 // (a released thread saves no tile state on context switches). The process has asked Linux for
@@ -341,13 +344,11 @@ class PackedOperand {
     const Index blocks = (m + ROWS - 1) / ROWS, height = m / blocks, taller = m % blocks;
     if (pairs_) {
       if constexpr (std::is_same_v<T, float>) {
-        if constexpr (step_gemm::kAmxTiles) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-          MultiplyPairTiles<step_gemm::AmxTiles>(m, a, lda, beta, c, ldc, p0, p1);
+#if TFCELLS_AMX_TILES
+        MultiplyPairTiles<step_gemm::AmxTiles>(m, a, lda, beta, c, ldc, p0, p1);
+#else
+        MultiplyPairs(blocks, height, taller, a, lda, beta, c, ldc, p0, p1);
 #endif
-        } else {
-          MultiplyPairs(blocks, height, taller, a, lda, beta, c, ldc, p0, p1);
-        }
       }
       return;
     }

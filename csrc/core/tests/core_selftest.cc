@@ -422,6 +422,21 @@ void RunStaged(const Case& cs, unsigned seed,
   }
 }
 
+// Σ_kk round(a(kk))·round(b(kk)) over kk < k in float32, in a pair instruction's order: per pair
+// of kk the low halves' product first (TDPBF16PS) or the high halves' (vdpbf16ps).
+template <typename A, typename B>
+float PairSum(Index k, const A& a, const B& b, bool low_first) {
+  auto round = [](float v) { return ToFloat(FromFloat<bfloat16>(v)); };
+  float acc = 0.0f;
+  for (Index kk = 0; kk < k; kk += 2) {
+    const float lo = round(a(kk)) * round(b(kk));
+    const float hi = kk + 1 < k ? round(a(kk + 1)) * round(b(kk + 1)) : 0.0f;
+    acc += low_first ? lo : hi;
+    acc += low_first ? hi : lo;
+  }
+  return acc;
+}
+
 // How many bfloat16 pair products of `multiply` differ from a scalar sum in the instruction's
 // order: per pair the high halves' product first (vdpbf16ps) or the low halves' (TDPBF16PS).
 // multiply(op, m, a, lda, beta, c, ldc) computes C = A·op + βC with a PackedOperand<float, ...>
@@ -433,7 +448,6 @@ int PairProductMismatches(std::initializer_list<Index> ms, std::initializer_list
                           const Multiply& multiply) {
   std::mt19937 rng(7);
   std::normal_distribution<float> n(0.0f, 1.0f);
-  auto round = [](float v) { return ToFloat(FromFloat<bfloat16>(v)); };
   int bad = 0;
   for (Index m : ms)
     for (Index k : ks)
@@ -449,14 +463,9 @@ int PairProductMismatches(std::initializer_list<Index> ms, std::initializer_list
             auto w_at = [&](Index kk, Index j) { return trans ? w[j * k + kk] : w[kk * cols + j]; };
             for (Index i = 0; i < m; ++i)
               for (Index j = 0; j < cols; ++j) {
-                float acc = 0.0f;
-                for (Index kk = 0; kk < k; kk += 2) {
-                  const float lo = round(a[i * lda + kk]) * round(w_at(kk, j));
-                  const float hi =
-                      kk + 1 < k ? round(a[i * lda + kk + 1]) * round(w_at(kk + 1, j)) : 0.0f;
-                  acc += low_first ? lo : hi;
-                  acc += low_first ? hi : lo;
-                }
+                const float acc = PairSum(
+                    k, [&](Index kk) { return a[i * lda + kk]; },
+                    [&](Index kk) { return w_at(kk, j); }, low_first);
                 want[i * ldc + j] = beta != 0.0f ? acc + c[i * ldc + j] : acc;
               }
             const auto op = make(trans, k, cols, w.data(), trans ? k : cols);
@@ -506,7 +515,6 @@ void CheckTileProducts() {
 void CheckPairGemm() {
   std::mt19937 rng(13);
   std::normal_distribution<float> n(0.0f, 1.0f);
-  auto round = [](float v) { return ToFloat(FromFloat<bfloat16>(v)); };
   int bad = 0;
   // m, n, k; the last two large enough to be split (CpuTuning's kMinParallelGemmFlops).
   const Index shapes[][3] = {{1, 1, 1},    {5, 40, 33},    {40, 5, 33},
@@ -527,11 +535,9 @@ void CheckPairGemm() {
           std::vector<float> want = c;
           for (Index i = 0; i < m; ++i)
             for (Index j = 0; j < cols; ++j) {
-              float acc = 0.0f;
-              for (Index kk = 0; kk < k; kk += 2) {
-                acc += round(a_at(i, kk)) * round(b_at(kk, j));
-                if (kk + 1 < k) acc += round(a_at(i, kk + 1)) * round(b_at(kk + 1, j));
-              }
+              const float acc = PairSum(
+                  k, [&](Index kk) { return a_at(i, kk); }, [&](Index kk) { return b_at(kk, j); },
+                  true);
               want[i * ldc + j] = beta != 0.0f ? acc + c[i * ldc + j] : acc;
             }
           CpuBackend be;
