@@ -97,7 +97,9 @@ def run_with_grads(fn, inputs, watched, weights, **kwargs):
         for name in watched:
             tape.watch(inputs[name])
         outputs = fn(**inputs, **kwargs)
-        loss = tf.add_n([tf.reduce_sum(o * w) for o, w in zip(outputs, weights)])
+        # A None weight leaves that output out of the loss: no gradient reaches it.
+        loss = tf.add_n([tf.reduce_sum(o * w) for o, w in zip(outputs, weights)
+                         if w is not None])
     grads = tape.gradient(loss, [inputs[n] for n in watched])
     return outputs, dict(zip(watched, grads))
 
@@ -116,20 +118,22 @@ def assert_close(actual, expected, dtype, what):
 
 
 def check_against_reference(cell, inputs, mask, time_major, go_backwards, dtype,
-                            watched=None, frozen=(), dropout=None):
+                            watched=None, frozen=(), dropout=None, unused_outputs=()):
     """Runs the op in `dtype` and the reference in float64; compares values and gradients.
 
-    dropout: optional dict of input_dropout_mask / recurrent_dropout_mask for both."""
+    dropout: optional dict of input_dropout_mask / recurrent_dropout_mask for both.
+    unused_outputs: indices of outputs (0: the sequence) the loss leaves out."""
     watched = watched if watched is not None else [
         n for n in cell.grad_inputs if inputs.get(n) is not None]
     inputs64 = cast_inputs(inputs, tf.float64)
-    weights64 = loss_weights(cell, inputs64, time_major)
+    weights64 = [None if i in unused_outputs else w
+                 for i, w in enumerate(loss_weights(cell, inputs64, time_major))]
     dropout = dropout or {}
     ref_out, ref_grads = run_with_grads(cell.ref, inputs64, watched, weights64, mask=mask,
                                         time_major=time_major, go_backwards=go_backwards,
                                         **cast_inputs(dropout, tf.float64))
     ours_in = cast_inputs(inputs, dtype)
-    weights = [tf.cast(w, dtype) for w in weights64]
+    weights = [None if w is None else tf.cast(w, dtype) for w in weights64]
     with CountWork() as work:
         out, grads = run_with_grads(cell.op, ours_in, watched, weights, mask=mask,
                                     time_major=time_major, go_backwards=go_backwards,
@@ -204,6 +208,18 @@ def test_without_bias(cell):
     inputs = make_inputs(cell, 3, 4, 5, 6, tf.float64, bias=False)
     check_against_reference(cell, inputs, make_mask("random", 3, 4, False), False, False,
                             tf.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", [tf.float64, tf.float32], ids=["float64", "float32"])
+def test_gradient_through_final_state_only(cell, bias, dtype):
+    """The loss reads only the final state(s), as after return_sequences=False: no dy reaches
+    the gradient op, whose driver reads the absent dy (and an absent bias) as zeros."""
+    B, T, I, H = 5, 6, 4, 9
+    inputs = make_inputs(cell, B, T, I, H, dtype, bias=bias)
+    check_against_reference(cell, inputs, make_mask("random", B, T, False), False, False,
+                            dtype, unused_outputs=(0,))
 
 
 def _subsets(names):

@@ -6,6 +6,10 @@
 //
 // Gate layouts follow Keras: LSTM columns [i | f | c | o], GRU columns [z | r | h], each H wide.
 // A masked row (mask false) keeps the previous state and passes its gradients straight through.
+//
+// The functors read every operand unconditionally, before any select: a read under a condition
+// vectorises into a masked load (the LSTM's forward pointwise step measured 1.4x slower so on
+// Zen 1). For the same reason the bias and dy are never null: the driver substitutes zeros.
 #pragma once
 
 #include "activations.h"
@@ -24,21 +28,10 @@ TFCELLS_HD bool RowActive(const StepMatrix<const bool>& mask, Index b) {
   return keep != T(0);
 }
 
-template <typename T>
-TFCELLS_HD T BiasAt(const T* bias, Index k) {
-  return bias ? bias[k] : T(0);
-}
-
 // An optional dropout mask: absent means 1.
 template <typename T>
 TFCELLS_HD T ScaleAt(const StepMatrix<const T>& m, Index b, Index j) {
   return m ? m(b, j) : T(1);
-}
-
-// dy may be absent (no gradient flows into the output sequence).
-template <typename T>
-TFCELLS_HD T GradAt(const StepMatrix<const T>& g, Index b, Index j) {
-  return g ? g(b, j) : T(0);
 }
 
 // ----------------------------------------------------------------------------------- LSTM
@@ -46,7 +39,7 @@ template <typename T>
 struct LstmForwardPoint {
   StepMatrix<T> gates;            // in: x·W_x at this step; out: activated i, f, c, o
   StepMatrix<const T> rec;        // h_prev·W_h
-  const T* bias;                  // [4H] or null
+  const T* bias;                  // [4H] (zeros when the call has none)
   StepMatrix<const T> h_prev, c_prev;
   StepMatrix<const bool> mask;
   StepMatrix<T> h, c;             // new state
@@ -55,13 +48,14 @@ struct LstmForwardPoint {
 
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
-    const T i = Sigmoid(gates(b, j) + rec(b, j) + BiasAt(bias, j));
-    const T f = Sigmoid(gates(b, H + j) + rec(b, H + j) + BiasAt(bias, H + j));
-    const T g = Tanh(gates(b, 2 * H + j) + rec(b, 2 * H + j) + BiasAt(bias, 2 * H + j));
-    const T o = Sigmoid(gates(b, 3 * H + j) + rec(b, 3 * H + j) + BiasAt(bias, 3 * H + j));
-    const T c_step = f * c_prev(b, j) + i * g;
-    const T c_new = active ? c_step : c_prev(b, j);
-    const T h_new = active ? o * Tanh(c_step) : h_prev(b, j);
+    const T i = Sigmoid(gates(b, j) + rec(b, j) + bias[j]);
+    const T f = Sigmoid(gates(b, H + j) + rec(b, H + j) + bias[H + j]);
+    const T g = Tanh(gates(b, 2 * H + j) + rec(b, 2 * H + j) + bias[2 * H + j]);
+    const T o = Sigmoid(gates(b, 3 * H + j) + rec(b, 3 * H + j) + bias[3 * H + j]);
+    const T c_old = c_prev(b, j), h_old = h_prev(b, j);
+    const T c_step = f * c_old + i * g;
+    const T c_new = active ? c_step : c_old;
+    const T h_new = active ? o * Tanh(c_step) : h_old;
     gates(b, j) = i;
     gates(b, H + j) = f;
     gates(b, 2 * H + j) = g;
@@ -83,17 +77,18 @@ struct LstmBackwardPoint {
 
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
-    const T dh_total = dh(b, j) + GradAt(dy, b, j);
+    const T dh_total = dh(b, j) + dy(b, j);
     const T i = gates(b, j), f = gates(b, H + j), g = gates(b, 2 * H + j),
             o = gates(b, 3 * H + j);
     const T tc = Tanh(c(b, j));
-    const T dc_total = dc(b, j) + dh_total * o * TanhGradFromOutput(tc);
+    const T dc_in = dc(b, j), c_old = c_prev(b, j);
+    const T dc_total = dc_in + dh_total * o * TanhGradFromOutput(tc);
     dgates(b, j) = active ? dc_total * g * SigmoidGradFromOutput(i) : T(0);
-    dgates(b, H + j) = active ? dc_total * c_prev(b, j) * SigmoidGradFromOutput(f) : T(0);
+    dgates(b, H + j) = active ? dc_total * c_old * SigmoidGradFromOutput(f) : T(0);
     dgates(b, 2 * H + j) = active ? dc_total * i * TanhGradFromOutput(g) : T(0);
     dgates(b, 3 * H + j) = active ? dh_total * tc * SigmoidGradFromOutput(o) : T(0);
     // A masked row passes dh and dc straight to the previous step.
-    dc(b, j) = active ? dc_total * f : dc(b, j);
+    dc(b, j) = active ? dc_total * f : dc_in;
     dh(b, j) = active ? T(0) : dh_total;
   }
 };
@@ -104,7 +99,7 @@ template <typename T>
 struct GruResetAfterForwardPoint {
   StepMatrix<T> gates;      // in: x·W_x; out: z, r, hh
   StepMatrix<const T> rec;  // h_prev·W_h
-  const T* bias;            // [2, 3H] or null
+  const T* bias;            // [2, 3H] (zeros when the call has none)
   StepMatrix<const T> h_prev;
   StepMatrix<const bool> mask;
   StepMatrix<T> h;
@@ -115,12 +110,13 @@ struct GruResetAfterForwardPoint {
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
     const Index G = 3 * H;
-    const T z = Sigmoid(gates(b, j) + BiasAt(bias, j) + rec(b, j) + BiasAt(bias, G + j));
-    const T r = Sigmoid(gates(b, H + j) + BiasAt(bias, H + j) + rec(b, H + j) +
-                        BiasAt(bias, G + H + j));
-    const T rec_h = rec(b, 2 * H + j) + BiasAt(bias, G + 2 * H + j);
-    const T hh = Tanh(gates(b, 2 * H + j) + BiasAt(bias, 2 * H + j) + r * rec_h);
-    const T h_new = active ? z * h_prev(b, j) + (T(1) - z) * hh : h_prev(b, j);
+    const T z = Sigmoid(gates(b, j) + bias[j] + rec(b, j) + bias[G + j]);
+    const T r = Sigmoid(gates(b, H + j) + bias[H + j] + rec(b, H + j) +
+                        bias[G + H + j]);
+    const T rec_h = rec(b, 2 * H + j) + bias[G + 2 * H + j];
+    const T hh = Tanh(gates(b, 2 * H + j) + bias[2 * H + j] + r * rec_h);
+    const T h_old = h_prev(b, j);
+    const T h_new = active ? z * h_old + (T(1) - z) * hh : h_old;
     gates(b, j) = z;
     gates(b, H + j) = r;
     gates(b, 2 * H + j) = hh;
@@ -141,11 +137,12 @@ struct GruResetAfterBackwardPoint {
 
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
-    const T dh_total = dh(b, j) + GradAt(dy, b, j);
+    const T dh_total = dh(b, j) + dy(b, j);
     const T z = gates(b, j), r = gates(b, H + j), hh = gates(b, 2 * H + j);
+    const T h_old = h_prev(b, j), rec_h_old = rec_h(b, j);
     const T dhh = active ? dh_total * (T(1) - z) * TanhGradFromOutput(hh) : T(0);
-    const T dz = active ? dh_total * (h_prev(b, j) - hh) * SigmoidGradFromOutput(z) : T(0);
-    const T dr = active ? dhh * rec_h(b, j) * SigmoidGradFromOutput(r) : T(0);
+    const T dz = active ? dh_total * (h_old - hh) * SigmoidGradFromOutput(z) : T(0);
+    const T dr = active ? dhh * rec_h_old * SigmoidGradFromOutput(r) : T(0);
     dgates_x(b, j) = dgates_rec(b, j) = dz;
     dgates_x(b, H + j) = dgates_rec(b, H + j) = dr;
     dgates_x(b, 2 * H + j) = dhh;
@@ -168,8 +165,8 @@ struct GruResetBeforeForwardGates {  // phase 1: z, r and r * h_prev
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
-    const T z = Sigmoid(gates(b, j) + rec_zr(b, j) + BiasAt(bias, j));
-    const T r = Sigmoid(gates(b, H + j) + rec_zr(b, H + j) + BiasAt(bias, H + j));
+    const T z = Sigmoid(gates(b, j) + rec_zr(b, j) + bias[j]);
+    const T r = Sigmoid(gates(b, H + j) + rec_zr(b, H + j) + bias[H + j]);
     gates(b, j) = z;
     gates(b, H + j) = r;
     reset_h(b, j) = r * (h_prev(b, j) * ScaleAt(h_dropout, b, j));
@@ -189,8 +186,9 @@ struct GruResetBeforeForwardState {  // phase 2: candidate and new state
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
     const T z = gates(b, j);
-    const T hh = Tanh(gates(b, 2 * H + j) + rec_h(b, j) + BiasAt(bias, 2 * H + j));
-    const T h_new = active ? z * h_prev(b, j) + (T(1) - z) * hh : h_prev(b, j);
+    const T hh = Tanh(gates(b, 2 * H + j) + rec_h(b, j) + bias[2 * H + j]);
+    const T h_old = h_prev(b, j);
+    const T h_new = active ? z * h_old + (T(1) - z) * hh : h_old;
     gates(b, 2 * H + j) = hh;
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
@@ -207,9 +205,9 @@ struct GruResetBeforeBackwardState {  // phase 1: dz, dhh
 
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
-    const T dh_total = dh(b, j) + GradAt(dy, b, j);
-    const T z = gates(b, j), hh = gates(b, 2 * H + j);
-    dgates(b, j) = active ? dh_total * (h_prev(b, j) - hh) * SigmoidGradFromOutput(z) : T(0);
+    const T dh_total = dh(b, j) + dy(b, j);
+    const T z = gates(b, j), hh = gates(b, 2 * H + j), h_old = h_prev(b, j);
+    dgates(b, j) = active ? dh_total * (h_old - hh) * SigmoidGradFromOutput(z) : T(0);
     dgates(b, 2 * H + j) = active ? dh_total * (T(1) - z) * TanhGradFromOutput(hh) : T(0);
     dh(b, j) = active ? dh_total * z : dh_total;
   }
@@ -226,9 +224,9 @@ struct GruResetBeforeBackwardGates {  // phase 2: dr, from d(r * h_prev)
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
     const T r = gates(b, H + j), scale = ScaleAt(h_dropout, b, j);
-    dgates(b, H + j) =
-        active ? d_reset_h(b, j) * (h_prev(b, j) * scale) * SigmoidGradFromOutput(r) : T(0);
-    dh(b, j) += active ? d_reset_h(b, j) * r * scale : T(0);
+    const T d_reset = d_reset_h(b, j), h_old = h_prev(b, j);
+    dgates(b, H + j) = active ? d_reset * (h_old * scale) * SigmoidGradFromOutput(r) : T(0);
+    dh(b, j) += active ? d_reset * r * scale : T(0);
   }
 };
 
@@ -245,8 +243,8 @@ struct SimpleRnnForwardPoint {
 
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
-    const T h_step = Tanh(gates(b, j) + rec(b, j) + BiasAt(bias, j));
-    const T h_new = active ? h_step : h_prev(b, j);
+    const T h_step = Tanh(gates(b, j) + rec(b, j) + bias[j]), h_old = h_prev(b, j);
+    const T h_new = active ? h_step : h_old;
     gates(b, j) = h_step;
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
@@ -262,8 +260,9 @@ struct SimpleRnnBackwardPoint {
 
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
-    const T dh_total = dh(b, j) + GradAt(dy, b, j);
-    dgates(b, j) = active ? dh_total * TanhGradFromOutput(gates(b, j)) : T(0);
+    const T dh_total = dh(b, j) + dy(b, j);
+    const T h_step = gates(b, j);
+    dgates(b, j) = active ? dh_total * TanhGradFromOutput(h_step) : T(0);
     dh(b, j) = active ? T(0) : dh_total;
   }
 };

@@ -191,6 +191,7 @@ void CallPlan::Layout() {
     forward_.state = c.Take(!training && info_.aux == Aux::kState ? 2 * B * H : 0);
     forward_.dropped_x = c.Take(in_dropout ? (per_step ? B : rows) * d.I : 0);
     forward_.dropped_h = c.Take(rec_dropout ? B * H : 0);
+    forward_.zero_bias = c.Take(options_.has_bias ? 0 : info_.bias_rows * GH);
     if (staged) {
       StagedTensors& st = forward_.staged;
       st.x = c.Take(rows * d.I);
@@ -218,6 +219,7 @@ void CallPlan::Layout() {
   backward_.masked_rows = c.Take(rows * std::max(masked_x ? d.I : 0, masked_h ? H : 0));
   backward_.step_product = c.Take(rec_dropout ? B * H : 0);
   backward_.step_dx = c.Take(in_dropout && per_step && (m & kGradX) ? B * d.I : 0);
+  backward_.zero_row = c.Take(H);  // whether dy comes is known only at the call
   if (staged) {  // the backward pass reads x only for dW_x, and h_prev from the cache, not h0
     StagedTensors& st = backward_.staged;
     st.x = c.Take((m & kGradKernel) ? rows * d.I : 0);

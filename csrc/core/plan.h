@@ -70,6 +70,7 @@ struct ForwardLayout {
   Segment state;             // inference with Aux::kState: two alternating [B, H] slots
   Segment dropped_x;         // input dropout: x ⊙ one gate's mask (one step, or all rows)
   Segment dropped_h;         // recurrent dropout: h_prev ⊙ one gate's mask, one step
+  Segment zero_bias;         // no bias: zeros in its place [bias_rows, G*H]
   StagedTensors staged;
   Index total = 0;
 };
@@ -83,6 +84,7 @@ struct BackwardLayout {
   Segment masked_rows;     // dropout: x or h_prev ⊙ one gate's mask, all rows
   Segment step_product;    // recurrent dropout: one gate's share of dh_prev, one step
   Segment step_dx;         // input dropout, per-step dx: one gate's share of dx_t
+  Segment zero_row;        // [H] zeros: every row of an absent dy (read with ld 0)
   StagedTensors staged;
   Index total = 0;
 };

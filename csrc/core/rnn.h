@@ -402,6 +402,11 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
   T* const state = Carve(a.workspace, layout.state);
   T* const dropped_x = Carve(a.workspace, layout.dropped_x);
   T* const dropped_h = Carve(a.workspace, layout.dropped_h);
+  // The cells' functors read the bias unconditionally (cells.h): an absent one is read as zeros.
+  T* const zero_bias = Carve(a.workspace, layout.zero_bias);
+  if (zero_bias) be.ForEach(info.bias_rows, GH, ZeroOrCopyPoint<T>{Plain(zero_bias, GH), {}});
+  const T* const bias = in.bias ? in.bias : zero_bias;
+  Require(bias != nullptr, "the call plan was made with a bias, but none is given");
   const bool per_step = Backend::kInputProjection == InputProjection::kPerStep;
   const bool in_dropout = in.input_dropout != nullptr;
   const bool rec_dropout = in.recurrent_dropout != nullptr;
@@ -445,7 +450,7 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
         sb, w_h, w_cand, {}, plain(dropped_h, H).data, n, H, GH};
     v.DropoutMasks(in.recurrent_dropout, H, G, step.h_dropout_rows);
     step.rec = recurrent + b0 * GH;
-    step.bias = in.bias;
+    step.bias = bias;
     step.candidate_dropout = step.h_dropout_rows[G - 1];
     // State kept per step besides h: the cache when training, else alternating slots.
     auto aux_at = [&](Index s) -> StepMatrix<T> {
@@ -519,6 +524,9 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   T* const masked_rows = Carve(a.workspace, layout.masked_rows);
   T* const step_product = Carve(a.workspace, layout.step_product);
   T* const step_dx = Carve(a.workspace, layout.step_dx);
+  // An absent dy is read as zeros (one row, ld 0), unconditionally, as the forward's bias.
+  T* const zero_row = Carve(a.workspace, layout.zero_row);
+  be.ForEach(1, H, ZeroOrCopyPoint<T>{Plain(zero_row, H), {}});
   const bool per_step = Backend::kInputProjection == InputProjection::kPerStep;
   const bool in_dropout = in.input_dropout != nullptr;
   const bool rec_dropout = in.recurrent_dropout != nullptr;
@@ -564,7 +572,7 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
                           ? (s == 0 ? plain(in.c0, H) : at(a.aux.data, d.InputTime(s - 1), H))
                           : StepMatrix<const T>();
       step.h_prev = at(a.h_prev.data, t, H);
-      step.dy = at(a.dy, s, H);
+      step.dy = a.dy ? at(a.dy, s, H) : StepMatrix<const T>(zero_row, 0);
       step.mask = FromRow(MaskAt(sb, in.mask, d, t), b0);
       step.carry = s > 0 || (m & kGradH0);  // at s == 0 the carry only serves dh0
       Cell::Backward(step);
