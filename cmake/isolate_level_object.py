@@ -38,9 +38,16 @@ def main():
 
     symbols = subprocess.run([a.nm, "-P", "--defined-only", a.input], check=True,
                              capture_output=True, text=True).stdout
-    weak_functions = [line.split()[0] for line in symbols.splitlines()
-                      if len(line.split()) >= 2 and line.split()[1] == "W"]
-    renames = "".join(f"{name} {name}.tfcells_{a.level}\n" for name in weak_functions)
+    # Weak functions, and the signatures of the COMDAT groups that hold constructors and
+    # destructors (type n: the group of C1/C2 is named by C5, D1/D2 by D5). A group keeps its
+    # signature's name: left as it is, the linker would keep one group of that name for the
+    # whole library and drop this level's renamed copies with the others, leaving calls to them
+    # unresolved (seen: a std::string constructor from a literal, called through address 0).
+    renamed = [line.split()[0] for line in symbols.splitlines()
+               if len(line.split()) >= 2 and (line.split()[1] == "W" or
+                                               (line.split()[1] == "n" and
+                                                line.startswith("_Z")))]
+    renames = "".join(f"{name} {name}.tfcells_{a.level}\n" for name in renamed)
     rename_file = a.output + ".renames"
     with open(rename_file, "w") as f:
         f.write(renames)

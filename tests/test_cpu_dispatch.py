@@ -141,3 +141,20 @@ def test_generic_code_has_no_higher_level_instructions():
         # The check sees what it looks for: the levels above x86-64 do use VEX.
         if "x86-64-v3" in BUILT:
             assert offending_functions(disassembly, {"x86_64_v3": VEX}), library
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_every_level_symbol_is_defined():
+    """The build renames each level's weak functions and the COMDAT groups that hold them
+    (cmake/isolate_level_object.py). A group left with its old name is dropped by the linker in
+    favour of another level's, and the renamed copy it held is then missing: an undefined weak
+    symbol, called through address 0 (seen with a std::string constructor under ASan)."""
+    from tfcells import _build_info
+
+    library = os.path.join(_build_info.BUILD_DIR, "_tfcells_ops.so")
+    if not os.path.exists(library):
+        pytest.skip(f"the build tree {_build_info.BUILD_DIR} is gone")
+    undefined = subprocess.run(["nm", "--undefined-only", library], capture_output=True,
+                               text=True, check=True).stdout
+    missing = [line.split()[-1] for line in undefined.splitlines() if ".tfcells_isa_" in line]
+    assert not missing, f"{library}: undefined level symbols: {missing[:5]}"
