@@ -43,10 +43,9 @@ def main():
     # signature's name: left as it is, the linker would keep one group of that name for the
     # whole library and drop this level's renamed copies with the others, leaving calls to them
     # unresolved (seen: a std::string constructor from a literal, called through address 0).
-    renamed = [line.split()[0] for line in symbols.splitlines()
-               if len(line.split()) >= 2 and (line.split()[1] == "W" or
-                                               (line.split()[1] == "n" and
-                                                line.startswith("_Z")))]
+    fields = [line.split() for line in symbols.splitlines()]
+    renamed = [f[0] for f in fields
+               if len(f) >= 2 and (f[1] == "W" or (f[1] == "n" and f[0].startswith("_Z")))]
     renames = "".join(f"{name} {name}.tfcells_{a.level}\n" for name in renamed)
     rename_file = a.output + ".renames"
     with open(rename_file, "w") as f:

@@ -119,6 +119,16 @@ def offending_functions(disassembly, rules):
     return bad
 
 
+def build_tree_files(*names):
+    """Paths of these files in the build tree (skips the test when it is gone)."""
+    from tfcells import _build_info
+
+    paths = [os.path.join(_build_info.BUILD_DIR, name) for name in names]
+    if not all(os.path.exists(path) for path in paths):
+        pytest.skip(f"the build tree {_build_info.BUILD_DIR} is gone")
+    return paths
+
+
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
 def test_generic_code_has_no_higher_level_instructions():
     """Disassembles the op library as linked (every level of the core, the dispatcher, the
@@ -127,13 +137,8 @@ def test_generic_code_has_no_higher_level_instructions():
     instruction, none in the x86-64 level, no EVEX in x86-64-v3. A linker-merged inline
     function compiled for AVX-512 and kept for generic code would show here. The build tree's
     copies are read: the installed libraries are stripped of the local symbols this needs."""
-    from tfcells import _build_info
-
-    libraries = [os.path.join(_build_info.BUILD_DIR, name)
-                 for name in ("_tfcells_ops.so", "libtfcells_core.a", "libtfcells_bench.a")]
-    if not all(os.path.exists(path) for path in libraries):
-        pytest.skip(f"the build tree {_build_info.BUILD_DIR} is gone")
-    for library in libraries:
+    for library in build_tree_files("_tfcells_ops.so", "libtfcells_core.a",
+                                    "libtfcells_bench.a"):
         disassembly = subprocess.run(["objdump", "-d", "-w", library], capture_output=True,
                                      text=True, check=True).stdout
         bad = offending_functions(disassembly, RULES)
@@ -149,11 +154,7 @@ def test_every_level_symbol_is_defined():
     (cmake/isolate_level_object.py). A group left with its old name is dropped by the linker in
     favour of another level's, and the renamed copy it held is then missing: an undefined weak
     symbol, called through address 0 (seen with a std::string constructor under ASan)."""
-    from tfcells import _build_info
-
-    library = os.path.join(_build_info.BUILD_DIR, "_tfcells_ops.so")
-    if not os.path.exists(library):
-        pytest.skip(f"the build tree {_build_info.BUILD_DIR} is gone")
+    (library,) = build_tree_files("_tfcells_ops.so")
     undefined = subprocess.run(["nm", "--undefined-only", library], capture_output=True,
                                text=True, check=True).stdout
     missing = [line.split()[-1] for line in undefined.splitlines() if ".tfcells_isa_" in line]
