@@ -11,10 +11,13 @@ kernels through the pybind11 module against cuDNN), torchmap (Keras weights in P
 layout), machine (threads, machine facts), report (Markdown, JSON, PNG), cli (the plan and the
 entry point).
 
-This file must stay free of TensorFlow: tfcells' own __init__ imports it before TensorFlow.
+This file imports no TensorFlow at its top: tfcells' own __init__ imports it first, and in a
+benchmark run quiet_tensorflow imports TensorFlow itself.
 """
 import os
+import re
 import sys
+import tempfile
 
 # The suite's ways in: the console script, and `python -m` of this package or of the
 # repository's shim (benchmarks/__main__.py).
@@ -44,11 +47,34 @@ def started_as_benchmark(argv=None, orig_argv=None):
     return False
 
 
+# What TensorFlow's C++ side prints on stderr while it is imported, before absl's logging is
+# set up, whatever TF_CPP_MIN_LOG_LEVEL says: absl's notice of that, and INFO lines such as
+# oneDNN's "custom operations are on" (on CPUs where TensorFlow turns oneDNN on, e.g. Intel
+# Xeons with AVX-512).
+_STARTUP_NOTICE = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} ")
+
+
 def quiet_tensorflow():
-    """TensorFlow's start-up notices (absl, cpu_feature_guard) would bury the report; errors
-    still show. They are printed while TensorFlow is imported, so this has to run first; the
-    user's own TF_CPP_MIN_LOG_LEVEL wins."""
+    """TensorFlow's start-up notices (absl, cpu_feature_guard, oneDNN) would bury the report;
+    errors still show. They are printed while TensorFlow is imported, so this has to run first:
+    it imports TensorFlow with its stderr captured and passes on every other line. The user's
+    own TF_CPP_MIN_LOG_LEVEL wins."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401  (the import prints the notices)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if not _STARTUP_NOTICE.match(line):
+                    print(line, file=sys.stderr)
 
 
 def quiet_if_benchmark():
