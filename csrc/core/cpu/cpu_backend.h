@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <memory>
 
 #include "../common.h"
 #include "cpu_rnn.h"
@@ -23,6 +24,18 @@ struct CpuBackend {
   // The float32 whole-sequence GEMMs (the weight gradients) on bfloat16 pairs too: PairGemm on
   // AMX tiles (the amx level's bfloat16 calls).
   bool bf16_gemms = false;
+
+  // PairGemm's packed op(B) and what it was packed from.
+  struct PackedB {
+    const float* b;
+    Index ldb, k, n;
+    bool trans_b;
+    bool operator==(const PackedB& o) const {
+      return b == o.b && ldb == o.ldb && k == o.k && n == o.n && trans_b == o.trans_b;
+    }
+  };
+  std::unique_ptr<TilePairOperand> packed_b;
+  PackedB packed_b_key{};
 
   void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a, Index lda,
             const float* b, Index ldb, float beta, float* c, Index ldc);
@@ -59,30 +72,37 @@ struct CpuBackend {
   }
 
   // C = op(A)·op(B) + βC (row-major, as Gemm) on bfloat16 pairs accumulated in float32, on
-  // Tiles (step_gemm.h). The narrower of op(B) and op(A)ᵀ is packed as pairs (the weight
-  // gradients' op(A)ᵀ = x or h_prev: I or H columns against G·H); the other operand's rows are
-  // rounded 32 at a time, blocks of them split across the pool, and with op(A)ᵀ packed the
-  // result is Cᵀ = op(B)ᵀ·op(A)ᵀ, written transposed. k > 0.
+  // Tiles (step_gemm.h): op(B) packed as pair panels (for the weight gradients B is the gate
+  // gradients, read row after row), op(A)'s rows rounded 32 at a time (A = x or h_prev, read
+  // transposed), k in slabs, blocks of rows split across the pool. k > 0.
+  // op(B) is packed once for consecutive calls with the same B: the weight gradients of a
+  // backward pass multiply the same gate gradients (written before the first of them) by x and
+  // by h_prev.
   template <typename Tiles>
   void PairGemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const float* a,
-                Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) const {
-    const bool swap = m < n;
-    const TilePairOperand packed = swap ? TilePairOperand(!trans_a, k, m, a, lda, true)
-                                        : TilePairOperand(trans_b, k, n, b, ldb, true);
-    // The rows multiplied by the packed operand: op(A)'s, or op(B)ᵀ's (B's columns unless B is
-    // stored transposed).
-    const float* rows = swap ? b : a;
-    const Index ld = swap ? ldb : lda, count = swap ? n : m;
-    const bool rows_trans = swap ? !trans_b : trans_a;
+                Index lda, const float* b, Index ldb, float beta, float* c, Index ldc) {
     constexpr Index kBlock = step_gemm::kTileBlockRows;
-    const Index blocks = (count + kBlock - 1) / kBlock;
+    const Index blocks = (m + kBlock - 1) / kBlock;
     const int tasks = GemmTasks(2.0 * m * n * k, blocks);
+    const PackedB key{b, ldb, k, n, trans_b};
+    if (!packed_b || !(packed_b_key == key)) {
+      packed_b.reset();  // free the last one first
+      packed_b = std::make_unique<TilePairOperand>(
+          trans_b, k, n, b, ldb, [&](Index count, const auto& pack) {
+            const int pieces = static_cast<int>(std::min<Index>(tasks, count));
+            if (pieces <= 1) return pack(Index(0), count);
+            (*runner)(pieces, [&](int piece) {
+              pack(count * piece / pieces, count * (piece + 1) / pieces);
+            });
+          });
+      packed_b_key = key;
+    }
+    const TilePairOperand& packed = *packed_b;
     auto run = [&](int task) {
       const Index r0 = blocks * task / tasks * kBlock,
-                  r1 = std::min(count, blocks * (task + 1) / tasks * kBlock);
-      packed.template MultiplyPairTiles<Tiles>(r1 - r0, rows_trans ? rows + r0 : rows + r0 * ld,
-                                               ld, beta, swap ? c + r0 : c + r0 * ldc, ldc, 0,
-                                               packed.Panels(), rows_trans, swap);
+                  r1 = std::min(m, blocks * (task + 1) / tasks * kBlock);
+      packed.template MultiplyPairTilesInSlabs<Tiles>(r1 - r0, trans_a ? a + r0 : a + r0 * lda,
+                                                      lda, trans_a, beta, c + r0 * ldc, ldc);
     };
     if (tasks <= 1) return run(0);
     (*runner)(tasks, run);

@@ -25,7 +25,7 @@ void Blas(bool ta, bool tb, Index m, Index n, Index k, const double* a, Index ld
 }
 
 template <typename T>
-void SplitGemm(const CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k, const T* a,
+void SplitGemm(CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k, const T* a,
                Index lda, const T* b, Index ldb, T beta, T* c, Index ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) {  // BLAS rejects k == 0 (its leading dimensions would be 0): C = beta * C

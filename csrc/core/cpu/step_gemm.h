@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <type_traits>
 
 #if defined(__AVX512BF16__) || defined(__AMX_BF16__)
@@ -98,6 +99,59 @@ inline Pair PairOf(float lo, float hi) {
   return Pair(FromFloat<bfloat16>(lo).bits) | (Pair(FromFloat<bfloat16>(hi).bits) << 16);
 }
 
+// FromFloat<bfloat16>'s bits (in each lane's low half) for a vector of floats' bits: the same
+// rounding, a vector at a time (a scalar PairOf loop ran at 1.3 ns a pair).
+using Bits = typename Vector<std::uint32_t>::type;
+inline Bits RoundedBits(Bits u) {
+  const Bits rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const Bits quiet_nan = (u >> 16) | 0x0040u;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded;
+}
+inline Bits BitsAt(const float* p) {
+  Bits u;
+  std::memcpy(&u, p, sizeof(u));
+  return u;
+}
+
+// Pairs on 64-byte boundaries: a tile row (64 bytes) across two cache lines loads slowly (a
+// 32 x 32 block with k = 256 on AMX: 444 ns from new[]'s 16-byte alignment, 172 ns aligned).
+inline constexpr std::size_t kPairAlign = 64;
+struct AlignedDelete {
+  void operator()(Pair* p) const { ::operator delete[](p, std::align_val_t(kPairAlign)); }
+};
+using AlignedPairs = std::unique_ptr<Pair[], AlignedDelete>;
+inline AlignedPairs NewAlignedPairs(Index n) {
+  return AlignedPairs(new (std::align_val_t(kPairAlign)) Pair[n]);
+}
+
+// out[kk] = PairOf(row[2kk], row[2kk + 1]) for the (k + 1) / 2 pairs of a row of k floats
+// (row[k] read as 0 when k is odd).
+inline void PairsOfRow(const float* row, Index k, Pair* out) {
+  typedef std::uint64_t Wide __attribute__((vector_size(kVectorBytes)));
+  typedef std::uint32_t Half __attribute__((vector_size(kVectorBytes / 2)));
+  constexpr Index L = kLanes<float>;  // floats per vector: L / 2 pairs
+  Index kk = 0;
+  for (; 2 * kk + L <= k; kk += L / 2) {
+    // Each 64-bit lane holds the rounded lo and hi of one pair: fold hi down beside lo.
+    const Wide w = reinterpret_cast<Wide>(RoundedBits(BitsAt(row + 2 * kk)));
+    const Half pairs = __builtin_convertvector(w | (w >> 16), Half);
+    std::memcpy(out + kk, &pairs, sizeof(pairs));
+  }
+  for (; 2 * kk < k; ++kk) out[kk] = PairOf(row[2 * kk], 2 * kk + 1 < k ? row[2 * kk + 1] : 0.0f);
+}
+
+// out[i] = PairOf(lo[i], hi[i]) for i < n (hi null: zeros).
+inline void PairsOfRows(const float* lo, const float* hi, Index n, Pair* out) {
+  constexpr Index L = kLanes<float>;
+  Index i = 0;
+  for (; i + L <= n; i += L) {
+    const Bits high = hi ? RoundedBits(BitsAt(hi + i)) << 16 : Bits{};
+    const Bits pairs = RoundedBits(BitsAt(lo + i)) | high;
+    std::memcpy(out + i, &pairs, sizeof(pairs));
+  }
+  for (; i < n; ++i) out[i] = PairOf(lo[i], hi ? hi[i] : 0.0f);
+}
+
 // Whether this level multiplies bfloat16 pairs with the instruction (what makes them pay).
 inline constexpr bool kNativeBf16Dot =
 #if defined(__AVX512BF16__)
@@ -162,20 +216,44 @@ static_assert(kNativeBf16Dot, "the amx level has AVX512_BF16 and 64-byte vectors
 #endif
 inline constexpr bool kAmxTiles = TFCELLS_AMX_TILES;
 
-// The tile program of one block: out[32, 32] = A[32, k2p] · panel[k2p, 32] (A's rows `lda`
-// pairs apart, the panel's rows 32 pairs). Tiles is AmxTiles, or EmulatedTiles for the
-// self-test on any CPU.
+// The tile program of one block: C[32, 32] = C0 + A[32, k2p] · panel[k2p, 32] (A's rows `lda`
+// pairs apart, the panel's rows 32 pairs, C's rows ldc floats apart), where C0 is C as it was
+// (accumulate) or zero. Tiles is AmxTiles, or EmulatedTiles for the self-test on any CPU.
 template <typename Tiles>
-void TileBlock(Tiles& tiles, Index k2p, const Pair* a, Index lda, const Pair* panel,
-               float* out) {
+void TileBlock(Tiles& tiles, Index k2p, const Pair* a, Index lda, const Pair* panel, float* c,
+               Index ldc, bool accumulate) {
   constexpr Index kPanelBytes = kTileBlockCols * sizeof(Pair);
-  tiles.ZeroAccumulators();
+  const Index c_stride = ldc * Index(sizeof(float));
+  if (accumulate) {
+    tiles.LoadAccumulators(c, c_stride);
+  } else {
+    tiles.ZeroAccumulators();
+  }
   for (Index kk = 0; kk < k2p; kk += kTilePairs) {
     const Pair* b = panel + kk * kTileBlockCols;
     tiles.MultiplyAccumulate(a + kk, a + kTileRows * lda + kk, lda * Index(sizeof(Pair)), b,
                              b + kTileCols, kPanelBytes);
   }
-  tiles.StoreAccumulators(out, kTileBlockCols * Index(sizeof(float)));
+  tiles.StoreAccumulators(c, c_stride);
+}
+
+// C[rows, cols] = βC + A[32, k2p] · panel for one block (rows, cols <= 32): the accumulators
+// start from βC and add the pair products in order, so a block's result does not depend on its
+// size. A whole block with β 0 or 1 runs in C itself, the others through a scratch block.
+template <typename Tiles>
+void TileProduct(Tiles& tiles, Index k2p, const Pair* a, const Pair* panel, Index rows,
+                 Index cols, float beta, float* c, Index ldc) {
+  constexpr Index kRows = kTileBlockRows, kCols = kTileBlockCols;
+  if (rows == kRows && cols == kCols && (beta == 0.0f || beta == 1.0f))
+    return TileBlock(tiles, k2p, a, k2p, panel, c, ldc, beta != 0.0f);
+  alignas(64) float block[kRows * kCols];
+  for (Index r = 0; r < kRows; ++r)
+    for (Index j = 0; j < kCols; ++j)  // β = 0 never reads C
+      block[r * kCols + j] =
+          r < rows && j < cols && beta != 0.0f ? beta * c[r * ldc + j] : 0.0f;
+  TileBlock(tiles, k2p, a, k2p, panel, block, kCols, true);
+  for (Index r = 0; r < rows; ++r)
+    for (Index j = 0; j < cols; ++j) c[r * ldc + j] = block[r * kCols + j];
 }
 
 // The tiles as Intel's pseudo-code of TDPBF16PS defines them: eight registers of 16 rows of
@@ -186,6 +264,12 @@ struct EmulatedTiles {
   std::uint32_t tile[8][kTileRows][kTileCols];
 
   void ZeroAccumulators() { std::memset(tile, 0, 4 * sizeof(tile[0])); }
+  void LoadAccumulators(const float* in, Index stride) {
+    const char* base = reinterpret_cast<const char*>(in);
+    const Index half = kTileRows * stride;
+    Load(0, base, stride), Load(1, base + 64, stride);
+    Load(2, base + half, stride), Load(3, base + half + 64, stride);
+  }
   void MultiplyAccumulate(const Pair* a0, const Pair* a1, Index a_stride, const Pair* b0,
                           const Pair* b1, Index b_stride) {
     Load(4, a0, a_stride), Load(5, a1, a_stride), Load(6, b0, b_stride), Load(7, b1, b_stride);
@@ -229,13 +313,15 @@ struct EmulatedTiles {
 // the tile state before this level is chosen (cpu_isa.cc).
 struct AmxTiles {
   AmxTiles() {
-    alignas(64) std::uint8_t config[64] = {};
-    config[0] = 1;  // palette 1
-    for (int t = 0; t < 8; ++t) {
-      config[16 + 2 * t] = 64;  // bytes per row (16-bit little-endian field)
-      config[48 + t] = kTileRows;
-    }
-    _tile_loadconfig(config);
+    // Constant, not written on the stack: GCC 12 once dropped two of the stores of a local
+    // configuration before LDTILECFG (which then faulted), as if the instruction did not read it.
+    alignas(64) static constexpr std::uint8_t kConfig[64] = {
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,            // palette 1
+        64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0,    // bytes per row, tiles 0-7
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,            // (tiles 8-15: none)
+        16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0};  // rows, tiles 0-7
+    static_assert(kTileRows == 16, "kConfig's rows");
+    _tile_loadconfig(kConfig);
   }
   ~AmxTiles() { _tile_release(); }
   AmxTiles(const AmxTiles&) = delete;
@@ -248,14 +334,22 @@ struct AmxTiles {
     _tile_zero(2);
     _tile_zero(3);
   }
+  void LoadAccumulators(const float* in, Index stride) {
+    const char* base = reinterpret_cast<const char*>(in);
+    const Index half = kTileRows * stride;
+    _tile_loadd(0, base, stride);
+    _tile_loadd(1, base + 64, stride);
+    _tile_loadd(2, base + half, stride);
+    _tile_loadd(3, base + half + 64, stride);
+  }
   void MultiplyAccumulate(const Pair* a0, const Pair* a1, Index a_stride, const Pair* b0,
                           const Pair* b1, Index b_stride) {
     _tile_loadd(4, a0, a_stride);
-    _tile_loadd(5, a1, a_stride);
     _tile_loadd(6, b0, b_stride);
-    _tile_loadd(7, b1, b_stride);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b1, b_stride);
     _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a1, a_stride);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
   }
@@ -298,22 +392,11 @@ class PackedOperand {
   // op(W) = W [k, n] (trans false) or Wᵀ with W [n, k] (trans true); ld: W's row stride.
   PackedOperand(bool trans, Index k, Index n, const T* w, Index ld, bool pairs = false)
       : k_(k), n_(n), pairs_(pairs && std::is_same_v<T, float>) {
-    auto at = [&](Index kk, Index col) { return trans ? w[col * ld + kk] : w[kk * ld + col]; };
-    if (pairs_) {
-      const Index k2 = PairRows(), k2p = PaddedPairRows();
-      pair_panels_.reset(new step_gemm::Pair[Panels() * k2p * kPanelCols]);
-      for (Index p = 0; p < Panels(); ++p) {
-        step_gemm::Pair* dst = pair_panels_.get() + p * k2p * kPanelCols;
-        const Index c0 = p * kPanelCols, cols = std::min(kPanelCols, n - c0);
-        for (Index kk = 0; kk < k2p; ++kk)
-          for (Index c = 0; c < kPanelCols; ++c) {
-            const bool in = c < cols && kk < k2;
-            const float lo = in ? float(at(2 * kk, c0 + c)) : 0.0f;
-            const float hi = in && 2 * kk + 1 < k ? float(at(2 * kk + 1, c0 + c)) : 0.0f;
-            dst[kk * kPanelCols + c] = step_gemm::PairOf(lo, hi);
-          }
+    if constexpr (std::is_same_v<T, float>) {
+      if (pairs_) {
+        PackPairs(trans, w, ld, [](Index count, const auto& fn) { fn(Index(0), count); });
+        return;
       }
-      return;
     }
     panels_.reset(new T[Panels() * k * kPanelCols]);
     for (Index p = 0; p < Panels(); ++p) {
@@ -332,6 +415,15 @@ class PackedOperand {
     }
   }
 
+  // Pairs only: the same, with the packing split by split(count, fn), which runs fn(begin, end)
+  // over ranges covering [0, count), possibly in parallel (CpuBackend::PairGemm).
+  template <typename Split>
+  PackedOperand(bool trans, Index k, Index n, const float* w, Index ld, const Split& split)
+      : k_(k), n_(n), pairs_(true) {
+    static_assert(std::is_same_v<T, float>, "pairs of float32 only");
+    PackPairs(trans, w, ld, split);
+  }
+
   Index k() const { return k_; }
   Index n() const { return n_; }
   Index Panels() const { return (n_ + kPanelCols - 1) / kPanelCols; }
@@ -345,10 +437,10 @@ class PackedOperand {
     if (pairs_) {
       if constexpr (std::is_same_v<T, float>) {
 #if TFCELLS_AMX_TILES
-        MultiplyPairTiles<step_gemm::AmxTiles>(m, a, lda, beta, c, ldc, p0, p1);
-#else
-        MultiplyPairs(blocks, height, taller, a, lda, beta, c, ldc, p0, p1);
+        if constexpr (kPanelCols == step_gemm::kTileBlockCols)  // (other widths: for timings)
+          return MultiplyPairTiles<step_gemm::AmxTiles>(m, a, lda, beta, c, ldc, p0, p1);
 #endif
+        MultiplyPairs(blocks, height, taller, a, lda, beta, c, ldc, p0, p1);
       }
       return;
     }
@@ -368,42 +460,97 @@ class PackedOperand {
 
   // The pair products on tiles (pairs only): what Multiply runs at the amx level, public so that
   // the self-test can run the same program on EmulatedTiles. A block of 32 rows is rounded to
-  // pairs once (the rows past m as zeros), then multiplied by every panel in [p0, p1), each
-  // into a 32 x 32 scratch block that is added to C.
-  // a_trans: row i of A is column i of `a` (a[kk * lda + i]); c_trans: C is stored transposed
-  // (C[i, j] at c[j * ldc + i]). Both for whole-sequence GEMMs (CpuBackend::PairGemm).
+  // pairs once (the rows past m as zeros), then multiplied by every panel in [p0, p1)
+  // (step_gemm::TileProduct: C = βC + A·op(W), βC first).
   template <typename Tiles>
   void MultiplyPairTiles(Index m, const float* a, Index lda, float beta, float* c, Index ldc,
-                         Index p0, Index p1, bool a_trans = false, bool c_trans = false) const {
+                         Index p0, Index p1) const {
     static_assert(kPanelCols == step_gemm::kTileBlockCols, "a panel is two B tiles wide");
     constexpr Index kRows = step_gemm::kTileBlockRows;
     const Index k2p = PaddedPairRows();
-    const Index row_step = c_trans ? 1 : ldc, col_step = c_trans ? ldc : 1;
     RowBuffer buffer(kRows * k2p);
     step_gemm::Pair* rows_in_pairs = buffer.data();
-    alignas(64) float block[kRows * kPanelCols];
     Tiles tiles;
     for (Index i = 0; i < m; i += kRows) {
       const Index rows = std::min(kRows, m - i);
-      RoundRows(a_trans ? a + i : a + i * lda, lda, rows, k2p, rows_in_pairs, a_trans);
+      RoundRows(a + i * lda, lda, false, rows, 0, k2p, rows_in_pairs);
       std::fill(rows_in_pairs + rows * k2p, rows_in_pairs + kRows * k2p, step_gemm::Pair(0));
       for (Index p = p0; p < p1; ++p) {
-        const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
-        step_gemm::TileBlock(tiles, k2p, rows_in_pairs, k2p,
-                             pair_panels_.get() + p * k2p * kPanelCols, block);
-        for (Index r = 0; r < rows; ++r) {
-          float* c_row = c + (i + r) * row_step + j * col_step;
-          const float* b_row = block + r * kPanelCols;
-          for (Index jj = 0; jj < cols; ++jj) {
-            float& out = c_row[jj * col_step];
-            out = beta != 0.0f ? b_row[jj] + beta * out : b_row[jj];
-          }
+        const Index j = p * kPanelCols;
+        step_gemm::TileProduct(tiles, k2p, rows_in_pairs,
+                               pair_panels_.get() + p * k2p * kPanelCols, rows,
+                               std::min(kPanelCols, n_ - j), beta, c + i * ldc + j, ldc);
+      }
+    }
+  }
+
+  // The same for a whole-sequence GEMM (CpuBackend::PairGemm: k = T·B rows): k runs in slabs of
+  // kSlabPairs pairs, so that a slab of every row block of A (32 KiB a block) stays in L2 and a
+  // slab of a panel (32 KiB) in L1 while every block of C adds it in place.
+  // a_trans: row i of A is column i of `a` (a[kk * lda + i]).
+  template <typename Tiles>
+  void MultiplyPairTilesInSlabs(Index m, const float* a, Index lda, bool a_trans, float beta,
+                                float* c, Index ldc) const {
+    static_assert(kPanelCols == step_gemm::kTileBlockCols, "a panel is two B tiles wide");
+    constexpr Index kRows = step_gemm::kTileBlockRows, kSlabPairs = 256;
+    static_assert(kSlabPairs % step_gemm::kTilePairs == 0, "slabs of whole tiles");
+    const Index k2p = PaddedPairRows(), blocks = (m + kRows - 1) / kRows;
+    const step_gemm::AlignedPairs buffer =
+        step_gemm::NewAlignedPairs(blocks * kRows * std::min(kSlabPairs, k2p));
+    Tiles tiles;
+    for (Index s0 = 0; s0 < k2p; s0 += kSlabPairs) {
+      const Index pairs = std::min(kSlabPairs, k2p - s0);
+      for (Index blk = 0; blk < blocks; ++blk) {
+        const Index i = blk * kRows, rows = std::min(kRows, m - i);
+        step_gemm::Pair* out = buffer.get() + blk * kRows * pairs;
+        RoundRows(a_trans ? a + i : a + i * lda, lda, a_trans, rows, s0, pairs, out);
+        std::fill(out + rows * pairs, out + kRows * pairs, step_gemm::Pair(0));
+      }
+      for (Index p = 0; p < Panels(); ++p) {
+        const Index j = p * kPanelCols;
+        const step_gemm::Pair* panel = pair_panels_.get() + (p * k2p + s0) * kPanelCols;
+        for (Index blk = 0; blk < blocks; ++blk) {
+          const Index i = blk * kRows;
+          step_gemm::TileProduct(tiles, pairs, buffer.get() + blk * kRows * pairs, panel,
+                                 std::min(kRows, m - i), std::min(kPanelCols, n_ - j),
+                                 s0 == 0 ? beta : 1.0f, c + i * ldc + j, ldc);
         }
       }
     }
   }
 
  private:
+  // op(W) as pair panels, zero-padded to whole tiles of pairs and to whole panels; the pair rows
+  // split by split(count, fn), which runs fn(kk0, kk1) over ranges covering [0, count).
+  template <typename Split>
+  void PackPairs(bool trans, const float* w, Index ld, const Split& split) {
+    const Index k2 = PairRows(), k2p = PaddedPairRows(), panels = Panels();
+    pair_panels_ = step_gemm::NewAlignedPairs(panels * k2p * kPanelCols);
+    step_gemm::Pair* const packed = pair_panels_.get();
+    auto row_of = [&](Index p, Index kk) { return packed + (p * k2p + kk) * kPanelCols; };
+    for (Index p = 0; p < panels; ++p)  // the padding pairs
+      std::fill(row_of(p, k2), row_of(p, k2p), step_gemm::Pair(0));
+    split(k2, [&](Index kk0, Index kk1) {
+      // A pair of W's rows at a time, across every panel: each row read once, in order.
+      for (Index kk = kk0; kk < kk1; ++kk) {
+        const bool has_hi = 2 * kk + 1 < k_;
+        for (Index p = 0; p < panels; ++p) {
+          const Index c0 = p * kPanelCols, cols = std::min(kPanelCols, n_ - c0);
+          step_gemm::Pair* row = row_of(p, kk);
+          if (trans) {
+            for (Index c = 0; c < cols; ++c)
+              row[c] = step_gemm::PairOf(w[(c0 + c) * ld + 2 * kk],
+                                         has_hi ? w[(c0 + c) * ld + 2 * kk + 1] : 0.0f);
+          } else {
+            const float* lo = w + 2 * kk * ld + c0;
+            step_gemm::PairsOfRows(lo, has_hi ? lo + ld : nullptr, cols, row);
+          }
+          std::fill(row + cols, row + kPanelCols, step_gemm::Pair(0));
+        }
+      }
+    });
+  }
+
   Index PairRows() const { return (k_ + 1) / 2; }
   // Pair rows of each packed panel: k's pairs, zero-padded to whole tiles.
   Index PaddedPairRows() const {
@@ -417,37 +564,39 @@ class PackedOperand {
   class RowBuffer {
    public:
     explicit RowBuffer(Index size)
-        : heap_(size > kOnStack ? new step_gemm::Pair[size] : nullptr) {}
+        : heap_(size > kOnStack ? step_gemm::NewAlignedPairs(size) : nullptr) {}
     step_gemm::Pair* data() { return heap_ ? heap_.get() : stack_; }
 
    private:
     static constexpr Index kOnStack = 16384;
-    step_gemm::Pair stack_[kOnStack];  // uninitialised: rows are written before they are read
-    std::unique_ptr<step_gemm::Pair[]> heap_;
+    // Uninitialised: rows are written before they are read.
+    alignas(step_gemm::kPairAlign) step_gemm::Pair stack_[kOnStack];
+    step_gemm::AlignedPairs heap_;
   };
 
-  // rows rows of A (lda apart; with a_trans columns, lda apart) as pairs, `stride` pairs apart,
-  // zero past k.
-  void RoundRows(const float* a, Index lda, Index rows, Index stride, step_gemm::Pair* out,
-                 bool a_trans = false) const {
-    const Index k2 = PairRows();
-    if (a_trans) {  // a row of `a` at a time: each holds element kk of every row of A
-      for (Index kk = 0; kk < k2; ++kk) {
-        const float* lo = a + 2 * kk * lda;
-        const float* hi = 2 * kk + 1 < k_ ? lo + lda : nullptr;
-        for (Index r = 0; r < rows; ++r)
-          out[r * stride + kk] = step_gemm::PairOf(lo[r], hi ? hi[r] : 0.0f);
+  // Pairs [kk0, kk0 + pairs) of `rows` rows of A (lda apart; with a_trans columns, lda apart),
+  // `pairs` apart in `out`, zero past k.
+  void RoundRows(const float* a, Index lda, bool a_trans, Index rows, Index kk0, Index pairs,
+                 step_gemm::Pair* out) const {
+    const Index k_end = std::min(k_, 2 * (kk0 + pairs));
+    const Index k2 = std::max<Index>(0, (k_end - 2 * kk0 + 1) / 2);
+    if (a_trans) {  // two rows of `a` at a time: each holds element kk of every row of A
+      constexpr Index kChunk = step_gemm::kTileBlockRows;
+      step_gemm::Pair chunk[kChunk];
+      for (Index r0 = 0; r0 < rows; r0 += kChunk) {
+        const Index n = std::min(kChunk, rows - r0);
+        for (Index kk = 0; kk < k2; ++kk) {
+          const float* lo = a + 2 * (kk0 + kk) * lda + r0;
+          step_gemm::PairsOfRows(lo, 2 * (kk0 + kk) + 1 < k_end ? lo + lda : nullptr, n, chunk);
+          for (Index r = 0; r < n; ++r) out[(r0 + r) * pairs + kk] = chunk[r];
+        }
       }
     } else {
-      for (Index r = 0; r < rows; ++r) {
-        const float* a_row = a + r * lda;
-        for (Index kk = 0; kk < k2; ++kk)
-          out[r * stride + kk] =
-              step_gemm::PairOf(a_row[2 * kk], 2 * kk + 1 < k_ ? a_row[2 * kk + 1] : 0.0f);
-      }
+      for (Index r = 0; r < rows; ++r)
+        step_gemm::PairsOfRow(a + r * lda + 2 * kk0, k_end - 2 * kk0, out + r * pairs);
     }
     for (Index r = 0; r < rows; ++r)
-      std::fill(out + r * stride + k2, out + (r + 1) * stride, step_gemm::Pair(0));
+      std::fill(out + r * pairs + k2, out + (r + 1) * pairs, step_gemm::Pair(0));
   }
 
   // A row block is rounded to pairs once, then multiplied by every panel in [p0, p1).
@@ -458,7 +607,7 @@ class PackedOperand {
     step_gemm::Pair* rows_in_pairs = buffer.data();
     for (Index blk = 0, i = 0; blk < blocks; ++blk) {
       const Index rows = height + (blk < taller ? 1 : 0);
-      RoundRows(a + i * lda, lda, rows, k2, rows_in_pairs);
+      RoundRows(a + i * lda, lda, false, rows, 0, k2, rows_in_pairs);
       for (Index p = p0; p < p1; ++p) {
         const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
         const step_gemm::Pair* panel = pair_panels_.get() + p * k2p * kPanelCols;
@@ -474,7 +623,7 @@ class PackedOperand {
   Index k_ = 0, n_ = 0;
   bool pairs_ = false;
   std::unique_ptr<T[]> panels_;  // uninitialised: every element is written once
-  std::unique_ptr<step_gemm::Pair[]> pair_panels_;
+  step_gemm::AlignedPairs pair_panels_;
 };
 
 // A PackedOperand of pairs in the tiles' 32-column panels (at the amx level the level's own).

@@ -422,12 +422,12 @@ void RunStaged(const Case& cs, unsigned seed,
   }
 }
 
-// Σ_kk round(a(kk))·round(b(kk)) over kk < k in float32, in a pair instruction's order: per pair
-// of kk the low halves' product first (TDPBF16PS) or the high halves' (vdpbf16ps).
+// start + Σ_kk round(a(kk))·round(b(kk)) over kk < k in float32, in a pair instruction's order:
+// per pair of kk the low halves' product first (TDPBF16PS) or the high halves' (vdpbf16ps).
 template <typename A, typename B>
-float PairSum(Index k, const A& a, const B& b, bool low_first) {
+float PairSum(Index k, const A& a, const B& b, bool low_first, float start = 0.0f) {
   auto round = [](float v) { return ToFloat(FromFloat<bfloat16>(v)); };
-  float acc = 0.0f;
+  float acc = start;
   for (Index kk = 0; kk < k; kk += 2) {
     const float lo = round(a(kk)) * round(b(kk));
     const float hi = kk + 1 < k ? round(a(kk + 1)) * round(b(kk + 1)) : 0.0f;
@@ -438,13 +438,14 @@ float PairSum(Index k, const A& a, const B& b, bool low_first) {
 }
 
 // How many bfloat16 pair products of `multiply` differ from a scalar sum in the instruction's
-// order: per pair the high halves' product first (vdpbf16ps) or the low halves' (TDPBF16PS).
+// order: per pair the high halves' product first (vdpbf16ps, whose kernel adds βC last) or the
+// low halves' (TDPBF16PS, whose accumulators start from βC: tiles).
 // multiply(op, m, a, lda, beta, c, ldc) computes C = A·op + βC with a PackedOperand<float, ...>
 // of pairs made by make(trans, k, cols, w, ld). Bit for bit: products of two bfloat16 are exact
 // in float32, so only the order of the additions matters.
 template <typename Make, typename Multiply>
 int PairProductMismatches(std::initializer_list<Index> ms, std::initializer_list<Index> ks,
-                          std::initializer_list<Index> colss, bool low_first, const Make& make,
+                          std::initializer_list<Index> colss, bool tiles, const Make& make,
                           const Multiply& multiply) {
   std::mt19937 rng(7);
   std::normal_distribution<float> n(0.0f, 1.0f);
@@ -453,7 +454,7 @@ int PairProductMismatches(std::initializer_list<Index> ms, std::initializer_list
     for (Index k : ks)
       for (Index cols : colss)
         for (bool trans : {false, true})
-          for (float beta : {0.0f, 1.0f}) {
+          for (float beta : {0.0f, 1.0f, 0.5f}) {
             const Index lda = k + 3, ldc = cols + 2;  // strided rows, and C's gaps kept intact
             std::vector<float> a(m * lda), w(k * cols), c(m * ldc);
             for (float& e : a) e = n(rng);
@@ -463,10 +464,11 @@ int PairProductMismatches(std::initializer_list<Index> ms, std::initializer_list
             auto w_at = [&](Index kk, Index j) { return trans ? w[j * k + kk] : w[kk * cols + j]; };
             for (Index i = 0; i < m; ++i)
               for (Index j = 0; j < cols; ++j) {
+                const float bc = beta != 0.0f ? beta * c[i * ldc + j] : 0.0f;
                 const float acc = PairSum(
                     k, [&](Index kk) { return a[i * lda + kk]; },
-                    [&](Index kk) { return w_at(kk, j); }, low_first);
-                want[i * ldc + j] = beta != 0.0f ? acc + c[i * ldc + j] : acc;
+                    [&](Index kk) { return w_at(kk, j); }, tiles, tiles ? bc : 0.0f);
+                want[i * ldc + j] = tiles ? acc : acc + bc;
               }
             const auto op = make(trans, k, cols, w.data(), trans ? k : cols);
             multiply(op, m, a.data(), lda, beta, c.data(), ldc);
@@ -516,12 +518,14 @@ void CheckPairGemm() {
   std::mt19937 rng(13);
   std::normal_distribution<float> n(0.0f, 1.0f);
   int bad = 0;
-  // m, n, k; the last two large enough to be split (CpuTuning's kMinParallelGemmFlops).
-  const Index shapes[][3] = {{1, 1, 1},    {5, 40, 33},    {40, 5, 33},
-                             {70, 100, 7}, {100, 70, 300}, {70, 100, 301}};
+  // m, n, k; from {100, 70, 300} on large enough to be split (kMinParallelGemmFlops); the last
+  // two run k in several slabs (MultiplyPairTilesInSlabs), one of them in whole 32 x 32 blocks.
+  const Index shapes[][3] = {{1, 1, 1},       {5, 40, 33},     {40, 5, 33},
+                             {70, 100, 7},    {100, 70, 300},  {70, 100, 301},
+                             {40, 37, 1100},  {64, 64, 1025}};
   for (const auto& s : shapes)
     for (int trans = 0; trans < 4; ++trans)
-      for (float beta : {0.0f, 1.0f})
+      for (float beta : {0.0f, 1.0f, 0.5f})
         for (int tasks : {1, 3}) {
           const Index m = s[0], cols = s[1], k = s[2];
           const bool ta = trans & 1, tb = trans & 2;
@@ -535,10 +539,9 @@ void CheckPairGemm() {
           std::vector<float> want = c;
           for (Index i = 0; i < m; ++i)
             for (Index j = 0; j < cols; ++j) {
-              const float acc = PairSum(
+              want[i * ldc + j] = PairSum(
                   k, [&](Index kk) { return a_at(i, kk); }, [&](Index kk) { return b_at(kk, j); },
-                  true);
-              want[i * ldc + j] = beta != 0.0f ? acc + c[i * ldc + j] : acc;
+                  true, beta != 0.0f ? beta * c[i * ldc + j] : 0.0f);
             }
           CpuBackend be;
           be.runner = tasks > 1 ? &kThreads : nullptr;
