@@ -94,6 +94,14 @@ bool RequestTileData() {
   return false;
 #endif
 }
+
+// Whether `level` runs AMX tile instructions here: the amx level, and a native build on a
+// machine with AMX (-march=native turns the tile code on; without Linux' permission its first
+// tile instruction dies with SIGILL).
+bool RunsTiles(const std::string& level) {
+  static const X86Features f;
+  return level == "amx" || (level == "native" && f.amx);
+}
 #endif  // __x86_64__
 
 // What this machine lacks to run `level` ("" when nothing).
@@ -137,7 +145,7 @@ int Choose(const std::string& cap, const char* source, std::string* error) {
     if (!cap.empty() && cap != name) continue;
     std::string lacks = Lacks(name);
 #if defined(__x86_64__)
-    if (lacks.empty() && name == "amx" && !RequestTileData())
+    if (lacks.empty() && RunsTiles(name) && !RequestTileData())
       lacks = "permission to use AMX tile data (arch_prctl(ARCH_REQ_XCOMP_PERM) refused)";
 #endif
     if (lacks.empty()) return i;
