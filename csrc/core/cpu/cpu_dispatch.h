@@ -24,7 +24,8 @@ struct CpuKernels {
   void (*backward_f64)(const BackwardArgs<double>&, const CpuOptions&);
   void (*backward_bf16)(const BackwardArgs<float, bfloat16>&, const CpuOptions&);
   void (*backward_f16)(const BackwardArgs<float, float16>&, const CpuOptions&);
-  bool native_bf16_dot;  // the level has AVX512_BF16's dot product (StepProducts::kAuto)
+  bool native_bf16_dot;  // the level has AVX512_BF16's dot product
+  bool amx_tiles;        // the level multiplies bfloat16 pairs on AMX tiles
 
   // The entry for these arguments' types.
   template <typename T, typename S>
@@ -47,7 +48,12 @@ struct CpuKernels {
 // throws std::invalid_argument when TFCELLS_CPU_ISA was not a level this machine runs.
 int CpuIsaIndex();
 
-// The caller's options with SetCpuGemmThreads' cap applied (and OpenBLAS set to one thread).
+// Whether this CPU is Intel's (cpuid's vendor string): its AVX512_BF16 dot product does no more
+// FLOP per cycle than two FMAs (README, 16-bit storage), so pairs pay there only on tiles.
+bool CpuIsIntel();
+
+// The caller's options with SetCpuGemmThreads' cap applied, StepProducts::kAuto resolved
+// (CpuBf16Products), and OpenBLAS set to one thread.
 CpuOptions CpuRunOptions(const CpuOptions& options);
 
 }  // namespace tfcells

@@ -179,6 +179,16 @@ const bool kChosenAtLoad = (Chosen(), true);
 
 }  // namespace
 
+bool CpuIsIntel() {
+#if defined(__x86_64__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  return b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;  // "Genu" "ineI" "ntel"
+#else
+  return false;
+#endif
+}
+
 int CpuIsaIndex() {
   const int index = Chosen().index.load(std::memory_order_relaxed);
   if (index < 0) throw std::invalid_argument("tfcells: " + Chosen().error);

@@ -66,9 +66,9 @@ CpuBackend MakeBackend(const CpuOptions& options) {
   CpuBackend be;
   be.runner = options.runner;
   be.max_tasks = options.max_tasks;
-  be.bf16_products = std::is_same_v<S, bfloat16> &&
-                     (options.products == StepProducts::kBFloat16 ||
-                      (options.products == StepProducts::kAuto && step_gemm::kNativeBf16Dot));
+  // kAuto arrives resolved (CpuRunOptions).
+  be.bf16_products =
+      std::is_same_v<S, bfloat16> && options.products == StepProducts::kBFloat16;
   be.bf16_gemms = be.bf16_products && step_gemm::kAmxTiles;
   return be;
 }
@@ -105,7 +105,7 @@ const CpuKernels& TFCELLS_LEVEL_NAME(CpuKernelsOf_, TFCELLS_ISA)() {
       &RunForward<float, bfloat16>, &RunForward<float, float16>,
       &RunBackward<float, float>,  &RunBackward<double, double>,
       &RunBackward<float, bfloat16>, &RunBackward<float, float16>,
-      step_gemm::kNativeBf16Dot};
+      step_gemm::kNativeBf16Dot, step_gemm::kAmxTiles};
   return kKernels;
 }
 

@@ -76,6 +76,8 @@ CpuOptions CpuRunOptions(const CpuOptions& options) {
     PrimeOpenBlasBuffers();
   });
   CpuOptions run = options;
+  if (run.products == StepProducts::kAuto)
+    run.products = CpuBf16Products() ? StepProducts::kBFloat16 : StepProducts::kFloat32;
   const int cap = gemm_threads_setting.load();
   run.max_tasks = std::max(1, cap > 0 ? std::min(cap, options.max_tasks) : options.max_tasks);
   return run;
@@ -95,7 +97,10 @@ TFCELLS_CPU_ENTRY_POINTS(float, bfloat16)
 TFCELLS_CPU_ENTRY_POINTS(float, float16)
 #undef TFCELLS_CPU_ENTRY_POINTS
 
-bool CpuBf16Products() { return Kernels().native_bf16_dot; }
+bool CpuBf16Products() {
+  const CpuKernels& k = Kernels();
+  return k.amx_tiles || (k.native_bf16_dot && !CpuIsIntel());
+}
 
 void SetCpuGemmThreads(int threads) { gemm_threads_setting.store(std::max(0, threads)); }
 int CpuGemmThreads() { return gemm_threads_setting.load(); }
