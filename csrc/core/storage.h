@@ -43,6 +43,16 @@ TFCELLS_HD float FloatOf(std::uint32_t u) {
 #endif
 }
 
+// The bfloat16 of the float whose bits are u, in the low 16 bits: round to nearest even on the
+// upper 16 bits; a NaN stays a (quiet) NaN. For a uint32, or on the CPU a vector of them (the
+// bfloat16 pairs of step_gemm.h, a vector at a time).
+template <typename U>
+TFCELLS_HD U BFloat16BitsOf(U u) {
+  const U rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const U quiet_nan = (u >> 16) | 0x0040u;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded;
+}
+
 }  // namespace storage_bits
 
 TFCELLS_HD float ToFloat(bfloat16 v) { return storage_bits::FloatOf(std::uint32_t(v.bits) << 16); }
@@ -66,9 +76,7 @@ TFCELLS_HD S FromFloat(float f);
 // Round to nearest even on the upper 16 bits; a NaN stays a (quiet) NaN.
 template <>
 TFCELLS_HD bfloat16 FromFloat<bfloat16>(float f) {
-  const std::uint32_t u = storage_bits::BitsOf(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return {std::uint16_t((u >> 16) | 0x0040u)};
-  return {std::uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+  return {std::uint16_t(storage_bits::BFloat16BitsOf(storage_bits::BitsOf(f)))};
 }
 
 // Round to nearest even into binary16: adding a power of two that puts the half's last mantissa
