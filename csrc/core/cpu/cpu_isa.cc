@@ -33,9 +33,12 @@ constexpr int kLevelCount = sizeof(kLevelNames) / sizeof(kLevelNames[0]);
 // feature is unusable when the OS does not save its registers).
 struct X86Features {
   bool v3 = false, v4 = false, avx512_bf16 = false, avx512_fp16 = false, amx = false;
+  bool intel = false;  // the vendor string is "GenuineIntel"
 
   X86Features() {
     unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return;
+    intel = b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;  // "Genu" "ineI" "ntel"
     if (!__get_cpuid(1, &a, &b, &c, &d)) return;
     const unsigned l1c = c;
     const unsigned max_leaf = __get_cpuid_max(0, nullptr);
@@ -85,6 +88,12 @@ struct X86Features {
   }
 };
 
+// This machine's features, read once (cpuid in a VM exits to the hypervisor).
+const X86Features& Features() {
+  static const X86Features f;
+  return f;
+}
+
 // Linux gives a process AMX tile data only on request (the state is large).
 bool RequestTileData() {
 #if defined(__linux__)
@@ -99,8 +108,7 @@ bool RequestTileData() {
 // machine with AMX (-march=native turns the tile code on; without Linux' permission its first
 // tile instruction dies with SIGILL).
 bool RunsTiles(const std::string& level) {
-  static const X86Features f;
-  return level == "amx" || (level == "native" && f.amx);
+  return level == "amx" || (level == "native" && Features().amx);
 }
 #endif  // __x86_64__
 
@@ -108,7 +116,7 @@ bool RunsTiles(const std::string& level) {
 std::string Lacks(const std::string& level) {
   if (level == "native" || level == "generic" || level == "x86-64") return "";
 #if defined(__x86_64__)
-  static const X86Features f;
+  const X86Features& f = Features();
   if (level == "x86-64-v3")
     return f.v3 ? "" : "AVX2, FMA, F16C, BMI1/2, LZCNT or MOVBE (x86-64-v3), or the OS's YMM state";
   if (!f.v3 || !f.v4) return "AVX-512 F/BW/CD/DQ/VL (x86-64-v4), or the OS's ZMM state";
@@ -181,9 +189,7 @@ const bool kChosenAtLoad = (Chosen(), true);
 
 bool CpuIsIntel() {
 #if defined(__x86_64__)
-  unsigned a, b, c, d;
-  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
-  return b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;  // "Genu" "ineI" "ntel"
+  return Features().intel;
 #else
   return false;
 #endif
