@@ -613,34 +613,33 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
     }
     CountWork(kGradXWork);
   }
-  if (m & kGradKernel) {
-    if (in_dropout) {  // dW_x[:, g] = (x ⊙ mx_g)ᵀ·dG_g
-      for (int g = 0; g < G; ++g) {
-        MaskRows(be, d, d.I, in.x, in.input_dropout, g, masked_rows, false);
-        be.Gemm(true, false, d.I, H, rows, masked_rows, d.I, dg_in + g * H, GH, T(0),
-                a.dkernel + g * H, GH);
-      }
-    } else {
-      be.Gemm(true, false, d.I, GH, rows, in.x, d.I, dg_in, GH, T(0), a.dkernel, GH);
+  // The weight gradients. With dropout, gate g's columns multiply its masked rows,
+  // dW_x[:, g] = (x ⊙ mx_g)ᵀ·dG_g and dW_h[:, g] = (h_prev ⊙ mh_g)ᵀ·dG_g, a gate at a time: the
+  // two products of a gate follow each other, so a backend may prepare dG_g once for both (the
+  // CPU's bfloat16 pair path packs it), as it does dG for the two whole products.
+  const bool want_dw_x = m & kGradKernel, want_dw_h = m & kGradRecurrentKernel;
+  for (int g = 0; g < G && ((want_dw_x && in_dropout) || (want_dw_h && rec_dropout)); ++g) {
+    if (want_dw_x && in_dropout) {
+      MaskRows(be, d, d.I, in.x, in.input_dropout, g, masked_rows, false);
+      be.Gemm(true, false, d.I, H, rows, masked_rows, d.I, dg_in + g * H, GH, T(0),
+              a.dkernel + g * H, GH);
     }
-    CountWork(kGradKernelWork);
-  }
-  if (m & kGradRecurrentKernel) {
-    if (rec_dropout) {  // dW_h[:, g] = (h_prev ⊙ mh_g)ᵀ·dG_g
-      for (int g = 0; g < product_gates; ++g) {
-        MaskRows(be, d, H, a.h_prev.data, in.recurrent_dropout, g, masked_rows, false);
-        be.Gemm(true, false, H, H, rows, masked_rows, H, dg_rec + g * H, GH, T(0),
-                a.drecurrent_kernel + g * H, GH);
-      }
-    } else {
-      be.Gemm(true, false, H, product_gates * H, rows, a.h_prev.data, H, dg_rec, GH, T(0),
-              a.drecurrent_kernel, GH);
+    if (want_dw_h && rec_dropout && g < product_gates) {
+      MaskRows(be, d, H, a.h_prev.data, in.recurrent_dropout, g, masked_rows, false);
+      be.Gemm(true, false, H, H, rows, masked_rows, H, dg_rec + g * H, GH, T(0),
+              a.drecurrent_kernel + g * H, GH);
     }
-    if (info.split_candidate)  // the candidate's GEMM took r * h_prev (⊙ mh), kept in aux
-      be.Gemm(true, false, H, H, rows, a.aux.data, H, dg_rec + product_gates * H, GH, T(0),
-              a.drecurrent_kernel + product_gates * H, GH);
-    CountWork(kGradRecurrentKernelWork);
   }
+  if (want_dw_x && !in_dropout)
+    be.Gemm(true, false, d.I, GH, rows, in.x, d.I, dg_in, GH, T(0), a.dkernel, GH);
+  if (want_dw_h && !rec_dropout)
+    be.Gemm(true, false, H, product_gates * H, rows, a.h_prev.data, H, dg_rec, GH, T(0),
+            a.drecurrent_kernel, GH);
+  if (want_dw_h && info.split_candidate)  // the candidate's GEMM took r * h_prev (⊙ mh), in aux
+    be.Gemm(true, false, H, H, rows, a.aux.data, H, dg_rec + product_gates * H, GH, T(0),
+            a.drecurrent_kernel + product_gates * H, GH);
+  if (want_dw_x) CountWork(kGradKernelWork);
+  if (want_dw_h) CountWork(kGradRecurrentKernelWork);
   if (want_db) {
     for (Index r = 0; r < info.bias_rows; ++r)
       be.ColumnSum(B, GH, bias_sums + r * B * GH, GH, a.dbias + r * GH);
