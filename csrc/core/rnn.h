@@ -618,21 +618,22 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   // two products of a gate follow each other, so a backend may prepare dG_g once for both (the
   // CPU's bfloat16 pair path packs it), as it does dG for the two whole products.
   const bool want_dw_x = m & kGradKernel, want_dw_h = m & kGradRecurrentKernel;
-  for (int g = 0; g < G && ((want_dw_x && in_dropout) || (want_dw_h && rec_dropout)); ++g) {
-    if (want_dw_x && in_dropout) {
+  const bool dw_x_by_gate = want_dw_x && in_dropout, dw_h_by_gate = want_dw_h && rec_dropout;
+  for (int g = 0; g < G && (dw_x_by_gate || dw_h_by_gate); ++g) {
+    if (dw_x_by_gate) {
       MaskRows(be, d, d.I, in.x, in.input_dropout, g, masked_rows, false);
       be.Gemm(true, false, d.I, H, rows, masked_rows, d.I, dg_in + g * H, GH, T(0),
               a.dkernel + g * H, GH);
     }
-    if (want_dw_h && rec_dropout && g < product_gates) {
+    if (dw_h_by_gate && g < product_gates) {
       MaskRows(be, d, H, a.h_prev.data, in.recurrent_dropout, g, masked_rows, false);
       be.Gemm(true, false, H, H, rows, masked_rows, H, dg_rec + g * H, GH, T(0),
               a.drecurrent_kernel + g * H, GH);
     }
   }
-  if (want_dw_x && !in_dropout)
+  if (want_dw_x && !dw_x_by_gate)
     be.Gemm(true, false, d.I, GH, rows, in.x, d.I, dg_in, GH, T(0), a.dkernel, GH);
-  if (want_dw_h && !rec_dropout)
+  if (want_dw_h && !dw_h_by_gate)
     be.Gemm(true, false, H, product_gates * H, rows, a.h_prev.data, H, dg_rec, GH, T(0),
             a.drecurrent_kernel, GH);
   if (want_dw_h && info.split_candidate)  // the candidate's GEMM took r * h_prev (⊙ mh), in aux
