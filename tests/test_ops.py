@@ -114,7 +114,11 @@ def assert_close(actual, expected, dtype, what):
     if dtype == tf.float64:
         np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-12, err_msg=what)
     else:
-        np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=2e-5, err_msg=what)
+        # A float32 sum's rounding error scales with its terms, not with its result: a weight
+        # gradient element that cancels to near zero over a thousand rows keeps the error of
+        # the others' magnitude (seen: 2.3e-5 off at -0.0098, beside elements of 48).
+        scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+        np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=2e-5 * scale, err_msg=what)
 
 
 def check_against_reference(cell, inputs, mask, time_major, go_backwards, dtype,
@@ -562,10 +566,15 @@ def test_dropout_values_and_gradients_float64(cell, kind, layout):
                             dropout=make_dropout(cell, B, I, H, kind, seed=21))
 
 
+# With more rows (T*B) than the CPU's masked weight-gradient GEMM writes out at a time
+# (cpu_tuning::kMaskedChunkRows = 1024), the last chunk partial, and H split between tasks.
+DROPOUT_PARALLEL_SHAPES = {**PARALLEL_SHAPES, "masked_chunks": (48, 23, 20, 72)}
+
+
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
-@pytest.mark.parametrize("path", sorted(PARALLEL_SHAPES))
+@pytest.mark.parametrize("path", sorted(DROPOUT_PARALLEL_SHAPES))
 def test_dropout_float32_and_parallel_paths(cell, path):
-    B, T, I, H = PARALLEL_SHAPES[path]
+    B, T, I, H = DROPOUT_PARALLEL_SHAPES[path]
     inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=22)
     dropout = make_dropout(cell, B, I, H, "both", seed=22)
     for dtype in (tf.float64, tf.float32):

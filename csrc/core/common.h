@@ -125,6 +125,14 @@ struct StepMatrix {
   TFCELLS_HD explicit operator bool() const { return data != nullptr; }
 };
 
+// dst(r, j) = view(r, j): a matrix given element by element (a functor), written out.
+template <typename T, typename View>
+struct StoreViewPoint {
+  StepMatrix<T> dst;
+  View view;
+  TFCELLS_HD void operator()(Index r, Index j) const { dst(r, j) = view(r, j); }
+};
+
 template <typename T>
 TFCELLS_HD StepMatrix<T> AtStep(T* seq, const Dims& d, Index t, Index width) {
   if (seq == nullptr) return {nullptr, 0};

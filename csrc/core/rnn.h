@@ -371,6 +371,24 @@ struct ShardViews {
   }
 };
 
+// Row r of a sequence buffer A [rows, width] scaled by gate g's dropout mask, element by element:
+// the left operand of a dropout weight gradient, dW[:, g] = (A ⊙ mask_g)ᵀ·dG_g, which the
+// backend's MaskedGemm writes out where its GEMM reads it.
+template <typename T>
+struct MaskedRows {
+  const T* a;
+  const T* mask;  // gate g's [B, width] mask
+  Index width, div, B;
+  TFCELLS_HD T operator()(Index r, Index j) const {
+    return a[r * width + j] * mask[(r / div) % B * width + j];
+  }
+};
+
+template <typename T>
+MaskedRows<T> MaskedRowsOf(const Dims& d, Index width, const T* a, const T* masks, int g) {
+  return {a, masks + g * d.B * width, width, d.time_major ? 1 : d.T, d.B};
+}
+
 // Rows [0, rows) of a sequence buffer scaled by gate g's dropout mask: row r belongs to batch
 // entry (r / div) % B.
 template <typename T, typename Backend>
@@ -620,16 +638,12 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   const bool want_dw_x = m & kGradKernel, want_dw_h = m & kGradRecurrentKernel;
   const bool dw_x_by_gate = want_dw_x && in_dropout, dw_h_by_gate = want_dw_h && rec_dropout;
   for (int g = 0; g < G && (dw_x_by_gate || dw_h_by_gate); ++g) {
-    if (dw_x_by_gate) {
-      MaskRows(be, d, d.I, in.x, in.input_dropout, g, masked_rows, false);
-      be.Gemm(true, false, d.I, H, rows, masked_rows, d.I, dg_in + g * H, GH, T(0),
-              a.dkernel + g * H, GH);
-    }
-    if (dw_h_by_gate && g < product_gates) {
-      MaskRows(be, d, H, a.h_prev.data, in.recurrent_dropout, g, masked_rows, false);
-      be.Gemm(true, false, H, H, rows, masked_rows, H, dg_rec + g * H, GH, T(0),
-              a.drecurrent_kernel + g * H, GH);
-    }
+    if (dw_x_by_gate)
+      be.MaskedGemm(d.I, H, rows, MaskedRowsOf(d, d.I, in.x, in.input_dropout, g), dg_in + g * H,
+                    GH, a.dkernel + g * H, GH, masked_rows);
+    if (dw_h_by_gate && g < product_gates)
+      be.MaskedGemm(H, H, rows, MaskedRowsOf(d, H, a.h_prev.data, in.recurrent_dropout, g),
+                    dg_rec + g * H, GH, a.drecurrent_kernel + g * H, GH, masked_rows);
   }
   if (want_dw_x && !dw_x_by_gate)
     be.Gemm(true, false, d.I, GH, rows, in.x, d.I, dg_in, GH, T(0), a.dkernel, GH);

@@ -129,6 +129,15 @@ class CudaBackend : public InPlaceStepOperands<CudaBackend> {
     GemmImpl(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
   }
 
+  // C[m, n] = Aᵀ·B for A [k, m] given element by element, a(r, j): written out whole into
+  // `scratch` (k * m elements), then one GEMM.
+  template <typename T, typename RowsView>
+  void MaskedGemm(Index m, Index n, Index k, const RowsView& a, const T* b, Index ldb, T* c,
+                  Index ldc, T* scratch) {
+    ForEach(k, m, StoreViewPoint<T, RowsView>{StepMatrix<T>(scratch, m), a});
+    Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
+  }
+
   // One shard: the GPU parallelises inside each step.
   template <typename F>
   void ForRowShards(Index rows, double /*step_flops*/, const F& fn) {

@@ -41,6 +41,13 @@ struct CpuBackend {
             const float* b, Index ldb, float beta, float* c, Index ldc);
   void Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, const double* a, Index lda,
             const double* b, Index ldb, double beta, double* c, Index ldc);
+  // The same on the calling thread (one BLAS call).
+  static void CallingThreadGemm(bool trans_a, bool trans_b, Index m, Index n, Index k,
+                                const float* a, Index lda, const float* b, Index ldb, float beta,
+                                float* c, Index ldc);
+  static void CallingThreadGemm(bool trans_a, bool trans_b, Index m, Index n, Index k,
+                                const double* a, Index lda, const double* b, Index ldb,
+                                double beta, double* c, Index ldc);
 
   template <typename T>
   PackedOperand<T> StepOperand(bool trans, Index k, Index n, const T* w, Index ld) const {
@@ -103,6 +110,43 @@ struct CpuBackend {
                   r1 = std::min(m, blocks * (task + 1) / tasks * kBlock);
       packed.template MultiplyPairTilesInSlabs<Tiles>(r1 - r0, trans_a ? a + r0 : a + r0 * lda,
                                                       lda, trans_a, beta, c + r0 * ldc, ldc);
+    };
+    if (tasks <= 1) return run(0);
+    (*runner)(tasks, run);
+  }
+
+  // C[m, n] = Aᵀ·B for A [k, m] given element by element, a(r, j) (rnn.h's MaskedRows: x or
+  // h_prev under a dropout mask). Written out whole, A would go to memory and come back for the
+  // GEMM; here each task writes its own columns of A (its rows of C) kMaskedChunkRows rows at a
+  // time into `scratch` (k * m elements), where the GEMM finds them in cache, and adds up the
+  // chunks' products in order (so the sums do not depend on the split). The bfloat16 pair path
+  // takes A whole: PairGemm keeps B packed for the next product by the same B.
+  template <typename T, typename RowsView>
+  void MaskedGemm(Index m, Index n, Index k, const RowsView& a, const T* b, Index ldb, T* c,
+                  Index ldc, T* scratch) {
+    if (m == 0 || n == 0) return;
+    if (bf16_gemms || k == 0) {
+      ForEach(k, m, StoreViewPoint<T, RowsView>{Plain(scratch, m), a});
+      return Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
+    }
+    constexpr Index kAlign = cpu_tuning::kSplitColAlign;
+    const Index chunk = std::min(cpu_tuning::kMaskedChunkRows, k);
+    int tasks = GemmTasks(2.0 * m * n * k, (m + kAlign - 1) / kAlign);
+    const Index block = ((m + tasks - 1) / tasks + kAlign - 1) / kAlign * kAlign;
+    tasks = static_cast<int>((m + block - 1) / block);
+    auto run = [&](int task) {
+      const Index c0 = task * block, cols = std::min(block, m - c0);
+      T* const rows_of_a = scratch + c0 * chunk;  // [chunk, cols], disjoint from other tasks'
+      for (Index r0 = 0; r0 < k; r0 += chunk) {
+        const Index rows = std::min(chunk, k - r0);
+        for (Index r = 0; r < rows; ++r) {
+          T* const out = rows_of_a + r * cols;
+#pragma omp simd
+          for (Index j = 0; j < cols; ++j) out[j] = a(r0 + r, c0 + j);
+        }
+        CallingThreadGemm(true, false, cols, n, rows, rows_of_a, cols, b + r0 * ldb, ldb,
+                          r0 == 0 ? T(0) : T(1), c + c0 * ldc, ldc);
+      }
     };
     if (tasks <= 1) return run(0);
     (*runner)(tasks, run);

@@ -97,6 +97,17 @@ void CpuBackend::Gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, con
   SplitGemm(*this, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 
+void CpuBackend::CallingThreadGemm(bool trans_a, bool trans_b, Index m, Index n, Index k,
+                                   const float* a, Index lda, const float* b, Index ldb,
+                                   float beta, float* c, Index ldc) {
+  Blas(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+void CpuBackend::CallingThreadGemm(bool trans_a, bool trans_b, Index m, Index n, Index k,
+                                   const double* a, Index lda, const double* b, Index ldb,
+                                   double beta, double* c, Index ldc) {
+  Blas(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+
 TFCELLS_ISA_END
 
 const CpuKernels& TFCELLS_LEVEL_NAME(CpuKernelsOf_, TFCELLS_ISA)() {

@@ -27,6 +27,9 @@ constexpr double kMinParallelGemmFlops = 4e6;
 // Split a large BLAS GEMM on multiples of these (rows of C / columns of C), so every piece
 // keeps whole register blocks of the BLAS kernel.
 constexpr Index kSplitRowAlign = 8, kSplitColAlign = 16;
+// Rows of the masked operand of a dropout weight gradient that a task writes out at a time, and
+// its GEMM then multiplies (CpuBackend::MaskedGemm): 1024 x 128 floats, 512 KiB, stay in L2.
+constexpr Index kMaskedChunkRows = 1024;
 // Column sums split on multiples of this many columns: whole cache lines per task.
 constexpr Index kColumnSumAlign = 16;
 

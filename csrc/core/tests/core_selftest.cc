@@ -184,6 +184,28 @@ struct Problem {
 
 const int kBits[6] = {kGradX, kGradH0, kGradC0, kGradKernel, kGradRecurrentKernel, kGradBias};
 
+// Input k's gradient `grad` against finite differences of the loss, at every stride-th element.
+void CheckFiniteDifferences(Problem& p, int k, const Vec& grad, size_t stride, const char* name) {
+  Vec* const params[] = {&p.x, &p.h0, &p.c0, &p.kernel, &p.recurrent_kernel, &p.bias};
+  Vec& v = *params[k];
+  for (size_t i = 0; i < v.size(); i += stride) {
+    const double saved = v[i], eps = 1e-6;
+    v[i] = saved + eps;
+    const double up = p.Loss();
+    v[i] = saved - eps;
+    const double down = p.Loss();
+    v[i] = saved;
+    const double numeric = (up - down) / (2 * eps);
+    const double err = std::fabs(numeric - grad[i]);
+    if (!(err <= 1e-6 * (1 + std::fabs(numeric)))) {
+      std::fprintf(stderr, "  %s: gradient %d[%zu] = %.10g, finite differences %.10g\n", name,
+                   k, i, grad[i], numeric);
+      EXPECT(false, name);
+      return;
+    }
+  }
+}
+
 void Run(const Case& cs, unsigned seed) {
   Problem p(cs, seed);
   const Problem::Result inference = p.Forward(false), training = p.Forward(true);
@@ -218,27 +240,8 @@ void Run(const Case& cs, unsigned seed) {
   }
 
   // Finite differences of every input element that has a gradient.
-  std::vector<Vec*> params = {&p.x, &p.h0, &p.c0, &p.kernel, &p.recurrent_kernel, &p.bias};
-  for (int k = 0; k < 6; ++k) {
-    if (!(all & kBits[k])) continue;
-    Vec& v = *params[k];
-    for (size_t i = 0; i < v.size(); ++i) {
-      const double saved = v[i], eps = 1e-6;
-      v[i] = saved + eps;
-      const double up = p.Loss();
-      v[i] = saved - eps;
-      const double down = p.Loss();
-      v[i] = saved;
-      const double numeric = (up - down) / (2 * eps);
-      const double err = std::fabs(numeric - full[k][i]);
-      if (!(err <= 1e-6 * (1 + std::fabs(numeric)))) {
-        std::fprintf(stderr, "  %s: gradient %d[%zu] = %.10g, finite differences %.10g\n",
-                     cs.name, k, i, full[k][i], numeric);
-        EXPECT(false, cs.name);
-        break;
-      }
-    }
-  }
+  for (int k = 0; k < 6; ++k)
+    if (all & kBits[k]) CheckFiniteDifferences(p, k, full[k], 1, cs.name);
 
   // Every subset of the gradients: exactly those, bit-identical, nothing else written.
   for (int m = 0; m <= kGradAll; ++m) {
@@ -254,6 +257,17 @@ void Run(const Case& cs, unsigned seed) {
       }
     }
   }
+}
+
+// The weight gradients alone, against finite differences at a sample of their elements (every
+// element of a weight gradient sums over all rows): for shapes with too many rows to difference
+// every input.
+void RunWeightGradients(const Case& cs, unsigned seed) {
+  Problem p(cs, seed);
+  const int m = kGradKernel | kGradRecurrentKernel;
+  const std::vector<Vec> grads = p.Backward(p.Forward(true), m);
+  for (int k = 0; k < 6; ++k)
+    if (m & kBits[k]) CheckFiniteDifferences(p, k, grads[k], grads[k].size() / 32 + 1, cs.name);
 }
 
 // Each task on its own thread: enough to exercise every parallel path of the CPU backend.
@@ -668,6 +682,20 @@ int main(int argc, char** argv) {
           cs.d.go_backwards = layout & 2;
           RunParallel(cs, seed++, static_cast<int>(s[4]));
           ++cases;
+        }
+    // Dropout weight gradients over more rows than CpuBackend::MaskedGemm writes out at a
+    // time (kMaskedChunkRows): chunks added up, the last one partial; in parallel with the
+    // columns split between tasks (H = 48: three blocks of 16).
+    const Index chunked_shapes[][4] = {{11, 100, 5, 20}, {9, 130, 3, 48}};
+    for (const auto& c : cells)
+      for (const auto& s : chunked_shapes)
+        for (bool time_major : {false, true}) {
+          Case cs{c.cell, c.name, {}, true, true, true};
+          cs.d.T = s[0], cs.d.B = s[1], cs.d.I = s[2], cs.d.H = s[3];
+          cs.d.time_major = time_major;
+          RunWeightGradients(cs, seed++);
+          RunParallel(cs, seed++, 3);
+          cases += 2;
         }
     // 16-bit storage: every cell and layout, with all optional inputs and without, and the
     // empty shapes.
