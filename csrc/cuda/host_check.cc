@@ -72,6 +72,13 @@ struct HostParts : InPlaceStepOperands<Backend> {
   void ForRowShards(Index rows, double, const F& fn) {  // one shard, as the CUDA backend
     fn(static_cast<Backend&>(*this), Index(0), rows);
   }
+  // As the CUDA backend: A written out whole, then one GEMM.
+  template <typename T, typename RowsView>
+  void MaskedGemm(Index m, Index n, Index k, const RowsView& a, const T* b, Index ldb, T* c,
+                  Index ldc, T* scratch) {
+    ForEach(k, m, StoreViewPoint<T, RowsView>{StepMatrix<T>(scratch, m), a});
+    static_cast<Backend&>(*this).Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
+  }
 };
 
 // The reference: row-major, as the driver means it, with either input projection.
