@@ -125,12 +125,17 @@ struct StepMatrix {
   TFCELLS_HD explicit operator bool() const { return data != nullptr; }
 };
 
-// dst(r, j) = view(r, j): a matrix given element by element (a functor), written out.
+// dst(r, j) = view(r, j), or += with `accumulate`: a matrix given element by element (a
+// functor), written out.
 template <typename T, typename View>
 struct StoreViewPoint {
   StepMatrix<T> dst;
   View view;
-  TFCELLS_HD void operator()(Index r, Index j) const { dst(r, j) = view(r, j); }
+  bool accumulate = false;
+  TFCELLS_HD void operator()(Index r, Index j) const {
+    const T v = view(r, j);
+    dst(r, j) = accumulate ? dst(r, j) + v : v;
+  }
 };
 
 template <typename T>

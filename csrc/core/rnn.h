@@ -152,17 +152,15 @@ TFCELLS_HD StepMatrix<T> FromRow(StepMatrix<T> m, Index b0) {
   return m ? StepMatrix<T>(m.data + b0 * m.ld, m.ld) : m;
 }
 
-// dst = src ⊙ scale (or dst += src ⊙ scale), where row r of src reads the dropout-mask row of
-// its batch entry, (r / div) % B: div = T for all rows batch-major, 1 time-major or for one
-// step's rows (scale then starts at the shard's first row).
+// dst = src ⊙ scale (or dst += src ⊙ scale) for one step's rows: the rows of a dropout mask
+// from the shard's first row on (all of a sequence's rows: MaskedRows).
 template <typename T>
 struct ScaleRowsPoint {
   StepMatrix<T> dst;
   StepMatrix<const T> src, scale;
-  Index div, B;
   bool accumulate;
   TFCELLS_HD void operator()(Index r, Index j) const {
-    const T v = src(r, j) * scale((r / div) % B, j);
+    const T v = src(r, j) * scale(r, j);
     dst(r, j) = accumulate ? dst(r, j) + v : v;
   }
 };
@@ -177,7 +175,7 @@ void GateProducts(Backend& sb, Index n, Index width, StepMatrix<const T> a, cons
   if (!gate_operands) return sb.StepGemm(n, a.data, a.ld, whole, T(0), c, ldc);
   const StepMatrix<T> dropped = Plain(scratch, width);
   for (int g = 0; g < gates; ++g) {
-    sb.ForEach(n, width, ScaleRowsPoint<T>{dropped, a, mask(g), 1, n, false});
+    sb.ForEach(n, width, ScaleRowsPoint<T>{dropped, a, mask(g), false});
     sb.StepGemm(n, dropped.data, width, gate_operands[g], T(0), c + g * H, ldc);
   }
 }
@@ -192,8 +190,8 @@ void GateProductsGrad(Backend& sb, Index n, Index width, const T* dg, Index ld_d
     return sb.StepGemm(n, dg, ld_dg, whole, accumulate ? T(1) : T(0), c.data, c.ld);
   for (int g = 0; g < gates; ++g) {
     sb.StepGemm(n, dg + g * H, ld_dg, gate_operands[g], T(0), scratch, width);
-    sb.ForEach(n, width, ScaleRowsPoint<T>{c, Plain<const T>(scratch, width), mask(g), 1, n,
-                                           accumulate || g > 0});
+    sb.ForEach(n, width,
+               ScaleRowsPoint<T>{c, Plain<const T>(scratch, width), mask(g), accumulate || g > 0});
   }
 }
 
@@ -372,8 +370,9 @@ struct ShardViews {
 };
 
 // Row r of a sequence buffer A [rows, width] scaled by gate g's dropout mask, element by element:
-// the left operand of a dropout weight gradient, dW[:, g] = (A ⊙ mask_g)ᵀ·dG_g, which the
-// backend's MaskedGemm writes out where its GEMM reads it.
+// row r belongs to batch entry (r / div) % B (div = T batch-major, 1 time-major). The left
+// operand of a dropout weight gradient, dW[:, g] = (A ⊙ mask_g)ᵀ·dG_g, which the backend's
+// MaskedGemm writes out where its GEMM reads it; MaskRows writes it out whole.
 template <typename T>
 struct MaskedRows {
   const T* a;
@@ -389,15 +388,13 @@ MaskedRows<T> MaskedRowsOf(const Dims& d, Index width, const T* a, const T* mask
   return {a, masks + g * d.B * width, width, d.time_major ? 1 : d.T, d.B};
 }
 
-// Rows [0, rows) of a sequence buffer scaled by gate g's dropout mask: row r belongs to batch
-// entry (r / div) % B.
+// dst = (or +=) all rows of a sequence buffer scaled by gate g's dropout mask.
 template <typename T, typename Backend>
 void MaskRows(Backend& be, const Dims& d, Index width, const T* src, const T* masks, int g,
               T* dst, bool accumulate) {
   be.ForEach(d.Rows(), width,
-             ScaleRowsPoint<T>{Plain(dst, width), Plain(src, width),
-                               Plain(masks + g * d.B * width, width), d.time_major ? 1 : d.T,
-                               d.B, accumulate});
+             StoreViewPoint<T, MaskedRows<T>>{Plain(dst, width),
+                                              MaskedRowsOf(d, width, src, masks, g), accumulate});
 }
 
 template <typename Cell, typename T, typename Backend>

@@ -54,6 +54,16 @@ struct CpuBackend {
     return PackedOperand<T>(trans, k, n, w, ld, bf16_products);
   }
 
+  // Splits [0, extent) into contiguous blocks of a multiple of `align` (the last may be
+  // shorter), at most *tasks of them: returns the block length (at least `align`) and sets
+  // *tasks to the number of blocks (0 for an empty extent).
+  static Index AlignedBlocks(Index extent, Index align, int* tasks) {
+    const Index block =
+        std::max(align, ((extent + *tasks - 1) / *tasks + align - 1) / align * align);
+    *tasks = static_cast<int>(std::min<Index>(*tasks, (extent + block - 1) / block));
+    return block;
+  }
+
   // Pieces a GEMM of `flops` splits into, at most `pieces`: one below the size that pays for
   // the hand-offs.
   int GemmTasks(double flops, Index pieces) const {
@@ -129,11 +139,9 @@ struct CpuBackend {
       ForEach(k, m, StoreViewPoint<T, RowsView>{Plain(scratch, m), a});
       return Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
     }
-    constexpr Index kAlign = cpu_tuning::kSplitColAlign;
     const Index chunk = std::min(cpu_tuning::kMaskedChunkRows, k);
-    int tasks = GemmTasks(2.0 * m * n * k, (m + kAlign - 1) / kAlign);
-    const Index block = ((m + tasks - 1) / tasks + kAlign - 1) / kAlign * kAlign;
-    tasks = static_cast<int>((m + block - 1) / block);
+    int tasks = GemmTasks(2.0 * m * n * k, max_tasks);
+    const Index block = AlignedBlocks(m, cpu_tuning::kSplitColAlign, &tasks);
     auto run = [&](int task) {
       const Index c0 = task * block, cols = std::min(block, m - c0);
       T* const rows_of_a = scratch + c0 * chunk;  // [chunk, cols], disjoint from other tasks'
@@ -205,11 +213,8 @@ struct CpuBackend {
   template <typename T>
   void ColumnSum(Index rows, Index cols, const T* a, Index lda, T* out) {
     constexpr Index kAlign = cpu_tuning::kColumnSumAlign;
-    const int tasks = (runner && rows * cols >= cpu_tuning::kMinParallelElements)
-                          ? static_cast<int>(std::min<Index>(max_tasks, (cols + kAlign - 1) /
-                                                                              kAlign))
-                          : 1;
-    const Index block = ((cols + tasks - 1) / tasks + kAlign - 1) / kAlign * kAlign;
+    int tasks = runner && rows * cols >= cpu_tuning::kMinParallelElements ? max_tasks : 1;
+    const Index block = AlignedBlocks(cols, kAlign, &tasks);
     auto sum = [&](int task) {
       const Index begin = task * block, end = std::min(cols, begin + block);
       for (Index j = begin; j < end; ++j) out[j] = T(0);

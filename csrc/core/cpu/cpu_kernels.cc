@@ -44,8 +44,7 @@ void SplitGemm(CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k, cons
   const bool by_rows = m >= n;
   const Index extent = by_rows ? m : n;
   const Index align = by_rows ? cpu_tuning::kSplitRowAlign : cpu_tuning::kSplitColAlign;
-  const Index block = ((extent + tasks - 1) / tasks + align - 1) / align * align;
-  tasks = static_cast<int>(std::min<Index>(tasks, (extent + block - 1) / block));
+  const Index block = CpuBackend::AlignedBlocks(extent, align, &tasks);
   if (tasks <= 1) {
     Blas(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
     return;
