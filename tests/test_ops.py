@@ -520,11 +520,14 @@ def test_deterministic_run_to_run():
         np.testing.assert_array_equal(first[1][name], second[1][name])
 
 
-# The CPU kernels parallelise in two ways, chosen by size: a batch large enough to give every
-# thread a shard runs batch shards, each on one thread for the whole sequence; a small batch
-# with large steps splits each step's GEMM and pointwise loop across threads. Both must give
-# the reference's numbers.
-PARALLEL_SHAPES = {"split_steps": (8, 3, 8, 1024), "batch_shards": (40, 5, 6, 24)}
+# The CPU kernels parallelise in three ways, chosen by size: weights that would fill half of a
+# core's L2 split each step's units across threads, which synchronise at every step (H a
+# multiple of 32; not GRU reset_after=False, whose candidate reads every unit); else a batch
+# large enough to give every thread a shard runs batch shards, each on one thread for the whole
+# sequence; else a small batch with large steps splits each step's GEMM and pointwise loop
+# across threads. All must give the reference's numbers.
+PARALLEL_SHAPES = {"split_units": (8, 3, 8, 1024), "split_steps": (8, 3, 8, 1000),
+                   "batch_shards": (40, 5, 6, 24)}
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)

@@ -272,10 +272,11 @@ struct SimpleRnnBackwardPoint {
 // BackwardStep) holds this step's views and runs the products:
 //   s.Recurrent(out)        out[:, product gates] = h_prev·W_h (per gate with dropout), ld G*H
 //   s.Candidate(a, out)     out = a·W_h[:, candidate]  (split_candidate cells)
-//   s.Carry(dg)             dh_prev += dG·W_hᵀ over the product gates (when a step before wants it)
 //   s.CandidateGrad(dg, out) out = dG[:, candidate]·W_h[:, candidate]ᵀ
 //   s.ForEach(functor)      functor(b, j) over the shard's rows and H units
 // Views a cell does not use are null; aux is the cache (or, for Aux::kState, the state slot).
+// The driver then carries dh to the previous step: dh_prev += dG·W_hᵀ over the product gates
+// (dG: dgates_rec for cells with recurrent_gate_grads, else dgates).
 
 struct Lstm {
   static constexpr CellInfo kInfo{"lstm", 4, 1, true, Aux::kState, false, false};
@@ -292,7 +293,6 @@ struct Lstm {
     using T = typename S::Value;
     s.ForEach(LstmBackwardPoint<T>{s.gates, s.aux, s.aux_prev, s.dy, s.mask, s.dgates, s.dh,
                                    s.dc, s.H});
-    s.Carry(s.dgates);
   }
 };
 
@@ -311,7 +311,6 @@ struct GruResetAfter {
     using T = typename S::Value;
     s.ForEach(GruResetAfterBackwardPoint<T>{s.gates, s.aux, s.h_prev, s.dy, s.mask, s.dgates,
                                             s.dgates_rec, s.dh, s.H});
-    s.Carry(s.dgates_rec);
   }
 };
 
@@ -341,7 +340,6 @@ struct GruResetBefore {
     s.CandidateGrad(StepMatrix<const T>(s.dgates.data + 2 * H, s.dgates.ld), s.d_reset);
     s.ForEach(GruResetBeforeBackwardGates<T>{s.gates, s.h_prev, s.candidate_dropout, s.d_reset,
                                              s.mask, s.dgates, s.dh, H});
-    s.Carry(s.dgates);
   }
 };
 
@@ -359,7 +357,6 @@ struct SimpleRnn {
   static void Backward(const S& s) {
     using T = typename S::Value;
     s.ForEach(SimpleRnnBackwardPoint<T>{s.gates, s.dy, s.mask, s.dgates, s.dh, s.H});
-    s.Carry(s.dgates);
   }
 };
 

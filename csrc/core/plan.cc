@@ -205,9 +205,11 @@ void CallPlan::Layout() {
   }
   const int m = options_.grad_mask;
   Carver c;
-  backward_.dgates = c.Take((KeepsAllGateGrads() ? rows : B) * GH);
+  // Gate gradients: every step's, or two alternating slots (one step's may be written while
+  // the step after's is still read: rnn.h).
+  backward_.dgates = c.Take((KeepsAllGateGrads() ? rows : 2 * B) * GH);
   backward_.dgates_rec =
-      c.Take(info_.recurrent_gate_grads ? ((m & kGradRecurrentKernel) ? rows : B) * GH : 0);
+      c.Take(info_.recurrent_gate_grads ? ((m & kGradRecurrentKernel) ? rows : 2 * B) * GH : 0);
   backward_.bias_sums = c.Take((m & kGradBias) ? info_.bias_rows * B * GH : 0);
   backward_.dh = c.Take(B * H);
   backward_.dc = c.Take(info_.cell_state ? B * H : 0);

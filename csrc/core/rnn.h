@@ -22,10 +22,14 @@
 //   ForEach(rows, cols, functor)                                      functor(b, j) for all b, j
 //   ColumnSum(rows, cols, a, lda, out)                                out[j] = Σ_r a[r, j]
 //   TrueFlag()                        a `true` in the device's memory, the mask of no mask
-//   ForRowShards(rows, step_flops, fn)  fn(backend, b0, b1) over a partition of the batch rows;
-//                                     each shard runs the whole time loop for its rows (the
-//                                     recurrence never mixes rows), so shards need no per-step
-//                                     synchronisation
+//   ForShards(rows, units, steps, work, fn)
+//                                     the time loop: fn(backend, b0, b1, u, s, wait) runs step s
+//                                     of one shard, batch rows [b0, b1) and the units u (Units)
+//                                     of every gate block, over a partition of the rows (the
+//                                     recurrence never mixes rows: no synchronisation), or with
+//                                     work.units_may_split of the units, each shard then calling
+//                                     wait() before it reads another's results of step s - 1
+//   kUnitAlign                        units split on multiples of this (as dx's columns)
 // and the caller provides every buffer (outputs, cache, workspace) at the sizes its CallPlan
 // (plan.h) gives, so nothing is allocated here; a buffer smaller than that is refused.
 #pragma once
@@ -106,6 +110,23 @@ inline bool IsStateGradient(GradBit bit) {
   return bit == kGradX || bit == kGradH0 || bit == kGradC0;
 }
 
+// The units [begin, end) of every H-wide gate block that one shard of a step computes: all of
+// them, unless the backend splits each step's units across its threads (ForShards).
+struct Units {
+  Index begin = 0, end = 0;
+  Index Count() const { return end - begin; }
+};
+
+// What one step of a time loop multiplies, for the backend's choice of how to split the loop
+// (ForShards): its flops over all rows, the bytes of the weights it reads, and whether its units
+// may be split across threads (each gate's products and pointwise loop then read no other
+// unit's results of the step).
+struct StepWork {
+  double flops = 0;
+  Index weight_bytes = 0;
+  bool units_may_split = false;
+};
+
 TFCELLS_ISA_BEGIN
 
 // StepOperand/StepGemm for a backend whose Gemm reads the operand where it lies (cuBLAS): a
@@ -127,6 +148,16 @@ struct InPlaceStepOperands {
   void StepGemm(Index m, const T* a, Index lda, const Operand<T>& w, T beta, T* c, Index ldc) {
     static_cast<Derived&>(*this).Gemm(false, w.trans, m, w.n, w.k, a, lda, w.w, w.ld, beta, c,
                                       ldc);
+  }
+  // The same for the units `u` of each `block`-wide column block of op(W) only.
+  template <typename T>
+  void StepGemm(Index m, const T* a, Index lda, const Operand<T>& w, T beta, T* c, Index ldc,
+                Index block, Units u) {
+    if (u.Count() == block) return StepGemm(m, a, lda, w, beta, c, ldc);
+    for (Index j = u.begin; j < w.n; j += block)  // column j of Wᵀ is row j of W
+      static_cast<Derived&>(*this).Gemm(false, w.trans, m, u.Count(), w.k, a, lda,
+                                        w.trans ? w.w + j * w.ld : w.w + j, w.ld, beta, c + j,
+                                        ldc);
   }
 };
 
@@ -165,14 +196,30 @@ struct ScaleRowsPoint {
   }
 };
 
+// f(b, begin + j): a pointwise functor run over one shard's units.
+template <typename F>
+struct UnitsFrom {
+  F f;
+  Index begin;
+  TFCELLS_HD void operator()(Index b, Index j) const { f(b, begin + j); }
+};
+
+// f(b, j) for the n rows and the units `u` of [0, H).
+template <typename Backend, typename F>
+void ForEachUnit(Backend& sb, Index n, Index H, Units u, const F& f) {
+  if (u.Count() == H) return sb.ForEach(n, H, f);
+  sb.ForEach(n, u.Count(), UnitsFrom<F>{f, u.begin});
+}
+
 // C[:, gate blocks] = A·W for one step's n rows. Without dropout masks, one StepGemm with the
 // whole operand; with them (mask(g): gate g's rows of width `width`), gate g multiplies its
 // masked copy A ⊙ mask(g) (in `scratch`) by its own column block, gate_operands[g].
+// Only the units `u` of each gate block are computed (dropout: all of them).
 template <typename T, typename Backend, typename Operand, typename MaskOf>
 void GateProducts(Backend& sb, Index n, Index width, StepMatrix<const T> a, const Operand& whole,
-                  const Operand* gate_operands, int gates, Index H, const MaskOf& mask,
-                  T* scratch, T* c, Index ldc) {
-  if (!gate_operands) return sb.StepGemm(n, a.data, a.ld, whole, T(0), c, ldc);
+                  const Operand* gate_operands, int gates, Index H, Units u,
+                  const MaskOf& mask, T* scratch, T* c, Index ldc) {
+  if (!gate_operands) return sb.StepGemm(n, a.data, a.ld, whole, T(0), c, ldc, H, u);
   const StepMatrix<T> dropped = Plain(scratch, width);
   for (int g = 0; g < gates; ++g) {
     sb.ForEach(n, width, ScaleRowsPoint<T>{dropped, a, mask(g), false});
@@ -182,12 +229,14 @@ void GateProducts(Backend& sb, Index n, Index width, StepMatrix<const T> a, cons
 
 // Their transpose: C (+)= dG·Wᵀ, or with dropout masks Σ_g (dG_g·W_gᵀ) ⊙ mask(g) through
 // `scratch` (gate g read A ⊙ mask(g), so its gradient w.r.t. A is masked the same way).
+// Only the columns `u` of C are computed (dropout: all of them).
 template <typename T, typename Backend, typename Operand, typename MaskOf>
 void GateProductsGrad(Backend& sb, Index n, Index width, const T* dg, Index ld_dg,
                       const Operand& whole, const Operand* gate_operands, int gates, Index H,
-                      const MaskOf& mask, T* scratch, StepMatrix<T> c, bool accumulate) {
+                      Units u, const MaskOf& mask, T* scratch, StepMatrix<T> c,
+                      bool accumulate) {
   if (!gate_operands)
-    return sb.StepGemm(n, dg, ld_dg, whole, accumulate ? T(1) : T(0), c.data, c.ld);
+    return sb.StepGemm(n, dg, ld_dg, whole, accumulate ? T(1) : T(0), c.data, c.ld, width, u);
   for (int g = 0; g < gates; ++g) {
     sb.StepGemm(n, dg + g * H, ld_dg, gate_operands[g], T(0), scratch, width);
     sb.ForEach(n, width,
@@ -293,6 +342,7 @@ struct ForwardStep {
   StepMatrix<const T> h_dropout_rows[kMaxGates] = {};  // per gate, from the shard's first row
   T* dropped_h = nullptr;  // scratch for h_prev ⊙ one gate's mask
   Index n = 0, H = 0, GH = 0;
+  Units units = {};          // the shard's units
   StepMatrix<T> gates = {};  // in: x·W_x at this step; out: activated gates
   T* rec = nullptr;        // the shard's [n, G*H] products (ld G*H)
   const T* bias = nullptr;
@@ -304,10 +354,10 @@ struct ForwardStep {
   StepMatrix<const T> Rec(Index col = 0) const { return {rec + col, GH}; }
   template <typename F>
   void ForEach(const F& f) const {
-    sb.ForEach(n, H, f);
+    ForEachUnit(sb, n, H, units, f);
   }
   void Recurrent(T* out) const {
-    GateProducts(sb, n, H, h_prev, w_h.whole, w_h.PerGate(), w_h.gates, H,
+    GateProducts(sb, n, H, h_prev, w_h.whole, w_h.PerGate(), w_h.gates, H, units,
                  [&](int g) { return h_dropout_rows[g]; }, dropped_h, out, GH);
   }
   void Candidate(StepMatrix<const T> a, T* out) const {
@@ -324,9 +374,8 @@ struct BackwardStep {
   const Operand& w_cand_t;  // split_candidate: the candidate's, transposed
   StepMatrix<const T> h_dropout_rows[kMaxGates] = {};
   T* step_product = nullptr;  // scratch for one gate's share of dh_prev
-  // Whether dh_prev is wanted: at every step but the first processed, and there for dh0.
-  bool carry = false;
   Index n = 0, H = 0;
+  Units units = {};  // the shard's units
   StepMatrix<const T> gates = {}, aux = {}, aux_prev = {}, h_prev = {}, dy = {};
   StepMatrix<const bool> mask = {};
   StepMatrix<T> dgates = {}, dgates_rec = {}, dh = {}, dc = {}, d_reset = {};
@@ -334,13 +383,12 @@ struct BackwardStep {
 
   template <typename F>
   void ForEach(const F& f) const {
-    sb.ForEach(n, H, f);
+    ForEachUnit(sb, n, H, units, f);
   }
-  // dh_prev += dG·W_hᵀ over the product gates.
-  void Carry(StepMatrix<T> dg) const {
-    if (!carry) return;
+  // dh_prev += dG·W_hᵀ over the product gates, for the shard's units of dh_prev.
+  void Carry(StepMatrix<const T> dg) const {
     GateProductsGrad(sb, n, H, dg.data, dg.ld, w_h_t.whole, w_h_t.PerGate(), w_h_t.gates, H,
-                     [&](int g) { return h_dropout_rows[g]; }, step_product, dh, true);
+                     units, [&](int g) { return h_dropout_rows[g]; }, step_product, dh, true);
   }
   void CandidateGrad(StepMatrix<const T> dg, StepMatrix<T> out) const {
     sb.StepGemm(n, dg.data, dg.ld, w_cand_t, T(0), out.data, out.ld);
@@ -455,45 +503,52 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
   if (training)
     be.ForEach(B, H, CopyPoint<T>{AtStep(a.h_prev.data, d, d.InputTime(0), H), Plain(in.h0, H)});
 
-  // The time loop, for batch rows [b0, b1) (every matrix below is that shard's view).
-  auto run_rows = [&](Backend& sb, Index b0, Index b1) {
+  // Step s for batch rows [b0, b1) and the units `u` of each gate block (every matrix below is
+  // that shard's view); wait() returns once every shard has finished step s - 1.
+  auto run_step = [&](Backend& sb, Index b0, Index b1, Units u, Index s, const auto& wait) {
     const Index n = b1 - b0;
     const ShardViews<T> v{d, b0};
     auto at = [&](auto* seq, Index t, Index width) { return v.At(seq, t, width); };
     auto plain = [&](auto* buf, Index width) { return v.Plain(buf, width); };
     ForwardStep<T, Backend, decltype(w_h), Operand> step{
-        sb, w_h, w_cand, {}, plain(dropped_h, H).data, n, H, GH};
+        sb, w_h, w_cand, {}, plain(dropped_h, H).data, n, H, GH, u};
     v.DropoutMasks(in.recurrent_dropout, H, G, step.h_dropout_rows);
     step.rec = recurrent + b0 * GH;
     step.bias = bias;
     step.candidate_dropout = step.h_dropout_rows[G - 1];
     // State kept per step besides h: the cache when training, else alternating slots.
     auto aux_at = [&](Index s) -> StepMatrix<T> {
-      if (training && info.aux != Aux::kNone) return at(a.aux.data, d.InputTime(s), H);
-      if (!training && info.aux == Aux::kState) return plain(state + (s & 1) * B * H, H);
+      if (training && Cell::kInfo.aux != Aux::kNone) return at(a.aux.data, d.InputTime(s), H);
+      if (!training && Cell::kInfo.aux == Aux::kState) return plain(state + (s & 1) * B * H, H);
       return {};
     };
-    for (Index s = 0; s < d.T; ++s) {
-      const Index t = d.InputTime(s);
-      step.gates = training ? at(gates_all, t, GH)
-                   : per_step ? plain(projection, GH) : at(projection, t, GH);
-      if (per_step)
-        GateProducts(sb, n, d.I, at(in.x, t, d.I), w_x.whole, w_x.PerGate(), G, H,
-                     [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
-                     plain(dropped_x, d.I).data, step.gates.data, step.gates.ld);
-      step.h_prev = s == 0 ? plain(in.h0, H) : StepMatrix<const T>(at(a.y, s - 1, H));
-      step.h = at(a.y, s, H);
-      step.mask = FromRow(MaskAt(sb, in.mask, d, t), b0);
-      step.h_next_cache = (training && s + 1 < d.T) ? at(a.h_prev.data, d.InputTime(s + 1), H)
-                                                    : StepMatrix<T>();
-      step.aux = aux_at(s);
-      step.aux_prev = !info.cell_state ? StepMatrix<const T>()
-                      : s == 0       ? plain(in.c0, H)
-                                     : StepMatrix<const T>(aux_at(s - 1));
-      Cell::Forward(step);
-    }
+    const Index t = d.InputTime(s);
+    step.gates = training ? at(gates_all, t, GH)
+                 : per_step ? plain(projection, GH) : at(projection, t, GH);
+    if (per_step)
+      GateProducts(sb, n, d.I, at(in.x, t, d.I), w_x.whole, w_x.PerGate(), G, H, u,
+                   [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
+                   plain(dropped_x, d.I).data, step.gates.data, step.gates.ld);
+    wait();
+    step.h_prev = s == 0 ? plain(in.h0, H) : StepMatrix<const T>(at(a.y, s - 1, H));
+    step.h = at(a.y, s, H);
+    step.mask = FromRow(MaskAt(sb, in.mask, d, t), b0);
+    step.h_next_cache = (training && s + 1 < d.T) ? at(a.h_prev.data, d.InputTime(s + 1), H)
+                                                  : StepMatrix<T>();
+    step.aux = aux_at(s);
+    step.aux_prev = !Cell::kInfo.cell_state ? StepMatrix<const T>()
+                    : s == 0       ? plain(in.c0, H)
+                                   : StepMatrix<const T>(aux_at(s - 1));
+    Cell::Forward(step);
   };
-  be.ForRowShards(B, 2.0 * B * (d.I + H) * GH, run_rows);
+  // The units of a step may be split across threads, but for a split candidate (whose GEMM
+  // reads every unit's r * h_prev), dropout (whose masked copies share scratch) and a backend
+  // that projects x before the loop.
+  const Index step_weights = ((per_step ? d.I : 0) + H) * GH;
+  be.ForShards(B, H, d.T,
+               StepWork{2.0 * B * step_weights, step_weights * Index(sizeof(T)),
+                        !info.split_candidate && !in_dropout && !rec_dropout && per_step},
+               run_step);
   be.ForEach(B, H, CopyPoint<T>{Plain(a.h_last, H), AtStep(a.y, d, d.T - 1, H)});
   if (info.cell_state) {
     const StepMatrix<T> c_final = training ? AtStep(a.aux.data, d, d.InputTime(d.T - 1), H)
@@ -559,51 +614,83 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   const GateOperands<Operand, G> w_x_t(be, true, d.I, H, G, in.kernel, GH, in_dropout,
                                        want_dx && per_step);
 
-  // The backward time loop, for batch rows [b0, b1) (every matrix is that shard's view).
-  auto run_rows = [&](Backend& sb, Index b0, Index b1) {
-    const Index n = b1 - b0;
+  // The gate gradients of processing step s: every step's where a GEMM after the loop reads
+  // them, else two alternating slots (a shard may write step s's while another still reads
+  // step s + 1's).
+  auto dgates_at = [&](T* all, bool keep, Index s) {
+    if (!all || keep) return AtStep(all, d, d.InputTime(s), GH);
+    return Plain(all + (s & 1) * B * GH, GH);
+  };
+  // Part k = 0..T of the backward loop, for batch rows [b0, b1) and the units `u` (every
+  // matrix is that shard's view): first the products of processing step s + 1 (s = T - 1 - k),
+  // which read every unit's gate gradients of that step (wait(): every shard has finished part
+  // k - 1): the carry dh_prev += dG·W_hᵀ and dx_t = dG_t·W_xᵀ, for the shard's units of dh_prev
+  // and its share of dx's columns; then the pointwise backward of step s.
+  auto run_step = [&](Backend& sb, Index b0, Index b1, Units u, Index k, const auto& wait) {
+    const Index n = b1 - b0, s = d.T - 1 - k;
     const ShardViews<T> v{d, b0};
     auto at = [&](auto* seq, Index t, Index width) { return v.At(seq, t, width); };
     auto plain = [&](auto* buf, Index width) { return v.Plain(buf, width); };
+    auto shard = [&](StepMatrix<T> m) { return FromRow(m, b0); };
     BackwardStep<T, Backend, decltype(w_h_t), Operand> step{
-        sb, w_h_t, w_cand_t, {}, plain(step_product, H).data, false, n, H};
+        sb, w_h_t, w_cand_t, {}, plain(step_product, H).data, n, H, u};
     v.DropoutMasks(in.recurrent_dropout, H, G, step.h_dropout_rows);
     step.candidate_dropout = step.h_dropout_rows[G - 1];
     step.dh = plain(dh, H);
     step.dc = plain(dc, H);
     step.d_reset = plain(d_reset, H);
-    sb.ForEach(n, H, ZeroOrCopyPoint<T>{step.dh, plain(a.dh_last, H)});
-    if (info.cell_state) sb.ForEach(n, H, ZeroOrCopyPoint<T>{step.dc, plain(a.dc_last, H)});
-    for (Index r = 0; want_db && r < info.bias_rows; ++r)
-      sb.ForEach(n, GH, ZeroOrCopyPoint<T>{plain(bias_sums + r * B * GH, GH), {}});
-
-    for (Index s = d.T - 1; s >= 0; --s) {
-      const Index t = d.InputTime(s);
-      step.dgates = keep_all ? at(dgates_all, t, GH) : plain(dgates_all, GH);
-      step.dgates_rec = keep_all_rec ? at(dgates_rec_all, t, GH) : plain(dgates_rec_all, GH);
-      step.gates = at(a.gates.data, t, GH);
-      step.aux = at(a.aux.data, t, H);
-      step.aux_prev = info.cell_state
-                          ? (s == 0 ? plain(in.c0, H) : at(a.aux.data, d.InputTime(s - 1), H))
-                          : StepMatrix<const T>();
-      step.h_prev = at(a.h_prev.data, t, H);
-      step.dy = a.dy ? at(a.dy, s, H) : StepMatrix<const T>(zero_row, 0);
-      step.mask = FromRow(MaskAt(sb, in.mask, d, t), b0);
-      step.carry = s > 0 || (m & kGradH0);  // at s == 0 the carry only serves dh0
-      Cell::Backward(step);
-      if (want_dx && per_step)  // dx_t = dG_t·W_xᵀ
-        GateProductsGrad(sb, n, d.I, step.dgates.data, step.dgates.ld, w_x_t.whole,
-                         w_x_t.PerGate(), G, H,
+    wait();
+    if (k > 0) {
+      const StepMatrix<T> dg = shard(dgates_at(dgates_all, keep_all, s + 1));
+      // At the first processed step (s + 1 == 0) the carry only serves dh0.
+      if (s + 1 > 0 || (m & kGradH0))
+        step.Carry(Cell::kInfo.recurrent_gate_grads
+                       ? shard(dgates_at(dgates_rec_all, keep_all_rec, s + 1))
+                       : dg);
+      if (want_dx && per_step) {  // dx_t = dG_t·W_xᵀ, the columns in proportion to u's units
+        auto column = [&](Index unit) {
+          return unit == H ? d.I : d.I * unit / H / Backend::kUnitAlign * Backend::kUnitAlign;
+        };
+        GateProductsGrad(sb, n, d.I, dg.data, dg.ld, w_x_t.whole, w_x_t.PerGate(), G, H,
+                         Units{column(u.begin), column(u.end)},
                          [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
-                         plain(step_dx, d.I).data, at(a.dx, t, d.I), false);
-      if (want_db) {
-        sb.ForEach(n, GH, AccumulatePoint<T>{plain(bias_sums, GH), step.dgates});
-        if (info.recurrent_gate_grads)
-          sb.ForEach(n, GH, AccumulatePoint<T>{plain(bias_sums + B * GH, GH), step.dgates_rec});
+                         plain(step_dx, d.I).data, at(a.dx, d.InputTime(s + 1), d.I), false);
+      }
+    }
+    if (s < 0) return;
+    if (k == 0) {
+      step.ForEach(ZeroOrCopyPoint<T>{step.dh, plain(a.dh_last, H)});
+      if (Cell::kInfo.cell_state) step.ForEach(ZeroOrCopyPoint<T>{step.dc, plain(a.dc_last, H)});
+    }
+    const Index t = d.InputTime(s);
+    step.dgates = shard(dgates_at(dgates_all, keep_all, s));
+    step.dgates_rec = shard(dgates_at(dgates_rec_all, keep_all_rec, s));
+    step.gates = at(a.gates.data, t, GH);
+    step.aux = at(a.aux.data, t, H);
+    step.aux_prev = Cell::kInfo.cell_state
+                        ? (s == 0 ? plain(in.c0, H) : at(a.aux.data, d.InputTime(s - 1), H))
+                        : StepMatrix<const T>();
+    step.h_prev = at(a.h_prev.data, t, H);
+    step.dy = a.dy ? at(a.dy, s, H) : StepMatrix<const T>(zero_row, 0);
+    step.mask = FromRow(MaskAt(sb, in.mask, d, t), b0);
+    Cell::Backward(step);
+    // db: the shard's units of every gate's columns, summed over the steps per batch row.
+    for (Index r = 0; want_db && r < Cell::kInfo.bias_rows; ++r) {
+      const StepMatrix<const T> dg = r == 0 ? step.dgates : step.dgates_rec;
+      for (int g = 0; g < G; ++g) {
+        const StepMatrix<T> sums = plain(bias_sums + r * B * GH + g * H, GH);
+        if (k == 0) step.ForEach(ZeroOrCopyPoint<T>{sums, {}});
+        step.ForEach(AccumulatePoint<T>{sums, {dg.data + g * H, dg.ld}});
       }
     }
   };
-  be.ForRowShards(B, 2.0 * B * ((want_dx && per_step ? d.I : 0) + H) * GH, run_rows);
+  // The units of a step may be split across threads, but for a split candidate (whose second
+  // pointwise phase reads every unit's first) and dropout (whose masked copies share scratch).
+  const Index step_weights = ((want_dx && per_step ? d.I : 0) + H) * GH;
+  be.ForShards(B, H, d.T + 1,
+               StepWork{2.0 * B * step_weights, step_weights * Index(sizeof(T)),
+                        !info.split_candidate && !in_dropout && !rec_dropout},
+               run_step);
 
   if (m & kGradH0) {
     be.ForEach(B, H, CopyPoint<T>{Plain(a.dh0, H), Plain(dh, H)});

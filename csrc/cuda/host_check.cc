@@ -72,6 +72,12 @@ struct HostParts : InPlaceStepOperands<Backend> {
   void ForRowShards(Index rows, double, const F& fn) {  // one shard, as the CUDA backend
     fn(static_cast<Backend&>(*this), Index(0), rows);
   }
+  static constexpr Index kUnitAlign = 1;  // (never split)
+  template <typename F>
+  void ForShards(Index rows, Index units, Index steps, const StepWork&, const F& fn) {
+    for (Index s = 0; s < steps; ++s)
+      fn(static_cast<Backend&>(*this), Index(0), rows, Units{0, units}, s, [] {});
+  }
   // As the CUDA backend: A written out whole, then one GEMM.
   template <typename T, typename RowsView>
   void MaskedGemm(Index m, Index n, Index k, const RowsView& a, const T* b, Index ldb, T* c,

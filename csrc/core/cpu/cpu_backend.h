@@ -10,6 +10,7 @@
 #include "cpu_rnn.h"
 #include "cpu_tuning.h"
 #include "step_gemm.h"
+#include "step_parts.h"
 
 namespace tfcells {
 TFCELLS_ISA_BEGIN
@@ -19,6 +20,7 @@ struct CpuBackend {
   // Tuning constants: cpu_tuning.h.
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;
+  Index l2_cache_bytes = 0;  // one core's
   // Step products on bfloat16 pairs (a call with bfloat16 storage, CpuOptions::products).
   bool bf16_products = false;
   // The float32 whole-sequence GEMMs (the weight gradients) on bfloat16 pairs too: PairGemm on
@@ -158,6 +160,56 @@ struct CpuBackend {
     };
     if (tasks <= 1) return run(0);
     (*runner)(tasks, run);
+  }
+
+  // The same for the units `u` of each `block`-wide column block of op(W) only, on the calling
+  // thread (a shard of ForShards: u and block are multiples of the panel width).
+  template <typename T>
+  void StepGemm(Index m, const T* a, Index lda, const PackedOperand<T>& w, T beta, T* c,
+                Index ldc, Index block, Units u) {
+    if (u.Count() == block) return StepGemm(m, a, lda, w, beta, c, ldc);
+    constexpr Index P = PackedOperand<T>::kPanelCols;  // (the last panel may be partial)
+    for (Index j = u.begin; j < w.n(); j += block)
+      w.Multiply(m, a, lda, beta, c, ldc, j / P, (j + u.Count() + P - 1) / P);
+  }
+
+  // Units split on multiples of this: whole panels of every packed operand (float32, float64,
+  // bfloat16 pairs and tiles), at every level.
+  static constexpr Index kUnitAlign = 32;
+  static_assert(kUnitAlign % PackedOperand<float>::kPanelCols == 0 &&
+                    kUnitAlign % PackedOperand<double>::kPanelCols == 0 &&
+                    kUnitAlign % TilePairOperand::kPanelCols == 0,
+                "units split on whole panels");
+
+  // The time loop of `steps` steps over `rows` batch rows and `units` units: fn(sb, b0, b1,
+  // units, s, wait) runs step s of one shard (wait(): every shard has finished step s - 1).
+  // Batch shards (ForRowShards) need no synchronisation, but each thread reads all of a step's
+  // weights at every step; where those would fill half of a core's L2 or more, and the cell
+  // allows it, each step's units are split across the pool instead (StepParts), as oneDNN
+  // does: each thread then keeps its share of the weights in its own L2, for all rows, and
+  // the threads exchange h every step (README: measured both ways).
+  template <typename F>
+  void ForShards(Index rows, Index units, Index steps, const StepWork& work, const F& fn) {
+    int parts = runner && work.units_may_split && units % kUnitAlign == 0 &&
+                        2 * work.weight_bytes >= l2_cache_bytes &&
+                        work.flops >= cpu_tuning::kMinUnitSplitStepFlops
+                    ? max_tasks
+                    : 1;
+    const Index block = AlignedBlocks(units, kUnitAlign, &parts);
+    if (parts > 1) {
+      StepParts loop(parts, steps);
+      (*runner)(parts, [&](int task) {
+        CpuBackend shard;  // sequential inside the part
+        loop.Run(task, [&](int part, Index s, const auto& wait) {
+          const Index u0 = part * block;
+          fn(shard, Index(0), rows, Units{u0, std::min(units, u0 + block)}, s, wait);
+        });
+      });
+      return;
+    }
+    ForRowShards(rows, work.flops, [&](CpuBackend& sb, Index b0, Index b1) {
+      for (Index s = 0; s < steps; ++s) fn(sb, b0, b1, Units{0, units}, s, [] {});
+    });
   }
 
   // Batch shards run on the pool, each on one thread from the first step to the last: no

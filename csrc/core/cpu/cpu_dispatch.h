@@ -52,6 +52,9 @@ int CpuIsaIndex();
 // FLOP per cycle than two FMAs (README, 16-bit storage), so pairs pay there only on tiles.
 bool CpuIsIntel();
 
+// Bytes of one core's L2 cache (the OS's figure; 1 MiB where it gives none).
+Index CpuL2CacheBytes();
+
 // The caller's options with SetCpuGemmThreads' cap applied, StepProducts::kAuto resolved
 // (CpuBf16Products), and OpenBLAS set to one thread.
 CpuOptions CpuRunOptions(const CpuOptions& options);

@@ -195,6 +195,18 @@ bool CpuIsIntel() {
 #endif
 }
 
+Index CpuL2CacheBytes() {
+  static const Index bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long reported = 0;
+#endif
+    return reported > 0 ? Index(reported) : Index(1) << 20;
+  }();
+  return bytes;
+}
+
 int CpuIsaIndex() {
   const int index = Chosen().index.load(std::memory_order_relaxed);
   if (index < 0) throw std::invalid_argument("tfcells: " + Chosen().error);

@@ -65,6 +65,7 @@ CpuBackend MakeBackend(const CpuOptions& options) {
   CpuBackend be;
   be.runner = options.runner;
   be.max_tasks = options.max_tasks;
+  be.l2_cache_bytes = options.l2_cache_bytes;
   // kAuto arrives resolved (CpuRunOptions).
   be.bf16_products =
       std::is_same_v<S, bfloat16> && options.products == StepProducts::kBFloat16;

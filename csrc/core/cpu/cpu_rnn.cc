@@ -78,6 +78,7 @@ CpuOptions CpuRunOptions(const CpuOptions& options) {
   CpuOptions run = options;
   if (run.products == StepProducts::kAuto)
     run.products = CpuBf16Products() ? StepProducts::kBFloat16 : StepProducts::kFloat32;
+  if (run.l2_cache_bytes <= 0) run.l2_cache_bytes = CpuL2CacheBytes();
   const int cap = gemm_threads_setting.load();
   run.max_tasks = std::max(1, cap > 0 ? std::min(cap, options.max_tasks) : options.max_tasks);
   return run;

@@ -29,6 +29,7 @@ struct CpuOptions {
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;  // how many pieces a large GEMM may be split into
   StepProducts products = StepProducts::kAuto;
+  Index l2_cache_bytes = 0;  // one core's (0: the machine's, CpuL2CacheBytes)
 };
 
 void ForwardCpu(const ForwardArgs<float>& args, const CpuOptions& options = {});

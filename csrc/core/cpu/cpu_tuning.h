@@ -21,6 +21,9 @@ constexpr Index kMinShardRows = 8;
 // With fewer rows than one shard per thread, a step of at least this many flops is split
 // across the pool instead (per-step hand-offs then pay for themselves).
 constexpr double kMaxShardedStepFlops = 16e6;
+// A step of at least this many flops splits its units across the pool (CpuBackend::ForShards):
+// below it the per-step synchronisation (about a microsecond) would cost more than it saves.
+constexpr double kMinUnitSplitStepFlops = 1e6;
 // Below this many flops a GEMM runs on the calling thread: splitting it costs more in
 // hand-offs than it saves.
 constexpr double kMinParallelGemmFlops = 4e6;

@@ -16,6 +16,7 @@
 //    and independent references);
 // and all of it once per ISA level of the kernels that this machine runs (argv[1]: one level).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <cstdio>
@@ -278,6 +279,23 @@ const ParallelRunner kThreads = [](int tasks, const std::function<void(int)>& fn
   for (std::thread& t : threads) t.join();
 };
 
+// The tasks one after another on the calling thread (a pool with no thread free), and each task
+// but the first starting late: a time loop split by units must take over the parts whose task
+// has not started (StepParts), and a late task must join where the loop has got to.
+const ParallelRunner kOneThread = [](int tasks, const std::function<void(int)>& fn) {
+  for (int i = 0; i < tasks; ++i) fn(i);
+};
+const ParallelRunner kLateThreads = [](int tasks, const std::function<void(int)>& fn) {
+  std::vector<std::thread> threads;
+  for (int i = 1; i < tasks; ++i)
+    threads.emplace_back([&fn, i] {
+      std::this_thread::sleep_for(std::chrono::microseconds(300 * i));
+      fn(i);
+    });
+  fn(0);
+  for (std::thread& t : threads) t.join();
+};
+
 bool Close(const Vec& a, const Vec& b) {
   if (a.size() != b.size()) return false;
   for (size_t i = 0; i < a.size(); ++i)
@@ -287,15 +305,17 @@ bool Close(const Vec& a, const Vec& b) {
 
 // Shapes large enough for batch shards (many rows, small steps) and for split GEMMs and
 // pointwise loops (large steps).
-void RunParallel(const Case& cs, unsigned seed, int max_tasks) {
+void RunParallel(const Case& cs, unsigned seed, int max_tasks,
+                 const ParallelRunner* runner = &kThreads) {
   Problem p(cs, seed);
   const Problem::Result seq_fwd = p.Forward(true);
   int all = kGradAll;
   if (cs.cell != CellKind::kLstm) all &= ~kGradC0;
   if (!cs.bias) all &= ~kGradBias;
   const std::vector<Vec> seq = p.Backward(seq_fwd, all);
-  p.options.runner = &kThreads;
+  p.options.runner = runner;
   p.options.max_tasks = max_tasks;
+  p.options.l2_cache_bytes = 1;  // units split wherever the cell and shape allow
   const Problem::Result par_fwd = p.Forward(true);
   EXPECT(Close(par_fwd.y, seq_fwd.y), cs.name);
   EXPECT(Close(par_fwd.h_last, seq_fwd.h_last), cs.name);
@@ -697,6 +717,22 @@ int main(int argc, char** argv) {
           RunParallel(cs, seed++, 3);
           cases += 2;
         }
+    // Time loops split by units (CpuBackend::ForShards: H a multiple of 32 and a step of at
+    // least kMinUnitSplitStepFlops): H = 160 in three parts (64, 64, 32 units), dx's I = 100
+    // columns in three (32, 32, 36: the last panel partial), and H = 64 in two; each on threads,
+    // on one thread and with late starts.
+    const Index unit_shapes[][5] = {{3, 16, 100, 160, 3}, {4, 24, 300, 64, 2}};
+    for (const auto& c : cells)
+      for (const auto& s : unit_shapes)
+        for (const ParallelRunner* runner : {&kThreads, &kOneThread, &kLateThreads})
+          for (int layout = 0; layout < 4; ++layout) {
+            Case cs{c.cell, c.name, {}, true, layout < 2, layout == 1 || layout == 2};
+            cs.d.T = s[0], cs.d.B = s[1], cs.d.I = s[2], cs.d.H = s[3];
+            cs.d.time_major = layout & 1;
+            cs.d.go_backwards = layout & 2;
+            RunParallel(cs, seed++, static_cast<int>(s[4]), runner);
+            ++cases;
+          }
     // 16-bit storage: every cell and layout, with all optional inputs and without, and the
     // empty shapes.
     for (const auto& c : cells)

@@ -1,0 +1,112 @@
+// A time loop split by units across the pool's tasks (CpuBackend::ForShards): at every step,
+// part p of P computes its own columns, and no part reads the others' results of step s - 1
+// before all of them have finished it. The tasks synchronise through atomics, spinning: a step
+// takes a fraction of a millisecond, and sleeping and waking would cost more than that.
+//
+// A pool may start a task late, or run the tasks one after another on fewer threads. So a task
+// that waits for a part nobody has claimed takes it over after kTakeOver, and from then on at
+// once: the loop never deadlocks, and with one thread runs every part in turn. A task that finds
+// its own part taken over joins at the next unclaimed step. Each (part, step) runs exactly once,
+// in step order per part, by whichever task claims it, with the same results.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <thread>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "../common.h"
+
+namespace tfcells {
+TFCELLS_ISA_BEGIN
+
+class StepParts {
+ public:
+  StepParts(int parts, Index steps) : parts_(new Part[parts]), count_(parts), steps_(steps) {}
+
+  // Runs the loop as task `own` (one call per task, any number of them at once): body(part, s,
+  // wait) computes part `part` of step s and calls wait() before it reads another part's
+  // results of step s - 1 (what it does before overlaps the other parts' step s - 1).
+  template <typename Body>
+  void Run(int own, const Body& body) {
+    Part& mine = parts_[own];
+    for (Index s = 0; s < steps_;) {
+      Index expected = s;
+      if (!mine.claimed.compare_exchange_strong(expected, s + 1, std::memory_order_acq_rel)) {
+        s = expected;  // taken over up to here
+        continue;
+      }
+      mine.abandoned.store(false, std::memory_order_relaxed);
+      // The run before on this part may be another task's, still finishing.
+      Spin([&] { return mine.done.load(std::memory_order_acquire) >= s; }, [] {});
+      RunPart(own, s, body);
+      ++s;
+    }
+  }
+
+ private:
+  // Steps of one part claimed and finished, and whether a waiting task took it over; each part
+  // on its own cache line.
+  struct alignas(64) Part {
+    std::atomic<Index> claimed{0}, done{0};
+    std::atomic<bool> abandoned{false};
+  };
+
+  template <typename Body>
+  void RunPart(int p, Index s, const Body& body) {
+    body(p, s, [&] {
+      for (int q = 0; q < count_; ++q)
+        if (q != p && s > 0) AwaitOrTakeOver(q, s - 1, body);
+    });
+    parts_[p].done.store(s + 1, std::memory_order_release);
+  }
+
+  // Waits until part q has finished step s, taking the step over if it is still unclaimed after
+  // kTakeOver (at once once q was taken over before). Step s of every other part is finished
+  // by then (the caller's step s + 1 waited for them), so the step runs without waiting.
+  template <typename Body>
+  void AwaitOrTakeOver(int q, Index s, const Body& body) {
+    Part& part = parts_[q];
+    auto take_over = [&] {
+      Index expected = s;
+      if (part.claimed.load(std::memory_order_relaxed) != s ||
+          !part.claimed.compare_exchange_strong(expected, s + 1, std::memory_order_acq_rel))
+        return;
+      part.abandoned.store(true, std::memory_order_relaxed);
+      RunPart(q, s, body);
+    };
+    if (part.abandoned.load(std::memory_order_relaxed)) take_over();
+    Spin([&] { return part.done.load(std::memory_order_acquire) > s; }, take_over);
+  }
+
+  // Spins until ready(), calling late() at each check after kTakeOver and yielding the thread
+  // after kYield (an oversubscribed machine).
+  template <typename Ready, typename Late>
+  static void Spin(const Ready& ready, const Late& late) {
+    using Clock = std::chrono::steady_clock;
+    constexpr auto kTakeOver = std::chrono::microseconds(200);
+    constexpr auto kYield = std::chrono::milliseconds(2);
+    Clock::time_point start{};
+    for (unsigned i = 0; !ready(); ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+      _mm_pause();
+#endif
+      if (i % 64 != 63) continue;
+      const Clock::time_point now = Clock::now();
+      if (i == 63) start = now;
+      if (now - start >= kTakeOver) late();
+      if (now - start >= kYield) std::this_thread::yield();
+    }
+  }
+
+  std::unique_ptr<Part[]> parts_;
+  int count_;
+  Index steps_;
+};
+
+TFCELLS_ISA_END
+}  // namespace tfcells
