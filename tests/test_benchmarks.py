@@ -162,7 +162,7 @@ def test_flop_model_shares():
 
 def test_floor_runs_its_gemms():
     paths = floor.floor_callables("gru", CONFIGS["all_trainable"], Shape(2, 3, 4, 5), "float32")
-    assert sorted(paths) == ["numpy", "tfcells"]
+    assert sorted(paths) == ["numpy", "tfcells", "tfcells_units"]
     for fn in paths.values():
         fn()  # shapes must line up: a wrong Gemm raises here
     labels = [g.label for g in floor.gemms("gru", CONFIGS["both_frozen_no_dx"], Shape(2, 3, 4, 5))]
@@ -564,13 +564,13 @@ def test_floor_16bit_paths():
     through tf.matmul; each path's dtype is known."""
     shape = Shape(2, 3, 4, 5)
     paths = floor.floor_callables("lstm", CONFIGS["all_trainable"], shape, "bfloat16")
-    assert sorted(paths) == ["numpy", "tf_bfloat16", "tfcells"]
+    assert sorted(paths) == ["numpy", "tf_bfloat16", "tfcells", "tfcells_units"]
     for fn in paths.values():
         fn()
     assert [floor.path_dtype(p, "bfloat16") for p in sorted(paths)] == \
-        ["float32", "bfloat16", "float32"]
+        ["float32", "bfloat16", "float32", "float32"]
     assert sorted(floor.floor_callables("lstm", CONFIGS["inference"], shape, "float32")) == \
-        ["numpy", "tfcells"]
+        ["numpy", "tfcells", "tfcells_units"]
 
 
 def test_fit_refuses_16bit(capsys):

@@ -15,15 +15,18 @@ from tfcells.benchmarks import floor
 SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 13, 1, 33), (4, 64, 256, 96), (2, 25, 40, 31)]
 
 
+# split_units: the columns split across the threads as the ops split a step's units (where n
+# is a multiple of 32 and a step at least 1 MFLOP: (4, 64, 256, 96) in three parts).
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("count,m,k,n", SHAPES)
 @pytest.mark.parametrize("threads", [1, 3])
-def test_products_match_numpy(dtype, count, m, k, n, threads):
+@pytest.mark.parametrize("split_units", [False, True], ids=["ops_rules", "split_units"])
+def test_products_match_numpy(dtype, count, m, k, n, threads, split_units):
     rng = np.random.default_rng(count * 1000 + m)
     a = rng.standard_normal((count, m, k)).astype(dtype)
     w = rng.standard_normal((k, n)).astype(dtype)
     out = np.full((m, n), np.nan, dtype)  # every element must be written
-    core.products(a, w, out, threads)
+    core.products(a, w, out, threads, split_units=split_units)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, a[-1] @ w, rtol=tol, atol=tol * np.sqrt(k))
 

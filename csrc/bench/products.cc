@@ -117,12 +117,14 @@ CpuOptions Options(int threads) {
 }  // namespace
 
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const float* a,
-                 const float* w, float* out, int threads) {
-  kKernelsOf[CpuIsaIndex()]().f32(count, trans_a, m, k, n, a, w, out, Options(threads));
+                 const float* w, float* out, int threads, bool split_units) {
+  kKernelsOf[CpuIsaIndex()]().f32(count, trans_a, m, k, n, a, w, out, Options(threads),
+                                  split_units);
 }
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
-                 const double* w, double* out, int threads) {
-  kKernelsOf[CpuIsaIndex()]().f64(count, trans_a, m, k, n, a, w, out, Options(threads));
+                 const double* w, double* out, int threads, bool split_units) {
+  kKernelsOf[CpuIsaIndex()]().f64(count, trans_a, m, k, n, a, w, out, Options(threads),
+                                  split_units);
 }
 
 }  // namespace tfcells

@@ -12,17 +12,19 @@ namespace tfcells {
 // and a [count, m, k] (trans_a: a [1, k, m], read transposed), all row-major.
 //   count == 1: one large GEMM split across the threads (the input projection, dx, dW);
 //   count > 1:  the recurrence's per-step products (no trans_a): w packed once, then batch
-//               shards or split steps, by the ops' own rules.
+//               shards or split steps, by the ops' own rules; with split_units, each step's
+//               columns split across the threads instead, as the ops split a step's units
+//               (whole panels; with no synchronisation between steps: products alone).
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const float* a,
-                 const float* w, float* out, int threads);
+                 const float* w, float* out, int threads, bool split_units);
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
-                 const double* w, double* out, int threads);
+                 const double* w, double* out, int threads, bool split_units);
 
 struct ProductsKernels {
   void (*f32)(Index count, bool trans_a, Index m, Index k, Index n, const float* a,
-              const float* w, float* out, const CpuOptions& options);
+              const float* w, float* out, const CpuOptions& options, bool split_units);
   void (*f64)(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
-              const double* w, double* out, const CpuOptions& options);
+              const double* w, double* out, const CpuOptions& options, bool split_units);
 };
 
 }  // namespace tfcells

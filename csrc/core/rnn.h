@@ -125,6 +125,9 @@ struct StepWork {
   double flops = 0;
   Index weight_bytes = 0;
   bool units_may_split = false;
+  // Scratch that each part of a split step needs for its own (dropout's masked copies of the
+  // left operands, which every part reads whole): the backend's Scratch(planned, offset).
+  Index part_scratch_bytes = 0;
 };
 
 TFCELLS_ISA_BEGIN
@@ -148,6 +151,11 @@ struct InPlaceStepOperands {
   void StepGemm(Index m, const T* a, Index lda, const Operand<T>& w, T beta, T* c, Index ldc) {
     static_cast<Derived&>(*this).Gemm(false, w.trans, m, w.n, w.k, a, lda, w.w, w.ld, beta, c,
                                       ldc);
+  }
+  // A shard's scratch: the plan's (these backends never split a step's units).
+  template <typename T>
+  T* Scratch(T* planned, Index /*offset*/) const {
+    return planned;
   }
   // The same for the units `u` of each `block`-wide column block of op(W) only.
   template <typename T>
@@ -214,7 +222,7 @@ void ForEachUnit(Backend& sb, Index n, Index H, Units u, const F& f) {
 // C[:, gate blocks] = A·W for one step's n rows. Without dropout masks, one StepGemm with the
 // whole operand; with them (mask(g): gate g's rows of width `width`), gate g multiplies its
 // masked copy A ⊙ mask(g) (in `scratch`) by its own column block, gate_operands[g].
-// Only the units `u` of each gate block are computed (dropout: all of them).
+// Only the units `u` of each gate block are computed.
 template <typename T, typename Backend, typename Operand, typename MaskOf>
 void GateProducts(Backend& sb, Index n, Index width, StepMatrix<const T> a, const Operand& whole,
                   const Operand* gate_operands, int gates, Index H, Units u,
@@ -223,13 +231,13 @@ void GateProducts(Backend& sb, Index n, Index width, StepMatrix<const T> a, cons
   const StepMatrix<T> dropped = Plain(scratch, width);
   for (int g = 0; g < gates; ++g) {
     sb.ForEach(n, width, ScaleRowsPoint<T>{dropped, a, mask(g), false});
-    sb.StepGemm(n, dropped.data, width, gate_operands[g], T(0), c + g * H, ldc);
+    sb.StepGemm(n, dropped.data, width, gate_operands[g], T(0), c + g * H, ldc, H, u);
   }
 }
 
 // Their transpose: C (+)= dG·Wᵀ, or with dropout masks Σ_g (dG_g·W_gᵀ) ⊙ mask(g) through
 // `scratch` (gate g read A ⊙ mask(g), so its gradient w.r.t. A is masked the same way).
-// Only the columns `u` of C are computed (dropout: all of them).
+// Only the columns `u` of C are computed.
 template <typename T, typename Backend, typename Operand, typename MaskOf>
 void GateProductsGrad(Backend& sb, Index n, Index width, const T* dg, Index ld_dg,
                       const Operand& whole, const Operand* gate_operands, int gates, Index H,
@@ -237,10 +245,11 @@ void GateProductsGrad(Backend& sb, Index n, Index width, const T* dg, Index ld_d
                       bool accumulate) {
   if (!gate_operands)
     return sb.StepGemm(n, dg, ld_dg, whole, accumulate ? T(1) : T(0), c.data, c.ld, width, u);
-  for (int g = 0; g < gates; ++g) {
-    sb.StepGemm(n, dg + g * H, ld_dg, gate_operands[g], T(0), scratch, width);
-    sb.ForEach(n, width,
-               ScaleRowsPoint<T>{c, Plain<const T>(scratch, width), mask(g), accumulate || g > 0});
+  for (int g = 0; g < gates; ++g) {  // (the shards' columns of scratch are disjoint)
+    sb.StepGemm(n, dg + g * H, ld_dg, gate_operands[g], T(0), scratch, width, width, u);
+    ForEachUnit(sb, n, width, u,
+                ScaleRowsPoint<T>{c, Plain<const T>(scratch, width), mask(g),
+                                  accumulate || g > 0});
   }
 }
 
@@ -511,7 +520,7 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
     auto at = [&](auto* seq, Index t, Index width) { return v.At(seq, t, width); };
     auto plain = [&](auto* buf, Index width) { return v.Plain(buf, width); };
     ForwardStep<T, Backend, decltype(w_h), Operand> step{
-        sb, w_h, w_cand, {}, plain(dropped_h, H).data, n, H, GH, u};
+        sb, w_h, w_cand, {}, sb.Scratch(plain(dropped_h, H).data, B * d.I), n, H, GH, u};
     v.DropoutMasks(in.recurrent_dropout, H, G, step.h_dropout_rows);
     step.rec = recurrent + b0 * GH;
     step.bias = bias;
@@ -528,7 +537,8 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
     if (per_step)
       GateProducts(sb, n, d.I, at(in.x, t, d.I), w_x.whole, w_x.PerGate(), G, H, u,
                    [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
-                   plain(dropped_x, d.I).data, step.gates.data, step.gates.ld);
+                   sb.Scratch(plain(dropped_x, d.I).data, 0), step.gates.data,
+                   step.gates.ld);
     wait();
     step.h_prev = s == 0 ? plain(in.h0, H) : StepMatrix<const T>(at(a.y, s - 1, H));
     step.h = at(a.y, s, H);
@@ -542,12 +552,13 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
     Cell::Forward(step);
   };
   // The units of a step may be split across threads, but for a split candidate (whose GEMM
-  // reads every unit's r * h_prev), dropout (whose masked copies share scratch) and a backend
-  // that projects x before the loop.
+  // reads every unit's r * h_prev) and a backend that projects x before the loop. With dropout
+  // each part masks x_t and h_prev whole for itself, in its own scratch.
   const Index step_weights = ((per_step ? d.I : 0) + H) * GH;
   be.ForShards(B, H, d.T,
                StepWork{2.0 * B * step_weights, step_weights * Index(sizeof(T)),
-                        !info.split_candidate && !in_dropout && !rec_dropout && per_step},
+                        !info.split_candidate && per_step,
+                        in_dropout || rec_dropout ? B * (d.I + H) * Index(sizeof(T)) : 0},
                run_step);
   be.ForEach(B, H, CopyPoint<T>{Plain(a.h_last, H), AtStep(a.y, d, d.T - 1, H)});
   if (info.cell_state) {
@@ -622,10 +633,10 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
     return Plain(all + (s & 1) * B * GH, GH);
   };
   // Part k = 0..T of the backward loop, for batch rows [b0, b1) and the units `u` (every
-  // matrix is that shard's view): first the products of processing step s + 1 (s = T - 1 - k),
-  // which read every unit's gate gradients of that step (wait(): every shard has finished part
+  // matrix is that shard's view): first what processing step s + 1 (s = T - 1 - k) has left,
+  // which reads every unit's gate gradients of that step (wait(): every shard has finished part
   // k - 1): the carry dh_prev += dG·W_hᵀ and dx_t = dG_t·W_xᵀ, for the shard's units of dh_prev
-  // and its share of dx's columns; then the pointwise backward of step s.
+  // and its share of dx's columns, and db's sums; then the pointwise backward of step s.
   auto run_step = [&](Backend& sb, Index b0, Index b1, Units u, Index k, const auto& wait) {
     const Index n = b1 - b0, s = d.T - 1 - k;
     const ShardViews<T> v{d, b0};
@@ -656,11 +667,22 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
                          [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
                          plain(step_dx, d.I).data, at(a.dx, d.InputTime(s + 1), d.I), false);
       }
+      // db: the shard's units of every gate's columns, summed over the steps per batch row.
+      for (Index r = 0; want_db && r < Cell::kInfo.bias_rows; ++r) {
+        const StepMatrix<T> dg_r =
+            r == 0 ? dg : shard(dgates_at(dgates_rec_all, keep_all_rec, s + 1));
+        for (int g = 0; g < G; ++g)
+          step.ForEach(AccumulatePoint<T>{plain(bias_sums + r * B * GH + g * H, GH),
+                                          {dg_r.data + g * H, dg_r.ld}});
+      }
     }
     if (s < 0) return;
     if (k == 0) {
       step.ForEach(ZeroOrCopyPoint<T>{step.dh, plain(a.dh_last, H)});
       if (Cell::kInfo.cell_state) step.ForEach(ZeroOrCopyPoint<T>{step.dc, plain(a.dc_last, H)});
+      for (Index r = 0; want_db && r < Cell::kInfo.bias_rows; ++r)
+        for (int g = 0; g < G; ++g)
+          step.ForEach(ZeroOrCopyPoint<T>{plain(bias_sums + r * B * GH + g * H, GH), {}});
     }
     const Index t = d.InputTime(s);
     step.dgates = shard(dgates_at(dgates_all, keep_all, s));
@@ -674,22 +696,13 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
     step.dy = a.dy ? at(a.dy, s, H) : StepMatrix<const T>(zero_row, 0);
     step.mask = FromRow(MaskAt(sb, in.mask, d, t), b0);
     Cell::Backward(step);
-    // db: the shard's units of every gate's columns, summed over the steps per batch row.
-    for (Index r = 0; want_db && r < Cell::kInfo.bias_rows; ++r) {
-      const StepMatrix<const T> dg = r == 0 ? step.dgates : step.dgates_rec;
-      for (int g = 0; g < G; ++g) {
-        const StepMatrix<T> sums = plain(bias_sums + r * B * GH + g * H, GH);
-        if (k == 0) step.ForEach(ZeroOrCopyPoint<T>{sums, {}});
-        step.ForEach(AccumulatePoint<T>{sums, {dg.data + g * H, dg.ld}});
-      }
-    }
   };
   // The units of a step may be split across threads, but for a split candidate (whose second
-  // pointwise phase reads every unit's first) and dropout (whose masked copies share scratch).
+  // pointwise phase reads every unit's first).
   const Index step_weights = ((want_dx && per_step ? d.I : 0) + H) * GH;
   be.ForShards(B, H, d.T + 1,
                StepWork{2.0 * B * step_weights, step_weights * Index(sizeof(T)),
-                        !info.split_candidate && !in_dropout && !rec_dropout},
+                        !info.split_candidate},
                run_step);
 
   if (m & kGradH0) {

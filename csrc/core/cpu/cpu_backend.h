@@ -21,6 +21,8 @@ struct CpuBackend {
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;
   Index l2_cache_bytes = 0;  // one core's
+  // A part of a split step: its own scratch (StepWork::part_scratch_bytes), else null.
+  unsigned char* part_scratch = nullptr;
   // Step products on bfloat16 pairs (a call with bfloat16 storage, CpuOptions::products).
   bool bf16_products = false;
   // The float32 whole-sequence GEMMs (the weight gradients) on bfloat16 pairs too: PairGemm on
@@ -162,6 +164,12 @@ struct CpuBackend {
     (*runner)(tasks, run);
   }
 
+  // A shard's scratch: a part's own, from `offset` elements on, or the plan's.
+  template <typename T>
+  T* Scratch(T* planned, Index offset) const {
+    return part_scratch ? reinterpret_cast<T*>(part_scratch) + offset : planned;
+  }
+
   // The same for the units `u` of each `block`-wide column block of op(W) only, on the calling
   // thread (a shard of ForShards: u and block are multiples of the panel width).
   template <typename T>
@@ -184,22 +192,30 @@ struct CpuBackend {
   // The time loop of `steps` steps over `rows` batch rows and `units` units: fn(sb, b0, b1,
   // units, s, wait) runs step s of one shard (wait(): every shard has finished step s - 1).
   // Batch shards (ForRowShards) need no synchronisation, but each thread reads all of a step's
-  // weights at every step; where those would fill half of a core's L2 or more, and the cell
-  // allows it, each step's units are split across the pool instead (StepParts), as oneDNN
-  // does: each thread then keeps its share of the weights in its own L2, for all rows, and
-  // the threads exchange h every step (README: measured both ways).
+  // weights at every step; where those would not fit in a core's L2 beside the shard's rows
+  // (kUnitSplitL2Share), and the cell allows it, each step's units are split across the pool
+  // instead (StepParts), as oneDNN does: each thread then keeps its share of the weights in its
+  // own L2, for all rows, and the threads exchange h every step (README: measured both ways).
   template <typename F>
   void ForShards(Index rows, Index units, Index steps, const StepWork& work, const F& fn) {
     int parts = runner && work.units_may_split && units % kUnitAlign == 0 &&
-                        2 * work.weight_bytes >= l2_cache_bytes &&
+                        work.weight_bytes >= l2_cache_bytes * cpu_tuning::kUnitSplitL2Share &&
                         work.flops >= cpu_tuning::kMinUnitSplitStepFlops
                     ? max_tasks
                     : 1;
     const Index block = AlignedBlocks(units, kUnitAlign, &parts);
     if (parts > 1) {
       StepParts loop(parts, steps);
+      // Each task's scratch, allocated here (a throw inside a pool task would end the process),
+      // in 8-byte elements (aligned for float and double).
+      const Index per_task = (work.part_scratch_bytes + 7) / 8;
+      const std::unique_ptr<double[]> scratch(per_task ? new double[parts * per_task] : nullptr);
       (*runner)(parts, [&](int task) {
         CpuBackend shard;  // sequential inside the part
+        if (per_task)
+          shard.part_scratch = reinterpret_cast<unsigned char*>(scratch.get() + task * per_task);
+        // (A task runs another's part inside wait(), after its own step has done with the
+        // scratch before wait() and before it uses it after: StepParts.)
         loop.Run(task, [&](int part, Index s, const auto& wait) {
           const Index u0 = part * block;
           fn(shard, Index(0), rows, Units{u0, std::min(units, u0 + block)}, s, wait);

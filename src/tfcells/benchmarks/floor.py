@@ -1,7 +1,9 @@
 """The GEMM floor: the time of a step's matrix products alone, all of them through NumPy's BLAS
 or all through tfcells' own GEMM path (its packed step GEMM for the per-step products, its
 thread-split BLAS calls for the weight gradients), whichever is faster, and the FLOP model that
-counts them.
+counts them. tfcells' path is timed twice: with the per-step products split by its own rules
+(batch shards at the benchmark's shapes, each product's weights alone fitting L2) and with their
+columns split across the threads as the ops split a step's units; the faster counts.
 
 A fused recurrent kernel spends nearly all its time in these GEMMs; the rest (gates, copies,
 the framework) is overhead, so floor_ms / median_ms says how close an implementation gets to
@@ -85,16 +87,18 @@ def _numpy_products(a, b, c):
     return run
 
 
-def _tfcells_products(a, b, c, trans_a):
+def _tfcells_products(a, b, c, trans_a, split_units=False):
     """The same products through tfcells' CPU GEMM path, on as many threads as NumPy's BLAS
-    uses; None where the compiled module is missing."""
+    uses (split_units: the per-step products' columns split across the threads, as the ops
+    split a step's units, else by the ops' own rules); None where the compiled module is
+    missing."""
     try:
         from tfcells import _tfcells_core
     except ImportError:
         return None
     threads = blas_threads() or os.cpu_count() or 1
     base = a.transpose(0, 2, 1) if trans_a else a  # _operands' stored (contiguous) array
-    return lambda: _tfcells_core.products(base, b, c, threads, trans_a)
+    return lambda: _tfcells_core.products(base, b, c, threads, trans_a, split_units)
 
 
 def _tf_products(operands, dtype):
@@ -133,9 +137,10 @@ def floor_callables(cell, config, shape, dtype):
     compute = weight_dtype(dtype)
     operands = [(g, _operands(g, compute, rng)) for g in gemms(cell, config, shape)]
     paths = {"numpy": [_numpy_products(a, b, c) for _, (a, b, c) in operands]}
-    ours = [_tfcells_products(a, b, c, g.trans_a) for g, (a, b, c) in operands]
-    if all(fn is not None for fn in ours):
-        paths["tfcells"] = ours
+    for name, split_units in (("tfcells", False), ("tfcells_units", True)):
+        ours = [_tfcells_products(a, b, c, g.trans_a, split_units) for g, (a, b, c) in operands]
+        if all(fn is not None for fn in ours):
+            paths[name] = ours
     if dtype != compute:
         paths["tf_" + dtype] = [_tf_products(operands, dtype)]
 
