@@ -192,10 +192,10 @@ struct CpuBackend {
   // The time loop of `steps` steps over `rows` batch rows and `units` units: fn(sb, b0, b1,
   // units, s, wait) runs step s of one shard (wait(): every shard has finished step s - 1).
   // Batch shards (ForRowShards) need no synchronisation, but each thread reads all of a step's
-  // weights at every step; where those would not fit in a core's L2 beside the shard's rows
-  // (kUnitSplitL2Share), and the cell allows it, each step's units are split across the pool
-  // instead (StepParts), as oneDNN does: each thread then keeps its share of the weights in its
-  // own L2, for all rows, and the threads exchange h every step (README: measured both ways).
+  // weights at every step; where those are several times a core's L2 (kUnitSplitL2Share), and
+  // the cell allows it, each step's units are split across the pool instead (StepParts), as
+  // oneDNN does: each thread then reads only its share of the weights, for all rows, and the
+  // threads exchange h every step (README: measured both ways).
   template <typename F>
   void ForShards(Index rows, Index units, Index steps, const StepWork& work, const F& fn) {
     int parts = runner && work.units_may_split && units % kUnitAlign == 0 &&
@@ -262,8 +262,11 @@ struct CpuBackend {
     });
   }
 
+  // Flattened: every call inside, the functor's and its activations', is inlined, so that the
+  // loop vectorises (GCC's own limits left the LSTM's forward functor out of line, a scalar call
+  // per element, at every level).
   template <typename F>
-  static void ForEachRow(Index begin, Index end, Index cols, const F& functor) {
+  [[gnu::flatten]] static void ForEachRow(Index begin, Index end, Index cols, const F& functor) {
     const F f = functor;  // a local copy: its pointers provably not clobbered by the stores
     for (Index b = begin; b < end; ++b) {
 #pragma omp simd

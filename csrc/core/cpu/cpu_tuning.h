@@ -21,11 +21,12 @@ constexpr Index kMinShardRows = 8;
 // With fewer rows than one shard per thread, a step of at least this many flops is split
 // across the pool instead (per-step hand-offs then pay for themselves).
 constexpr double kMaxShardedStepFlops = 16e6;
-// A step whose weights fill at least this share of a core's L2 splits its units across the pool
-// (CpuBackend::ForShards): a batch shard's rows of the step (gates, products, states) take
-// about the rest. Measured at T=100, B=64, I=H=256 on the Intel Xeon (2 MiB L2): LSTM (2 MiB
-// of weights) ran 0.61x the time split, GRU (1.5 MiB) 1.10x.
-constexpr double kUnitSplitL2Share = 0.8;
+// A step whose weights fill at least this many times a core's L2 splits its units across the
+// pool (CpuBackend::ForShards). Measured on the Intel Xeon (2 MiB L2, 2 cores; T=100, B=64,
+// inference, alternating processes): LSTM with I=H=512 (8 MiB of weights) 0.96-0.98x the time
+// of batch shards, but with I=H=256 (2 MiB) 1.03x and GRU (1.5 MiB) 1.10x: where the weights
+// come from L3 fast enough, the per-step synchronisation and the exchange of h cost as much.
+constexpr double kUnitSplitL2Share = 2.0;
 // And only a step of at least this many flops: below it the per-step synchronisation (about a
 // microsecond) would cost more than it saves.
 constexpr double kMinUnitSplitStepFlops = 1e6;
