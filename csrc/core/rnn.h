@@ -19,6 +19,7 @@
 //   StepOperand(trans, k, n, w, ld)   op(W) [k, n] (W, or Wᵀ of W [n, k]) prepared once for
 //                                     the GEMM of every step (the CPU packs it into panels)
 //   StepGemm(m, a, lda, operand, beta, c, ldc)                        C = A·op(W) + βC
+//   StepGemm(..., block, u)           the same for the units u of each block of C's columns
 //   ForEach(rows, cols, functor)                                      functor(b, j) for all b, j
 //   ColumnSum(rows, cols, a, lda, out)                                out[j] = Σ_r a[r, j]
 //   TrueFlag()                        a `true` in the device's memory, the mask of no mask
@@ -30,6 +31,8 @@
 //                                     work.units_may_split of the units, each shard then calling
 //                                     wait() before it reads another's results of step s - 1
 //   kUnitAlign                        units split on multiples of this (as dx's columns)
+//   Scratch(planned, offset)          a shard's scratch: its own (work.part_scratch_bytes,
+//                                     from `offset` elements on) or the plan's, `planned`
 // and the caller provides every buffer (outputs, cache, workspace) at the sizes its CallPlan
 // (plan.h) gives, so nothing is allocated here; a buffer smaller than that is refused.
 #pragma once
