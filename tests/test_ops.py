@@ -4,6 +4,7 @@ Every value and gradient is checked; gradients that must be skipped are checked 
 *and* never computed (kernel work counters), not just absent.
 """
 
+import contextlib
 import functools
 import itertools
 
@@ -520,14 +521,24 @@ def test_deterministic_run_to_run():
         np.testing.assert_array_equal(first[1][name], second[1][name])
 
 
-# The CPU kernels parallelise in three ways, chosen by size: weights that would fill half of a
-# core's L2 split each step's units across threads, which synchronise at every step (H a
-# multiple of 32; not GRU reset_after=False, whose candidate reads every unit); else a batch
-# large enough to give every thread a shard runs batch shards, each on one thread for the whole
-# sequence; else a small batch with large steps splits each step's GEMM and pointwise loop
-# across threads. All must give the reference's numbers.
+# The CPU kernels parallelise in three ways, chosen by size: a batch large enough to give every
+# thread a shard runs batch shards, each on one thread for the whole sequence; a small batch
+# with large steps splits each step's GEMM and pointwise loop across threads; and, opted into
+# with tfcells.set_cpu_split_units, weights at least twice a core's L2 split each step's units
+# across threads, which synchronise at every step (H a multiple of 32; not GRU
+# reset_after=False, whose candidate reads every unit). All must give the reference's numbers.
 PARALLEL_SHAPES = {"split_units": (8, 3, 8, 1024), "split_steps": (8, 3, 8, 1000),
                    "batch_shards": (40, 5, 6, 24)}
+
+
+@contextlib.contextmanager
+def cpu_path(path):
+    """The unit split is opt-in: on for the split_units shape only."""
+    tfcells.set_cpu_split_units(path == "split_units")
+    try:
+        yield
+    finally:
+        tfcells.set_cpu_split_units(False)
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
@@ -537,7 +548,27 @@ def test_parallel_paths(cell, path, go_backwards):
     B, T, I, H = PARALLEL_SHAPES[path]
     inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=13)
     mask = make_mask("random", B, T, False, seed=13)
-    check_against_reference(cell, inputs, mask, False, go_backwards, tf.float64)
+    with cpu_path(path):
+        check_against_reference(cell, inputs, mask, False, go_backwards, tf.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_split_units_bit_identical_to_batch_shards(cell):
+    """The unit split computes every element by the same chain of multiply-adds: its outputs
+    and gradients equal the default path's bit for bit, and the switch reads back."""
+    B, T, I, H = PARALLEL_SHAPES["split_units"]
+    inputs = make_inputs(cell, B, T, I, H, tf.float32, seed=31)
+    weights = loss_weights(cell, inputs, False)
+    assert not tfcells.cpu_split_units()
+    default = run_with_grads(cell.op, inputs, cell.grad_inputs, weights)
+    with cpu_path("split_units"):
+        assert tfcells.cpu_split_units()
+        split = run_with_grads(cell.op, inputs, cell.grad_inputs, weights)
+    assert not tfcells.cpu_split_units()
+    for a, b in zip(default[0], split[0]):
+        np.testing.assert_array_equal(a, b)
+    for name in cell.grad_inputs:
+        np.testing.assert_array_equal(default[1][name], split[1][name])
 
 
 # ---------------------------------------------------------------------------------- dropout
@@ -580,8 +611,9 @@ def test_dropout_float32_and_parallel_paths(cell, path):
     B, T, I, H = DROPOUT_PARALLEL_SHAPES[path]
     inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=22)
     dropout = make_dropout(cell, B, I, H, "both", seed=22)
-    for dtype in (tf.float64, tf.float32):
-        check_against_reference(cell, inputs, None, False, True, dtype, dropout=dropout)
+    with cpu_path(path):
+        for dtype in (tf.float64, tf.float32):
+            check_against_reference(cell, inputs, None, False, True, dtype, dropout=dropout)
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)

@@ -19,6 +19,7 @@ void Products(Index count, bool trans_a, Index m, Index k, Index n, const T* a, 
   if (count == 1) return be.Gemm(trans_a, false, m, n, k, a, trans_a ? m : k, w, n, T(0), out, n);
   const auto operand = be.StepOperand(false, k, n, w, n);
   if (split_units) {  // the ops' unit split (whole panels), forced, never waiting
+    be.split_units = true;
     be.l2_cache_bytes = 1;
     const StepWork work{2.0 * m * k * n, k * n * Index(sizeof(T)), true};
     return be.ForShards(m, n, count, work,

@@ -170,3 +170,5 @@ extern "C" int tfcells_work_counters(std::int64_t* out, int n) {
 
 extern "C" void tfcells_set_gemm_threads(int threads) { tfcells::SetCpuGemmThreads(threads); }
 extern "C" int tfcells_gemm_threads() { return tfcells::CpuGemmThreads(); }
+extern "C" void tfcells_set_split_units(int on) { tfcells::SetCpuSplitUnits(on != 0); }
+extern "C" int tfcells_split_units() { return tfcells::CpuSplitUnits() ? 1 : 0; }

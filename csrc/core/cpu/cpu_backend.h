@@ -21,6 +21,7 @@ struct CpuBackend {
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;
   Index l2_cache_bytes = 0;  // one core's
+  bool split_units = false;  // CpuOptions::split_units
   // A part of a split step: its own scratch (StepWork::part_scratch_bytes), else null.
   unsigned char* part_scratch = nullptr;
   // Step products on bfloat16 pairs (a call with bfloat16 storage, CpuOptions::products).
@@ -192,13 +193,14 @@ struct CpuBackend {
   // The time loop of `steps` steps over `rows` batch rows and `units` units: fn(sb, b0, b1,
   // units, s, wait) runs step s of one shard (wait(): every shard has finished step s - 1).
   // Batch shards (ForRowShards) need no synchronisation, but each thread reads all of a step's
-  // weights at every step; where those are several times a core's L2 (kUnitSplitL2Share), and
-  // the cell allows it, each step's units are split across the pool instead (StepParts), as
-  // oneDNN does: each thread then reads only its share of the weights, for all rows, and the
-  // threads exchange h every step (README: measured both ways).
+  // weights at every step. With split_units (opt-in: spinning threads lose to batch shards
+  // where other ops share the pool), where the weights are several times a core's L2
+  // (kUnitSplitL2Share) and the cell allows it, each step's units are split across the pool
+  // instead (StepParts), as oneDNN does: each thread then reads only its share of the weights,
+  // for all rows, and the threads exchange h every step (README: measured both ways).
   template <typename F>
   void ForShards(Index rows, Index units, Index steps, const StepWork& work, const F& fn) {
-    int parts = runner && work.units_may_split && units % kUnitAlign == 0 &&
+    int parts = runner && split_units && work.units_may_split && units % kUnitAlign == 0 &&
                         work.weight_bytes >= l2_cache_bytes * cpu_tuning::kUnitSplitL2Share &&
                         work.flops >= cpu_tuning::kMinUnitSplitStepFlops
                     ? max_tasks

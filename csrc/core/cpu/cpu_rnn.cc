@@ -32,6 +32,7 @@ const CpuKernels& (*const kKernelsOf[])() = {
 const CpuKernels& Kernels() { return kKernelsOf[CpuIsaIndex()](); }
 
 std::atomic<int> gemm_threads_setting{0};
+std::atomic<bool> split_units_setting{false};
 
 // OpenBLAS' Haswell/Zen sgemm kernel prefetches the next packed panel of B while it multiplies.
 // When op(B)'s side of C is at most GEMM_P (320) wide — a gate's H columns, or all of G*H for a
@@ -79,6 +80,7 @@ CpuOptions CpuRunOptions(const CpuOptions& options) {
   if (run.products == StepProducts::kAuto)
     run.products = CpuBf16Products() ? StepProducts::kBFloat16 : StepProducts::kFloat32;
   if (run.l2_cache_bytes <= 0) run.l2_cache_bytes = CpuL2CacheBytes();
+  run.split_units = options.split_units || split_units_setting.load();
   const int cap = gemm_threads_setting.load();
   run.max_tasks = std::max(1, cap > 0 ? std::min(cap, options.max_tasks) : options.max_tasks);
   return run;
@@ -105,5 +107,8 @@ bool CpuBf16Products() {
 
 void SetCpuGemmThreads(int threads) { gemm_threads_setting.store(std::max(0, threads)); }
 int CpuGemmThreads() { return gemm_threads_setting.load(); }
+
+void SetCpuSplitUnits(bool on) { split_units_setting.store(on); }
+bool CpuSplitUnits() { return split_units_setting.load(); }
 
 }  // namespace tfcells

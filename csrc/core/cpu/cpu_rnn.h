@@ -30,6 +30,9 @@ struct CpuOptions {
   int max_tasks = 1;  // how many pieces a large GEMM may be split into
   StepProducts products = StepProducts::kAuto;
   Index l2_cache_bytes = 0;  // one core's (0: the machine's, CpuL2CacheBytes)
+  // Whether time loops of large layers may split each step's units across the threads
+  // (CpuBackend::ForShards); also on where SetCpuSplitUnits(true) was called.
+  bool split_units = false;
 };
 
 void ForwardCpu(const ForwardArgs<float>& args, const CpuOptions& options = {});
@@ -50,6 +53,12 @@ bool CpuBf16Products();
 // Cap on the parallel pieces of one GEMM; 0 (the default) lets the caller's pool decide.
 void SetCpuGemmThreads(int threads);
 int CpuGemmThreads();
+
+// Opt-in (default off): time loops whose weights are at least twice a core's L2 split each
+// step's units across the threads, which then synchronise at every step by spinning. Faster
+// for a lone large layer; slower where other ops share the pool at the same time (README).
+void SetCpuSplitUnits(bool on);
+bool CpuSplitUnits();
 
 // Run-time ISA dispatch (cpu_isa.cc). The CPU kernels are compiled once per ISA level
 // (x86-64, x86-64-v3, x86-64-v4, avx512-bf16, amx; or one "native" level); when the library

@@ -315,7 +315,8 @@ void RunParallel(const Case& cs, unsigned seed, int max_tasks,
   const std::vector<Vec> seq = p.Backward(seq_fwd, all);
   p.options.runner = runner;
   p.options.max_tasks = max_tasks;
-  p.options.l2_cache_bytes = 1;  // units split wherever the cell and shape allow
+  p.options.split_units = true;  // units split wherever the cell and shape allow
+  p.options.l2_cache_bytes = 1;
   const Problem::Result par_fwd = p.Forward(true);
   EXPECT(Close(par_fwd.y, seq_fwd.y), cs.name);
   EXPECT(Close(par_fwd.h_last, seq_fwd.h_last), cs.name);
