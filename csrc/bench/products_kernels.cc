@@ -18,20 +18,15 @@ void Products(Index count, bool trans_a, Index m, Index k, Index n, const T* a, 
   be.max_tasks = options.max_tasks;
   if (count == 1) return be.Gemm(trans_a, false, m, n, k, a, trans_a ? m : k, w, n, T(0), out, n);
   const auto operand = be.StepOperand(false, k, n, w, n);
-  if (split_units) {  // the ops' unit split (whole panels), forced, never waiting
-    be.split_units = true;
-    be.l2_cache_bytes = 1;
-    const StepWork work{2.0 * m * k * n, k * n * Index(sizeof(T)), true};
-    return be.ForShards(m, n, count, work,
-                        [&](CpuBackend& sb, Index b0, Index b1, Units u, Index t, const auto&) {
-                          sb.StepGemm(b1 - b0, a + (t * m + b0) * k, k, operand, T(0),
-                                      out + b0 * n, n, n, u);
-                        });
-  }
-  be.ForRowShards(m, 2.0 * m * k * n, [&](CpuBackend& shard, Index b0, Index b1) {
-    for (Index t = 0; t < count; ++t)
-      shard.StepGemm(b1 - b0, a + (t * m + b0) * k, k, operand, T(0), out + b0 * n, n);
-  });
+  // split_units: the ops' unit split (whole panels), forced, never waiting.
+  be.split_units = split_units;
+  be.l2_cache_bytes = 1;
+  const StepWork work{2.0 * m * k * n, k * n * Index(sizeof(T)), true};
+  be.ForShards(m, n, count, work,
+               [&](CpuBackend& sb, Index b0, Index b1, Units u, Index t, const auto&) {
+                 sb.StepGemm(b1 - b0, a + (t * m + b0) * k, k, operand, T(0), out + b0 * n, n,
+                             n, u);
+               });
 }
 
 }  // namespace

@@ -135,10 +135,17 @@ struct StepWork {
 
 TFCELLS_ISA_BEGIN
 
-// StepOperand/StepGemm for a backend whose Gemm reads the operand where it lies (cuBLAS): a
-// base class, Derived being the backend.
+// StepOperand/StepGemm for a backend whose Gemm reads the operand where it lies (cuBLAS), and
+// whose time loop is one shard (a GPU parallelises inside each step): a base class, Derived
+// being the backend.
 template <typename Derived>
 struct InPlaceStepOperands {
+  static constexpr Index kUnitAlign = 1;  // (units never split)
+  template <typename F>
+  void ForShards(Index rows, Index units, Index steps, const StepWork&, const F& fn) {
+    for (Index s = 0; s < steps; ++s)
+      fn(static_cast<Derived&>(*this), Index(0), rows, Units{0, units}, s, [] {});
+  }
   template <typename T>
   struct Operand {
     bool trans;
@@ -155,7 +162,7 @@ struct InPlaceStepOperands {
     static_cast<Derived&>(*this).Gemm(false, w.trans, m, w.n, w.k, a, lda, w.w, w.ld, beta, c,
                                       ldc);
   }
-  // A shard's scratch: the plan's (these backends never split a step's units).
+  // A shard's scratch: the plan's.
   template <typename T>
   T* Scratch(T* planned, Index /*offset*/) const {
     return planned;
@@ -656,11 +663,9 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
     wait();
     if (k > 0) {
       const StepMatrix<T> dg = shard(dgates_at(dgates_all, keep_all, s + 1));
+      const StepMatrix<T> dg_rec = shard(dgates_at(dgates_rec_all, keep_all_rec, s + 1));
       // At the first processed step (s + 1 == 0) the carry only serves dh0.
-      if (s + 1 > 0 || (m & kGradH0))
-        step.Carry(Cell::kInfo.recurrent_gate_grads
-                       ? shard(dgates_at(dgates_rec_all, keep_all_rec, s + 1))
-                       : dg);
+      if (s + 1 > 0 || (m & kGradH0)) step.Carry(Cell::kInfo.recurrent_gate_grads ? dg_rec : dg);
       if (want_dx && per_step) {  // dx_t = dG_t·W_xᵀ, the columns in proportion to u's units
         auto column = [&](Index unit) {
           return unit == H ? d.I : d.I * unit / H / Backend::kUnitAlign * Backend::kUnitAlign;
@@ -672,8 +677,7 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
       }
       // db: the shard's units of every gate's columns, summed over the steps per batch row.
       for (Index r = 0; want_db && r < Cell::kInfo.bias_rows; ++r) {
-        const StepMatrix<T> dg_r =
-            r == 0 ? dg : shard(dgates_at(dgates_rec_all, keep_all_rec, s + 1));
+        const StepMatrix<T> dg_r = r == 0 ? dg : dg_rec;
         for (int g = 0; g < G; ++g)
           step.ForEach(AccumulatePoint<T>{plain(bias_sums + r * B * GH + g * H, GH),
                                           {dg_r.data + g * H, dg_r.ld}});

@@ -138,16 +138,8 @@ class CudaBackend : public InPlaceStepOperands<CudaBackend> {
     Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
   }
 
-  // One shard: the GPU parallelises inside each step.
-  template <typename F>
-  void ForRowShards(Index rows, double /*step_flops*/, const F& fn) {
-    fn(*this, Index(0), rows);
-  }
-  static constexpr Index kUnitAlign = 1;  // (never split)
-  template <typename F>
-  void ForShards(Index rows, Index units, Index steps, const StepWork&, const F& fn) {
-    for (Index s = 0; s < steps; ++s) fn(*this, Index(0), rows, Units{0, units}, s, [] {});
-  }
+  // (The time loop: one shard, InPlaceStepOperands::ForShards; the GPU parallelises inside
+  // each step.)
 
   // A `true` in device memory (of the current device), the mask row of "no mask".
   const bool* TrueFlag() const { return true_flag_; }

@@ -34,7 +34,7 @@ void Loop(Index rows, Index cols, const F& f) {
     for (Index j = 0; j < cols; ++j) f(b, j);
 }
 
-template <typename Backend>  // the derived backend, handed to ForRowShards' callback
+template <typename Backend>  // the derived backend, handed to ForShards' callback
 struct HostParts : InPlaceStepOperands<Backend> {
   GpuProducts products = GpuProducts::kFloat32;  // set by Run, as cuda_rnn_impl.cuh does
 
@@ -67,16 +67,6 @@ struct HostParts : InPlaceStepOperands<Backend> {
   const bool* TrueFlag() const {
     static const bool kTrue = true;
     return &kTrue;
-  }
-  template <typename F>
-  void ForRowShards(Index rows, double, const F& fn) {  // one shard, as the CUDA backend
-    fn(static_cast<Backend&>(*this), Index(0), rows);
-  }
-  static constexpr Index kUnitAlign = 1;  // (never split)
-  template <typename F>
-  void ForShards(Index rows, Index units, Index steps, const StepWork&, const F& fn) {
-    for (Index s = 0; s < steps; ++s)
-      fn(static_cast<Backend&>(*this), Index(0), rows, Units{0, units}, s, [] {});
   }
   // As the CUDA backend: A written out whole, then one GEMM.
   template <typename T, typename RowsView>
