@@ -78,5 +78,5 @@ def cpu_split_units():
 
 
 __all__ = ["ops", "lstm", "gru", "simple_rnn", "build_info", "set_cpu_gemm_threads",
-           "cpu_gemm_threads", "set_cpu_split_units", "cpu_split_units", "__version__", "LSTM", "GRU", "SimpleRNN", "LSTMCell", "GRUCell",
-           "SimpleRNNCell", "RNN"]
+           "cpu_gemm_threads", "set_cpu_split_units", "cpu_split_units", "__version__", "LSTM",
+           "GRU", "SimpleRNN", "LSTMCell", "GRUCell", "SimpleRNNCell", "RNN"]
