@@ -188,6 +188,30 @@ def test_values_and_gradients_float32(cell, shape, layout):
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS[:3], ids=["batch_major", "time_major", "backwards"])
+def test_products_of_several_steps_at_once(cell, layout):
+    """The CPU runs the products by W_x of several steps back to back (x_t·W_x ahead of the
+    recurrence, dx_t behind it: csrc/core/cpu/cpu_rnn.h's kCpuProjectionSteps): T = 19 ends in
+    a partial group. With dx alone the gate gradients rotate through a few slots; inference
+    keeps the projections in slots of its own."""
+    B, T, I, H = 3, 19, 5, 6
+    time_major, go_backwards = layout
+    inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=7, time_major=time_major)
+    mask = make_mask("random", B, T, time_major, seed=7)
+    check_against_reference(cell, inputs, mask, time_major, go_backwards, tf.float64)
+    weights = [n for n in cell.grad_inputs if n != "x"]
+    check_against_reference(cell, inputs, mask, time_major, go_backwards, tf.float64,
+                            watched=cell.grad_inputs, frozen=weights)
+    args = {k: v for k, v in inputs.items() if v is not None}
+    trained = cell.op(**args, mask=mask, time_major=time_major, go_backwards=go_backwards,
+                      training=True)
+    inferred = cell.op(**args, mask=mask, time_major=time_major, go_backwards=go_backwards,
+                       training=False)
+    for a, b in zip(inferred, trained):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 @pytest.mark.parametrize("kind", ["non_contiguous", "all_masked_row", "left_padded"])
 @pytest.mark.parametrize("time_major", [False, True], ids=["batch_major", "time_major"])
 def test_mask_kinds(cell, kind, time_major):

@@ -98,6 +98,7 @@ std::string CallPlan::Make(const CallOptions& o, const InputShapes& s, CallPlan*
     return "grad_mask " + std::to_string(o.grad_mask) + " has bits beyond kGradAll";
 
   plan->options_ = o;
+  plan->options_.projection_steps = std::max<Index>(1, std::min(o.projection_steps, d.T));
   if (!info.cell_state) plan->options_.grad_mask &= ~kGradC0;
   if (!o.has_bias) plan->options_.grad_mask &= ~kGradBias;
   plan->info_ = info;
@@ -186,7 +187,8 @@ void CallPlan::Layout() {
   const bool staged = options_.storage != Storage::kCompute;
   {
     Carver c;
-    forward_.input_projection = c.Take(training ? 0 : (per_step ? B : rows) * GH);
+    forward_.input_projection =
+        c.Take(training ? 0 : (per_step ? options_.projection_steps * B : rows) * GH);
     forward_.recurrent = c.Take(B * GH);
     forward_.state = c.Take(!training && info_.aux == Aux::kState ? 2 * B * H : 0);
     forward_.dropped_x = c.Take(in_dropout ? (per_step ? B : rows) * d.I : 0);
@@ -207,7 +209,8 @@ void CallPlan::Layout() {
   Carver c;
   // Gate gradients: every step's, or two alternating slots (one step's may be written while
   // the step after's is still read: rnn.h).
-  backward_.dgates = c.Take((KeepsAllGateGrads() ? rows : 2 * B) * GH);
+  const Index dgates_slots = per_step && (m & kGradX) ? options_.projection_steps + 1 : 2;
+  backward_.dgates = c.Take((KeepsAllGateGrads() ? rows : dgates_slots * B) * GH);
   backward_.dgates_rec =
       c.Take(info_.recurrent_gate_grads ? ((m & kGradRecurrentKernel) ? rows : 2 * B) * GH : 0);
   backward_.bias_sums = c.Take((m & kGradBias) ? info_.bias_rows * B * GH : 0);

@@ -36,6 +36,10 @@ struct CallOptions {
   bool training = true;      // the forward pass keeps the cache its gradient reads
   int grad_mask = kGradAll;  // the gradients a backward pass produces (normalised by Make)
   InputProjection input_projection = InputProjection::kPerStep;  // the backend's choice
+  // kPerStep: the products by W_x of this many steps run back to back (W_x then stays in
+  // cache through them): x_t·W_x ahead of the recurrence, dx_t behind it. Make clamps it to
+  // [1, T].
+  Index projection_steps = 1;
   Storage storage = Storage::kCompute;
 };
 
@@ -65,7 +69,7 @@ struct StagedTensors {
 
 // The forward workspace. Segments a call does not need have size 0.
 struct ForwardLayout {
-  Segment input_projection;  // inference: x·W_x of one step (per step) or of all steps
+  Segment input_projection;  // inference: x·W_x of projection_steps steps, or of all steps
   Segment recurrent;         // one step's h_prev·W_h [B, G*H]
   Segment state;             // inference with Aux::kState: two alternating [B, H] slots
   Segment dropped_x;         // input dropout: x ⊙ one gate's mask (one step, or all rows)
@@ -78,7 +82,7 @@ struct ForwardLayout {
 // The backward workspace.
 struct BackwardLayout {
   Segment dgates;          // gate gradients: all steps when a GEMM after the loop reads them,
-                           // else two steps'
+                           // else two steps' (per-step dx: projection_steps + 1 steps')
   Segment dgates_rec;      // GRU reset_after: the recurrent side's gate gradients
   Segment bias_sums;       // [bias_rows, B, G*H]: each row's bias gradient summed over steps
   Segment dh, dc, d_reset;  // [B, H] carries (dc: LSTM; d_reset: GRU reset_after=False)

@@ -7,8 +7,9 @@
 //           dh to the previous step and dx_t = dG_t·W_xᵀ; then each requested weight gradient
 //           is one GEMM over all T*B rows (dW_x = xᵀ·dG, dW_h = h_prevᵀ·dG) and db a column
 //           sum. Each is skipped, and its buffer never touched, when its GradBit is clear.
-// Input projection and dx: a step at a time inside the loop, or one GEMM over all T*B rows
-//           before (after) it: the backend's kInputProjection says which (plan.h).
+// Input projection and dx: a step at a time inside the loop (those of projection_steps steps
+//           back to back: x_t·W_x ahead of the recurrence, dx_t behind it), or one GEMM over
+//           all T*B rows before (after) it: the backend's kInputProjection says which (plan.h).
 // Dropout (Keras' implementation=1, optional): gate g reads x ⊙ mx_g and h_prev ⊙ mh_g, so the
 //           products above run gate by gate on masked copies (W[:, g] a column block), and the
 //           gradients reaching x and h_prev are masked the same way.
@@ -492,10 +493,11 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
   const bool per_step = Backend::kInputProjection == InputProjection::kPerStep;
   const bool in_dropout = in.input_dropout != nullptr;
   const bool rec_dropout = in.recurrent_dropout != nullptr;
-  // Where each step finds x_t·W_x: the gates cache (training), or the workspace (inference: one
-  // step's rows per step, or every step's).
+  // Where each step finds x_t·W_x: the gates cache (training), or the workspace (inference:
+  // projection_steps slots in turn, or every step's).
   T* const gates_all = training ? a.gates.data : nullptr;
   T* const projection = Carve(a.workspace, layout.input_projection);
+  const Index ahead = plan.options().projection_steps;
 
   if (!per_step) {  // x·W_x for all T*B rows before the loop (per gate on masked copies)
     T* const out = training ? gates_all : projection;
@@ -541,14 +543,21 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
       if (!training && Cell::kInfo.aux == Aux::kState) return plain(state + (s & 1) * B * H, H);
       return {};
     };
+    auto projected = [&](Index s2) {
+      const Index t2 = d.InputTime(s2);
+      return training   ? at(gates_all, t2, GH)
+             : per_step ? plain(projection + s2 % ahead * B * GH, GH)
+                        : at(projection, t2, GH);
+    };
     const Index t = d.InputTime(s);
-    step.gates = training ? at(gates_all, t, GH)
-                 : per_step ? plain(projection, GH) : at(projection, t, GH);
-    if (per_step)
-      GateProducts(sb, n, d.I, at(in.x, t, d.I), w_x.whole, w_x.PerGate(), G, H, u,
-                   [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
-                   sb.Scratch(plain(dropped_x, d.I).data, 0), step.gates.data,
-                   step.gates.ld);
+    step.gates = projected(s);
+    // Per step: the shard's x_t·W_x of projection_steps steps at once, at the first of them.
+    for (Index s2 = s; per_step && s % ahead == 0 && s2 < std::min(d.T, s + ahead); ++s2) {
+      const StepMatrix<T> out = projected(s2);
+      GateProducts(sb, n, d.I, at(in.x, d.InputTime(s2), d.I), w_x.whole, w_x.PerGate(), G, H,
+                   u, [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
+                   sb.Scratch(plain(dropped_x, d.I).data, 0), out.data, out.ld);
+    }
     wait();
     step.h_prev = s == 0 ? plain(in.h0, H) : StepMatrix<const T>(at(a.y, s - 1, H));
     step.h = at(a.y, s, H);
@@ -636,11 +645,13 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
                                        want_dx && per_step);
 
   // The gate gradients of processing step s: every step's where a GEMM after the loop reads
-  // them, else two alternating slots (a shard may write step s's while another still reads
-  // step s + 1's).
+  // them, else rotating slots: two (a shard may write step s's while another still reads step
+  // s + 1's), or with per-step dx one more than the projection_steps steps whose dx runs at once.
+  const Index ahead = plan.options().projection_steps;
   auto dgates_at = [&](T* all, bool keep, Index s) {
     if (!all || keep) return AtStep(all, d, d.InputTime(s), GH);
-    return Plain(all + (s & 1) * B * GH, GH);
+    const Index slots = want_dx && per_step && all == dgates_all ? ahead + 1 : 2;
+    return Plain(all + s % slots * B * GH, GH);
   };
   // Part k = 0..T of the backward loop, for batch rows [b0, b1) and the units `u` (every
   // matrix is that shard's view): first what processing step s + 1 (s = T - 1 - k) has left,
@@ -666,14 +677,19 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
       const StepMatrix<T> dg_rec = shard(dgates_at(dgates_rec_all, keep_all_rec, s + 1));
       // At the first processed step (s + 1 == 0) the carry only serves dh0.
       if (s + 1 > 0 || (m & kGradH0)) step.Carry(Cell::kInfo.recurrent_gate_grads ? dg_rec : dg);
-      if (want_dx && per_step) {  // dx_t = dG_t·W_xᵀ, the columns in proportion to u's units
-        auto column = [&](Index unit) {
-          return unit == H ? d.I : d.I * unit / H / Backend::kUnitAlign * Backend::kUnitAlign;
-        };
-        GateProductsGrad(sb, n, d.I, dg.data, dg.ld, w_x_t.whole, w_x_t.PerGate(), G, H,
+      // Per step: dx_t = dG_t·W_xᵀ of the projection_steps steps from s + 1 on, at the last
+      // of them to be processed (s + 1); the columns in proportion to u's units.
+      auto column = [&](Index unit) {
+        return unit == H ? d.I : d.I * unit / H / Backend::kUnitAlign * Backend::kUnitAlign;
+      };
+      for (Index s2 = s + 1; want_dx && per_step && (s + 1) % ahead == 0 &&
+                             s2 < std::min(d.T, s + 1 + ahead);
+           ++s2) {
+        const StepMatrix<T> dg2 = shard(dgates_at(dgates_all, keep_all, s2));
+        GateProductsGrad(sb, n, d.I, dg2.data, dg2.ld, w_x_t.whole, w_x_t.PerGate(), G, H,
                          Units{column(u.begin), column(u.end)},
                          [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
-                         plain(step_dx, d.I).data, at(a.dx, d.InputTime(s + 1), d.I), false);
+                         plain(step_dx, d.I).data, at(a.dx, d.InputTime(s2), d.I), false);
       }
       // db: the shard's units of every gate's columns, summed over the steps per batch row.
       for (Index r = 0; want_db && r < Cell::kInfo.bias_rows; ++r) {

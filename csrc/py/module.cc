@@ -46,6 +46,7 @@ CallOptions Options(const std::string& cell_name, bool time_major, bool go_backw
   o.has_input_dropout = input_dropout.has_value();
   o.has_recurrent_dropout = recurrent_dropout.has_value();
   o.input_projection = kCpuInputProjection;
+  o.projection_steps = kCpuProjectionSteps;
   return o;
 }
 

@@ -89,6 +89,7 @@ void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
 
 struct GpuLauncher {
   static constexpr InputProjection kInputProjection = kCudaInputProjection;
+  static constexpr Index kProjectionSteps = 1;  // (read only for kPerStep)
   // TensorFlow's GPU allocator (BFC) reuses its memory already: nothing to keep.
   static constexpr bool kKeepsBuffers = false;
 

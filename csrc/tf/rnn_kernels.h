@@ -1,7 +1,7 @@
 // TensorFlow OpKernels of the fused recurrent ops, shared by the CPU and GPU libraries. They read
 // the op's attributes and its inputs' shapes into a CallPlan (csrc/core/plan.h), allocate what
 // the plan asks for through TensorFlow, and hand the core raw pointers. `Launcher` supplies the
-// device: its kInputProjection, kKeepsBuffers (workspaces and caches kept between calls), and
+// device: its kInputProjection and kProjectionSteps, kKeepsBuffers (workspaces and caches kept between calls), and
 // static Forward(ctx, args) and Backward(ctx, args).
 #pragma once
 
@@ -156,6 +156,7 @@ class RnnOpBase : public tensorflow::OpKernel {
       options_.cell = reset_after ? CellKind::kGruResetAfter : CellKind::kGruResetBefore;
     }
     options_.input_projection = Launcher::kInputProjection;
+    options_.projection_steps = Launcher::kProjectionSteps;
     options_.storage = detail::StorageOf<S>();
   }
 

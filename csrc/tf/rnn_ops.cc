@@ -119,6 +119,7 @@ namespace {
 // thread, so waiting here never starves the pool).
 struct CpuLauncher {
   static constexpr InputProjection kInputProjection = kCpuInputProjection;
+  static constexpr Index kProjectionSteps = kCpuProjectionSteps;
   static constexpr bool kKeepsBuffers = true;  // rnn_kernels.h' WorkspaceCache, OutputCache
 
   template <typename T, typename S>

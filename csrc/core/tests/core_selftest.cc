@@ -63,6 +63,7 @@ struct Problem {
   Vec input_dropout, recurrent_dropout;  // [G, B, I], [G, B, H]: 0 or 1.5, like Keras' masks
   std::vector<char> mask;  // bool storage
   CpuOptions options;      // sequential unless a test sets a runner
+  Index projection_steps = 1;  // CallOptions::projection_steps
 
   explicit Problem(const Case& cs, unsigned seed) : c(cs) {
     std::mt19937 rng(seed);
@@ -101,6 +102,7 @@ struct Problem {
     o.has_input_dropout = o.has_recurrent_dropout = c.dropout;
     o.training = training;
     o.grad_mask = grad_mask;
+    o.projection_steps = projection_steps;
     CallPlan plan;
     const std::string error = CallPlan::Make(o, CallPlan::ShapesFor(o, d), &plan);
     if (!error.empty()) throw std::logic_error("self-test plan: " + error);
@@ -185,6 +187,17 @@ struct Problem {
 
 const int kBits[6] = {kGradX, kGradH0, kGradC0, kGradKernel, kGradRecurrentKernel, kGradBias};
 
+// Bit-identical gradients, the ones not asked for (NaN: untouched) included.
+bool Same(const std::vector<Vec>& a, const std::vector<Vec>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t k = 0; k < a.size(); ++k) {
+    if (a[k].size() != b[k].size()) return false;
+    for (size_t i = 0; i < a[k].size(); ++i)
+      if (!(a[k][i] == b[k][i] || (std::isnan(a[k][i]) && std::isnan(b[k][i])))) return false;
+  }
+  return true;
+}
+
 // Input k's gradient `grad` against finite differences of the loss, at every stride-th element.
 void CheckFiniteDifferences(Problem& p, int k, const Vec& grad, size_t stride, const char* name) {
   Vec* const params[] = {&p.x, &p.h0, &p.c0, &p.kernel, &p.recurrent_kernel, &p.bias};
@@ -243,6 +256,20 @@ void Run(const Case& cs, unsigned seed) {
   // Finite differences of every input element that has a gradient.
   for (int k = 0; k < 6; ++k)
     if (all & kBits[k]) CheckFiniteDifferences(p, k, full[k], 1, cs.name);
+
+  // The products by W_x of two steps at a time (the last chunk partial for odd T) are the same
+  // products, run earlier (x_t·W_x) or later (dx_t): bit-identical results, also for dx alone
+  // (its gate gradients then rotate through three slots).
+  {
+    Problem chunked = p;
+    chunked.projection_steps = 2;
+    const Problem::Result inf2 = chunked.Forward(false), tr2 = chunked.Forward(true);
+    EXPECT(inf2.y == inference.y && inf2.h_last == inference.h_last, cs.name);
+    EXPECT(tr2.y == training.y && tr2.gates == training.gates, cs.name);
+    EXPECT(Same(chunked.Backward(tr2, all), full), cs.name);
+    const int dx_only = kGradX | kGradH0;
+    EXPECT(Same(chunked.Backward(tr2, dx_only), p.Backward(training, dx_only)), cs.name);
+  }
 
   // Every subset of the gradients: exactly those, bit-identical, nothing else written.
   for (int m = 0; m <= kGradAll; ++m) {
@@ -317,13 +344,18 @@ void RunParallel(const Case& cs, unsigned seed, int max_tasks,
   p.options.max_tasks = max_tasks;
   p.options.split_units = true;  // units split wherever the cell and shape allow
   p.options.l2_cache_bytes = 1;
+  p.projection_steps = 2;  // x_t·W_x ahead and dx_t behind, shared between shards and parts
   const Problem::Result par_fwd = p.Forward(true);
   EXPECT(Close(par_fwd.y, seq_fwd.y), cs.name);
   EXPECT(Close(par_fwd.h_last, seq_fwd.h_last), cs.name);
   EXPECT(Close(par_fwd.gates, seq_fwd.gates), cs.name);
+  EXPECT(Close(p.Forward(false).y, seq_fwd.y), cs.name);
   const std::vector<Vec> par = p.Backward(par_fwd, all);
   for (int k = 0; k < 6; ++k)
     if (all & kBits[k]) EXPECT(Close(par[k], seq[k]), cs.name);
+  // dx alone: the gate gradients in rotating slots, each reused once every shard has done with
+  // it.
+  if (all & kGradX) EXPECT(Close(p.Backward(par_fwd, kGradX)[0], seq[0]), cs.name);
 }
 
 }  // namespace
