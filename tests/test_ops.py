@@ -191,10 +191,11 @@ def test_values_and_gradients_float32(cell, shape, layout):
 @pytest.mark.parametrize("layout", LAYOUTS[:3], ids=["batch_major", "time_major", "backwards"])
 def test_products_of_several_steps_at_once(cell, layout):
     """The CPU runs the products by W_x of several steps back to back (x_t·W_x ahead of the
-    recurrence, dx_t behind it: csrc/core/cpu/cpu_rnn.h's kCpuProjectionSteps): T = 19 ends in
-    a partial group. With dx alone the gate gradients rotate through a few slots; inference
-    keeps the projections in slots of its own."""
-    B, T, I, H = 3, 19, 5, 6
+    recurrence, dx_t behind it: csrc/core/cpu/cpu_rnn.h's kCpuProjectionSteps) where W_x and W_h
+    outgrow half of a core's L2: here 4-16 MiB in float64, more than any L2 of today's x86 cores.
+    T = 19 ends in a partial group. With dx alone the gate gradients rotate through a few slots;
+    inference keeps the projections in slots of its own."""
+    B, T, I, H = 3, 19, 512, 512
     time_major, go_backwards = layout
     inputs = make_inputs(cell, B, T, I, H, tf.float64, seed=7, time_major=time_major)
     mask = make_mask("random", B, T, time_major, seed=7)

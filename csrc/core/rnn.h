@@ -34,6 +34,10 @@
 //   kUnitAlign                        units split on multiples of this (as dx's columns)
 //   Scratch(planned, offset)          a shard's scratch: its own (work.part_scratch_bytes,
 //                                     from `offset` elements on) or the plan's, `planned`
+//   ProjectionSteps<T>(planned, weights)
+//                                     how many steps' products by W_x run back to back, at
+//                                     most the plan's projection_steps (W_x and W_h: `weights`
+//                                     elements)
 // and the caller provides every buffer (outputs, cache, workspace) at the sizes its CallPlan
 // (plan.h) gives, so nothing is allocated here; a buffer smaller than that is refused.
 #pragma once
@@ -166,6 +170,11 @@ struct InPlaceStepOperands {
   // A shard's scratch: the plan's.
   template <typename T>
   T* Scratch(T* planned, Index /*offset*/) const {
+    return planned;
+  }
+  // The plan's projection_steps, whatever the weights.
+  template <typename T>
+  Index ProjectionSteps(Index planned, Index /*weights*/) const {
     return planned;
   }
   // The same for the units `u` of each `block`-wide column block of op(W) only.
@@ -497,7 +506,8 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
   // projection_steps slots in turn, or every step's).
   T* const gates_all = training ? a.gates.data : nullptr;
   T* const projection = Carve(a.workspace, layout.input_projection);
-  const Index ahead = plan.options().projection_steps;
+  const Index ahead =
+      be.template ProjectionSteps<T>(plan.options().projection_steps, (d.I + H) * GH);
 
   if (!per_step) {  // x·W_x for all T*B rows before the loop (per gate on masked copies)
     T* const out = training ? gates_all : projection;
@@ -647,7 +657,8 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   // The gate gradients of processing step s: every step's where a GEMM after the loop reads
   // them, else rotating slots: two (a shard may write step s's while another still reads step
   // s + 1's), or with per-step dx one more than the projection_steps steps whose dx runs at once.
-  const Index ahead = plan.options().projection_steps;
+  const Index ahead =
+      be.template ProjectionSteps<T>(plan.options().projection_steps, (d.I + H) * GH);
   auto dgates_at = [&](T* all, bool keep, Index s) {
     if (!all || keep) return AtStep(all, d, d.InputTime(s), GH);
     const Index slots = want_dx && per_step && all == dgates_all ? ahead + 1 : 2;

@@ -182,6 +182,15 @@ struct CpuBackend {
       w.Multiply(m, a, lda, beta, c, ldc, j / P, (j + u.Count() + P - 1) / P);
   }
 
+  // How many steps' products by W_x run back to back (at most `planned`, the plan's
+  // projection_steps): several only where W_x and W_h, `weights` elements packed as this
+  // call's step products pack them, would take turns in L2 at every step.
+  template <typename T>
+  Index ProjectionSteps(Index planned, Index weights) const {
+    const Index bytes = weights * Index(bf16_products ? 2 : sizeof(T));
+    return bytes * cpu_tuning::kProjectionL2Share > l2_cache_bytes ? planned : 1;
+  }
+
   // Units split on multiples of this: whole panels of every packed operand (float32, float64,
   // bfloat16 pairs and tiles), at every level.
   static constexpr Index kUnitAlign = 32;
