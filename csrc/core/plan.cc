@@ -98,7 +98,12 @@ std::string CallPlan::Make(const CallOptions& o, const InputShapes& s, CallPlan*
     return "grad_mask " + std::to_string(o.grad_mask) + " has bits beyond kGradAll";
 
   plan->options_ = o;
-  plan->options_.projection_steps = std::max<Index>(1, std::min(o.projection_steps, d.T));
+  // Inference keeps projection_steps steps' projections in its workspace: at most
+  // kMaxProjectionSlots elements of them (a larger layer projects fewer steps at a time).
+  const Index kMaxProjectionSlots = Index(1) << 24;
+  Index steps = std::min(o.projection_steps, d.T);
+  if (!o.training && d.B * GH > 0) steps = std::min(steps, kMaxProjectionSlots / (d.B * GH));
+  plan->options_.projection_steps = std::max<Index>(1, steps);
   if (!info.cell_state) plan->options_.grad_mask &= ~kGradC0;
   if (!o.has_bias) plan->options_.grad_mask &= ~kGradBias;
   plan->info_ = info;

@@ -37,8 +37,9 @@ struct CallOptions {
   int grad_mask = kGradAll;  // the gradients a backward pass produces (normalised by Make)
   InputProjection input_projection = InputProjection::kPerStep;  // the backend's choice
   // kPerStep: the products by W_x of this many steps run back to back (W_x then stays in
-  // cache through them): x_t·W_x ahead of the recurrence, dx_t behind it. Make clamps it to
-  // [1, T].
+  // cache through them): x_t·W_x ahead of the recurrence, dx_t behind it; the most the backend
+  // may use. Make clamps it to [1, T], and for inference to the steps whose projections fit 16 Mi
+  // elements of workspace.
   Index projection_steps = 1;
   Storage storage = Storage::kCompute;
 };

@@ -815,6 +815,26 @@ int main(int argc, char** argv) {
            "small shapes");
     ++cases;
   }
+  // Projections of groups of steps: at most T of them, and for inference no more than 16 Mi
+  // elements of slots (B = 1024, G·H = 4096: 4 steps), whatever the binding asks for.
+  {
+    CallOptions o;
+    o.projection_steps = 8;
+    Dims d;
+    d.T = 5, d.B = 2, d.I = 3, d.H = 4;
+    CallPlan plan;
+    EXPECT(CallPlan::Make(o, CallPlan::ShapesFor(o, d), &plan).empty(), "plan");
+    EXPECT(plan.options().projection_steps == 5, "projection_steps clamped to T");
+    d.T = 100, d.B = 1024, d.H = 1024;
+    o.training = false;
+    EXPECT(CallPlan::Make(o, CallPlan::ShapesFor(o, d), &plan).empty(), "plan");
+    EXPECT(plan.options().projection_steps == 4, "inference slots capped");
+    EXPECT(plan.forward_layout().input_projection.size == Index(1) << 24, "slots' size");
+    o.training = true;  // (training projects into its cache: no slots)
+    EXPECT(CallPlan::Make(o, CallPlan::ShapesFor(o, d), &plan).empty(), "plan");
+    EXPECT(plan.options().projection_steps == 8, "training uncapped");
+    cases += 3;
+  }
   // A cache of another plan's size is refused (the backward pass would read past it).
   {
     Case cs{CellKind::kLstm, "lstm", {}, true, false};
