@@ -424,6 +424,15 @@ struct BackwardStep {
   }
 };
 
+// How many steps' products by W_x run back to back, forward (x_t·W_x ahead of the recurrence)
+// and backward (dx_t behind it): the plan's projection_steps where the backend takes them.
+template <typename T, typename Backend>
+Index ProjectionGroup(const Backend& be, const CallPlan& plan) {
+  const Dims& d = plan.dims();
+  const Index GH = plan.info().gates * d.H;
+  return be.template ProjectionSteps<T>(plan.options().projection_steps, (d.I + d.H) * GH);
+}
+
 // A shard's views of the call's buffers: from batch row b0 on.
 template <typename T>
 struct ShardViews {
@@ -506,8 +515,7 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
   // projection_steps slots in turn, or every step's).
   T* const gates_all = training ? a.gates.data : nullptr;
   T* const projection = Carve(a.workspace, layout.input_projection);
-  const Index ahead =
-      be.template ProjectionSteps<T>(plan.options().projection_steps, (d.I + H) * GH);
+  const Index ahead = ProjectionGroup<T>(be, plan);
 
   if (!per_step) {  // x·W_x for all T*B rows before the loop (per gate on masked copies)
     T* const out = training ? gates_all : projection;
@@ -657,8 +665,7 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   // The gate gradients of processing step s: every step's where a GEMM after the loop reads
   // them, else rotating slots: two (a shard may write step s's while another still reads step
   // s + 1's), or with per-step dx one more than the projection_steps steps whose dx runs at once.
-  const Index ahead =
-      be.template ProjectionSteps<T>(plan.options().projection_steps, (d.I + H) * GH);
+  const Index ahead = ProjectionGroup<T>(be, plan);
   auto dgates_at = [&](T* all, bool keep, Index s) {
     if (!all || keep) return AtStep(all, d, d.InputTime(s), GH);
     const Index slots = want_dx && per_step && all == dgates_all ? ahead + 1 : 2;

@@ -1,8 +1,8 @@
 // TensorFlow OpKernels of the fused recurrent ops, shared by the CPU and GPU libraries. They read
 // the op's attributes and its inputs' shapes into a CallPlan (csrc/core/plan.h), allocate what
 // the plan asks for through TensorFlow, and hand the core raw pointers. `Launcher` supplies the
-// device: its kInputProjection and kProjectionSteps, kKeepsBuffers (workspaces and caches kept between calls), and
-// static Forward(ctx, args) and Backward(ctx, args).
+// device: its kInputProjection and kProjectionSteps, kKeepsBuffers (workspaces and caches kept
+// between calls), and static Forward(ctx, args) and Backward(ctx, args).
 #pragma once
 
 #include <mutex>

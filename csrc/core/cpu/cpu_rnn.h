@@ -15,14 +15,14 @@ namespace tfcells {
 using ParallelRunner = std::function<void(int tasks, const std::function<void(int)>& fn)>;
 
 // The CPU runs the input projection and dx a step at a time on the packed step GEMM (README:
-// measured against one T*B-row BLAS GEMM), those of kCpuProjectionSteps steps back to back:
-// x_t·W_x ahead of the recurrence, dx_t = dG_t·W_xᵀ behind it. Each step's products then read
-// W_h alone, and W_x stays in cache through 8 steps' products instead of being read beside W_h
-// at every step (where the two outgrow a core's L2). Measured on the Intel Xeon (2 MiB L2;
-// T=100, B=64, I=H=256, alternating processes): 8 steps took 0.93-0.97x the time of one step
-// at a time for LSTM, GRU and SimpleRNN inference and 0.97-0.98x for their training steps;
-// 4 steps 0.97x, 16 and all 100 no better than 8. Inference then keeps 8 steps' projections
-// (8·B·G·H elements of workspace), training writes them into its gates cache as before.
+// measured against one T*B-row BLAS GEMM), those of up to kCpuProjectionSteps steps back to
+// back: x_t·W_x ahead of the recurrence, dx_t = dG_t·W_xᵀ behind it. Each step's products then
+// read W_h alone, and W_x stays in cache through 8 steps' products instead of taking turns
+// with W_h at every step (CpuBackend::ProjectionSteps: only where the two outgrow half of a
+// core's L2, cpu_tuning.h). Measured on the Intel Xeon (2 MiB L2; T=100, B=64, I=H=256, LSTM
+// inference, alternating processes): 8 steps 0.93-0.95x the time of one step at a time, 4 steps
+// 0.97x, 16 and all 100 no better than 8. Inference keeps the projections in workspace slots
+// (at most 16 Mi elements: CallPlan::Make), training in its gates cache as before.
 // Bindings make their call plans with both.
 inline constexpr InputProjection kCpuInputProjection = InputProjection::kPerStep;
 inline constexpr Index kCpuProjectionSteps = 8;
