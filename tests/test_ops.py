@@ -6,7 +6,9 @@ Every value and gradient is checked; gradients that must be skipped are checked 
 
 import contextlib
 import functools
+import glob
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -594,6 +596,52 @@ def test_split_units_bit_identical_to_batch_shards(cell):
         np.testing.assert_array_equal(a, b)
     for name in cell.grad_inputs:
         np.testing.assert_array_equal(default[1][name], split[1][name])
+
+
+def _thread_affinities():
+    """Each thread of this process: the set of CPUs it may run on, as Linux reports it."""
+    out = {}
+    for status in glob.glob("/proc/self/task/*/status"):
+        try:
+            with open(status) as f:
+                line = next(l for l in f if l.startswith("Cpus_allowed_list:"))
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        cpus = set()
+        for part in line.split(":", 1)[1].strip().split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+        out[status] = frozenset(cpus)
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU affinity is Linux-only")
+@pytest.mark.parametrize("path", ["batch_shards", "split_units"])
+def test_pinned_shards_leave_every_thread_as_it_was(path):
+    """Batch shards and unit-split parts hold CPUs of their own while a loop runs (on by
+    default): same results as without, and afterwards every thread of the process, TensorFlow's
+    pools included, may run on every CPU it could before; the switch reads back."""
+    cell = CELLS[0]
+    B, T, I, H = PARALLEL_SHAPES[path]
+    inputs = make_inputs(cell, B, T, I, H, tf.float32, seed=37)
+    weights = loss_weights(cell, inputs, False)
+    # Nothing here pins threads but tfcells: the threads' CPUs together are the process's.
+    process_cpus = frozenset().union(*_thread_affinities().values())
+    assert tfcells.cpu_pin_shards()
+    with cpu_path(path):
+        pinned = run_with_grads(cell.op, inputs, cell.grad_inputs, weights)
+        after = _thread_affinities()
+        tfcells.set_cpu_pin_shards(False)
+        try:
+            assert not tfcells.cpu_pin_shards()
+            unpinned = run_with_grads(cell.op, inputs, cell.grad_inputs, weights)
+        finally:
+            tfcells.set_cpu_pin_shards(True)
+    assert all(cpus == process_cpus for cpus in after.values()), after
+    for a, b in zip(pinned[0], unpinned[0]):
+        np.testing.assert_array_equal(a, b)
+    for name in cell.grad_inputs:
+        np.testing.assert_array_equal(pinned[1][name], unpinned[1][name])
 
 
 # ---------------------------------------------------------------------------------- dropout

@@ -173,3 +173,5 @@ extern "C" void tfcells_set_gemm_threads(int threads) { tfcells::SetCpuGemmThrea
 extern "C" int tfcells_gemm_threads() { return tfcells::CpuGemmThreads(); }
 extern "C" void tfcells_set_split_units(int on) { tfcells::SetCpuSplitUnits(on != 0); }
 extern "C" int tfcells_split_units() { return tfcells::CpuSplitUnits() ? 1 : 0; }
+extern "C" void tfcells_set_pin_shards(int on) { tfcells::SetCpuPinShards(on != 0); }
+extern "C" int tfcells_pin_shards() { return tfcells::CpuPinShards() ? 1 : 0; }

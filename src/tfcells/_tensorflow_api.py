@@ -77,6 +77,20 @@ def cpu_split_units():
     return bool(_c_library.tfcells_split_units())
 
 
+def set_cpu_pin_shards(on):
+    """On by default: while a CPU op's time loop runs on several threads, each of them holds a
+    CPU of its own (pinned for that loop only, its affinity mask restored afterwards). Linux had
+    put two of them on one CPU while another idled, for whole calls. Off: the scheduler places
+    them. Same results either way."""
+    _c_library.tfcells_set_pin_shards(1 if on else 0)
+
+
+def cpu_pin_shards():
+    """Whether set_cpu_pin_shards is on."""
+    return bool(_c_library.tfcells_pin_shards())
+
+
 __all__ = ["ops", "lstm", "gru", "simple_rnn", "build_info", "set_cpu_gemm_threads",
-           "cpu_gemm_threads", "set_cpu_split_units", "cpu_split_units", "__version__", "LSTM",
-           "GRU", "SimpleRNN", "LSTMCell", "GRUCell", "SimpleRNNCell", "RNN"]
+           "cpu_gemm_threads", "set_cpu_split_units", "cpu_split_units", "set_cpu_pin_shards",
+           "cpu_pin_shards", "__version__", "LSTM", "GRU", "SimpleRNN", "LSTMCell", "GRUCell",
+           "SimpleRNNCell", "RNN"]

@@ -22,6 +22,7 @@ struct CpuBackend {
   int max_tasks = 1;
   Index l2_cache_bytes = 0;  // one core's
   bool split_units = false;  // CpuOptions::split_units
+  bool pin_shards = false;   // CpuOptions::pin_shards
   // A part of a split step: its own scratch (StepWork::part_scratch_bytes), else null.
   unsigned char* part_scratch = nullptr;
   // Step products on bfloat16 pairs (a call with bfloat16 storage, CpuOptions::products).
@@ -221,7 +222,9 @@ struct CpuBackend {
       // in 8-byte elements (aligned for float and double).
       const Index per_task = (work.part_scratch_bytes + 7) / 8;
       const std::unique_ptr<double[]> scratch(per_task ? new double[parts * per_task] : nullptr);
+      ShardCpus cpus;
       (*runner)(parts, [&](int task) {
+        const ShardCpus::Pin pin(cpus, pin_shards);
         CpuBackend shard;  // sequential inside the part
         if (per_task)
           shard.part_scratch = reinterpret_cast<unsigned char*>(scratch.get() + task * per_task);
@@ -253,7 +256,9 @@ struct CpuBackend {
                : 1;
     if (tasks < max_tasks && step_flops >= cpu_tuning::kMaxShardedStepFlops) tasks = 1;
     if (tasks <= 1) return fn(*this, Index(0), rows);
+    ShardCpus cpus;
     (*runner)(tasks, [&](int task) {  // near-equal shards, none empty (tasks <= rows)
+      const ShardCpus::Pin pin(cpus, pin_shards);
       CpuBackend shard;  // sequential inside the shard
       fn(shard, rows * task / tasks, rows * (task + 1) / tasks);
     });

@@ -67,6 +67,7 @@ CpuBackend MakeBackend(const CpuOptions& options) {
   be.max_tasks = options.max_tasks;
   be.l2_cache_bytes = options.l2_cache_bytes;
   be.split_units = options.split_units;
+  be.pin_shards = options.pin_shards;
   // kAuto arrives resolved (CpuRunOptions).
   be.bf16_products =
       std::is_same_v<S, bfloat16> && options.products == StepProducts::kBFloat16;

@@ -3,6 +3,9 @@
 #include "cpu_rnn.h"
 
 #include <cblas.h>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -33,6 +36,7 @@ const CpuKernels& Kernels() { return kKernelsOf[CpuIsaIndex()](); }
 
 std::atomic<int> gemm_threads_setting{0};
 std::atomic<bool> split_units_setting{false};
+std::atomic<bool> pin_shards_setting{true};
 
 // OpenBLAS' Haswell/Zen sgemm kernel prefetches the next packed panel of B while it multiplies.
 // When op(B)'s side of C is at most GEMM_P (320) wide — a gate's H columns, or all of G*H for a
@@ -81,6 +85,7 @@ CpuOptions CpuRunOptions(const CpuOptions& options) {
     run.products = CpuBf16Products() ? StepProducts::kBFloat16 : StepProducts::kFloat32;
   if (run.l2_cache_bytes <= 0) run.l2_cache_bytes = CpuL2CacheBytes();
   run.split_units = options.split_units || split_units_setting.load();
+  run.pin_shards = options.pin_shards && pin_shards_setting.load();
   const int cap = gemm_threads_setting.load();
   run.max_tasks = std::max(1, cap > 0 ? std::min(cap, options.max_tasks) : options.max_tasks);
   return run;
@@ -105,10 +110,57 @@ bool CpuBf16Products() {
   return k.amx_tiles || (k.native_bf16_dot && !CpuIsIntel());
 }
 
+#if defined(__linux__)
+static_assert(sizeof(cpu_set_t) <= ShardCpus::Pin::kMaskBytes, "Pin::old_mask_");
+
+ShardCpus::ShardCpus() : starter_(std::this_thread::get_id()), starter_cpu_(sched_getcpu()) {
+  if (!Hold(starter_cpu_)) starter_cpu_ = -1;
+}
+
+bool ShardCpus::Hold(int cpu) {
+  if (cpu < 0 || cpu >= kMaxCpus) return false;
+  const std::uint64_t bit = std::uint64_t(1) << (cpu % 64);
+  return !(held_[cpu / 64].fetch_or(bit, std::memory_order_relaxed) & bit);
+}
+
+ShardCpus::Pin::Pin(ShardCpus& cpus, bool on) {
+  cpu_set_t& old = *reinterpret_cast<cpu_set_t*>(old_mask_);
+  if (!on || sched_getaffinity(0, sizeof(old), &old) != 0) return;
+  int target = -1;
+  if (std::this_thread::get_id() == cpus.starter_) {
+    target = cpus.starter_cpu_;  // held by the constructor
+  } else {
+    const int here = sched_getcpu();
+    if (here >= 0 && here < kMaxCpus && CPU_ISSET(here, &old) && cpus.Hold(here)) target = here;
+    // Else the next free CPU after this one, so that tasks that collide spread out.
+    for (int i = 1; target < 0 && here >= 0 && i < kMaxCpus; ++i) {
+      const int c = (here + i) % kMaxCpus;
+      if (CPU_ISSET(c, &old) && cpus.Hold(c)) target = c;
+    }
+  }
+  if (target < 0 || !CPU_ISSET(target, &old)) return;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(target, &one);
+  if (sched_setaffinity(0, sizeof(one), &one) == 0) cpu_ = target;
+}
+
+ShardCpus::Pin::~Pin() {
+  if (cpu_ >= 0) sched_setaffinity(0, sizeof(cpu_set_t), reinterpret_cast<cpu_set_t*>(old_mask_));
+}
+#else
+ShardCpus::ShardCpus() : starter_(std::this_thread::get_id()) {}
+bool ShardCpus::Hold(int) { return false; }
+ShardCpus::Pin::Pin(ShardCpus&, bool) {}
+ShardCpus::Pin::~Pin() {}
+#endif
+
 void SetCpuGemmThreads(int threads) { gemm_threads_setting.store(std::max(0, threads)); }
 int CpuGemmThreads() { return gemm_threads_setting.load(); }
 
 void SetCpuSplitUnits(bool on) { split_units_setting.store(on); }
 bool CpuSplitUnits() { return split_units_setting.load(); }
+void SetCpuPinShards(bool on) { pin_shards_setting.store(on); }
+bool CpuPinShards() { return pin_shards_setting.load(); }
 
 }  // namespace tfcells

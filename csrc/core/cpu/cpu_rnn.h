@@ -1,8 +1,12 @@
 // The CPU entry points of the core: forward and backward of every cell.
 #pragma once
 
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../rnn.h"
@@ -41,6 +45,46 @@ struct CpuOptions {
   // Whether time loops of large layers may split each step's units across the threads
   // (CpuBackend::ForShards); also on where SetCpuSplitUnits(true) was called.
   bool split_units = false;
+  // Whether the tasks of a parallel time loop hold CPUs of their own while it runs (ShardCpus);
+  // off also where SetCpuPinShards(false) was called.
+  bool pin_shards = true;
+};
+
+// The CPUs the tasks of one parallel time loop hold while it runs, so that no two of them share
+// one (Linux; elsewhere Pin does nothing). Each task of a time loop runs from its first step to
+// its last, but Linux woke the pool's thread onto the CPU of the thread that started the loop,
+// or later moved it there, and left the other CPU idle for the whole call: measured on the
+// Intel Xeon VM (2 vCPUs), 15-20 % of SimpleRNN inference calls took twice as long; with Pin,
+// 2-4 % (README).
+class ShardCpus {
+ public:
+  ShardCpus();  // on the thread that starts the loop: it holds the CPU it runs on
+
+  // For its lifetime, pins the calling thread to a CPU no other task of the loop holds: the
+  // starting thread to its own, another to the one it runs on where that is free, else to the
+  // next free one it may run on. Then restores the thread's affinity mask. Does nothing when
+  // `on` is false, or where no CPU is free or the system refuses.
+  class Pin {
+   public:
+    Pin(ShardCpus& cpus, bool on);
+    ~Pin();
+    Pin(const Pin&) = delete;
+    Pin& operator=(const Pin&) = delete;
+    int cpu() const { return cpu_; }  // the CPU pinned to, or -1
+    static constexpr std::size_t kMaskBytes = 128;  // sizeof(cpu_set_t)
+
+   private:
+    alignas(8) unsigned char old_mask_[kMaskBytes];  // the thread's affinity mask before
+    int cpu_ = -1;
+  };
+
+ private:
+  bool Hold(int cpu);  // whether this call took `cpu` (false: out of range or held already)
+
+  static constexpr int kMaxCpus = 1024;  // CPU_SETSIZE
+  std::atomic<std::uint64_t> held_[kMaxCpus / 64] = {};
+  std::thread::id starter_;
+  int starter_cpu_ = -1;
 };
 
 void ForwardCpu(const ForwardArgs<float>& args, const CpuOptions& options = {});
@@ -67,6 +111,11 @@ int CpuGemmThreads();
 // for a lone large layer; slower where other ops share the pool at the same time (README).
 void SetCpuSplitUnits(bool on);
 bool CpuSplitUnits();
+
+// On by default: the tasks of a parallel time loop each hold a CPU of their own while it runs
+// (ShardCpus). Off: the scheduler places them.
+void SetCpuPinShards(bool on);
+bool CpuPinShards();
 
 // Run-time ISA dispatch (cpu_isa.cc). The CPU kernels are compiled once per ISA level
 // (x86-64, x86-64-v3, x86-64-v4, avx512-bf16, amx; or one "native" level); when the library

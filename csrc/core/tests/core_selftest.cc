@@ -30,6 +30,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include "../cpu/cpu_backend.h"
 #include "../cpu/cpu_rnn.h"
 #include "../cpu/step_gemm.h"
@@ -328,6 +332,57 @@ const ParallelRunner kLateThreads = [](int tasks, const std::function<void(int)>
   for (std::thread& t : threads) t.join();
 };
 
+#if defined(__linux__)
+bool SameAffinity(const cpu_set_t& a) {
+  cpu_set_t now;
+  return sched_getaffinity(0, sizeof(now), &now) == 0 && CPU_EQUAL(&a, &now);
+}
+#endif
+
+// ShardCpus: as many tasks as CPUs this process may use each hold one of their own, running on
+// it while pinned; one task more finds none free and runs unpinned; every thread's affinity mask
+// is as before afterwards.
+void CheckShardCpus() {
+#if defined(__linux__)
+  cpu_set_t mask;
+  if (sched_getaffinity(0, sizeof(mask), &mask) != 0 ||
+      sched_setaffinity(0, sizeof(mask), &mask) != 0) {
+    std::printf("  ShardCpus: skipped, this process may not set its affinity\n");
+    return;
+  }
+  const int allowed = CPU_COUNT(&mask);
+  for (int extra : {0, 1}) {
+    const int tasks = allowed + extra;
+    std::vector<int> cpu(tasks, -1), ran_on(tasks, -1);
+    std::vector<char> restored(tasks, 0);
+    ShardCpus cpus;
+    kThreads(tasks, [&](int i) {
+      cpu_set_t before;
+      sched_getaffinity(0, sizeof(before), &before);
+      {
+        const ShardCpus::Pin pin(cpus, true);
+        cpu[i] = pin.cpu();
+        ran_on[i] = sched_getcpu();
+      }
+      restored[i] = SameAffinity(before);
+    });
+    std::vector<int> pinned;
+    for (int i = 0; i < tasks; ++i) {
+      EXPECT(restored[i], "ShardCpus");
+      if (cpu[i] < 0) continue;
+      EXPECT(ran_on[i] == cpu[i] && CPU_ISSET(cpu[i], &mask), "ShardCpus");
+      pinned.push_back(cpu[i]);
+    }
+    std::sort(pinned.begin(), pinned.end());
+    EXPECT(int(pinned.size()) == allowed, "ShardCpus");
+    EXPECT(std::adjacent_find(pinned.begin(), pinned.end()) == pinned.end(), "ShardCpus");
+  }
+  ShardCpus cpus;
+  const ShardCpus::Pin off(cpus, false);
+  EXPECT(off.cpu() == -1 && SameAffinity(mask), "ShardCpus");
+#endif
+}
+
 bool Close(const Vec& a, const Vec& b) {
   if (a.size() != b.size()) return false;
   for (size_t i = 0; i < a.size(); ++i)
@@ -350,6 +405,10 @@ void RunParallel(const Case& cs, unsigned seed, int max_tasks,
   p.options.split_units = true;  // units split wherever the cell and shape allow
   p.options.l2_cache_bytes = 1;
   p.projection_steps = 2;  // x_t·W_x ahead and dx_t behind, shared between shards and parts
+#if defined(__linux__)
+  cpu_set_t mask;  // the calling thread's, restored after each loop (ShardCpus)
+  const bool have_mask = sched_getaffinity(0, sizeof(mask), &mask) == 0;
+#endif
   const Problem::Result par_fwd = p.Forward(true);
   EXPECT(Close(par_fwd.y, seq_fwd.y), cs.name);
   EXPECT(Close(par_fwd.h_last, seq_fwd.h_last), cs.name);
@@ -361,6 +420,9 @@ void RunParallel(const Case& cs, unsigned seed, int max_tasks,
   // dx alone: the gate gradients in rotating slots, each reused once every shard has done with
   // it.
   if (all & kGradX) EXPECT(Close(p.Backward(par_fwd, kGradX)[0], seq[0]), cs.name);
+#if defined(__linux__)
+  EXPECT(!have_mask || SameAffinity(mask), cs.name);
+#endif
 }
 
 }  // namespace
@@ -700,7 +762,8 @@ int main(int argc, char** argv) {
   const Index shapes[][4] = {{1, 1, 1, 1}, {3, 2, 4, 5}, {4, 3, 2, 3}, {0, 2, 3, 4},
                              {3, 0, 2, 3}, {3, 2, 4, 0}, {2, 3, 3, 1},
                              {2, 13, 3, 17}};  // T, B, I, H
-  int cases = 0;
+  CheckShardCpus();  // first: a thread left pinned by a faulty run would make it vacuous
+  int cases = 1;
   // Every level of the build that this machine runs (the first argument: only that one).
   std::vector<std::string> levels = CpuIsasBuilt();
   if (argc > 1) levels = {argv[1]};
