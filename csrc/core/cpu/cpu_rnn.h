@@ -62,8 +62,8 @@ class ShardCpus {
 
   // For its lifetime, pins the calling thread to a CPU no other task of the loop holds: the
   // starting thread to its own, another to the one it runs on where that is free, else to the
-  // next free one it may run on. Then restores the thread's affinity mask. Does nothing when
-  // `on` is false, or where no CPU is free or the system refuses.
+  // next free one it may run on; its destructor restores the thread's affinity mask. Does
+  // nothing when `on` is false, or where no CPU is free or the system refuses.
   class Pin {
    public:
     Pin(ShardCpus& cpus, bool on);
@@ -79,7 +79,7 @@ class ShardCpus {
   };
 
  private:
-  bool Hold(int cpu);  // whether this call took `cpu` (false: out of range or held already)
+  bool Hold(int cpu);  // whether the caller took `cpu` (false: out of range or held already)
 
   static constexpr int kMaxCpus = 1024;  // CPU_SETSIZE
   std::atomic<std::uint64_t> held_[kMaxCpus / 64] = {};
