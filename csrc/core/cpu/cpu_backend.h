@@ -237,30 +237,38 @@ struct CpuBackend {
       });
       return;
     }
-    ForRowShards(rows, work.flops, [&](CpuBackend& sb, Index b0, Index b1) {
-      for (Index s = 0; s < steps; ++s) fn(sb, b0, b1, Units{0, units}, s, [] {});
+    ForRowShards(rows, steps, work.flops, [&](CpuBackend& sb, Index b0, Index b1, Index s) {
+      fn(sb, b0, b1, Units{0, units}, s, [] {});
     });
   }
 
-  // Batch shards run on the pool, each on one thread from the first step to the last: no
+  // Batch shards run on the pool, each by its own thread from the first step to the last: no
   // per-step hand-offs, and the packed step GEMM is as fast on a shard's rows as on all of
-  // them. Only when there are too few rows to give every thread a shard and a step is large
-  // does one shard split each step's GEMM and pointwise loop across the pool instead
-  // (step_flops: for all rows).
+  // them (ShardSteps: another thread runs a shard's steps until its thread starts). Only when
+  // there are too few rows to give every thread a shard and a step is large does one shard
+  // split each step's GEMM and pointwise loop across the pool instead (step_flops: for all
+  // rows). fn(sb, b0, b1, s) runs step s of rows [b0, b1).
   template <typename F>
-  void ForRowShards(Index rows, double step_flops, const F& fn) {
+  void ForRowShards(Index rows, Index steps, double step_flops, const F& fn) {
     // One shard per thread: more would run the caller beside all of the pool's threads
     // (heavier tails measured, same median).
     int tasks =
         runner ? static_cast<int>(std::min<Index>(max_tasks, rows / cpu_tuning::kMinShardRows))
                : 1;
     if (tasks < max_tasks && step_flops >= cpu_tuning::kMaxShardedStepFlops) tasks = 1;
-    if (tasks <= 1) return fn(*this, Index(0), rows);
+    if (tasks <= 1) {
+      for (Index s = 0; s < steps; ++s) fn(*this, Index(0), rows, s);
+      return;
+    }
+    ShardSteps loop(tasks, steps);
+    // Sequential inside a shard; one per shard, as a shard's steps may run on several threads.
+    const std::unique_ptr<CpuBackend[]> shards(new CpuBackend[tasks]);
     ShardCpus cpus;
-    (*runner)(tasks, [&](int task) {  // near-equal shards, none empty (tasks <= rows)
+    (*runner)(tasks, [&](int task) {
       const ShardCpus::Pin pin(cpus, pin_shards);
-      CpuBackend shard;  // sequential inside the shard
-      fn(shard, rows * task / tasks, rows * (task + 1) / tasks);
+      loop.Run(task, [&](int p, Index s) {  // near-equal shards, none empty (tasks <= rows)
+        fn(shards[p], rows * p / tasks, rows * (p + 1) / tasks, s);
+      });
     });
   }
 
