@@ -798,12 +798,17 @@ int main(int argc, char** argv) {
             Run(cs, seed++);
             ++cases;
           }
-    // T, B, I, H, tasks. The last: many more shards than a batch of 330 divides evenly into
+    // T, B, I, H, tasks, each on threads, on one thread and with late starts. Batch shards
+    // (the first three): the tasks that have started run the steps of the shards whose task has
+    // not (ShardSteps); the third has many more shards than a batch of 330 divides evenly into
     // (a machine with 40 threads), where equal-size blocks would leave the last ones empty.
-    // Each on threads, on one thread and with late starts: the tasks that have started run the
-    // steps of the shards whose task has not (ShardSteps).
-    const Index parallel_shapes[][5] = {
-        {5, 50, 3, 6, 3}, {3, 32, 5, 300, 3}, {2, 330, 3, 5, 40}};
+    // Time loops split by units (CpuBackend::ForShards: H a multiple of 32 and a step of at
+    // least kMinUnitSplitStepFlops; the last two): H = 160 in three parts (64, 64, 32 units),
+    // dx's I = 100 columns in three (32, 32, 36: the last panel partial), and H = 64 in two; a
+    // task must take over the parts whose task has not started (StepParts).
+    const Index parallel_shapes[][5] = {{5, 50, 3, 6, 3},      {3, 32, 5, 300, 3},
+                                        {2, 330, 3, 5, 40},    {3, 16, 100, 160, 3},
+                                        {4, 24, 300, 64, 2}};
     for (const auto& c : cells)
       for (const auto& s : parallel_shapes)
         for (const ParallelRunner* runner : {&kThreads, &kOneThread, &kLateThreads})
@@ -829,22 +834,6 @@ int main(int argc, char** argv) {
           RunParallel(cs, seed++, 3);
           cases += 2;
         }
-    // Time loops split by units (CpuBackend::ForShards: H a multiple of 32 and a step of at
-    // least kMinUnitSplitStepFlops): H = 160 in three parts (64, 64, 32 units), dx's I = 100
-    // columns in three (32, 32, 36: the last panel partial), and H = 64 in two; each on threads,
-    // on one thread and with late starts.
-    const Index unit_shapes[][5] = {{3, 16, 100, 160, 3}, {4, 24, 300, 64, 2}};
-    for (const auto& c : cells)
-      for (const auto& s : unit_shapes)
-        for (const ParallelRunner* runner : {&kThreads, &kOneThread, &kLateThreads})
-          for (int layout = 0; layout < 4; ++layout) {
-            Case cs{c.cell, c.name, {}, true, layout < 2, layout == 1 || layout == 2};
-            cs.d.T = s[0], cs.d.B = s[1], cs.d.I = s[2], cs.d.H = s[3];
-            cs.d.time_major = layout & 1;
-            cs.d.go_backwards = layout & 2;
-            RunParallel(cs, seed++, static_cast<int>(s[4]), runner);
-            ++cases;
-          }
     // 16-bit storage: every cell and layout, with all optional inputs and without, and the
     // empty shapes.
     for (const auto& c : cells)
