@@ -24,6 +24,26 @@
 namespace tfcells {
 TFCELLS_ISA_BEGIN
 
+// Spins until ready(), calling late() at each check after kTakeOver (StepParts takes a late
+// part over there) and yielding the thread after kYield (an oversubscribed machine).
+template <typename Ready, typename Late>
+void SpinUntil(const Ready& ready, const Late& late) {
+  using Clock = std::chrono::steady_clock;
+  constexpr auto kTakeOver = std::chrono::microseconds(200);
+  constexpr auto kYield = std::chrono::milliseconds(2);
+  Clock::time_point start{};
+  for (unsigned i = 0; !ready(); ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+    if (i % 64 != 63) continue;
+    const Clock::time_point now = Clock::now();
+    if (i == 63) start = now;
+    if (now - start >= kTakeOver) late();
+    if (now - start >= kYield) std::this_thread::yield();
+  }
+}
+
 class StepParts {
  public:
   StepParts(int parts, Index steps) : parts_(new Part[parts]), count_(parts), steps_(steps) {}
@@ -42,7 +62,7 @@ class StepParts {
       }
       mine.abandoned.store(false, std::memory_order_relaxed);
       // The run before on this part may be another task's, still finishing.
-      Spin([&] { return mine.done.load(std::memory_order_acquire) >= s; }, [] {});
+      SpinUntil([&] { return mine.done.load(std::memory_order_acquire) >= s; }, [] {});
       RunPart(own, s, body);
       ++s;
     }
@@ -80,27 +100,7 @@ class StepParts {
       RunPart(q, s, body);
     };
     if (part.abandoned.load(std::memory_order_relaxed)) take_over();
-    Spin([&] { return part.done.load(std::memory_order_acquire) > s; }, take_over);
-  }
-
-  // Spins until ready(), calling late() at each check after kTakeOver and yielding the thread
-  // after kYield (an oversubscribed machine).
-  template <typename Ready, typename Late>
-  static void Spin(const Ready& ready, const Late& late) {
-    using Clock = std::chrono::steady_clock;
-    constexpr auto kTakeOver = std::chrono::microseconds(200);
-    constexpr auto kYield = std::chrono::milliseconds(2);
-    Clock::time_point start{};
-    for (unsigned i = 0; !ready(); ++i) {
-#if defined(__x86_64__) || defined(__i386__)
-      _mm_pause();
-#endif
-      if (i % 64 != 63) continue;
-      const Clock::time_point now = Clock::now();
-      if (i == 63) start = now;
-      if (now - start >= kTakeOver) late();
-      if (now - start >= kYield) std::this_thread::yield();
-    }
+    SpinUntil([&] { return part.done.load(std::memory_order_acquire) > s; }, take_over);
   }
 
   std::unique_ptr<Part[]> parts_;
@@ -130,7 +130,7 @@ class ShardSteps {
       if (!mine.claimed.compare_exchange_strong(s, s + 1, std::memory_order_acq_rel))
         continue;  // another task ran step s meanwhile
       // The other task's step s - 1 may still be running.
-      for (unsigned i = 1; mine.done.load(std::memory_order_acquire) < s; ++i) Pause(i);
+      SpinUntil([&] { return mine.done.load(std::memory_order_acquire) >= s; }, [] {});
       body(own, s);
       mine.done.store(s + 1, std::memory_order_release);
       for (int q = 0; q < count_; ++q)
@@ -159,13 +159,6 @@ class ShardSteps {
     body(q, s);
     shard.done.store(s + 1, std::memory_order_release);
     return true;
-  }
-
-  static void Pause(unsigned i) {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
-#endif
-    if (i % 4096 == 0) std::this_thread::yield();  // an oversubscribed machine
   }
 
   std::unique_ptr<Shard[]> shards_;
