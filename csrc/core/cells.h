@@ -34,6 +34,14 @@ TFCELLS_HD T ScaleAt(const StepMatrix<const T>& m, Index b, Index j) {
   return m ? m(b, j) : T(1);
 }
 
+// The bias gradient's running sums (rnn.h: one row per batch row, summed over the steps),
+// added to in the pass that computes each gate gradient rather than in a pass of their own;
+// null where the call wants no bias gradient.
+template <typename T>
+TFCELLS_HD void AddToSum(const StepMatrix<T>& sums, Index b, Index j, T v) {
+  if (sums) sums(b, j) += v;
+}
+
 // ----------------------------------------------------------------------------------- LSTM
 template <typename T>
 struct LstmForwardPoint {
@@ -73,6 +81,7 @@ struct LstmBackwardPoint {
   StepMatrix<T> dgates;  // out: gradient of the gate pre-activations
   StepMatrix<T> dh, dc;  // in: gradient w.r.t. this step's h, c; out: the part of the
                          // gradient w.r.t. h_prev, c_prev that bypasses the recurrent GEMM
+  StepMatrix<T> db;      // bias gradient sums (AddToSum)
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
@@ -83,10 +92,18 @@ struct LstmBackwardPoint {
     const T tc = Tanh(c(b, j));
     const T dc_in = dc(b, j), c_old = c_prev(b, j);
     const T dc_total = dc_in + dh_total * o * TanhGradFromOutput(tc);
-    dgates(b, j) = active ? dc_total * g * SigmoidGradFromOutput(i) : T(0);
-    dgates(b, H + j) = active ? dc_total * c_old * SigmoidGradFromOutput(f) : T(0);
-    dgates(b, 2 * H + j) = active ? dc_total * i * TanhGradFromOutput(g) : T(0);
-    dgates(b, 3 * H + j) = active ? dh_total * tc * SigmoidGradFromOutput(o) : T(0);
+    const T di = active ? dc_total * g * SigmoidGradFromOutput(i) : T(0);
+    const T df = active ? dc_total * c_old * SigmoidGradFromOutput(f) : T(0);
+    const T dg = active ? dc_total * i * TanhGradFromOutput(g) : T(0);
+    const T d_o = active ? dh_total * tc * SigmoidGradFromOutput(o) : T(0);
+    dgates(b, j) = di;
+    dgates(b, H + j) = df;
+    dgates(b, 2 * H + j) = dg;
+    dgates(b, 3 * H + j) = d_o;
+    AddToSum(db, b, j, di);
+    AddToSum(db, b, H + j, df);
+    AddToSum(db, b, 2 * H + j, dg);
+    AddToSum(db, b, 3 * H + j, d_o);
     // A masked row passes dh and dc straight to the previous step.
     dc(b, j) = active ? dc_total * f : dc_in;
     dh(b, j) = active ? T(0) : dh_total;
@@ -130,9 +147,11 @@ template <typename T>
 struct GruResetAfterBackwardPoint {
   StepMatrix<const T> gates, rec_h, h_prev, dy;
   StepMatrix<const bool> mask;
-  StepMatrix<T> dgates_x;    // out: gradient of the input-side pre-activations
+  StepMatrix<T> dgates_x;    // out: gradient of the input-side pre-activations (or null:
+                             // nothing reads them but the bias sums)
   StepMatrix<T> dgates_rec;  // out: gradient of the recurrent-side pre-activations
   StepMatrix<T> dh;          // in: dL/dh; out: the part of dL/dh_prev outside the GEMM
+  StepMatrix<T> db_x, db_rec;  // bias gradient sums of bias rows 0 and 1 (AddToSum)
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
@@ -143,11 +162,22 @@ struct GruResetAfterBackwardPoint {
     const T dhh = active ? dh_total * (T(1) - z) * TanhGradFromOutput(hh) : T(0);
     const T dz = active ? dh_total * (h_old - hh) * SigmoidGradFromOutput(z) : T(0);
     const T dr = active ? dhh * rec_h_old * SigmoidGradFromOutput(r) : T(0);
-    dgates_x(b, j) = dgates_rec(b, j) = dz;
-    dgates_x(b, H + j) = dgates_rec(b, H + j) = dr;
-    dgates_x(b, 2 * H + j) = dhh;
-    dgates_rec(b, 2 * H + j) = dhh * r;
+    const T dhh_rec = dhh * r;
+    if (dgates_x) {
+      dgates_x(b, j) = dz;
+      dgates_x(b, H + j) = dr;
+      dgates_x(b, 2 * H + j) = dhh;
+    }
+    dgates_rec(b, j) = dz;
+    dgates_rec(b, H + j) = dr;
+    dgates_rec(b, 2 * H + j) = dhh_rec;
     dh(b, j) = active ? dh_total * z : dh_total;
+    AddToSum(db_x, b, j, dz);
+    AddToSum(db_x, b, H + j, dr);
+    AddToSum(db_x, b, 2 * H + j, dhh);
+    AddToSum(db_rec, b, j, dz);
+    AddToSum(db_rec, b, H + j, dr);
+    AddToSum(db_rec, b, 2 * H + j, dhh_rec);
   }
 };
 
@@ -201,15 +231,20 @@ struct GruResetBeforeBackwardState {  // phase 1: dz, dhh
   StepMatrix<const bool> mask;
   StepMatrix<T> dgates;  // out: z and h columns
   StepMatrix<T> dh;      // in: dL/dh; out: the direct part of dL/dh_prev
+  StepMatrix<T> db;      // bias gradient sums (AddToSum)
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
     const T dh_total = dh(b, j) + dy(b, j);
     const T z = gates(b, j), hh = gates(b, 2 * H + j), h_old = h_prev(b, j);
-    dgates(b, j) = active ? dh_total * (h_old - hh) * SigmoidGradFromOutput(z) : T(0);
-    dgates(b, 2 * H + j) = active ? dh_total * (T(1) - z) * TanhGradFromOutput(hh) : T(0);
+    const T dz = active ? dh_total * (h_old - hh) * SigmoidGradFromOutput(z) : T(0);
+    const T dhh = active ? dh_total * (T(1) - z) * TanhGradFromOutput(hh) : T(0);
+    dgates(b, j) = dz;
+    dgates(b, 2 * H + j) = dhh;
     dh(b, j) = active ? dh_total * z : dh_total;
+    AddToSum(db, b, j, dz);
+    AddToSum(db, b, 2 * H + j, dhh);
   }
 };
 
@@ -219,14 +254,17 @@ struct GruResetBeforeBackwardGates {  // phase 2: dr, from d(r * h_prev)
   StepMatrix<const bool> mask;
   StepMatrix<T> dgates;  // out: r column
   StepMatrix<T> dh;      // accumulates d(r * h_prev) * r (⊙ h_dropout)
+  StepMatrix<T> db;      // bias gradient sums (AddToSum)
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
     const T r = gates(b, H + j), scale = ScaleAt(h_dropout, b, j);
     const T d_reset = d_reset_h(b, j), h_old = h_prev(b, j);
-    dgates(b, H + j) = active ? d_reset * (h_old * scale) * SigmoidGradFromOutput(r) : T(0);
+    const T dr = active ? d_reset * (h_old * scale) * SigmoidGradFromOutput(r) : T(0);
+    dgates(b, H + j) = dr;
     dh(b, j) += active ? d_reset * r * scale : T(0);
+    AddToSum(db, b, H + j, dr);
   }
 };
 
@@ -256,14 +294,17 @@ struct SimpleRnnBackwardPoint {
   StepMatrix<const T> gates, dy;
   StepMatrix<const bool> mask;
   StepMatrix<T> dgates, dh;
+  StepMatrix<T> db;  // bias gradient sums (AddToSum)
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
     const bool active = RowActive<T>(mask, b);
     const T dh_total = dh(b, j) + dy(b, j);
     const T h_step = gates(b, j);
-    dgates(b, j) = active ? dh_total * TanhGradFromOutput(h_step) : T(0);
+    const T d_pre = active ? dh_total * TanhGradFromOutput(h_step) : T(0);
+    dgates(b, j) = d_pre;
     dh(b, j) = active ? T(0) : dh_total;
+    AddToSum(db, b, j, d_pre);
   }
 };
 
@@ -292,7 +333,7 @@ struct Lstm {
   static void Backward(const S& s) {
     using T = typename S::Value;
     s.ForEach(LstmBackwardPoint<T>{s.gates, s.aux, s.aux_prev, s.dy, s.mask, s.dgates, s.dh,
-                                   s.dc, s.H});
+                                   s.dc, s.db, s.H});
   }
 };
 
@@ -310,7 +351,7 @@ struct GruResetAfter {
   static void Backward(const S& s) {
     using T = typename S::Value;
     s.ForEach(GruResetAfterBackwardPoint<T>{s.gates, s.aux, s.h_prev, s.dy, s.mask, s.dgates,
-                                            s.dgates_rec, s.dh, s.H});
+                                            s.dgates_rec, s.dh, s.db, s.db_rec, s.H});
   }
 };
 
@@ -335,11 +376,11 @@ struct GruResetBefore {
     using T = typename S::Value;
     const Index H = s.H;
     s.ForEach(GruResetBeforeBackwardState<T>{s.gates, s.h_prev, s.dy, s.mask, s.dgates, s.dh,
-                                             H});
+                                             s.db, H});
     // d(r * h_prev) = dhh · W_hhᵀ
     s.CandidateGrad(StepMatrix<const T>(s.dgates.data + 2 * H, s.dgates.ld), s.d_reset);
     s.ForEach(GruResetBeforeBackwardGates<T>{s.gates, s.h_prev, s.candidate_dropout, s.d_reset,
-                                             s.mask, s.dgates, s.dh, H});
+                                             s.mask, s.dgates, s.dh, s.db, H});
   }
 };
 
@@ -356,7 +397,7 @@ struct SimpleRnn {
   template <typename S>
   static void Backward(const S& s) {
     using T = typename S::Value;
-    s.ForEach(SimpleRnnBackwardPoint<T>{s.gates, s.dy, s.mask, s.dgates, s.dh, s.H});
+    s.ForEach(SimpleRnnBackwardPoint<T>{s.gates, s.dy, s.mask, s.dgates, s.dh, s.db, s.H});
   }
 };
 

@@ -215,7 +215,11 @@ void CallPlan::Layout() {
   // Gate gradients: every step's, or two alternating slots (one step's may be written while
   // the step after's is still read: rnn.h).
   const Index dgates_slots = per_step && (m & kGradX) ? options_.projection_steps + 1 : 2;
-  backward_.dgates = c.Take((KeepsAllGateGrads() ? rows : dgates_slots * B) * GH);
+  // Where the recurrence carries the recurrent side's own gate gradients (GRU reset_after),
+  // the input side's serve only dx and dW_x (db's sums are added up in the pointwise pass).
+  const bool input_side_read = !info_.recurrent_gate_grads || (m & (kGradX | kGradKernel));
+  backward_.dgates =
+      c.Take(input_side_read ? (KeepsAllGateGrads() ? rows : dgates_slots * B) * GH : 0);
   backward_.dgates_rec =
       c.Take(info_.recurrent_gate_grads ? ((m & kGradRecurrentKernel) ? rows : 2 * B) * GH : 0);
   backward_.bias_sums = c.Take((m & kGradBias) ? info_.bias_rows * B * GH : 0);

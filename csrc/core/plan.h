@@ -83,7 +83,8 @@ struct ForwardLayout {
 // The backward workspace.
 struct BackwardLayout {
   Segment dgates;          // gate gradients: all steps when a GEMM after the loop reads them,
-                           // else two steps' (per-step dx: projection_steps + 1 steps')
+                           // else two steps' (per-step dx: projection_steps + 1 steps'); none
+                           // for GRU reset_after's input side without dx and dW_x
   Segment dgates_rec;      // GRU reset_after: the recurrent side's gate gradients
   Segment bias_sums;       // [bias_rows, B, G*H]: each row's bias gradient summed over steps
   Segment dh, dc, d_reset;  // [B, H] carries (dc: LSTM; d_reset: GRU reset_after=False)

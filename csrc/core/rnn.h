@@ -273,14 +273,6 @@ void GateProductsGrad(Backend& sb, Index n, Index width, const T* dg, Index ld_d
   }
 }
 
-// dst += src.
-template <typename T>
-struct AccumulatePoint {
-  StepMatrix<T> dst;
-  StepMatrix<const T> src;
-  TFCELLS_HD void operator()(Index b, Index j) const { dst(b, j) += src(b, j); }
-};
-
 // The mask column of time t; without a mask, every row reads the same `true`.
 template <typename Backend>
 StepMatrix<const bool> MaskAt(Backend& be, const bool* mask, const Dims& d, Index t) {
@@ -408,6 +400,7 @@ struct BackwardStep {
   StepMatrix<const T> gates = {}, aux = {}, aux_prev = {}, h_prev = {}, dy = {};
   StepMatrix<const bool> mask = {};
   StepMatrix<T> dgates = {}, dgates_rec = {}, dh = {}, dc = {}, d_reset = {};
+  StepMatrix<T> db = {}, db_rec = {};  // the bias gradient's sums: rows 0 and 1 (or null)
   StepMatrix<const T> candidate_dropout = {};
 
   template <typename F>
@@ -709,13 +702,6 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
                          [&](int g) { return DropoutRows(in.input_dropout, d, d.I, g, b0); },
                          plain(step_dx, d.I).data, at(a.dx, d.InputTime(s2), d.I), false);
       }
-      // db: the shard's units of every gate's columns, summed over the steps per batch row.
-      for (Index r = 0; want_db && r < Cell::kInfo.bias_rows; ++r) {
-        const StepMatrix<T> dg_r = r == 0 ? dg : dg_rec;
-        for (int g = 0; g < G; ++g)
-          step.ForEach(AccumulatePoint<T>{plain(bias_sums + r * B * GH + g * H, GH),
-                                          {dg_r.data + g * H, dg_r.ld}});
-      }
     }
     if (s < 0) return;
     if (k == 0) {
@@ -736,6 +722,12 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
     step.h_prev = at(a.h_prev.data, t, H);
     step.dy = a.dy ? at(a.dy, s, H) : StepMatrix<const T>(zero_row, 0);
     step.mask = FromRow(MaskAt(sb, in.mask, d, t), b0);
+    // db: the cell's pointwise pass adds the shard's units of every gate's gradients to the
+    // batch rows' sums as it computes them.
+    if (want_db) {
+      step.db = plain(bias_sums, GH);
+      if (Cell::kInfo.bias_rows > 1) step.db_rec = plain(bias_sums + B * GH, GH);
+    }
     Cell::Backward(step);
   };
   // The units of a step may be split across threads, but for a split candidate (whose second
