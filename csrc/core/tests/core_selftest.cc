@@ -898,6 +898,27 @@ int main(int argc, char** argv) {
     EXPECT(plan.options().projection_steps == 8, "training uncapped");
     cases += 3;
   }
+  // GRU reset_after carries its recurrent side's gate gradients, so its input side's get
+  // workspace only where dx or dW_x reads them (db is summed in the pointwise pass); the other
+  // cells carry dG itself and always have it.
+  {
+    Dims d;
+    d.T = 6, d.B = 3, d.I = 4, d.H = 5;
+    auto dgates = [&](CellKind cell, int grad_mask) {
+      CallOptions o;
+      o.cell = cell, o.grad_mask = grad_mask;
+      CallPlan plan;
+      EXPECT(CallPlan::Make(o, CallPlan::ShapesFor(o, d), &plan).empty(), "plan");
+      return plan.backward_layout().dgates.size;
+    };
+    const int no_input_side = kGradH0 | kGradRecurrentKernel | kGradBias;
+    EXPECT(dgates(CellKind::kGruResetAfter, no_input_side) == 0, "gru: no input side");
+    EXPECT(dgates(CellKind::kGruResetAfter, no_input_side | kGradX) > 0, "gru: dx");
+    EXPECT(dgates(CellKind::kGruResetAfter, no_input_side | kGradKernel) > 0, "gru: dW_x");
+    for (CellKind cell : {CellKind::kLstm, CellKind::kGruResetBefore, CellKind::kSimpleRnn})
+      EXPECT(dgates(cell, no_input_side) > 0, "carried dG");
+    cases += 3;
+  }
   // A cache of another plan's size is refused (the backward pass would read past it).
   {
     Case cs{CellKind::kLstm, "lstm", {}, true, false};
