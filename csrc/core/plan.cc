@@ -158,7 +158,9 @@ bool CallPlan::KeepsAllGateGrads() const {
   const int m = options_.grad_mask;
   const bool dx_after_loop =
       options_.input_projection == InputProjection::kWholeSequence && (m & kGradX);
-  return (m & (kGradKernel | kGradRecurrentKernel)) || dx_after_loop;
+  // dW_h reads them too, unless the cell keeps its recurrent side's own (dgates_rec).
+  const int weights = info_.recurrent_gate_grads ? kGradKernel : kGradKernel | kGradRecurrentKernel;
+  return (m & weights) || dx_after_loop;
 }
 
 namespace {

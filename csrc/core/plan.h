@@ -133,8 +133,8 @@ class CallPlan {
   std::string CheckBackwardInputs(const CacheSizes& cache, const Shape* dy,
                                   const Shape* dh_last, const Shape* dc_last) const;
 
-  // Whether the backward pass keeps every step's gate gradients (a GEMM after the loop reads
-  // them).
+  // Whether the backward pass keeps every step's gate gradients (`dgates`: a GEMM after the
+  // loop reads them).
   bool KeepsAllGateGrads() const;
 
  private:

@@ -913,11 +913,15 @@ int main(int argc, char** argv) {
     };
     const int no_input_side = kGradH0 | kGradRecurrentKernel | kGradBias;
     EXPECT(dgates(CellKind::kGruResetAfter, no_input_side) == 0, "gru: no input side");
+    // Per-step dx reads them a step at a time: slots, not every step's (dW_h reads dgates_rec).
+    const Index every_step = d.T * d.B * 3 * d.H;
     EXPECT(dgates(CellKind::kGruResetAfter, no_input_side | kGradX) > 0, "gru: dx");
-    EXPECT(dgates(CellKind::kGruResetAfter, no_input_side | kGradKernel) > 0, "gru: dW_x");
+    EXPECT(dgates(CellKind::kGruResetAfter, no_input_side | kGradX) < every_step, "gru: slots");
+    EXPECT(dgates(CellKind::kGruResetAfter, no_input_side | kGradKernel) == every_step,
+           "gru: dW_x");
     for (CellKind cell : {CellKind::kLstm, CellKind::kGruResetBefore, CellKind::kSimpleRnn})
       EXPECT(dgates(cell, no_input_side) > 0, "carried dG");
-    cases += 3;
+    cases += 4;
   }
   // A cache of another plan's size is refused (the backward pass would read past it).
   {
