@@ -413,7 +413,8 @@ def markdown(records, meta, wide=False):
                load0=_load(m.get("load_average")), load1=_load(m.get("load_average_end")),
                torch=th.get("torch", "—"), **{k: v for k, v in th.items() if k != "torch"}),
            f"One training step = forward + backward (tf.GradientTape in tf.function) of "
-           f"sum(outputs·dy) w.r.t. what the configuration leaves trainable; inference = "
+           f"sum(outputs·dy) w.r.t. what the configuration leaves trainable, the tape given dy "
+           f"as output_gradients (as PyTorch's grad_outputs); inference = "
            f"forward only. {_reps_text(records, meta['settings'])}; wall time "
            f"{meta['wall_s']:.0f} s."]
     if meta["settings"]["device"] == "gpu":
