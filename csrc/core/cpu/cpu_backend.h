@@ -23,6 +23,7 @@ struct CpuBackend {
   Index l2_cache_bytes = 0;  // one core's
   bool split_units = false;  // CpuOptions::split_units
   bool pin_shards = false;   // CpuOptions::pin_shards
+  Index min_parallel_elements = cpu_tuning::kMinParallelElements;  // or CpuOptions'
   // A part of a split step: its own scratch (StepWork::part_scratch_bytes), else null.
   unsigned char* part_scratch = nullptr;
   // Step products on bfloat16 pairs (a call with bfloat16 storage, CpuOptions::products).
@@ -275,7 +276,7 @@ struct CpuBackend {
   // Rows are split across the pool when there is enough work to pay for the hand-off.
   template <typename F>
   void ForEach(Index rows, Index cols, const F& functor) {
-    const int tasks = (runner && rows * cols >= cpu_tuning::kMinParallelElements)
+    const int tasks = (runner && rows * cols >= min_parallel_elements)
                           ? static_cast<int>(std::min<Index>(max_tasks, rows))
                           : 1;
     if (tasks <= 1) return ForEachRow(0, rows, cols, functor);
@@ -308,7 +309,7 @@ struct CpuBackend {
   template <typename T>
   void ColumnSum(Index rows, Index cols, const T* a, Index lda, T* out) {
     constexpr Index kAlign = cpu_tuning::kColumnSumAlign;
-    int tasks = runner && rows * cols >= cpu_tuning::kMinParallelElements ? max_tasks : 1;
+    int tasks = runner && rows * cols >= min_parallel_elements ? max_tasks : 1;
     const Index block = AlignedBlocks(cols, kAlign, &tasks);
     auto sum = [&](int task) {
       const Index begin = task * block, end = std::min(cols, begin + block);

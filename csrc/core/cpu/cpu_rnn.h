@@ -48,6 +48,9 @@ struct CpuOptions {
   // Whether the tasks of a parallel time loop hold CPUs of their own while it runs (ShardCpus);
   // off also where SetCpuPinShards(false) was called.
   bool pin_shards = true;
+  // Pointwise loops and column sums of fewer elements run on the calling thread (0: the tuned
+  // cpu_tuning::kMinParallelElements; the self-test sets 1 to split every loop).
+  Index min_parallel_elements = 0;
 };
 
 // The CPUs the tasks of one parallel time loop hold while it runs, so that no two of them share

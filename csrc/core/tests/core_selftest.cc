@@ -412,6 +412,7 @@ void RunParallel(const Case& cs, unsigned seed, int max_tasks,
   p.options.max_tasks = max_tasks;
   p.options.split_units = true;  // units split wherever the cell and shape allow
   p.options.l2_cache_bytes = 1;
+  p.options.min_parallel_elements = 1;  // every pointwise loop and column sum split too
   p.projection_steps = 2;  // x_t·W_x ahead and dx_t behind, shared between shards and parts
 #if defined(__linux__)
   cpu_set_t mask;  // the calling thread's, restored after each loop (ShardCpus)
