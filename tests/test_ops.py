@@ -644,6 +644,41 @@ def test_pinned_shards_leave_every_thread_as_it_was(path):
         np.testing.assert_array_equal(pinned[1][name], unpinned[1][name])
 
 
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.name)
+def test_row_copies_same_results(cell):
+    """Step products that copy each block of A's rows first ("always"; "auto" does it on a CPU
+    with few L1 ways where the rows' stride would share L1 sets) and that never do: both match
+    the float64 reference and each other bit for bit, and the work counters say which ran (in
+    the batch shards too). Batch-major x [26, 8, 64] has rows 8 * 64 * 4 = 2048 bytes apart,
+    and the LSTM's gate gradients (4 * 128 floats) too; 13-row shards take two row blocks."""
+    B, T, I, H = 26, 8, 64, 128
+    inputs = make_inputs(cell, B, T, I, H, tf.float32, seed=41)
+    weights = loss_weights(cell, inputs, False)
+    watched = [n for n in cell.grad_inputs if inputs.get(n) is not None]
+    assert tfcells.cpu_row_copies() == "auto"
+    results = {}
+    try:
+        for mode in ("always", "never", "auto"):
+            tfcells.set_cpu_row_copies(mode)
+            assert tfcells.cpu_row_copies() == mode
+            work = check_against_reference(cell, inputs, None, False, False, tf.float32)
+            # Every step's x_t·W_x, h·W_h, dG·W_hᵀ and dG·W_xᵀ: at least 4T products.
+            if mode == "always":
+                assert work["row_copy_products"] >= 4 * T, work
+            if mode == "never":
+                assert work["row_copy_products"] == 0, work
+            results[mode] = run_with_grads(cell.op, inputs, watched, weights)
+    finally:
+        tfcells.set_cpu_row_copies("auto")
+    for mode in ("never", "auto"):
+        for a, b in zip(results["always"][0], results[mode][0]):
+            np.testing.assert_array_equal(a, b)
+        for name in watched:
+            np.testing.assert_array_equal(results["always"][1][name], results[mode][1][name])
+    with pytest.raises(ValueError, match="sometimes"):
+        tfcells.set_cpu_row_copies("sometimes")
+
+
 # ---------------------------------------------------------------------------------- dropout
 # Keras' implementation=1 dropout: gate g reads x ⊙ input_mask[g] and h_prev ⊙ recurrent_mask[g]
 # at every step. The reference multiplies gate by gate (reference._products).

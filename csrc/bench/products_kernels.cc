@@ -17,6 +17,7 @@ void Products(Index count, bool trans_a, Index m, Index k, Index n, const T* a, 
   be.runner = options.runner;
   be.max_tasks = options.max_tasks;
   be.pin_shards = options.pin_shards;  // as the ops' time loops
+  be.row_copies = CpuBackend::ResolveRowCopies(options.row_copies);
   if (count == 1) return be.Gemm(trans_a, false, m, n, k, a, trans_a ? m : k, w, n, T(0), out, n);
   const auto operand = be.StepOperand(false, k, n, w, n);
   // split_units: the ops' unit split (whole panels), forced, never waiting.

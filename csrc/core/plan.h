@@ -158,11 +158,12 @@ enum Counter : int {
   kGradKernelWork,
   kGradRecurrentKernelWork,
   kGradBiasWork,
+  kRowCopyProducts,  // CPU step products that copied their rows first (CpuBackend::CopiesRows)
   kNumCounters
 };
 inline constexpr const char* kCounterNames[kNumCounters] = {
     "forward_calls", "backward_calls", "grad_x", "grad_h0", "grad_kernel",
-    "grad_recurrent_kernel", "grad_bias"};
+    "grad_recurrent_kernel", "grad_bias", "row_copy_products"};
 void CountWork(Counter c);
 std::int64_t WorkCount(Counter c);
 

@@ -175,3 +175,8 @@ extern "C" void tfcells_set_split_units(int on) { tfcells::SetCpuSplitUnits(on !
 extern "C" int tfcells_split_units() { return tfcells::CpuSplitUnits() ? 1 : 0; }
 extern "C" void tfcells_set_pin_shards(int on) { tfcells::SetCpuPinShards(on != 0); }
 extern "C" int tfcells_pin_shards() { return tfcells::CpuPinShards() ? 1 : 0; }
+// 0: auto, 1: always, 2: never (tfcells::RowCopies' order).
+extern "C" void tfcells_set_row_copies(int copies) {
+  tfcells::SetCpuRowCopies(static_cast<tfcells::RowCopies>(copies));
+}
+extern "C" int tfcells_row_copies() { return static_cast<int>(tfcells::CpuRowCopies()); }

@@ -51,6 +51,8 @@ c_library.tfcells_set_split_units.argtypes = [ctypes.c_int]
 c_library.tfcells_split_units.restype = ctypes.c_int
 c_library.tfcells_set_pin_shards.argtypes = [ctypes.c_int]
 c_library.tfcells_pin_shards.restype = ctypes.c_int
+c_library.tfcells_set_row_copies.argtypes = [ctypes.c_int]
+c_library.tfcells_row_copies.restype = ctypes.c_int
 c_library.tfcells_cpu_isa.restype = ctypes.c_char_p
 c_library.tfcells_cpu_isa_error.restype = ctypes.c_char_p
 # The op library links its own copy of the core, which chose its level when it loaded.

@@ -90,7 +90,26 @@ def cpu_pin_shards():
     return bool(_c_library.tfcells_pin_shards())
 
 
+_ROW_COPIES = ("auto", "always", "never")  # the C API's order
+
+
+def set_cpu_row_copies(mode):
+    """"auto" by default: on a CPU whose L1 data cache has fewer ways than the step GEMM's
+    blocks have rows (Zen 4: 8 ways, 12-row blocks), each block of a per-step product's rows is
+    copied first where the rows' stride would put them in one or two L1 sets (batch-major x at
+    most lengths: they would evict one another at every column). "always" and "never" are for
+    comparisons. Same results bit for bit."""
+    if mode not in _ROW_COPIES:
+        raise ValueError(f"set_cpu_row_copies: {mode!r} is not one of {', '.join(_ROW_COPIES)}")
+    _c_library.tfcells_set_row_copies(_ROW_COPIES.index(mode))
+
+
+def cpu_row_copies():
+    """The mode set by set_cpu_row_copies."""
+    return _ROW_COPIES[_c_library.tfcells_row_copies()]
+
+
 __all__ = ["ops", "lstm", "gru", "simple_rnn", "build_info", "set_cpu_gemm_threads",
            "cpu_gemm_threads", "set_cpu_split_units", "cpu_split_units", "set_cpu_pin_shards",
-           "cpu_pin_shards", "__version__", "LSTM", "GRU", "SimpleRNN", "LSTMCell", "GRUCell",
-           "SimpleRNNCell", "RNN"]
+           "cpu_pin_shards", "set_cpu_row_copies", "cpu_row_copies", "__version__", "LSTM",
+           "GRU", "SimpleRNN", "LSTMCell", "GRUCell", "SimpleRNNCell", "RNN"]

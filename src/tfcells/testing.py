@@ -11,8 +11,8 @@ _COUNTER_NAMES = _tfcells_core.WORK_COUNTERS
 
 def work_counters():
     """Process-wide counts since start-up (CPU and GPU kernels together): forward and backward
-    op runs, and how often each gradient (dx, dh0, dkernel, drecurrent_kernel, dbias) was
-    actually computed."""
+    op runs, how often each gradient (dx, dh0, dkernel, drecurrent_kernel, dbias) was actually
+    computed, and how many CPU step products copied their rows first (set_cpu_row_copies)."""
     totals = dict.fromkeys(_COUNTER_NAMES, 0)
     for library, reader in ((c_library, "tfcells_work_counters"),
                             (gpu_c_library, "tfcells_gpu_work_counters")):

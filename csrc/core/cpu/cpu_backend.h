@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "../common.h"
+#include "cpu_dispatch.h"
 #include "cpu_rnn.h"
 #include "cpu_tuning.h"
 #include "step_gemm.h"
@@ -24,6 +25,7 @@ struct CpuBackend {
   bool split_units = false;  // CpuOptions::split_units
   bool pin_shards = false;   // CpuOptions::pin_shards
   Index min_parallel_elements = cpu_tuning::kMinParallelElements;  // or CpuOptions'
+  RowCopies row_copies = RowCopies::kNever;  // CpuOptions', kAuto resolved (ResolveRowCopies)
   // A part of a split step: its own scratch (StepWork::part_scratch_bytes), else null.
   unsigned char* part_scratch = nullptr;
   // Step products on bfloat16 pairs (a call with bfloat16 storage, CpuOptions::products).
@@ -61,6 +63,17 @@ struct CpuBackend {
     return PackedOperand<T>(trans, k, n, w, ld, bf16_products);
   }
 
+  // A backend for one shard or part of a time loop: this one's settings, on the calling thread.
+  CpuBackend Sequential() const {
+    CpuBackend be;
+    be.l2_cache_bytes = l2_cache_bytes;
+    be.min_parallel_elements = min_parallel_elements;
+    be.row_copies = row_copies;
+    be.bf16_products = bf16_products;
+    be.bf16_gemms = bf16_gemms;
+    return be;
+  }
+
   // Splits [0, extent) into contiguous blocks of a multiple of `align` (the last may be
   // shorter), at most *tasks of them: returns the block length (at least `align`) and sets
   // *tasks to the number of blocks (0 for an empty extent).
@@ -79,6 +92,22 @@ struct CpuBackend {
                : 1;
   }
 
+  // kAuto stays kAuto (copy where A's rows share L1 sets) only where L1 has fewer ways than a
+  // block of the step GEMM has rows (cpu_tuning::kRowSetBytes), else becomes kNever.
+  static RowCopies ResolveRowCopies(RowCopies requested) {
+    const int ways = CpuL1DataWays();
+    const bool few_ways = ways > 0 && ways < cpu_tuning::kStepRows;
+    return requested == RowCopies::kAuto && !few_ways ? RowCopies::kNever : requested;
+  }
+
+  // Whether a step product copies each block of A's rows first, A's rows `lda` elements apart.
+  template <typename T>
+  bool CopiesRows(Index lda) const {
+    return row_copies == RowCopies::kAlways ||
+           (row_copies == RowCopies::kAuto &&
+            lda * Index(sizeof(T)) % cpu_tuning::kRowSetBytes == 0);
+  }
+
   // Large steps split the operand's column panels across the pool; each output element has
   // one writer and the same sum order either way.
   template <typename T>
@@ -86,12 +115,14 @@ struct CpuBackend {
                 Index ldc) {
     const Index panels = w.Panels();
     if (m == 0 || panels == 0) return;
+    const bool copy_rows = CopiesRows<T>(lda);
+    if (copy_rows) CountWork(kRowCopyProducts);
     const int tasks = GemmTasks(2.0 * m * w.n() * w.k(), panels);
-    if (tasks <= 1) return w.Multiply(m, a, lda, beta, c, ldc, 0, panels);
+    if (tasks <= 1) return w.Multiply(m, a, lda, beta, c, ldc, 0, panels, copy_rows);
     const Index block = (panels + tasks - 1) / tasks;
     (*runner)(tasks, [&](int task) {
       const Index begin = task * block;
-      w.Multiply(m, a, lda, beta, c, ldc, begin, std::min(panels, begin + block));
+      w.Multiply(m, a, lda, beta, c, ldc, begin, std::min(panels, begin + block), copy_rows);
     });
   }
 
@@ -180,8 +211,10 @@ struct CpuBackend {
                 Index ldc, Index block, Units u) {
     if (u.Count() == block) return StepGemm(m, a, lda, w, beta, c, ldc);
     constexpr Index P = PackedOperand<T>::kPanelCols;  // (the last panel may be partial)
+    const bool copy_rows = CopiesRows<T>(lda);
+    if (copy_rows) CountWork(kRowCopyProducts);
     for (Index j = u.begin; j < w.n(); j += block)
-      w.Multiply(m, a, lda, beta, c, ldc, j / P, (j + u.Count() + P - 1) / P);
+      w.Multiply(m, a, lda, beta, c, ldc, j / P, (j + u.Count() + P - 1) / P, copy_rows);
   }
 
   // How many steps' products by W_x run back to back (at most `planned`, the plan's
@@ -226,7 +259,7 @@ struct CpuBackend {
       ShardCpus cpus;
       (*runner)(parts, [&](int task) {
         const ShardCpus::Pin pin(cpus, pin_shards);
-        CpuBackend shard;  // sequential inside the part
+        CpuBackend shard = Sequential();
         if (per_task)
           shard.part_scratch = reinterpret_cast<unsigned char*>(scratch.get() + task * per_task);
         // (A task runs another's part inside wait(), after its own step has done with the
@@ -262,8 +295,9 @@ struct CpuBackend {
       return;
     }
     ShardSteps loop(tasks, steps);
-    // Sequential inside a shard; one per shard, as a shard's steps may run on several threads.
+    // One per shard, as a shard's steps may run on several threads.
     const std::unique_ptr<CpuBackend[]> shards(new CpuBackend[tasks]);
+    for (int p = 0; p < tasks; ++p) shards[p] = Sequential();
     ShardCpus cpus;
     (*runner)(tasks, [&](int task) {
       const ShardCpus::Pin pin(cpus, pin_shards);

@@ -55,6 +55,9 @@ bool CpuIsIntel();
 // Bytes of one core's L2 cache (the OS's figure; 1 MiB where it gives none).
 Index CpuL2CacheBytes();
 
+// Ways of one core's L1 data cache (the OS's figure; 0 where it gives none).
+int CpuL1DataWays();
+
 // The caller's options with SetCpuGemmThreads' cap applied, StepProducts::kAuto resolved
 // (CpuBf16Products), and OpenBLAS set to one thread.
 CpuOptions CpuRunOptions(const CpuOptions& options);

@@ -207,6 +207,18 @@ Index CpuL2CacheBytes() {
   return bytes;
 }
 
+int CpuL1DataWays() {
+  static const int ways = [] {
+#if defined(_SC_LEVEL1_DCACHE_ASSOC)
+    const long reported = sysconf(_SC_LEVEL1_DCACHE_ASSOC);
+#else
+    const long reported = 0;
+#endif
+    return reported > 0 ? int(reported) : 0;
+  }();
+  return ways;
+}
+
 int CpuIsaIndex() {
   const int index = Chosen().index.load(std::memory_order_relaxed);
   if (index < 0) throw std::invalid_argument("tfcells: " + Chosen().error);

@@ -69,6 +69,7 @@ CpuBackend MakeBackend(const CpuOptions& options) {
   be.split_units = options.split_units;
   be.pin_shards = options.pin_shards;
   if (options.min_parallel_elements > 0) be.min_parallel_elements = options.min_parallel_elements;
+  be.row_copies = CpuBackend::ResolveRowCopies(options.row_copies);
   // kAuto arrives resolved (CpuRunOptions).
   be.bf16_products =
       std::is_same_v<S, bfloat16> && options.products == StepProducts::kBFloat16;

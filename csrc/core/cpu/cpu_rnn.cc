@@ -37,6 +37,7 @@ const CpuKernels& Kernels() { return kKernelsOf[CpuIsaIndex()](); }
 std::atomic<int> gemm_threads_setting{0};
 std::atomic<bool> split_units_setting{false};
 std::atomic<bool> pin_shards_setting{true};
+std::atomic<RowCopies> row_copies_setting{RowCopies::kAuto};
 
 // OpenBLAS' Haswell/Zen sgemm kernel prefetches the next packed panel of B while it multiplies.
 // When op(B)'s side of C is at most GEMM_P (320) wide — a gate's H columns, or all of G*H for a
@@ -86,6 +87,7 @@ CpuOptions CpuRunOptions(const CpuOptions& options) {
   if (run.l2_cache_bytes <= 0) run.l2_cache_bytes = CpuL2CacheBytes();
   run.split_units = options.split_units || split_units_setting.load();
   run.pin_shards = options.pin_shards && pin_shards_setting.load();
+  if (run.row_copies == RowCopies::kAuto) run.row_copies = row_copies_setting.load();
   const int cap = gemm_threads_setting.load();
   run.max_tasks = std::max(1, cap > 0 ? std::min(cap, options.max_tasks) : options.max_tasks);
   return run;
@@ -162,5 +164,7 @@ void SetCpuSplitUnits(bool on) { split_units_setting.store(on); }
 bool CpuSplitUnits() { return split_units_setting.load(); }
 void SetCpuPinShards(bool on) { pin_shards_setting.store(on); }
 bool CpuPinShards() { return pin_shards_setting.load(); }
+void SetCpuRowCopies(RowCopies copies) { row_copies_setting.store(copies); }
+RowCopies CpuRowCopies() { return row_copies_setting.load(); }
 
 }  // namespace tfcells

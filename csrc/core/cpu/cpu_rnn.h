@@ -37,6 +37,12 @@ inline constexpr Index kCpuProjectionSteps = 8;
 // The other storage types always multiply float32 (or float64).
 enum class StepProducts { kAuto, kFloat32, kBFloat16 };
 
+// Whether the packed step GEMM copies each block of A's rows before multiplying it
+// (PackedOperand::Multiply). kAuto: where a block's rows would share L1 sets and L1 has fewer
+// ways than a block has rows (CpuBackend::CopiesRows); kAlways and kNever: for tests and
+// comparisons.
+enum class RowCopies { kAuto, kAlways, kNever };
+
 struct CpuOptions {
   const ParallelRunner* runner = nullptr;
   int max_tasks = 1;  // how many pieces a large GEMM may be split into
@@ -51,6 +57,7 @@ struct CpuOptions {
   // Pointwise loops and column sums of fewer elements run on the calling thread (0: the tuned
   // cpu_tuning::kMinParallelElements; the self-test sets 1 to split every loop).
   Index min_parallel_elements = 0;
+  RowCopies row_copies = RowCopies::kAuto;  // also SetCpuRowCopies'
 };
 
 // The CPUs the tasks of one parallel time loop hold while it runs, so that no two of them share
@@ -119,6 +126,11 @@ bool CpuSplitUnits();
 // (ShardCpus). Off: the scheduler places them.
 void SetCpuPinShards(bool on);
 bool CpuPinShards();
+
+// kAuto by default (CpuOptions::row_copies); another value applies to every call whose options
+// leave kAuto.
+void SetCpuRowCopies(RowCopies copies);
+RowCopies CpuRowCopies();
 
 // Run-time ISA dispatch (cpu_isa.cc). The CPU kernels are compiled once per ISA level
 // (x86-64, x86-64-v3, x86-64-v4, avx512-bf16, amx; or one "native" level); when the library

@@ -109,16 +109,21 @@ inline Bits BitsAt(const float* p) {
   return u;
 }
 
-// Pairs on 64-byte boundaries: a tile row (64 bytes) across two cache lines loads slowly (a
+// Arrays on 64-byte boundaries: a tile row (64 bytes) across two cache lines loads slowly (a
 // 32 x 32 block with k = 256 on AMX: 444 ns from new[]'s 16-byte alignment, 172 ns aligned).
 inline constexpr std::size_t kPairAlign = 64;
+template <typename E>
 struct AlignedDelete {
-  void operator()(Pair* p) const { ::operator delete[](p, std::align_val_t(kPairAlign)); }
+  void operator()(E* p) const { ::operator delete[](p, std::align_val_t(kPairAlign)); }
 };
-using AlignedPairs = std::unique_ptr<Pair[], AlignedDelete>;
-inline AlignedPairs NewAlignedPairs(Index n) {
-  return AlignedPairs(new (std::align_val_t(kPairAlign)) Pair[n]);
+template <typename E>
+using AlignedArray = std::unique_ptr<E[], AlignedDelete<E>>;
+template <typename E>
+AlignedArray<E> NewAligned(Index n) {
+  return AlignedArray<E>(new (std::align_val_t(kPairAlign)) E[n]);
 }
+using AlignedPairs = AlignedArray<Pair>;
+inline AlignedPairs NewAlignedPairs(Index n) { return NewAligned<Pair>(n); }
 
 // out[kk] = PairOf(row[2kk], row[2kk + 1]) for the (k + 1) / 2 pairs of a row of k floats
 // (row[k] read as 0 when k is odd).
@@ -430,9 +435,10 @@ class PackedOperand {
   Index n() const { return n_; }
   Index Panels() const { return (n_ + kPanelCols - 1) / kPanelCols; }
 
-  // C[m, columns of panels [p0, p1)] = A[m, k] · op(W) + βC.
-  void Multiply(Index m, const T* a, Index lda, T beta, T* c, Index ldc, Index p0,
-                Index p1) const {
+  // C[m, columns of panels [p0, p1)] = A[m, k] · op(W) + βC. copy_rows: each block of A's rows
+  // is copied first (CpuBackend::CopiesRows; pairs are always copied, as they are rounded).
+  void Multiply(Index m, const T* a, Index lda, T beta, T* c, Index ldc, Index p0, Index p1,
+                bool copy_rows = false) const {
     // Row blocks of near-equal height (64 rows, ROWS = 12: 11,11,11,11,10,10, not 12,...,4): a
     // short block keeps too few accumulators busy to hide the multiply-add latency.
     const Index blocks = (m + ROWS - 1) / ROWS, height = m / blocks, taller = m % blocks;
@@ -446,6 +452,7 @@ class PackedOperand {
       }
       return;
     }
+    if (copy_rows) return MultiplyCopiedRows(blocks, height, taller, a, lda, beta, c, ldc, p0, p1);
     for (Index p = p0; p < p1; ++p) {
       const T* panel = panels_.get() + p * k_ * kPanelCols;
       const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
@@ -470,7 +477,7 @@ class PackedOperand {
     static_assert(kPanelCols == step_gemm::kTileBlockCols, "a panel is two B tiles wide");
     constexpr Index kRows = step_gemm::kTileBlockRows;
     const Index k2p = PaddedPairRows();
-    RowBuffer buffer(kRows * k2p);
+    RowBuffer<step_gemm::Pair> buffer(kRows * k2p);
     step_gemm::Pair* rows_in_pairs = buffer.data();
     Tiles tiles;
     for (Index i = 0; i < m; i += kRows) {
@@ -560,20 +567,21 @@ class PackedOperand {
            step_gemm::kTilePairs;
   }
 
-  // Rows rounded to pairs: on the stack up to 64 KiB (k up to 1024 on tiles), else on the heap.
-  // (Not a thread_local buffer: level code may register no destructors, and its weak symbols
-  // are renamed per level.)
+  // Rows copied or rounded to pairs: on the stack up to 64 KiB (k up to 1024 on tiles), else on
+  // the heap. (Not a thread_local buffer: level code may register no destructors, and its weak
+  // symbols are renamed per level.)
+  template <typename E>
   class RowBuffer {
    public:
     explicit RowBuffer(Index size)
-        : heap_(size > kOnStack ? step_gemm::NewAlignedPairs(size) : nullptr) {}
-    step_gemm::Pair* data() { return heap_ ? heap_.get() : stack_; }
+        : heap_(size > kOnStack ? step_gemm::NewAligned<E>(size) : nullptr) {}
+    E* data() { return heap_ ? heap_.get() : stack_; }
 
    private:
-    static constexpr Index kOnStack = 16384;
+    static constexpr Index kOnStack = 65536 / sizeof(E);
     // Uninitialised: rows are written before they are read.
-    alignas(step_gemm::kPairAlign) step_gemm::Pair stack_[kOnStack];
-    step_gemm::AlignedPairs heap_;
+    alignas(step_gemm::kPairAlign) E stack_[kOnStack];
+    step_gemm::AlignedArray<E> heap_;
   };
 
   // Pairs [kk0, kk0 + pairs) of `rows` rows of A (lda apart; with a_trans columns, lda apart),
@@ -605,7 +613,7 @@ class PackedOperand {
   void MultiplyPairs(Index blocks, Index height, Index taller, const float* a, Index lda,
                      float beta, float* c, Index ldc, Index p0, Index p1) const {
     const Index k2 = PairRows(), k2p = PaddedPairRows();
-    RowBuffer buffer(ROWS * k2);
+    RowBuffer<step_gemm::Pair> buffer(ROWS * k2);
     step_gemm::Pair* rows_in_pairs = buffer.data();
     for (Index blk = 0, i = 0; blk < blocks; ++blk) {
       const Index rows = height + (blk < taller ? 1 : 0);
@@ -616,6 +624,30 @@ class PackedOperand {
         step_gemm::WithRows<ROWS>(rows, [&](auto r) {
           step_gemm::MicroKernelPairs<decltype(r)::value, VECS>(k2, rows_in_pairs, panel, beta,
                                                                 c + i * ldc + j, ldc, cols);
+        });
+      }
+      i += rows;
+    }
+  }
+
+  // A block of rows is copied to a buffer, one cache line more than whole lines apart (so that
+  // consecutive rows start in different L1 sets), then multiplied by every panel in [p0, p1).
+  void MultiplyCopiedRows(Index blocks, Index height, Index taller, const T* a, Index lda,
+                          T beta, T* c, Index ldc, Index p0, Index p1) const {
+    constexpr Index kLine = 64 / Index(sizeof(T));
+    const Index ld = (k_ + kLine - 1) / kLine * kLine + kLine;
+    RowBuffer<T> buffer(ROWS * ld);
+    T* const rows_copied = buffer.data();
+    for (Index blk = 0, i = 0; blk < blocks; ++blk) {
+      const Index rows = height + (blk < taller ? 1 : 0);
+      for (Index r = 0; r < rows; ++r)
+        std::copy(a + (i + r) * lda, a + (i + r) * lda + k_, rows_copied + r * ld);
+      for (Index p = p0; p < p1; ++p) {
+        const T* panel = panels_.get() + p * k_ * kPanelCols;
+        const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
+        step_gemm::WithRows<ROWS>(rows, [&](auto r) {
+          step_gemm::MicroKernel<T, decltype(r)::value, VECS>(k_, rows_copied, ld, panel, beta,
+                                                              c + i * ldc + j, ldc, cols);
         });
       }
       i += rows;

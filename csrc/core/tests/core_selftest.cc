@@ -288,6 +288,18 @@ void Run(const Case& cs, unsigned seed) {
     EXPECT(Same(chunked.Backward(tr2, dx_only), p.Backward(training, dx_only)), cs.name);
   }
 
+  // Every block of A's rows copied before its step products (RowCopies::kAlways; a CPU with
+  // few L1 ways copies those whose stride would share L1 sets) and none copied: the same sums,
+  // bit-identical.
+  for (RowCopies copies : {RowCopies::kAlways, RowCopies::kNever}) {
+    Problem copied = p;
+    copied.options.row_copies = copies;
+    const Problem::Result inf2 = copied.Forward(false), tr2 = copied.Forward(true);
+    EXPECT(inf2.y == inference.y && inf2.h_last == inference.h_last, cs.name);
+    EXPECT(tr2.y == training.y && tr2.gates == training.gates, cs.name);
+    EXPECT(Same(copied.Backward(tr2, all), full), cs.name);
+  }
+
   // Every subset of the gradients: exactly those, bit-identical, nothing else written.
   for (int m = 0; m <= kGradAll; ++m) {
     if ((m & all) != m) continue;
@@ -414,6 +426,7 @@ void RunParallel(const Case& cs, unsigned seed, int max_tasks,
   p.options.l2_cache_bytes = 1;
   p.options.min_parallel_elements = 1;  // every pointwise loop and column sum split too
   p.projection_steps = 2;  // x_t·W_x ahead and dx_t behind, shared between shards and parts
+  p.options.row_copies = seed % 2 ? RowCopies::kAlways : RowCopies::kNever;  // both, in turn
 #if defined(__linux__)
   cpu_set_t mask;  // the calling thread's, restored after each loop (ShardCpus)
   const bool have_mask = sched_getaffinity(0, sizeof(mask), &mask) == 0;
