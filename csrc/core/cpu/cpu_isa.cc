@@ -1,6 +1,7 @@
 // Run-time choice of the CPU kernels' ISA level, made once when the library loads: the best
 // level of this build (tfcells_cpu_levels.h) that the CPU and the OS support, capped by the
 // environment variable TFCELLS_CPU_ISA. Compiled once, for any x86-64 (no ISA flags).
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
@@ -195,27 +196,24 @@ bool CpuIsIntel() {
 #endif
 }
 
+// The OS's figure for one of the cache parameters of sysconf (glibc reads them from cpuid), or
+// 0 where it gives none.
+#if defined(_SC_LEVEL1_DCACHE_ASSOC) && defined(_SC_LEVEL2_CACHE_SIZE)
+#define TFCELLS_CACHE_FIGURE(name) std::max(0L, sysconf(name))
+#else
+#define TFCELLS_CACHE_FIGURE(name) 0L
+#endif
+
 Index CpuL2CacheBytes() {
   static const Index bytes = [] {
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#else
-    const long reported = 0;
-#endif
+    const long reported = TFCELLS_CACHE_FIGURE(_SC_LEVEL2_CACHE_SIZE);
     return reported > 0 ? Index(reported) : Index(1) << 20;
   }();
   return bytes;
 }
 
 int CpuL1DataWays() {
-  static const int ways = [] {
-#if defined(_SC_LEVEL1_DCACHE_ASSOC)
-    const long reported = sysconf(_SC_LEVEL1_DCACHE_ASSOC);
-#else
-    const long reported = 0;
-#endif
-    return reported > 0 ? int(reported) : 0;
-  }();
+  static const int ways = int(TFCELLS_CACHE_FIGURE(_SC_LEVEL1_DCACHE_ASSOC));
   return ways;
 }
 
