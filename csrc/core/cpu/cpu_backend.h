@@ -93,7 +93,7 @@ struct CpuBackend {
   }
 
   // kAuto stays kAuto (copy where A's rows share L1 sets) only where L1 has fewer ways than a
-  // block of the step GEMM has rows (cpu_tuning::kRowSetBytes), else becomes kNever.
+  // block of the step GEMM has rows, else becomes kNever (why: cpu_tuning::kRowSetBytes).
   static RowCopies ResolveRowCopies(RowCopies requested) {
     const int ways = CpuL1DataWays();
     const bool few_ways = ways > 0 && ways < cpu_tuning::kStepRows;
