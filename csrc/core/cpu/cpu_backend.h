@@ -30,8 +30,8 @@ struct CpuBackend {
   unsigned char* part_scratch = nullptr;
   // Step products on bfloat16 pairs (a call with bfloat16 storage, CpuOptions::products).
   bool bf16_products = false;
-  // The float32 whole-sequence GEMMs (the weight gradients) on bfloat16 pairs too: PairGemm on
-  // AMX tiles (the amx level's bfloat16 calls).
+  // The float32 whole-sequence GEMMs (the weight gradients) on bfloat16 pairs too: PairGemm, on
+  // AMX tiles at the amx level, else on the pair kernel (VectorPairs). On with bf16_products.
   bool bf16_gemms = false;
 
   // PairGemm's packed op(B) and what it was packed from.

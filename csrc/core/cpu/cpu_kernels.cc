@@ -33,12 +33,16 @@ void SplitGemm(CpuBackend& be, bool ta, bool tb, Index m, Index n, Index k, cons
       for (Index j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
   }
-#if TFCELLS_AMX_TILES
   if constexpr (std::is_same_v<T, float>) {
-    if (be.bf16_gemms)
-      return be.PairGemm<step_gemm::AmxTiles>(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
-  }
+    if (be.bf16_gemms) {
+#if TFCELLS_AMX_TILES
+      using Tiles = step_gemm::AmxTiles;
+#else
+      using Tiles = step_gemm::VectorPairs;
 #endif
+      return be.PairGemm<Tiles>(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+    }
+  }
   int tasks = be.GemmTasks(2.0 * m * n * k, be.max_tasks);
   // Split the larger side of C into contiguous blocks, one per task.
   const bool by_rows = m >= n;
@@ -73,7 +77,7 @@ CpuBackend MakeBackend(const CpuOptions& options) {
   // kAuto arrives resolved (CpuRunOptions).
   be.bf16_products =
       std::is_same_v<S, bfloat16> && options.products == StepProducts::kBFloat16;
-  be.bf16_gemms = be.bf16_products && step_gemm::kAmxTiles;
+  be.bf16_gemms = be.bf16_products;
   return be;
 }
 

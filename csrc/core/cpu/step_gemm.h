@@ -257,6 +257,11 @@ void TileProduct(Tiles& tiles, Index k2p, const Pair* a, const Pair* panel, Inde
     for (Index j = 0; j < cols; ++j) c[r * ldc + j] = block[r * kCols + j];
 }
 
+// Not tiles: the whole-sequence pair GEMM (PackedOperand::MultiplyPairTilesInSlabs) on the step
+// products' vector kernel, MicroKernelPairs, where the level has no AMX (Zen 4's AVX512_BF16:
+// vdpbf16ps twice float32's rate).
+struct VectorPairs {};
+
 // The tiles as Intel's pseudo-code of TDPBF16PS defines them: eight registers of 16 rows of
 // 64 bytes, and per element of C, for each pair in order, C += a.lo * b.lo, then C += a.hi * b.hi
 // (denormals are not flushed here, as the instruction flushes them). For the self-test, which
@@ -497,16 +502,19 @@ class PackedOperand {
   // kSlabPairs pairs, so that a slab of every row block of A (32 KiB a block) stays in L2 and a
   // slab of a panel (32 KiB) in L1 while every block of C adds it in place.
   // a_trans: row i of A is column i of `a` (a[kk * lda + i]).
+  // Tiles = step_gemm::VectorPairs: each block's slab product on MicroKernelPairs instead, in
+  // blocks of at most ROWS rows; its sums start from zero and add C (βC for the first slab) last.
+  static constexpr Index kSlabPairs = 256;
   template <typename Tiles>
   void MultiplyPairTilesInSlabs(Index m, const float* a, Index lda, bool a_trans, float beta,
                                 float* c, Index ldc) const {
     static_assert(kPanelCols == step_gemm::kTileBlockCols, "a panel is two B tiles wide");
-    constexpr Index kRows = step_gemm::kTileBlockRows, kSlabPairs = 256;
+    constexpr Index kRows = step_gemm::kTileBlockRows;
     static_assert(kSlabPairs % step_gemm::kTilePairs == 0, "slabs of whole tiles");
     const Index k2p = PaddedPairRows(), blocks = (m + kRows - 1) / kRows;
     const step_gemm::AlignedPairs buffer =
         step_gemm::NewAlignedPairs(blocks * kRows * std::min(kSlabPairs, k2p));
-    Tiles tiles;
+    [[maybe_unused]] Tiles tiles;  // (VectorPairs: none)
     for (Index s0 = 0; s0 < k2p; s0 += kSlabPairs) {
       const Index pairs = std::min(kSlabPairs, k2p - s0);
       for (Index blk = 0; blk < blocks; ++blk) {
@@ -519,10 +527,26 @@ class PackedOperand {
         const Index j = p * kPanelCols;
         const step_gemm::Pair* panel = pair_panels_.get() + (p * k2p + s0) * kPanelCols;
         for (Index blk = 0; blk < blocks; ++blk) {
-          const Index i = blk * kRows;
-          step_gemm::TileProduct(tiles, pairs, buffer.get() + blk * kRows * pairs, panel,
-                                 std::min(kRows, m - i), std::min(kPanelCols, n_ - j),
-                                 s0 == 0 ? beta : 1.0f, c + i * ldc + j, ldc);
+          const Index i = blk * kRows, rows = std::min(kRows, m - i);
+          const step_gemm::Pair* rows_in_pairs = buffer.get() + blk * kRows * pairs;
+          const float block_beta = s0 == 0 ? beta : 1.0f;
+          if constexpr (std::is_same_v<Tiles, step_gemm::VectorPairs>) {
+            const Index parts = (rows + ROWS - 1) / ROWS, height = rows / parts,
+                        taller = rows % parts;
+            for (Index part = 0, r0 = 0; part < parts; ++part) {
+              const Index part_rows = height + (part < taller ? 1 : 0);
+              step_gemm::WithRows<ROWS>(part_rows, [&](auto r) {
+                step_gemm::MicroKernelPairs<decltype(r)::value, VECS>(
+                    pairs, rows_in_pairs + r0 * pairs, pairs, panel, block_beta,
+                    c + (i + r0) * ldc + j, ldc, std::min(kPanelCols, n_ - j));
+              });
+              r0 += part_rows;
+            }
+          } else {
+            step_gemm::TileProduct(tiles, pairs, rows_in_pairs, panel, rows,
+                                   std::min(kPanelCols, n_ - j), block_beta, c + i * ldc + j,
+                                   ldc);
+          }
         }
       }
     }

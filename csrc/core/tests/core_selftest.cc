@@ -667,10 +667,15 @@ void CheckTileProducts() {
   EXPECT(bad == 0, "bfloat16 pair products on tiles");
 }
 
-// The whole-sequence GEMM on tiles (CpuBackend::PairGemm, the amx level's weight gradients) on
-// EmulatedTiles: every transposition, both packing choices (m < n packs op(A)ᵀ and writes C
-// transposed), split across threads, bit for bit against the scalar sum in TDPBF16PS' order.
+// The whole-sequence GEMM on bfloat16 pairs (CpuBackend::PairGemm, the weight gradients of
+// bfloat16 calls): on EmulatedTiles (the amx level's program) and on VectorPairs (the pair
+// kernel's, the other levels'), every transposition, both packing choices (m < n packs op(A)ᵀ and
+// writes C transposed), split across threads, bit for bit against the scalar sum in the
+// instruction's order: TDPBF16PS' from βC on; vdpbf16ps' from zero per slab of k, C added last.
+template <typename Tiles>
 void CheckPairGemm() {
+  constexpr bool kTiles = !std::is_same_v<Tiles, step_gemm::VectorPairs>;
+  constexpr Index kSlab = 2 * TilePairOperand::kSlabPairs;  // k values per slab
   std::mt19937 rng(13);
   std::normal_distribution<float> n(0.0f, 1.0f);
   int bad = 0;
@@ -695,18 +700,30 @@ void CheckPairGemm() {
           std::vector<float> want = c;
           for (Index i = 0; i < m; ++i)
             for (Index j = 0; j < cols; ++j) {
-              want[i * ldc + j] = PairSum(
-                  k, [&](Index kk) { return a_at(i, kk); }, [&](Index kk) { return b_at(kk, j); },
-                  true, beta != 0.0f ? beta * c[i * ldc + j] : 0.0f);
+              const float bc = beta != 0.0f ? beta * c[i * ldc + j] : 0.0f;
+              if (kTiles) {
+                want[i * ldc + j] = PairSum(
+                    k, [&](Index kk) { return a_at(i, kk); },
+                    [&](Index kk) { return b_at(kk, j); }, true, bc);
+                continue;
+              }
+              float sum = bc;
+              for (Index k0 = 0; k0 < k; k0 += kSlab)
+                sum = PairSum(
+                          std::min(kSlab, k - k0), [&](Index kk) { return a_at(i, k0 + kk); },
+                          [&](Index kk) { return b_at(k0 + kk, j); }, false) +
+                      sum;
+              want[i * ldc + j] = sum;
             }
           CpuBackend be;
           be.runner = tasks > 1 ? &kThreads : nullptr;
           be.max_tasks = tasks;
-          be.PairGemm<step_gemm::EmulatedTiles>(ta, tb, m, cols, k, a.data(), lda, b.data(), ldb,
-                                                beta, c.data(), ldc);
+          be.PairGemm<Tiles>(ta, tb, m, cols, k, a.data(), lda, b.data(), ldb, beta, c.data(),
+                             ldc);
           if (c != want) ++bad;
         }
-  EXPECT(bad == 0, "bfloat16 whole-sequence GEMM on tiles");
+  EXPECT(bad == 0, kTiles ? "bfloat16 whole-sequence GEMM on tiles"
+                          : "bfloat16 whole-sequence GEMM on the pair kernel");
 }
 
 // The 16-bit conversions: every 16-bit value survives widening and rounding back; rounding
@@ -870,7 +887,8 @@ int main(int argc, char** argv) {
   CheckConversions();
   CheckPairProducts();
   CheckTileProducts();
-  CheckPairGemm();
+  CheckPairGemm<step_gemm::EmulatedTiles>();
+  CheckPairGemm<step_gemm::VectorPairs>();
   cases += 4;
   // A level that does not exist is refused with the valid choices.
   try {
