@@ -635,7 +635,7 @@ class PackedOperand {
 
   // A row block is rounded to pairs once, then multiplied by every panel in [p0, p1). The
   // rounded rows are one cache line more than whole lines apart, as MultiplyCopiedRows' copies:
-  // at k = 2048 rows k/2 pairs apart would sit 4 KiB apart, in one L1 set (Zen 4: 12 % slower).
+  // at k = 2048 rows k/2 pairs apart would sit 4 KiB apart, in one L1 set (Zen 4: 2-3 % slower).
   void MultiplyPairs(Index blocks, Index height, Index taller, const float* a, Index lda,
                      float beta, float* c, Index ldc, Index p0, Index p1) const {
     constexpr Index kLine = 64 / Index(sizeof(step_gemm::Pair));
