@@ -444,31 +444,26 @@ class PackedOperand {
   // is copied first (CpuBackend::CopiesRows; pairs are always copied, as they are rounded).
   void Multiply(Index m, const T* a, Index lda, T beta, T* c, Index ldc, Index p0, Index p1,
                 bool copy_rows = false) const {
-    // Row blocks of near-equal height (64 rows, ROWS = 12: 11,11,11,11,10,10, not 12,...,4): a
-    // short block keeps too few accumulators busy to hide the multiply-add latency.
-    const Index blocks = (m + ROWS - 1) / ROWS, height = m / blocks, taller = m % blocks;
     if (pairs_) {
       if constexpr (std::is_same_v<T, float>) {
 #if TFCELLS_AMX_TILES
         if constexpr (kPanelCols == step_gemm::kTileBlockCols)  // (other widths: for timings)
           return MultiplyPairTiles<step_gemm::AmxTiles>(m, a, lda, beta, c, ldc, p0, p1);
 #endif
-        MultiplyPairs(blocks, height, taller, a, lda, beta, c, ldc, p0, p1);
+        MultiplyPairs(m, a, lda, beta, c, ldc, p0, p1);
       }
       return;
     }
-    if (copy_rows) return MultiplyCopiedRows(blocks, height, taller, a, lda, beta, c, ldc, p0, p1);
+    if (copy_rows) return MultiplyCopiedRows(m, a, lda, beta, c, ldc, p0, p1);
     for (Index p = p0; p < p1; ++p) {
       const T* panel = panels_.get() + p * k_ * kPanelCols;
       const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
-      for (Index blk = 0, i = 0; blk < blocks; ++blk) {
-        const Index rows = height + (blk < taller ? 1 : 0);
+      ForRowBlocks(m, [&](Index i, Index rows) {
         step_gemm::WithRows<ROWS>(rows, [&](auto r) {
           step_gemm::MicroKernel<T, decltype(r)::value, VECS>(k_, a + i * lda, lda, panel, beta,
                                                               c + i * ldc + j, ldc, cols);
         });
-        i += rows;
-      }
+      });
     }
   }
 
@@ -531,17 +526,13 @@ class PackedOperand {
           const step_gemm::Pair* rows_in_pairs = buffer.get() + blk * kRows * pairs;
           const float block_beta = s0 == 0 ? beta : 1.0f;
           if constexpr (std::is_same_v<Tiles, step_gemm::VectorPairs>) {
-            const Index parts = (rows + ROWS - 1) / ROWS, height = rows / parts,
-                        taller = rows % parts;
-            for (Index part = 0, r0 = 0; part < parts; ++part) {
-              const Index part_rows = height + (part < taller ? 1 : 0);
+            ForRowBlocks(rows, [&](Index r0, Index part_rows) {
               step_gemm::WithRows<ROWS>(part_rows, [&](auto r) {
                 step_gemm::MicroKernelPairs<decltype(r)::value, VECS>(
                     pairs, rows_in_pairs + r0 * pairs, pairs, panel, block_beta,
                     c + (i + r0) * ldc + j, ldc, std::min(kPanelCols, n_ - j));
               });
-              r0 += part_rows;
-            }
+            });
           } else {
             step_gemm::TileProduct(tiles, pairs, rows_in_pairs, panel, rows,
                                    std::min(kPanelCols, n_ - j), block_beta, c + i * ldc + j,
@@ -591,6 +582,20 @@ class PackedOperand {
            step_gemm::kTilePairs;
   }
 
+  // f(i, rows) for each block of rows [i, i + rows) of m, in order: blocks of near-equal height,
+  // at most ROWS (64 rows, ROWS = 12: 11,11,11,11,10,10, not 12,...,4), as a short block keeps
+  // too few accumulators busy to hide the multiply-add latency.
+  template <typename F>
+  static void ForRowBlocks(Index m, const F& f) {
+    if (m <= 0) return;
+    const Index blocks = (m + ROWS - 1) / ROWS, height = m / blocks, taller = m % blocks;
+    for (Index blk = 0, i = 0; blk < blocks; ++blk) {
+      const Index rows = height + (blk < taller ? 1 : 0);
+      f(i, rows);
+      i += rows;
+    }
+  }
+
   // Rows copied or rounded to pairs: on the stack up to 64 KiB (k up to 1024 on tiles), else on
   // the heap. (Not a thread_local buffer: level code may register no destructors, and its weak
   // symbols are renamed per level.)
@@ -636,15 +641,14 @@ class PackedOperand {
   // A row block is rounded to pairs once, then multiplied by every panel in [p0, p1). The
   // rounded rows are one cache line more than whole lines apart, as MultiplyCopiedRows' copies:
   // at k = 2048 rows k/2 pairs apart would sit 4 KiB apart, in one L1 set (Zen 4: 2-3 % slower).
-  void MultiplyPairs(Index blocks, Index height, Index taller, const float* a, Index lda,
-                     float beta, float* c, Index ldc, Index p0, Index p1) const {
+  void MultiplyPairs(Index m, const float* a, Index lda, float beta, float* c, Index ldc,
+                     Index p0, Index p1) const {
     constexpr Index kLine = 64 / Index(sizeof(step_gemm::Pair));
     const Index k2 = PairRows(), k2p = PaddedPairRows();
     const Index ld = (k2 + kLine - 1) / kLine * kLine + kLine;
     RowBuffer<step_gemm::Pair> buffer(ROWS * ld);
     step_gemm::Pair* rows_in_pairs = buffer.data();
-    for (Index blk = 0, i = 0; blk < blocks; ++blk) {
-      const Index rows = height + (blk < taller ? 1 : 0);
+    ForRowBlocks(m, [&](Index i, Index rows) {
       RoundRows(a + i * lda, lda, false, rows, 0, ld, rows_in_pairs);
       for (Index p = p0; p < p1; ++p) {
         const Index j = p * kPanelCols, cols = std::min(kPanelCols, n_ - j);
@@ -654,20 +658,18 @@ class PackedOperand {
                                                                 beta, c + i * ldc + j, ldc, cols);
         });
       }
-      i += rows;
-    }
+    });
   }
 
   // A block of rows is copied to a buffer, one cache line more than whole lines apart (so that
   // consecutive rows start in different L1 sets), then multiplied by every panel in [p0, p1).
-  void MultiplyCopiedRows(Index blocks, Index height, Index taller, const T* a, Index lda,
-                          T beta, T* c, Index ldc, Index p0, Index p1) const {
+  void MultiplyCopiedRows(Index m, const T* a, Index lda, T beta, T* c, Index ldc, Index p0,
+                          Index p1) const {
     constexpr Index kLine = 64 / Index(sizeof(T));
     const Index ld = (k_ + kLine - 1) / kLine * kLine + kLine;
     RowBuffer<T> buffer(ROWS * ld);
     T* const rows_copied = buffer.data();
-    for (Index blk = 0, i = 0; blk < blocks; ++blk) {
-      const Index rows = height + (blk < taller ? 1 : 0);
+    ForRowBlocks(m, [&](Index i, Index rows) {
       for (Index r = 0; r < rows; ++r)
         std::copy(a + (i + r) * lda, a + (i + r) * lda + k_, rows_copied + r * ld);
       for (Index p = p0; p < p1; ++p) {
@@ -678,8 +680,7 @@ class PackedOperand {
                                                               c + i * ldc + j, ldc, cols);
         });
       }
-      i += rows;
-    }
+    });
   }
 
   Index k_ = 0, n_ = 0;
