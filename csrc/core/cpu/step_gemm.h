@@ -596,6 +596,14 @@ class PackedOperand {
     }
   }
 
+  // Elements between the rows of a buffer of rows `width` elements long: whole cache lines and
+  // one more, so that consecutive rows start in different L1 sets whatever the width.
+  template <typename E>
+  static Index PaddedRowStride(Index width) {
+    constexpr Index kLine = 64 / Index(sizeof(E));
+    return (width + kLine - 1) / kLine * kLine + kLine;
+  }
+
   // Rows copied or rounded to pairs: on the stack up to 64 KiB (k up to 1024 on tiles), else on
   // the heap. (Not a thread_local buffer: level code may register no destructors, and its weak
   // symbols are renamed per level.)
@@ -643,9 +651,8 @@ class PackedOperand {
   // at k = 2048 rows k/2 pairs apart would sit 4 KiB apart, in one L1 set (Zen 4: 2-3 % slower).
   void MultiplyPairs(Index m, const float* a, Index lda, float beta, float* c, Index ldc,
                      Index p0, Index p1) const {
-    constexpr Index kLine = 64 / Index(sizeof(step_gemm::Pair));
     const Index k2 = PairRows(), k2p = PaddedPairRows();
-    const Index ld = (k2 + kLine - 1) / kLine * kLine + kLine;
+    const Index ld = PaddedRowStride<step_gemm::Pair>(k2);
     RowBuffer<step_gemm::Pair> buffer(ROWS * ld);
     step_gemm::Pair* rows_in_pairs = buffer.data();
     ForRowBlocks(m, [&](Index i, Index rows) {
@@ -665,8 +672,7 @@ class PackedOperand {
   // consecutive rows start in different L1 sets), then multiplied by every panel in [p0, p1).
   void MultiplyCopiedRows(Index m, const T* a, Index lda, T beta, T* c, Index ldc, Index p0,
                           Index p1) const {
-    constexpr Index kLine = 64 / Index(sizeof(T));
-    const Index ld = (k_ + kLine - 1) / kLine * kLine + kLine;
+    const Index ld = PaddedRowStride<T>(k_);
     RowBuffer<T> buffer(ROWS * ld);
     T* const rows_copied = buffer.data();
     ForRowBlocks(m, [&](Index i, Index rows) {
