@@ -115,3 +115,39 @@ def test_bad_recurrent_kernel_message_gives_the_concrete_shape():
                        match=r"recurrent_kernel must have shape \[H, 4\*H\], got \[6, 20\]; "
                              r"with H = 5 from kernel's 20 columns that is \[5, 20\]"):
         ops.lstm(x, tf.zeros((2, 5)), tf.zeros((2, 5)), tf.zeros((4, 20)), tf.zeros((6, 20)))
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_frozen_recurrent_kernel_keeps_no_h_prev_cache(cell):
+    """Without dW_h, only the GRUs' backward step reads the h_prev cache (a copy of y a step
+    behind): a forward op told that the recurrent kernel is frozen keeps none for the LSTM and
+    SimpleRNN, T*B*H elements less, and every other gradient is the same, bit for bit, as from
+    a call that kept it (there an unwatched recurrent kernel leaves the kept cache unread)."""
+    rng = np.random.default_rng(3)
+    B, T, I, H = 3, 5, 4, 6
+    gates = _tfcells_core.CELLS[cell]["gates"]
+    x = tf.constant(rng.normal(size=(B, T, I)))
+    h = tf.constant(rng.normal(size=(B, H)))
+    kernel = tf.constant(rng.normal(size=(I, gates * H)) * 0.3)
+    rk = tf.constant(rng.normal(size=(H, gates * H)) * 0.3)
+    bias = tf.constant(rng.normal(size=(2, gates * H) if cell == "gru" else (gates * H,)))
+
+    def run(frozen):
+        with tf.GradientTape() as tape:
+            tape.watch([x, h, kernel, bias])
+            outputs = _call(cell, x, h, kernel, rk, bias, frozen=frozen)
+            loss = sum(tf.reduce_sum(o * o) for o in outputs)
+        return [g.numpy() for g in tape.gradient(loss, [x, h, kernel, bias])]
+
+    kept, lean = run(()), run(("recurrent_kernel",))
+    for a, b in zip(kept, lean):
+        np.testing.assert_array_equal(a, b)
+
+    raw = getattr(ops.ops_module, "tfcells_" + cell)
+    empty = tf.zeros((0,), tf.float64)
+    args = [x, h] + ([h] if cell == "lstm" else []) + [kernel, rk, bias,
+                                                      tf.zeros((0,), tf.bool), empty, empty]
+    for frozen, rows in ((0, B * T), (ops.GRAD_RECURRENT_KERNEL, 0 if cell != "gru" else B * T)):
+        out = raw(*args, training=True, frozen=frozen)
+        assert out.h_prev.shape == (rows * H,)
+        assert out.gates.shape == (B * T * gates * H,)

@@ -320,7 +320,7 @@ struct SimpleRnnBackwardPoint {
 // (dG: dgates_rec for cells with recurrent_gate_grads, else dgates).
 
 struct Lstm {
-  static constexpr CellInfo kInfo{"lstm", 4, 1, true, Aux::kState, false, false};
+  static constexpr CellInfo kInfo{"lstm", 4, 1, true, Aux::kState, false, false, false};
 
   template <typename S>
   static void Forward(const S& s) {
@@ -338,7 +338,7 @@ struct Lstm {
 };
 
 struct GruResetAfter {
-  static constexpr CellInfo kInfo{"gru", 3, 2, false, Aux::kCacheOnly, false, true};
+  static constexpr CellInfo kInfo{"gru", 3, 2, false, Aux::kCacheOnly, false, true, true};
 
   template <typename S>
   static void Forward(const S& s) {
@@ -358,7 +358,7 @@ struct GruResetAfter {
 // Two GEMMs and two pointwise phases per step: z, r and r * h_prev (kept in aux), then the
 // candidate's GEMM on r * h_prev and the new state.
 struct GruResetBefore {
-  static constexpr CellInfo kInfo{"gru_reset_before", 3, 1, false, Aux::kState, true, false};
+  static constexpr CellInfo kInfo{"gru_reset_before", 3, 1, false, Aux::kState, true, false, true};
 
   template <typename S>
   static void Forward(const S& s) {
@@ -385,7 +385,7 @@ struct GruResetBefore {
 };
 
 struct SimpleRnn {
-  static constexpr CellInfo kInfo{"simple_rnn", 1, 1, false, Aux::kNone, false, false};
+  static constexpr CellInfo kInfo{"simple_rnn", 1, 1, false, Aux::kNone, false, false, false};
 
   template <typename S>
   static void Forward(const S& s) {

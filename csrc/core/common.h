@@ -78,6 +78,8 @@ struct CellInfo {
   bool split_candidate;         // the candidate's recurrent GEMM runs apart, on r * h_prev
   bool recurrent_gate_grads;    // the recurrent side's gate gradients differ from the input
                                 // side's (GRU reset_after: r scales the candidate's)
+  bool pointwise_reads_h_prev;  // the backward pointwise step reads h_prev (GRU: dz); else
+                                // only dW_h reads the h_prev cache
 };
 
 // How the input projection x_t·W_x and dx_t = dG_t·W_xᵀ run: a step at a time inside the time

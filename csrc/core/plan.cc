@@ -150,8 +150,10 @@ const Shape& CallPlan::GradShape(GradBit bit) const {
 CacheSizes CallPlan::Cache() const {
   if (!options_.training) return {};
   const Index rows = dims_.Rows();
+  // h_prev: for dW_h (a copy of y a step behind, with h0 first), and for the GRUs' pointwise.
+  const bool h_prev = info_.pointwise_reads_h_prev || (options_.grad_mask & kGradRecurrentKernel);
   return {rows * info_.gates * dims_.H, info_.aux == Aux::kNone ? 0 : rows * dims_.H,
-          rows * dims_.H};
+          h_prev ? rows * dims_.H : 0};
 }
 
 bool CallPlan::KeepsAllGateGrads() const {
@@ -253,8 +255,10 @@ void CallPlan::Layout() {
 
 std::string CallPlan::CheckBackwardInputs(const CacheSizes& cache, const Shape* dy,
                                           const Shape* dh_last, const Shape* dc_last) const {
-  const CacheSizes want = Cache();
+  CacheSizes want = Cache();
   if (!training()) return "a backward pass needs a training call plan";
+  // A forward call that allowed dW_h kept h_prev, which a backward pass without it never reads.
+  if (want.h_prev == 0 && cache.h_prev == dims_.Rows() * dims_.H) want.h_prev = cache.h_prev;
   const std::pair<const char*, std::pair<Index, Index>> sizes[] = {
       {"gates", {cache.gates, want.gates}},
       {"aux", {cache.aux, want.aux}},

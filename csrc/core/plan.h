@@ -34,7 +34,9 @@ struct CallOptions {
   bool has_input_dropout = false;
   bool has_recurrent_dropout = false;
   bool training = true;      // the forward pass keeps the cache its gradient reads
-  int grad_mask = kGradAll;  // the gradients a backward pass produces (normalised by Make)
+  // The gradients a backward pass produces (normalised by Make). For a forward call, those its
+  // backward pass may be asked for: the training cache leaves out what none of them reads.
+  int grad_mask = kGradAll;
   InputProjection input_projection = InputProjection::kPerStep;  // the backend's choice
   // kPerStep: the products by W_x of this many steps run back to back (W_x then stays in
   // cache through them): x_t·W_x ahead of the recurrence, dx_t behind it; the most the backend
@@ -53,7 +55,7 @@ struct InputShapes {
 struct CacheSizes {
   Index gates = 0;   // activated gates [.., G*H]
   Index aux = 0;     // CellInfo::aux [.., H], or 0
-  Index h_prev = 0;  // the state entering each step [.., H]
+  Index h_prev = 0;  // the state entering each step [.., H]; 0 where nothing reads it
 };
 
 // A piece of a workspace: elements [offset, offset + size).

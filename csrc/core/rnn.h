@@ -532,8 +532,10 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
   const Operand w_cand = be.StepOperand(false, H, info.split_candidate ? H : 0,
                                         in.recurrent_kernel + product_gates * H, GH);
 
-  if (training)
-    be.ForEach(B, H, CopyPoint<T>{AtStep(a.h_prev.data, d, d.InputTime(0), H), Plain(in.h0, H)});
+  // The h_prev cache, where the plan keeps one: h0, then each step's h (h_next_cache).
+  T* const h_prev_cache = plan.Cache().h_prev ? a.h_prev.data : nullptr;
+  if (h_prev_cache)
+    be.ForEach(B, H, CopyPoint<T>{AtStep(h_prev_cache, d, d.InputTime(0), H), Plain(in.h0, H)});
 
   // Step s for batch rows [b0, b1) and the units `u` of each gate block (every matrix below is
   // that shard's view); wait() returns once every shard has finished step s - 1.
@@ -573,8 +575,8 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
     step.h_prev = s == 0 ? plain(in.h0, H) : StepMatrix<const T>(at(a.y, s - 1, H));
     step.h = at(a.y, s, H);
     step.mask = FromRow(MaskAt(sb, in.mask, d, t), b0);
-    step.h_next_cache = (training && s + 1 < d.T) ? at(a.h_prev.data, d.InputTime(s + 1), H)
-                                                  : StepMatrix<T>();
+    step.h_next_cache = (h_prev_cache && s + 1 < d.T) ? at(h_prev_cache, d.InputTime(s + 1), H)
+                                                      : StepMatrix<T>();
     step.aux = aux_at(s);
     step.aux_prev = !Cell::kInfo.cell_state ? StepMatrix<const T>()
                     : s == 0       ? plain(in.c0, H)
@@ -719,7 +721,7 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
     step.aux_prev = Cell::kInfo.cell_state
                         ? (s == 0 ? plain(in.c0, H) : at(a.aux.data, d.InputTime(s - 1), H))
                         : StepMatrix<const T>();
-    step.h_prev = at(a.h_prev.data, t, H);
+    if (a.h_prev.size) step.h_prev = at(a.h_prev.data, t, H);  // (else the cell never reads it)
     step.dy = a.dy ? at(a.dy, s, H) : StepMatrix<const T>(zero_row, 0);
     step.mask = FromRow(MaskAt(sb, in.mask, d, t), b0);
     // db: the cell's pointwise pass adds the shard's units of every gate's gradients to the

@@ -224,6 +224,10 @@ class RnnForwardOp : public RnnOpBase<T, S, Launcher> {
   RnnForwardOp(tensorflow::OpKernelConstruction* ctx, CellKind cell)
       : RnnOpBase<T, S, Launcher>(ctx, cell) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("training", &this->options_.training));
+    // The gradients the caller did not rule out: the cache keeps only what they read.
+    int frozen = 0;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("frozen", &frozen));
+    this->options_.grad_mask = kGradAll & ~frozen;
   }
 
   void Compute(tensorflow::OpKernelContext* ctx) override {

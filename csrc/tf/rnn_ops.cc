@@ -71,7 +71,8 @@ void AddForwardInputs(OpDef& op, const OpFamily& family) {
 
 // The forward op returns the output sequence, the final state(s) and, when `training`, the
 // cache its gradient op reads. `frozen` records the GradBits its caller ruled out, for the
-// Python gradient function to honour.
+// Python gradient function to honour; the cache then leaves out what only those would read
+// (the h_prev cache, which without dW_h only the GRUs read).
 void RegisterForward(const OpFamily& family) {
   const bool cell_state = Info(family.cell).cell_state;
   OpDef op(family.forward);

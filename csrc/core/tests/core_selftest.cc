@@ -127,10 +127,11 @@ struct Problem {
     Vec y, h_last, c_last, gates, aux, h_prev;
   };
 
-  // workspace_short: hand the pass one element less workspace than its plan asks for.
-  Result Forward(bool training, bool workspace_short = false) const {
+  // workspace_short: hand the pass one element less workspace than its plan asks for;
+  // grad_mask: the gradients its backward pass may be asked for (what the cache keeps).
+  Result Forward(bool training, bool workspace_short = false, int grad_mask = kGradAll) const {
     const Dims& d = c.d;
-    const CallPlan plan = Plan(training);
+    const CallPlan plan = Plan(training, grad_mask);
     Result r;
     r.y.assign(d.T * d.B * d.H, 0.0);
     r.h_last.assign(d.B * d.H, 0.0);
@@ -313,6 +314,16 @@ void Run(const Case& cs, unsigned seed) {
         EXPECT(untouched, cs.name);
       }
     }
+  }
+
+  // A forward call whose backward may not be asked for dW_h keeps no h_prev cache, unless the
+  // cell's backward pointwise step reads it (the GRUs); the gradients are the same.
+  for (int m : {all & ~kGradRecurrentKernel, all & (kGradX | kGradH0)}) {
+    const Problem::Result lean = p.Forward(true, false, m);
+    const bool read = Info(cs.cell).pointwise_reads_h_prev;
+    EXPECT(lean.h_prev.size() == (read ? training.h_prev.size() : 0), cs.name);
+    EXPECT(lean.y == training.y && lean.gates == training.gates, cs.name);
+    EXPECT(Same(p.Backward(lean, m), p.Backward(training, m)), cs.name);
   }
 }
 
