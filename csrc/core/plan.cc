@@ -253,8 +253,7 @@ void CallPlan::Layout() {
   backward_.total = c.total();
 }
 
-std::string CallPlan::CheckBackwardInputs(const CacheSizes& cache, const Shape* dy,
-                                          const Shape* dh_last, const Shape* dc_last) const {
+std::string CallPlan::CheckBackwardCache(const CacheSizes& cache) const {
   CacheSizes want = Cache();
   if (!training()) return "a backward pass needs a training call plan";
   // A forward call that allowed dW_h kept h_prev, which a backward pass without it never reads.
@@ -268,6 +267,13 @@ std::string CallPlan::CheckBackwardInputs(const CacheSizes& cache, const Shape* 
       return std::string(name) + " must hold the forward op's training cache of " +
              std::to_string(got_want.second) + " elements, got " +
              std::to_string(got_want.first);
+  return "";
+}
+
+std::string CallPlan::CheckBackwardInputs(const CacheSizes& cache, const Shape* dy,
+                                          const Shape* dh_last, const Shape* dc_last) const {
+  const std::string cache_error = CheckBackwardCache(cache);
+  if (!cache_error.empty()) return cache_error;
   auto empty = [](const Shape* s) {
     if (s == nullptr) return true;
     Index n = 1;

@@ -131,9 +131,12 @@ class CallPlan {
   const BackwardLayout& backward_layout() const { return backward_; }
 
   // Checks what a backward pass (a training plan) receives besides the forward inputs: the
-  // cache sizes and the incoming gradients' shapes (each may be absent: null, or empty).
+  // cache sizes (CheckBackwardCache) and the incoming gradients' shapes (each may be absent:
+  // null, or empty).
   std::string CheckBackwardInputs(const CacheSizes& cache, const Shape* dy,
                                   const Shape* dh_last, const Shape* dc_last) const;
+  // The cache sizes alone: Cache()'s, or a kept h_prev that this backward pass never reads.
+  std::string CheckBackwardCache(const CacheSizes& cache) const;
 
   // Whether the backward pass keeps every step's gate gradients (`dgates`: a GEMM after the
   // loop reads them).

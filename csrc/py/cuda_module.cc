@@ -463,10 +463,11 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   const CacheSizes cs = plan.Cache();
   const auto gates_a = arrays.Float(gates, "gates", true);
   const auto aux_a = arrays.Float(aux, "aux", cs.aux > 0);
-  const auto h_prev_a = arrays.Float(h_prev, "h_prev", true);
-  RequireSize(gates_a, cs.gates, "a training cache of this shape");
-  RequireSize(aux_a, cs.aux, "a training cache of this shape");
-  RequireSize(h_prev_a, cs.h_prev, "a training cache of this shape");
+  const auto h_prev_a = arrays.Float(h_prev, "h_prev", cs.h_prev > 0);
+  auto size = [](const std::optional<DeviceArray>& a) { return a ? a->size() : Index(0); };
+  const std::string error =
+      plan.CheckBackwardCache({size(gates_a), size(aux_a), size(h_prev_a)});
+  if (!error.empty()) throw py::value_error(error);
   a.gates = SpanOf<const T>(gates_a), a.aux = SpanOf<const T>(aux_a);
   a.h_prev = SpanOf<const T>(h_prev_a);
 
