@@ -464,12 +464,10 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   const auto gates_a = arrays.Float(gates, "gates", true);
   const auto aux_a = arrays.Float(aux, "aux", cs.aux > 0);
   const auto h_prev_a = arrays.Float(h_prev, "h_prev", cs.h_prev > 0);
-  auto size = [](const std::optional<DeviceArray>& a) { return a ? a->size() : Index(0); };
-  const std::string error =
-      plan.CheckBackwardCache({size(gates_a), size(aux_a), size(h_prev_a)});
-  if (!error.empty()) throw py::value_error(error);
   a.gates = SpanOf<const T>(gates_a), a.aux = SpanOf<const T>(aux_a);
   a.h_prev = SpanOf<const T>(h_prev_a);
+  const std::string error = plan.CheckBackwardCache({a.gates.size, a.aux.size, a.h_prev.size});
+  if (!error.empty()) throw py::value_error(error);
 
   const auto dy_a = arrays.Storage(dy, "dy", false);
   RequireShape(dy_a, plan.SequenceShape(plan.dims().H), "(the shape of y)");
