@@ -151,7 +151,9 @@ struct GruResetAfterBackwardPoint {
                              // nothing reads them but the bias sums)
   StepMatrix<T> dgates_rec;  // out: gradient of the recurrent-side pre-activations
   StepMatrix<T> dh;          // in: dL/dh; out: the part of dL/dh_prev outside the GEMM
-  StepMatrix<T> db_x, db_rec;  // bias gradient sums of bias rows 0 and 1 (AddToSum)
+  StepMatrix<T> db_x;    // bias gradient sums of bias row 0 (AddToSum)
+  StepMatrix<T> db_rec;  // of bias row 1, the candidate's columns only: its z and r columns
+                         // are db_x's (CellInfo::shared_bias_gates)
   Index H;
 
   TFCELLS_HD void operator()(Index b, Index j) const {
@@ -175,8 +177,6 @@ struct GruResetAfterBackwardPoint {
     AddToSum(db_x, b, j, dz);
     AddToSum(db_x, b, H + j, dr);
     AddToSum(db_x, b, 2 * H + j, dhh);
-    AddToSum(db_rec, b, j, dz);
-    AddToSum(db_rec, b, H + j, dr);
     AddToSum(db_rec, b, 2 * H + j, dhh_rec);
   }
 };
@@ -320,7 +320,7 @@ struct SimpleRnnBackwardPoint {
 // (dG: dgates_rec for cells with recurrent_gate_grads, else dgates).
 
 struct Lstm {
-  static constexpr CellInfo kInfo{"lstm", 4, 1, true, Aux::kState, false, false, false};
+  static constexpr CellInfo kInfo{"lstm", 4, 1, true, Aux::kState, false, false, false, 0};
 
   template <typename S>
   static void Forward(const S& s) {
@@ -338,7 +338,7 @@ struct Lstm {
 };
 
 struct GruResetAfter {
-  static constexpr CellInfo kInfo{"gru", 3, 2, false, Aux::kCacheOnly, false, true, true};
+  static constexpr CellInfo kInfo{"gru", 3, 2, false, Aux::kCacheOnly, false, true, true, 2};
 
   template <typename S>
   static void Forward(const S& s) {
@@ -358,7 +358,7 @@ struct GruResetAfter {
 // Two GEMMs and two pointwise phases per step: z, r and r * h_prev (kept in aux), then the
 // candidate's GEMM on r * h_prev and the new state.
 struct GruResetBefore {
-  static constexpr CellInfo kInfo{"gru_reset_before", 3, 1, false, Aux::kState, true, false, true};
+  static constexpr CellInfo kInfo{"gru_reset_before", 3, 1, false, Aux::kState, true, false, true, 0};
 
   template <typename S>
   static void Forward(const S& s) {
@@ -385,7 +385,7 @@ struct GruResetBefore {
 };
 
 struct SimpleRnn {
-  static constexpr CellInfo kInfo{"simple_rnn", 1, 1, false, Aux::kNone, false, false, false};
+  static constexpr CellInfo kInfo{"simple_rnn", 1, 1, false, Aux::kNone, false, false, false, 0};
 
   template <typename S>
   static void Forward(const S& s) {

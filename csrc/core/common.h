@@ -80,6 +80,8 @@ struct CellInfo {
                                 // side's (GRU reset_after: r scales the candidate's)
   bool pointwise_reads_h_prev;  // the backward pointwise step reads h_prev (GRU: dz); else
                                 // only dW_h reads the h_prev cache
+  int shared_bias_gates;        // with two bias rows, the leading gates whose gradient is the
+                                // same in both (GRU reset_after: z and r reach both unscaled)
 };
 
 // How the input projection x_t·W_x and dx_t = dG_t·W_xᵀ run: a step at a time inside the time

@@ -710,7 +710,7 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
       step.ForEach(ZeroOrCopyPoint<T>{step.dh, plain(a.dh_last, H)});
       if (Cell::kInfo.cell_state) step.ForEach(ZeroOrCopyPoint<T>{step.dc, plain(a.dc_last, H)});
       for (Index r = 0; want_db && r < Cell::kInfo.bias_rows; ++r)
-        for (int g = 0; g < G; ++g)
+        for (int g = r > 0 ? Cell::kInfo.shared_bias_gates : 0; g < G; ++g)
           step.ForEach(ZeroOrCopyPoint<T>{plain(bias_sums + r * B * GH + g * H, GH), {}});
     }
     const Index t = d.InputTime(s);
@@ -788,8 +788,12 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   if (want_dw_x) CountWork(kGradKernelWork);
   if (want_dw_h) CountWork(kGradRecurrentKernelWork);
   if (want_db) {
-    for (Index r = 0; r < info.bias_rows; ++r)
-      be.ColumnSum(B, GH, bias_sums + r * B * GH, GH, a.dbias + r * GH);
+    be.ColumnSum(B, GH, bias_sums, GH, a.dbias);
+    if (info.bias_rows > 1) {  // row 1: its own columns summed, the shared gates' copied
+      const Index shared = info.shared_bias_gates * H;
+      be.ColumnSum(B, GH - shared, bias_sums + B * GH + shared, GH, a.dbias + GH + shared);
+      be.ForEach(1, shared, CopyPoint<T>{Plain(a.dbias + GH, shared), Plain(a.dbias, shared)});
+    }
     CountWork(kGradBiasWork);
   }
 }
