@@ -358,7 +358,8 @@ struct GruResetAfter {
 // Two GEMMs and two pointwise phases per step: z, r and r * h_prev (kept in aux), then the
 // candidate's GEMM on r * h_prev and the new state.
 struct GruResetBefore {
-  static constexpr CellInfo kInfo{"gru_reset_before", 3, 1, false, Aux::kState, true, false, true, 0};
+  static constexpr CellInfo kInfo{"gru_reset_before", 3, 1, false, Aux::kState, true, false,
+                                  true, 0};
 
   template <typename S>
   static void Forward(const S& s) {
