@@ -561,14 +561,21 @@ def test_mixed_precision_contenders():
 
 def test_floor_16bit_paths():
     """A 16-bit floor times float32 GEMMs on both paths and the same products in bfloat16
-    through tf.matmul; each path's dtype is known."""
+    through tf.matmul, and, where tfcells' bfloat16 calls multiply bfloat16 pairs, tfcells' own
+    path on pairs (else the op could beat its own floor); each path's dtype is known."""
+    from tfcells import _tfcells_core
+
     shape = Shape(2, 3, 4, 5)
     paths = floor.floor_callables("lstm", CONFIGS["all_trainable"], shape, "bfloat16")
-    assert sorted(paths) == ["numpy", "tf_bfloat16", "tfcells", "tfcells_units"]
+    pairs = ["tfcells_bf16_pairs"] if _tfcells_core.cpu_bf16_products() else []
+    assert sorted(paths) == sorted(["numpy", "tf_bfloat16", "tfcells", "tfcells_units"] + pairs)
     for fn in paths.values():
         fn()
-    assert [floor.path_dtype(p, "bfloat16") for p in sorted(paths)] == \
-        ["float32", "bfloat16", "float32", "float32"]
+    assert {p: floor.path_dtype(p, "bfloat16") for p in paths} == {
+        "numpy": "float32", "tf_bfloat16": "bfloat16", "tfcells": "float32",
+        "tfcells_units": "float32", **{p: "bfloat16" for p in pairs}}
+    assert sorted(floor.floor_callables("lstm", CONFIGS["all_trainable"], shape, "float16")) == \
+        ["numpy", "tf_float16", "tfcells", "tfcells_units"]
     assert sorted(floor.floor_callables("lstm", CONFIGS["inference"], shape, "float32")) == \
         ["numpy", "tfcells", "tfcells_units"]
 

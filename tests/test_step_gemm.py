@@ -43,6 +43,34 @@ def test_large_transposed_product_matches_numpy(threads):
     np.testing.assert_allclose(out, a[0].T @ w, rtol=1e-4, atol=1e-4)
 
 
+def _rounded_to_bfloat16(x):
+    """x rounded to the nearest bfloat16 (ties to even), as float32 (finite x only)."""
+    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("count,m,k,n,trans_a", [(3, 25, 40, 31, False), (4, 64, 256, 96, False),
+                                                 (1, 70, 300, 130, True)],
+                         ids=["per_step", "per_step_wide", "transposed"])
+def test_bf16_pair_products_round_both_operands(count, m, k, n, trans_a):
+    """bf16_pairs (the floor's path for bfloat16 calls where the machine multiplies pairs) runs
+    the products on bfloat16 pairs: the float64 product of the operands rounded to bfloat16,
+    summed in float32, and not the float32 product (what it would give if the flag were lost)."""
+    rng = np.random.default_rng(k)
+    a = rng.standard_normal((count, k, m) if trans_a else (count, m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    out = np.full((m, n), np.nan, np.float32)
+    core.products(a, w, out, 2, trans_a=trans_a, bf16_pairs=True)
+    left = a[0].T if trans_a else a[-1]
+    want = _rounded_to_bfloat16(left).astype(np.float64) @ _rounded_to_bfloat16(w)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+    assert np.abs(out - left.astype(np.float64) @ w).max() > 1e-3
+    with pytest.raises(ValueError, match="bf16_pairs needs float32"):
+        core.products(a.astype(np.float64), w.astype(np.float64), out.astype(np.float64),
+                      trans_a=trans_a, bf16_pairs=True)
+
+
 def test_products_back_to_back_on_the_warm_pool():
     """Hundreds of short calls with changing thread counts (the pool's workers are reused,
     grown, and left idle in turn; some park between calls): every result is right."""

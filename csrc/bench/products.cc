@@ -117,14 +117,14 @@ CpuOptions Options(int threads) {
 }  // namespace
 
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const float* a,
-                 const float* w, float* out, int threads, bool split_units) {
+                 const float* w, float* out, int threads, bool split_units, bool bf16_pairs) {
   kKernelsOf[CpuIsaIndex()]().f32(count, trans_a, m, k, n, a, w, out, Options(threads),
-                                  split_units);
+                                  split_units, bf16_pairs);
 }
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
                  const double* w, double* out, int threads, bool split_units) {
   kKernelsOf[CpuIsaIndex()]().f64(count, trans_a, m, k, n, a, w, out, Options(threads),
-                                  split_units);
+                                  split_units, false);
 }
 
 }  // namespace tfcells

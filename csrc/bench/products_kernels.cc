@@ -1,6 +1,7 @@
 // The GEMM floor's products at one ISA level (compiled once per level, as
 // csrc/core/cpu/cpu_kernels.cc is): through the backend, sharding and split rules the ops use.
 #include <algorithm>
+#include <type_traits>
 
 #include "../core/cpu/cpu_backend.h"
 #include "../core/cpu/cpu_dispatch.h"
@@ -12,12 +13,14 @@ namespace {
 
 template <typename T>
 void Products(Index count, bool trans_a, Index m, Index k, Index n, const T* a, const T* w,
-              T* out, const CpuOptions& options, bool split_units) {
+              T* out, const CpuOptions& options, bool split_units, bool bf16_pairs) {
   CpuBackend be;
   be.runner = options.runner;
   be.max_tasks = options.max_tasks;
   be.pin_shards = options.pin_shards;  // as the ops' time loops
   be.row_copies = CpuBackend::ResolveRowCopies(options.row_copies);
+  // As MakeBackend sets them for a bfloat16 call (pairs are float32's only).
+  be.bf16_products = be.bf16_gemms = std::is_same_v<T, float> && bf16_pairs;
   if (count == 1) return be.Gemm(trans_a, false, m, n, k, a, trans_a ? m : k, w, n, T(0), out, n);
   const auto operand = be.StepOperand(false, k, n, w, n);
   // split_units: the ops' unit split (whole panels), forced, never waiting.

@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "../bench/products.h"
 #include "../core/cpu/cpu_rnn.h"
@@ -158,7 +159,7 @@ py::dict Backward(const std::string& cell_name, const Array<T>& x, const Array<T
 // A step's GEMMs alone, as the ops run them (see ProductsCpu): the benchmark's GEMM floor.
 template <typename T>
 void Products(const Array<T>& a, const Array<T>& w, py::array_t<T, py::array::c_style> out,
-              int threads, bool trans_a, bool split_units) {
+              int threads, bool trans_a, bool split_units, bool bf16_pairs) {
   // a [count, m, k], or [1, k, m] read transposed
   const bool ok = a.ndim() == 3 && w.ndim() == 2 && out.ndim() == 2 &&
                   a.shape(trans_a ? 1 : 2) == w.shape(0) &&
@@ -167,16 +168,24 @@ void Products(const Array<T>& a, const Array<T>& w, py::array_t<T, py::array::c_
   if (!ok)
     throw py::value_error("products needs a [count, m, k] (trans_a: [1, k, m]), w [k, n], "
                           "out [m, n]");
+  if (bf16_pairs && !std::is_same_v<T, float>)
+    throw py::value_error("products: bf16_pairs needs float32 operands");
   T* dst = out.mutable_data();  // throws if out is read-only
   const Index m = out.shape(0), k = w.shape(0), n = w.shape(1);
   py::gil_scoped_release release;
-  ProductsCpu(a.shape(0), trans_a, m, k, n, a.data(), w.data(), dst, threads, split_units);
+  if constexpr (std::is_same_v<T, float>) {
+    ProductsCpu(a.shape(0), trans_a, m, k, n, a.data(), w.data(), dst, threads, split_units,
+                bf16_pairs);
+  } else {
+    ProductsCpu(a.shape(0), trans_a, m, k, n, a.data(), w.data(), dst, threads, split_units);
+  }
 }
 
 template <typename T>
 void Bind(py::module_& m) {
   m.def("products", &Products<T>, py::arg("a"), py::arg("w"), py::arg("out"),
-        py::arg("threads") = 1, py::arg("trans_a") = false, py::arg("split_units") = false);
+        py::arg("threads") = 1, py::arg("trans_a") = false, py::arg("split_units") = false,
+        py::arg("bf16_pairs") = false);
   m.def("forward", &Forward<T>, py::arg("cell"), py::arg("x"), py::arg("h0"), py::arg("c0"),
         py::arg("kernel"), py::arg("recurrent_kernel"), py::arg("bias"), py::arg("mask"),
         py::arg("time_major") = false, py::arg("go_backwards") = false,

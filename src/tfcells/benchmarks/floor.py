@@ -22,6 +22,9 @@ import numpy as np
 from .workload import GATES, trainable_names, weight_dtype
 
 
+_PAIRS = "tfcells_bf16_pairs"  # tfcells' GEMM path on bfloat16 pairs (floor_callables)
+
+
 @dataclasses.dataclass(frozen=True)
 class Gemm:
     """count products of [m, k] x [k, n]; trans_a: the left operand is stored transposed."""
@@ -87,18 +90,28 @@ def _numpy_products(a, b, c):
     return run
 
 
-def _tfcells_products(a, b, c, trans_a, split_units=False):
+def _tfcells_products(a, b, c, trans_a, split_units=False, bf16_pairs=False):
     """The same products through tfcells' CPU GEMM path, on as many threads as NumPy's BLAS
     uses (split_units: the per-step products' columns split across the threads, as the ops
-    split a step's units, else by the ops' own rules); None where the compiled module is
-    missing."""
+    split a step's units, else by the ops' own rules; bf16_pairs: on bfloat16 pairs, as a
+    bfloat16 call's products run where the machine has them); None where the compiled module
+    is missing."""
     try:
         from tfcells import _tfcells_core
     except ImportError:
         return None
     threads = blas_threads() or os.cpu_count() or 1
     base = a.transpose(0, 2, 1) if trans_a else a  # _operands' stored (contiguous) array
-    return lambda: _tfcells_core.products(base, b, c, threads, trans_a, split_units)
+    return lambda: _tfcells_core.products(base, b, c, threads, trans_a, split_units, bf16_pairs)
+
+
+def _bf16_pairs_here():
+    """Whether tfcells' bfloat16 calls multiply bfloat16 pairs on this machine."""
+    try:
+        from tfcells import _tfcells_core
+    except ImportError:
+        return False
+    return bool(_tfcells_core.cpu_bf16_products())
 
 
 def _tf_products(operands, dtype):
@@ -132,13 +145,19 @@ def floor_callables(cell, config, shape, dtype):
 
     A 16-bit dtype (mixed precision): those two paths in float32, what tfcells computes in,
     and the same products in `dtype` through TensorFlow's tf.matmul ("tf_bfloat16",
-    "tf_float16"), the machine's 16-bit GEMM rate (path_dtype says which is which)."""
+    "tf_float16"), the machine's 16-bit GEMM rate; for bfloat16, where tfcells' calls
+    multiply bfloat16 pairs, its own GEMM path on pairs too ("tfcells_bf16_pairs"), so the
+    floor is never slower than the products the op runs (path_dtype says which is which)."""
     rng = np.random.default_rng(0)
     compute = weight_dtype(dtype)
     operands = [(g, _operands(g, compute, rng)) for g in gemms(cell, config, shape)]
     paths = {"numpy": [_numpy_products(a, b, c) for _, (a, b, c) in operands]}
-    for name, split_units in (("tfcells", False), ("tfcells_units", True)):
-        ours = [_tfcells_products(a, b, c, g.trans_a, split_units) for g, (a, b, c) in operands]
+    ours_variants = [("tfcells", False, False), ("tfcells_units", True, False)]
+    if dtype == "bfloat16" and _bf16_pairs_here():
+        ours_variants.append((_PAIRS, False, True))
+    for name, split_units, pairs in ours_variants:
+        ours = [_tfcells_products(a, b, c, g.trans_a, split_units, pairs)
+                for g, (a, b, c) in operands]
         if all(fn is not None for fn in ours):
             paths[name] = ours
     if dtype != compute:
@@ -155,6 +174,8 @@ def floor_callables(cell, config, shape, dtype):
 
 def path_dtype(path, dtype):
     """The dtype of the GEMMs a floor path (a key of floor_callables) runs in a `dtype` run."""
+    if path == _PAIRS:
+        return "bfloat16"
     return path[len("tf_"):] if path.startswith("tf_") else weight_dtype(dtype)
 
 
