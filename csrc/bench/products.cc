@@ -122,9 +122,9 @@ void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const flo
                                   split_units, bf16_pairs);
 }
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
-                 const double* w, double* out, int threads, bool split_units) {
+                 const double* w, double* out, int threads, bool split_units, bool bf16_pairs) {
   kKernelsOf[CpuIsaIndex()]().f64(count, trans_a, m, k, n, a, w, out, Options(threads),
-                                  split_units, false);
+                                  split_units, bf16_pairs);
 }
 
 }  // namespace tfcells

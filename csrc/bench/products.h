@@ -15,12 +15,13 @@ namespace tfcells {
 //               shards or split steps, by the ops' own rules; with split_units, each step's
 //               columns split across the threads instead, as the ops split a step's units
 //               (whole panels; with no synchronisation between steps: products alone).
-// bf16_pairs (float only): on bfloat16 pairs, as a bfloat16 call's products run where
-// CpuBf16Products(): w packed as pairs, each block of a's rows rounded to pairs, float32 sums.
+// bf16_pairs (float only; ignored for double): on bfloat16 pairs, as a bfloat16 call's products
+// run where CpuBf16Products(): w packed as pairs, each block of a's rows rounded to pairs,
+// float32 sums.
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const float* a,
                  const float* w, float* out, int threads, bool split_units, bool bf16_pairs);
 void ProductsCpu(Index count, bool trans_a, Index m, Index k, Index n, const double* a,
-                 const double* w, double* out, int threads, bool split_units);
+                 const double* w, double* out, int threads, bool split_units, bool bf16_pairs);
 
 struct ProductsKernels {
   void (*f32)(Index count, bool trans_a, Index m, Index k, Index n, const float* a,

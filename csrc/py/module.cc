@@ -173,12 +173,8 @@ void Products(const Array<T>& a, const Array<T>& w, py::array_t<T, py::array::c_
   T* dst = out.mutable_data();  // throws if out is read-only
   const Index m = out.shape(0), k = w.shape(0), n = w.shape(1);
   py::gil_scoped_release release;
-  if constexpr (std::is_same_v<T, float>) {
-    ProductsCpu(a.shape(0), trans_a, m, k, n, a.data(), w.data(), dst, threads, split_units,
-                bf16_pairs);
-  } else {
-    ProductsCpu(a.shape(0), trans_a, m, k, n, a.data(), w.data(), dst, threads, split_units);
-  }
+  ProductsCpu(a.shape(0), trans_a, m, k, n, a.data(), w.data(), dst, threads, split_units,
+              bf16_pairs);
 }
 
 template <typename T>
