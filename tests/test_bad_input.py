@@ -108,7 +108,26 @@ def test_grad_op_rejects_a_foreign_cache():
             x, args["h0"], args["c0"], args["kernel"], args["recurrent_kernel"], args["bias"],
             tf.zeros([0], tf.bool), tf.zeros([0]), tf.zeros([0]), tf.zeros([7]),
             tf.zeros([B * T * H]),
-            tf.zeros([B * T * H]), tf.zeros([0]), tf.zeros([0]), tf.zeros([0]), grad_mask=63)
+            tf.zeros([B * T * H]), tf.zeros([B, T, H]), tf.zeros([0]), tf.zeros([0]),
+            tf.zeros([0]), grad_mask=63)
+
+
+@pytest.mark.parametrize("y_shape", [[0], [B, T - 1, H]])
+def test_grad_op_needs_the_forward_output(y_shape):
+    """The gradient op reads each step's h_prev from the forward's y (the cache keeps no copy):
+    an empty or misshapen y is refused with the shape it must have."""
+    x = tf.random.normal([B, T, I])
+    args = lstm_args(x=x)
+    out = tfcells.ops.ops_module.tfcells_lstm(
+        x, args["h0"], args["c0"], args["kernel"], args["recurrent_kernel"], args["bias"],
+        tf.zeros([0], tf.bool), tf.zeros([0]), tf.zeros([0]), training=True)
+    assert out.h_prev.shape == [0]
+    with pytest.raises(InvalidArgument, match=rf"y must be the forward op's output sequence, "
+                                              rf"of shape \[{B}, {T}, {H}\]"):
+        tfcells.ops.ops_module.tfcells_lstm_grad(
+            x, args["h0"], args["c0"], args["kernel"], args["recurrent_kernel"], args["bias"],
+            tf.zeros([0], tf.bool), tf.zeros([0]), tf.zeros([0]), out.gates, out.aux,
+            out.h_prev, tf.zeros(y_shape), out.y, tf.zeros([0]), tf.zeros([0]), grad_mask=63)
 
 
 def test_mask_of_numbers_is_converted():

@@ -59,7 +59,7 @@ def test_zero_units_dx_through_the_gradient_op():
         has_bias=False, training=True)
     grads = ops.ops_module.tfcells_simple_rnn_grad(
         x, h, tf.zeros((I, 0)), tf.zeros((0, 0)), empty, tf.zeros((0,), tf.bool), empty, empty,
-        outs.gates, outs.aux, outs.h_prev, tf.zeros((B, T, 0)), tf.zeros((B, 0)),
+        outs.gates, outs.aux, outs.h_prev, outs.y, tf.zeros((B, T, 0)), tf.zeros((B, 0)),
         has_bias=False, grad_mask=ops.GRAD_X)
     np.testing.assert_array_equal(grads.dx.numpy(), np.zeros((B, T, I)))
     assert grads.dkernel.shape == (0,)  # not asked for: empty
@@ -118,11 +118,14 @@ def test_bad_recurrent_kernel_message_gives_the_concrete_shape():
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
-def test_frozen_recurrent_kernel_keeps_no_h_prev_cache(cell):
-    """Without dW_h, only the GRUs' backward step reads the h_prev cache (a copy of y a step
-    behind): a forward op told that the recurrent kernel is frozen keeps none for the LSTM and
-    SimpleRNN, T*B*H elements less, and every other gradient is the same, bit for bit, as from
-    a call that kept it (there an unwatched recurrent kernel leaves the kept cache unread)."""
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_h_prev_cache_only_where_y_cannot_serve(cell, go_backwards):
+    """The backward pass reads the state entering each step, h_prev, from the forward's output
+    y a step behind (h0 first), so the forward keeps no copy of it: T*B*H elements less. Only
+    go_backwards (whose y is reversed) keeps an h_prev cache, and there only where something
+    reads it: without dW_h, only the GRUs' backward step. Every gradient comes out the same,
+    bit for bit, whether the forward was told that the recurrent kernel is frozen or not
+    (an unwatched recurrent kernel leaves a kept cache unread)."""
     rng = np.random.default_rng(3)
     B, T, I, H = 3, 5, 4, 6
     gates = _tfcells_core.CELLS[cell]["gates"]
@@ -135,7 +138,8 @@ def test_frozen_recurrent_kernel_keeps_no_h_prev_cache(cell):
     def run(frozen):
         with tf.GradientTape() as tape:
             tape.watch([x, h, kernel, bias])
-            outputs = _call(cell, x, h, kernel, rk, bias, frozen=frozen)
+            outputs = _call(cell, x, h, kernel, rk, bias, frozen=frozen,
+                            go_backwards=go_backwards)
             loss = sum(tf.reduce_sum(o * o) for o in outputs)
         return [g.numpy() for g in tape.gradient(loss, [x, h, kernel, bias])]
 
@@ -147,7 +151,8 @@ def test_frozen_recurrent_kernel_keeps_no_h_prev_cache(cell):
     empty = tf.zeros((0,), tf.float64)
     args = [x, h] + ([h] if cell == "lstm" else []) + [kernel, rk, bias,
                                                       tf.zeros((0,), tf.bool), empty, empty]
-    for frozen, rows in ((0, B * T), (ops.GRAD_RECURRENT_KERNEL, 0 if cell != "gru" else B * T)):
-        out = raw(*args, training=True, frozen=frozen)
-        assert out.h_prev.shape == (rows * H,)
+    read_without_dw_h = B * T if cell == "gru" else 0
+    for frozen, rows in ((0, B * T), (ops.GRAD_RECURRENT_KERNEL, read_without_dw_h)):
+        out = raw(*args, training=True, frozen=frozen, go_backwards=go_backwards)
+        assert out.h_prev.shape == ((rows if go_backwards else 0) * H,)
         assert out.gates.shape == (B * T * gates * H,)

@@ -224,7 +224,7 @@ def cuda_backward(dev, cell, inputs, cache, grads, grad_mask, time_major=False,
                          d.get("aux"), d["h_prev"], d.get("dy"), d.get("dh_last"),
                          d.get("dc_last"), workspace=ws, grad_mask=grad_mask,
                          time_major=time_major, go_backwards=go_backwards, stream=dev.stream,
-                         allow_tf32=allow_tf32, **dropout_args(d), **out)
+                         allow_tf32=allow_tf32, y=d.get("y"), **dropout_args(d), **out)
     dev.sync()
     return {k: dev.get(v) for k, v in out.items()}
 
@@ -243,7 +243,8 @@ def cpu_backward(cell, inputs, cache, grads, grad_mask, time_major=False, go_bac
                                 i["recurrent_kernel"], i.get("bias"), i.get("mask"),
                                 time_major, go_backwards, cache["gates"], cache["aux"],
                                 cache["h_prev"], grads.get("dy"), grads.get("dh_last"),
-                                grads.get("dc_last"), grad_mask, **dropout_args(i))
+                                grads.get("dc_last"), grad_mask, y=cache.get("y"),
+                                **dropout_args(i))
 
 
 def make_problem(rng, cell, T, B, I, H, dtype, time_major=False, with_bias=True,
@@ -705,7 +706,7 @@ def _compare_cell(dev, rng, cell, dtype, T, B, I, H, time_major, go_backwards, w
     for k in ("y", "h_last", "c_last"):
         if k in inference:
             np.testing.assert_allclose(inference[k], ref[k], **tol, err_msg=f"{what} inference {k}")
-    cache = {k: ref[k] for k in ("gates", "aux", "h_prev")}
+    cache = {k: ref[k] for k in ("gates", "aux", "h_prev", "y")}
     for combo, grad_mask in all_grad_masks(cell):
         want = cpu_backward(cell, inputs, cache, grads, grad_mask, time_major, go_backwards)
         have = cuda_backward(dev, cell, inputs, cache, grads, grad_mask, time_major, go_backwards)
@@ -793,7 +794,7 @@ def test_cuda_16bit_within_16bit_accuracy_of_float32(cell, storage, tol):
     got = _cuda_16bit_pass(cell, inputs, grads, storage)
     dev = Device()
     ref = cuda_forward(dev, cell, inputs)
-    want = cuda_backward(dev, cell, inputs, {k: ref[k] for k in ("gates", "aux", "h_prev")},
+    want = cuda_backward(dev, cell, inputs, {k: ref[k] for k in ("gates", "aux", "h_prev", "y")},
                          grads, cuda_module.GRAD_ALL)
     want.update({k: ref[k] for k in ("y", "h_last", "c_last") if k in ref})
     for k, v in got.items():
@@ -882,7 +883,7 @@ def test_two_streams_driven_from_one_thread():
     cell, T, B, I, H = "lstm", 16, 64, 256, 256
     inputs, grads = make_problem(rng, cell, T, B, I, H, np.float32)
     ref = cpu_forward(cell, inputs)
-    cache = {k: ref[k] for k in ("gates", "aux", "h_prev")}
+    cache = {k: ref[k] for k in ("gates", "aux", "h_prev", "y")}
     want = cpu_backward(cell, inputs, cache, grads, cuda_module.GRAD_ALL)
     dev = Device()
     d = {k: dev.put(v) for k, v in {**inputs, **cache, **grads}.items()}
@@ -912,7 +913,7 @@ def test_two_streams_driven_from_one_thread():
                                     workspace=o["fws"], stream=stream.cuda_stream)
                 cuda_module.backward(cell, *args, d["gates"], d["aux"], d["h_prev"], d["dy"],
                                      d["dh_last"], d["dc_last"], workspace=o["bws"],
-                                     stream=stream.cuda_stream, **o["grads"])
+                                     stream=stream.cuda_stream, y=d["y"], **o["grads"])
     torch.cuda.synchronize()
     tol = tolerance(np.float32)
     for i, o in enumerate(outs):
@@ -1057,7 +1058,7 @@ def test_matches_cudnn(cell, dtype):
         for k in ("y", "h_last", "c_last"):
             if k in ref:
                 np.testing.assert_allclose(fwd[k], ref[k], **tol, err_msg=f"{cell} {k}")
-        cache = {k: fwd[k] for k in ("gates", "aux", "h_prev")}
+        cache = {k: fwd[k] for k in ("gates", "aux", "h_prev", "y")}
         for config, bits in FREEZE_CONFIGS.items():
             grad_mask = sum(getattr(cuda_module, b) for b in bits)
             got = cuda_backward(dev, cell, inputs, cache, grads, grad_mask)

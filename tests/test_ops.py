@@ -489,8 +489,17 @@ def test_core_module_matches_op():
     dy = np.ones_like(fwd["y"])
     bwd = core.backward("lstm", n["x"], n["h0"], n["c0"], n["kernel"], n["recurrent_kernel"],
                         n["bias"], mask.numpy(), False, False, fwd["gates"], fwd["aux"],
-                        fwd["h_prev"], dy, None, None, core.GRAD_KERNEL | core.GRAD_X)
+                        fwd["h_prev"], dy, None, None, core.GRAD_KERNEL | core.GRAD_X,
+                        y=fwd["y"])
     assert sorted(bwd) == ["dkernel", "dx"]
+    # dW_h reads each step's h_prev from y (the forward keeps no copy): without y, refused.
+    assert fwd["h_prev"].size == 0
+    for y_arg in ({}, {"y": fwd["y"][:, :-1]}):
+        with pytest.raises(ValueError, match="y must be the forward op's output sequence"):
+            core.backward("lstm", n["x"], n["h0"], n["c0"], n["kernel"],
+                          n["recurrent_kernel"], n["bias"], mask.numpy(), False, False,
+                          fwd["gates"], fwd["aux"], fwd["h_prev"], dy, None, None,
+                          core.GRAD_RECURRENT_KERNEL, **y_arg)
     with tf.GradientTape() as tape:
         tape.watch([inputs["kernel"], inputs["x"]])
         loss = tf.reduce_sum(tfcells.ops.lstm(**inputs, mask=mask)[0])
@@ -523,7 +532,7 @@ def test_core_module_with_dropout_matches_op(cell, kind):
         np.testing.assert_array_equal(fwd[name], o, err_msg=f"{cell} {kind} {name}")
     bwd = core.backward(*args, False, False, fwd["gates"], fwd["aux"], fwd["h_prev"],
                         *(w.numpy() for w in weights), *([None] * (3 - len(weights))),
-                        core.GRAD_ALL, **masks)
+                        core.GRAD_ALL, y=fwd["y"], **masks)
     for name in cell.grad_inputs:
         np.testing.assert_allclose(bwd["d" + name], grads[name], rtol=1e-6, atol=1e-6,
                                    err_msg=f"{cell} {kind} d{name}")

@@ -7,8 +7,13 @@ round-to-nearest-even) and every weight gradient equals the float32 op's bit for
 the CPU level has AVX512_BF16 (build_info()["cpu_bf16_products"]), a bfloat16 call's step
 products multiply bfloat16 pairs instead (on the amx level, on AMX tiles, and the weight
 gradients too), and the same comparison holds to 16-bit tolerance (the core self-test checks
-those products bit for bit against their definition). The
-accuracy checks then measure both tfcells and Keras' own layers against float64.
+those products bit for bit against their definition). One exception: the float32 op reads the
+state entering each step from its output y a step behind (no h_prev cache, CallPlan::HPrevFromY)
+and so sums dW_h as h0's product plus y's in one more GEMM, while a 16-bit call, whose y is
+rounded, keeps an h_prev cache and sums it in one: without go_backwards or recurrent dropout
+(whose weight gradient reads the same values element by element either way), dW_h agrees to
+float32 rounding there. The accuracy checks then measure both tfcells and Keras' own layers
+against float64.
 """
 
 import numpy as np
@@ -46,11 +51,16 @@ def _run(fn, inputs, upstream, **kwargs):
     return out, dict(zip(names, grads))
 
 
-def _assert_same_pass(got, want, dtype, name):
+def _assert_same_pass(got, want, dtype, name, summed_apart=False):
     """`got` is `want` (the float32 op's, cast to got's dtype) bit for bit, or within 16-bit
-    tolerance where bfloat16 calls multiply bfloat16 pairs."""
+    tolerance where bfloat16 calls multiply bfloat16 pairs, or within float32 rounding where the
+    two sum the same products in another order (summed_apart)."""
     want = tf.cast(want, got.dtype).numpy()
-    if dtype == tf.bfloat16 and BF16_PAIRS:
+    if summed_apart and not (dtype == tf.bfloat16 and BF16_PAIRS):
+        scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-30)
+        err = np.max(np.abs(got.numpy() - want), initial=0.0)
+        assert err <= 1e-5 * scale, (name, err, scale)
+    elif dtype == tf.bfloat16 and BF16_PAIRS:
         scale = max(float(np.max(np.abs(want.astype(np.float32)), initial=0.0)), 0.1)
         err = np.max(np.abs(got.numpy().astype(np.float32) - want.astype(np.float32)),
                      initial=0.0)
@@ -93,9 +103,12 @@ def test_16bit_is_the_float32_pass_rounded(cell, dtype, variant):
     for o16, o32 in zip(out16, out32):
         assert o16.dtype == dtype
         _assert_same_pass(o16, o32, dtype, "output")
+    # (the module docstring's exception)
+    dw_h_apart = variant == "plain"
     for name, g in g16.items():
         assert g.dtype == (dtype if name in STATE_NAMES else tf.float32), name
-        _assert_same_pass(g, g32[name], dtype, name)
+        _assert_same_pass(g, g32[name], dtype, name,
+                          summed_apart=dw_h_apart and name == "recurrent_kernel")
 
 
 def _relative_error(got, want):

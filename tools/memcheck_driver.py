@@ -133,7 +133,7 @@ def run_case(dev, cell, name, time_major, go_backwards, with_mask, dropout, seed
     for k in ("y", "h_last", "c_last"):
         if k in got:
             np.testing.assert_allclose(got[k], ref[k], **tol, err_msg=f"forward {k}")
-    cache = {k: ref[k] for k in ("gates", "aux", "h_prev")}
+    cache = {k: ref[k] for k in ("gates", "aux", "h_prev", "y")}
     grad_all = t.cuda_module.GRAD_ALL
     want = t.cpu_backward(cell, inputs, cache, grads, grad_all, time_major, go_backwards)
     have = t.cuda_backward(dev, cell, inputs, cache, grads, grad_all, time_major, go_backwards)

@@ -147,13 +147,20 @@ const Shape& CallPlan::GradShape(GradBit bit) const {
   }
 }
 
+bool CallPlan::ReadsHPrev() const {
+  return options_.training &&
+         (info_.pointwise_reads_h_prev || (options_.grad_mask & kGradRecurrentKernel));
+}
+
+bool CallPlan::HPrevFromY() const {
+  return options_.storage == Storage::kCompute && !options_.go_backwards;
+}
+
 CacheSizes CallPlan::Cache() const {
   if (!options_.training) return {};
   const Index rows = dims_.Rows();
-  // h_prev: for dW_h (a copy of y a step behind, with h0 first), and for the GRUs' pointwise.
-  const bool h_prev = info_.pointwise_reads_h_prev || (options_.grad_mask & kGradRecurrentKernel);
   return {rows * info_.gates * dims_.H, info_.aux == Aux::kNone ? 0 : rows * dims_.H,
-          h_prev ? rows * dims_.H : 0};
+          ReadsHPrev() && !HPrevFromY() ? rows * dims_.H : 0};
 }
 
 bool CallPlan::KeepsAllGateGrads() const {
@@ -270,10 +277,20 @@ std::string CallPlan::CheckBackwardCache(const CacheSizes& cache) const {
   return "";
 }
 
-std::string CallPlan::CheckBackwardInputs(const CacheSizes& cache, const Shape* dy,
-                                          const Shape* dh_last, const Shape* dc_last) const {
+std::string CallPlan::CheckBackwardY(const Shape* y) const {
+  if (!NeedsY() || (y != nullptr && *y == SequenceShape(dims_.H))) return "";
+  return "y must be the forward op's output sequence, of shape " +
+         ShapeString(SequenceShape(dims_.H)) + ", got " + (y ? ShapeString(*y) : "none") +
+         " (the backward pass reads each step's previous state from it)";
+}
+
+std::string CallPlan::CheckBackwardInputs(const CacheSizes& cache, const Shape* y,
+                                          const Shape* dy, const Shape* dh_last,
+                                          const Shape* dc_last) const {
   const std::string cache_error = CheckBackwardCache(cache);
   if (!cache_error.empty()) return cache_error;
+  const std::string y_error = CheckBackwardY(y);
+  if (!y_error.empty()) return y_error;
   auto empty = [](const Shape* s) {
     if (s == nullptr) return true;
     Index n = 1;

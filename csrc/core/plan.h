@@ -55,7 +55,8 @@ struct InputShapes {
 struct CacheSizes {
   Index gates = 0;   // activated gates [.., G*H]
   Index aux = 0;     // CellInfo::aux [.., H], or 0
-  Index h_prev = 0;  // the state entering each step [.., H]; 0 where nothing reads it
+  Index h_prev = 0;  // the state entering each step [.., H]; 0 where nothing reads it, or
+                     // where the backward pass reads it from y (CallPlan::HPrevFromY)
 };
 
 // A piece of a workspace: elements [offset, offset + size).
@@ -127,16 +128,28 @@ class CallPlan {
 
   // The training cache a forward pass with training writes and a backward pass reads.
   CacheSizes Cache() const;
+  // Whether the backward pass reads the state entering each step, h_prev (dW_h = Σ h_prevᵀ·dG,
+  // and the GRUs' pointwise step).
+  bool ReadsHPrev() const;
+  // Whether it reads h_prev from the forward's output y a step behind (h0 at the first step)
+  // rather than from a cache: where y is in the compute type and in input-time order (not
+  // go_backwards, whose y is reversed). The forward then keeps no copy of y.
+  bool HPrevFromY() const;
+  // Whether a backward pass must be given the forward's y.
+  bool NeedsY() const { return ReadsHPrev() && HPrevFromY(); }
   const ForwardLayout& forward_layout() const { return forward_; }
   const BackwardLayout& backward_layout() const { return backward_; }
 
   // Checks what a backward pass (a training plan) receives besides the forward inputs: the
-  // cache sizes (CheckBackwardCache) and the incoming gradients' shapes (each may be absent:
-  // null, or empty).
-  std::string CheckBackwardInputs(const CacheSizes& cache, const Shape* dy,
+  // cache sizes (CheckBackwardCache), the forward's y (CheckBackwardY) and the incoming
+  // gradients' shapes (each may be absent: null, or empty).
+  std::string CheckBackwardInputs(const CacheSizes& cache, const Shape* y, const Shape* dy,
                                   const Shape* dh_last, const Shape* dc_last) const;
   // The cache sizes alone: Cache()'s, or a kept h_prev that this backward pass never reads.
   std::string CheckBackwardCache(const CacheSizes& cache) const;
+  // The forward's y (null: none given): its sequence shape where the pass needs it (NeedsY),
+  // anything otherwise.
+  std::string CheckBackwardY(const Shape* y) const;
 
   // Whether the backward pass keeps every step's gate gradients (`dgates`: a GEMM after the
   // loop reads them).

@@ -7,6 +7,8 @@
 //           dh to the previous step and dx_t = dG_t·W_xᵀ; then each requested weight gradient
 //           is one GEMM over all T*B rows (dW_x = xᵀ·dG, dW_h = h_prevᵀ·dG) and db a column
 //           sum. Each is skipped, and its buffer never touched, when its GradBit is clear.
+//           h_prev is the forward's y a step behind, h0 first (PrevStates), or where y cannot
+//           serve (go_backwards, 16-bit storage) a cache the forward keeps.
 // Input projection and dx: a step at a time inside the loop (those of projection_steps steps
 //           back to back: x_t·W_x ahead of the recurrence, dx_t behind it), or one GEMM over
 //           all T*B rows before (after) it: the backend's kInputProjection says which (plan.h).
@@ -91,6 +93,7 @@ struct BackwardArgs {
   const CallPlan* plan = nullptr;
   InputPointers<T, S> in;
   Span<const T> gates, aux, h_prev;  // the forward's training cache
+  const S* y = nullptr;  // the forward's output, where the plan reads h_prev from it (NeedsY)
   const S* dy = nullptr;       // optional: gradient w.r.t. y
   const S* dh_last = nullptr;  // optional
   const S* dc_last = nullptr;  // optional, LSTM only
@@ -457,8 +460,17 @@ struct MaskedRows {
   const T* a;
   const T* mask;  // gate g's [B, width] mask
   Index width, div, B;
+  // A as the states entering each step read from y (PrevStates): row r is y's row r - step (the
+  // same batch entry a step earlier; step = B time-major, 1 batch-major), or at t = 0 the
+  // entry's row of `first` (h0). Null: row r of a itself.
+  const T* first = nullptr;
+  Index step = 0, T_steps = 0;
   TFCELLS_HD T operator()(Index r, Index j) const {
-    return a[r * width + j] * mask[(r / div) % B * width + j];
+    const Index b = (r / div) % B;
+    const T* row = !first                      ? a + r * width
+                   : (r / step) % T_steps == 0 ? first + b * width
+                                               : a + (r - step) * width;
+    return row[j] * mask[b * width + j];
   }
 };
 
@@ -466,6 +478,45 @@ template <typename T>
 MaskedRows<T> MaskedRowsOf(const Dims& d, Index width, const T* a, const T* masks, int g) {
   return {a, masks + g * d.B * width, width, d.time_major ? 1 : d.T, d.B};
 }
+
+// The states entering each step, h_prev, in input-time layout: the training cache's, or where
+// the plan keeps none (CallPlan::HPrevFromY), y a step behind with h0 first. `rows` reads them
+// for one step, `products` as the left operand of dW_h = Σ_t h_prev(t)ᵀ·dG(t).
+template <typename T>
+struct PrevStates {
+  const Dims& d;
+  const T* cache;  // null: read from y and h0
+  const T* y;
+  const T* h0;
+
+  Index Step() const { return d.time_major ? d.B : 1; }  // rows to the entry's previous step
+  template <typename Views>
+  StepMatrix<const T> At(const Views& v, Index t) const {
+    if (cache) return v.At(cache, t, d.H);
+    return t == 0 ? v.Plain(h0, d.H) : v.At(y, t - 1, d.H);
+  }
+  // All rows under gate g's dropout mask (MaskedGemm's left operand).
+  MaskedRows<T> Masked(const T* masks, int g) const {
+    MaskedRows<T> m = MaskedRowsOf(d, d.H, cache ? cache : y, masks, g);
+    if (!cache) m.first = h0, m.step = Step(), m.T_steps = d.T;
+    return m;
+  }
+  // dW (β = 0) = h_prevᵀ·dG for the n columns of dG (ld ld_dg). From y: h0's product with the
+  // first step's rows of dG, then y's rows with dG's rows a step later in one GEMM. Batch-major,
+  // dG's row of batch entry b at t = 0 would then meet y's last step of entry b - 1: those rows
+  // of the n columns are zeroed first (the last read of them).
+  template <typename Backend>
+  void Products(Backend& be, T* dg, Index ld_dg, Index n, T* dw, Index ldw) const {
+    const Index H = d.H, B = d.B, rows = d.Rows();
+    if (cache) return be.Gemm(true, false, H, n, rows, cache, H, dg, ld_dg, T(0), dw, ldw);
+    const Index first_ld = d.time_major ? ld_dg : d.T * ld_dg;  // dG's rows at t = 0
+    be.Gemm(true, false, H, n, B, h0, H, dg, first_ld, T(0), dw, ldw);
+    if (d.T == 1) return;
+    if (!d.time_major)
+      be.ForEach(B - 1, n, ZeroOrCopyPoint<T>{StepMatrix<T>(dg + first_ld, first_ld), {}});
+    be.Gemm(true, false, H, n, rows - Step(), y, H, dg + Step() * ld_dg, ld_dg, T(1), dw, ldw);
+  }
+};
 
 // dst = (or +=) all rows of a sequence buffer scaled by gate g's dropout mask.
 template <typename T, typename Backend>
@@ -637,6 +688,8 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   T* const masked_rows = Carve(a.workspace, layout.masked_rows);
   T* const step_product = Carve(a.workspace, layout.step_product);
   T* const step_dx = Carve(a.workspace, layout.step_dx);
+  // The states entering each step: the cache's, or y's a step behind (the plan says which).
+  const PrevStates<T> prev{d, plan.HPrevFromY() ? nullptr : a.h_prev.data, a.y, in.h0};
   // An absent dy is read as zeros (one row, ld 0), unconditionally, as the forward's bias.
   T* const zero_row = Carve(a.workspace, layout.zero_row);
   be.ForEach(1, H, ZeroOrCopyPoint<T>{Plain(zero_row, H), {}});
@@ -721,7 +774,7 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
     step.aux_prev = Cell::kInfo.cell_state
                         ? (s == 0 ? plain(in.c0, H) : at(a.aux.data, d.InputTime(s - 1), H))
                         : StepMatrix<const T>();
-    if (a.h_prev.size) step.h_prev = at(a.h_prev.data, t, H);  // (else the cell never reads it)
+    if (plan.ReadsHPrev()) step.h_prev = prev.At(v, t);  // (else the cell never reads it)
     step.dy = a.dy ? at(a.dy, s, H) : StepMatrix<const T>(zero_row, 0);
     step.mask = FromRow(MaskAt(sb, in.mask, d, t), b0);
     // db: the cell's pointwise pass adds the shard's units of every gate's gradients to the
@@ -747,7 +800,7 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   if (m & kGradC0) be.ForEach(B, H, CopyPoint<T>{Plain(a.dc0, H), Plain(dc, H)});
   // Gradients of the input-side pre-activations, and of the recurrent-side ones.
   const T* dg_in = dgates_all;
-  const T* dg_rec = info.recurrent_gate_grads ? dgates_rec_all : dgates_all;
+  T* const dg_rec = info.recurrent_gate_grads ? dgates_rec_all : dgates_all;
   if (want_dx) {
     if (!per_step) {  // dx = dG·W_xᵀ over all rows, or Σ_g (dG_g·W_gᵀ) ⊙ mx_g
       if (!in_dropout) {
@@ -774,14 +827,13 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
       be.MaskedGemm(d.I, H, rows, MaskedRowsOf(d, d.I, in.x, in.input_dropout, g), dg_in + g * H,
                     GH, a.dkernel + g * H, GH, masked_rows);
     if (dw_h_by_gate && g < product_gates)
-      be.MaskedGemm(H, H, rows, MaskedRowsOf(d, H, a.h_prev.data, in.recurrent_dropout, g),
-                    dg_rec + g * H, GH, a.drecurrent_kernel + g * H, GH, masked_rows);
+      be.MaskedGemm(H, H, rows, prev.Masked(in.recurrent_dropout, g), dg_rec + g * H, GH,
+                    a.drecurrent_kernel + g * H, GH, masked_rows);
   }
   if (want_dw_x && !dw_x_by_gate)
     be.Gemm(true, false, d.I, GH, rows, in.x, d.I, dg_in, GH, T(0), a.dkernel, GH);
-  if (want_dw_h && !dw_h_by_gate)
-    be.Gemm(true, false, H, product_gates * H, rows, a.h_prev.data, H, dg_rec, GH, T(0),
-            a.drecurrent_kernel, GH);
+  if (want_dw_h && !dw_h_by_gate)  // (after every other read of dG: from y it zeroes rows)
+    prev.Products(be, dg_rec, GH, product_gates * H, a.drecurrent_kernel, GH);
   if (want_dw_h && info.split_candidate)  // the candidate's GEMM took r * h_prev (⊙ mh), in aux
     be.Gemm(true, false, H, H, rows, a.aux.data, H, dg_rec + product_gates * H, GH, T(0),
             a.drecurrent_kernel + product_gates * H, GH);
@@ -907,6 +959,8 @@ void Backward(Backend& be, const BackwardArgs<T, S>& a) {
   detail::RequireBuffers<Backend>(a);
   const CallPlan& plan = *a.plan;
   detail::Require(plan.training(), "a backward pass needs a training call plan");
+  detail::Require(a.y != nullptr || !plan.NeedsY() || plan.dims().Rows() * plan.dims().H == 0,
+                  "the backward pass needs the forward's y (the plan keeps no h_prev cache)");
   detail::Require(plan.options().storage == detail::StorageOf<S>(),
                   "the call plan was made for another storage type");
   detail::RequireSize(a.workspace, plan.backward_layout().total, "the backward workspace");

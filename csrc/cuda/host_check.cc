@@ -243,6 +243,7 @@ Outputs Run(const Problem& p, int grad_mask) {
   a.plan = &plan, a.in = in;
   a.gates = {gates.data(), cs.gates}, a.aux = {aux.data(), cs.aux};
   a.h_prev = {h_prev.data(), cs.h_prev};
+  a.y = y.data();
   a.dy = dy.data(), a.dh_last = dh_last.data(), a.dc_last = dc_last.data();
   std::vector<S> dx(d.T * d.B * d.I, s_nan), dh0(d.B * d.H, s_nan), dc0(d.B * d.H, s_nan);
   std::vector<T> dkernel(d.I * GH, nan), drk(d.H * GH, nan);

@@ -446,11 +446,11 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
               const py::object& rk, const py::object& bias, const py::object& mask,
               const py::object& input_dropout, const py::object& recurrent_dropout,
               const py::object& gates, const py::object& aux, const py::object& h_prev,
-              const py::object& dy, const py::object& dh_last, const py::object& dc_last,
-              const py::object& dx, const py::object& dh0, const py::object& dc0,
-              const py::object& dkernel, const py::object& drk, const py::object& dbias,
-              const py::object& workspace, int grad_mask, bool time_major, bool go_backwards,
-              std::intptr_t stream, bool allow_tf32) {
+              const py::object& y, const py::object& dy, const py::object& dh_last,
+              const py::object& dc_last, const py::object& dx, const py::object& dh0,
+              const py::object& dc0, const py::object& dkernel, const py::object& drk,
+              const py::object& dbias, const py::object& workspace, int grad_mask,
+              bool time_major, bool go_backwards, std::intptr_t stream, bool allow_tf32) {
   CallOptions options;
   options.grad_mask = grad_mask;
   const Inputs<T, S> in =
@@ -468,6 +468,12 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   a.h_prev = SpanOf<const T>(h_prev_a);
   const std::string error = plan.CheckBackwardCache({a.gates.size, a.aux.size, a.h_prev.size});
   if (!error.empty()) throw py::value_error(error);
+  std::optional<DeviceArray> y_a;  // each step's h_prev, where the cache keeps none
+  if (plan.NeedsY()) {
+    y_a = arrays.Storage(y, "y", true);
+    RequireShape(y_a, plan.SequenceShape(plan.dims().H), "(the forward's output sequence)");
+    a.y = y_a->template data<S>();
+  }
 
   const auto dy_a = arrays.Storage(dy, "dy", false);
   RequireShape(dy_a, plan.SequenceShape(plan.dims().H), "(the shape of y)");
@@ -584,12 +590,13 @@ void BackwardAny(const std::string& cell, const py::object& x, const py::object&
                  const py::object& drk, const py::object& dbias, const py::object& workspace,
                  int grad_mask, bool time_major, bool go_backwards, std::intptr_t stream,
                  bool allow_tf32, const py::object& input_dropout,
-                 const py::object& recurrent_dropout, const py::object& storage) {
+                 const py::object& recurrent_dropout, const py::object& storage,
+                 const py::object& y) {
   WithTypes(x, storage, [&](auto types, Arrays& arrays) {
     using Types = decltype(types);
     Backward<typename Types::T, typename Types::S>(
         arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout, recurrent_dropout, gates,
-        aux, h_prev, dy, dh_last, dc_last, dx, dh0, dc0, dkernel, drk, dbias, workspace,
+        aux, h_prev, y, dy, dh_last, dc_last, dx, dh0, dc0, dkernel, drk, dbias, workspace,
         grad_mask, time_major, go_backwards, stream, allow_tf32);
   });
 }
@@ -687,8 +694,11 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
         "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "time_major"_a = false,
         "go_backwards"_a = false, "stream"_a = 0, "allow_tf32"_a = false,
         "input_dropout"_a = none, "recurrent_dropout"_a = none, "storage"_a = none,
+        "y"_a = none,
         "Backward pass: writes the gradients named by grad_mask into the given arrays (the "
-        "forward's dropout masks, if any, passed again). 16-bit storage: dy, dh_last, dc_last, "
+        "forward's dropout masks, if any, passed again, and its output y, from which the "
+        "pass reads each step's h_prev unless the cache has it: go_backwards, 16-bit "
+        "storage). 16-bit storage: dy, dh_last, dc_last, "
         "dx, dh0 and dc0 in it, the weight gradients float32.");
   m.def("forward_sizes", &tfcells::ForwardSizes, "cell"_a, "T"_a, "B"_a, "I"_a, "H"_a,
         "training"_a = true, py::kw_only(), "input_dropout"_a = false,

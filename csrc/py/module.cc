@@ -119,7 +119,8 @@ py::dict Backward(const std::string& cell_name, const Array<T>& x, const Array<T
                   bool time_major, bool go_backwards, const Array<T>& gates,
                   const Array<T>& aux, const Array<T>& h_prev, const std::optional<Array<T>>& dy,
                   const std::optional<Array<T>>& dh_last, const std::optional<Array<T>>& dc_last,
-                  int grad_mask, const std::optional<Array<T>>& input_dropout,
+                  int grad_mask, const std::optional<Array<T>>& y,
+                  const std::optional<Array<T>>& input_dropout,
                   const std::optional<Array<T>>& recurrent_dropout) {
   CallOptions o = Options(cell_name, time_major, go_backwards, bias, mask, input_dropout,
                           recurrent_dropout);
@@ -128,17 +129,19 @@ py::dict Backward(const std::string& cell_name, const Array<T>& x, const Array<T
   const CallPlan plan =
       Plan(o, x, h0, c0, kernel, rk, bias, mask, input_dropout, recurrent_dropout, &a.in);
   a.plan = &plan;
+  const std::vector<Index> y_shape = y ? ShapeOf(*y) : std::vector<Index>{};
   const std::vector<Index> dy_shape = dy ? ShapeOf(*dy) : std::vector<Index>{};
   const std::vector<Index> dh_shape = dh_last ? ShapeOf(*dh_last) : std::vector<Index>{};
   const std::vector<Index> dc_shape = dc_last ? ShapeOf(*dc_last) : std::vector<Index>{};
   const std::string error = plan.CheckBackwardInputs(
       {static_cast<Index>(gates.size()), static_cast<Index>(aux.size()),
        static_cast<Index>(h_prev.size())},
-      dy ? &dy_shape : nullptr, dh_last ? &dh_shape : nullptr, dc_last ? &dc_shape : nullptr);
+      y ? &y_shape : nullptr, dy ? &dy_shape : nullptr, dh_last ? &dh_shape : nullptr, dc_last ? &dc_shape : nullptr);
   if (!error.empty()) throw py::value_error(error);
   a.gates = {gates.data(), static_cast<Index>(gates.size())};
   a.aux = {aux.size() ? aux.data() : nullptr, static_cast<Index>(aux.size())};
   a.h_prev = {h_prev.data(), static_cast<Index>(h_prev.size())};
+  a.y = Ptr(y);
   a.dy = Ptr(dy), a.dh_last = Ptr(dh_last), a.dc_last = Ptr(dc_last);
   py::dict out;
   for (const GradientInfo& g : kGradients) {
@@ -192,7 +195,8 @@ void Bind(py::module_& m) {
         py::arg("time_major"), py::arg("go_backwards"), py::arg("gates"), py::arg("aux"),
         py::arg("h_prev"), py::arg("dy"), py::arg("dh_last"), py::arg("dc_last"),
         py::arg("grad_mask") = static_cast<int>(kGradAll), py::kw_only(),
-        py::arg("input_dropout") = py::none(), py::arg("recurrent_dropout") = py::none());
+        py::arg("y") = py::none(), py::arg("input_dropout") = py::none(),
+        py::arg("recurrent_dropout") = py::none());
 }
 
 }  // namespace

@@ -284,22 +284,24 @@ class RnnGradOp : public RnnOpBase<T, S, Launcher> {
 
     // The forward's training cache, and the incoming gradients (each may be empty: no gradient
     // flows there).
-    const tensorflow::Tensor *gates, *aux, *h_prev, *dy, *dh_last, *dc_last = nullptr;
+    const tensorflow::Tensor *gates, *aux, *h_prev, *y, *dy, *dh_last, *dc_last = nullptr;
     OP_REQUIRES_OK(ctx, ctx->input("gates", &gates));
     OP_REQUIRES_OK(ctx, ctx->input("aux", &aux));
     OP_REQUIRES_OK(ctx, ctx->input("h_prev", &h_prev));
+    OP_REQUIRES_OK(ctx, ctx->input("y", &y));
     OP_REQUIRES_OK(ctx, ctx->input("dy", &dy));
     OP_REQUIRES_OK(ctx, ctx->input("dh_last", &dh_last));
     if (cell_state) OP_REQUIRES_OK(ctx, ctx->input("dc_last", &dc_last));
-    const Shape dy_shape = ShapeOf(*dy), dh_shape = ShapeOf(*dh_last),
+    const Shape y_shape = ShapeOf(*y), dy_shape = ShapeOf(*dy), dh_shape = ShapeOf(*dh_last),
                 dc_shape = dc_last ? ShapeOf(*dc_last) : Shape{};
     const std::string error = plan.CheckBackwardInputs(
-        {gates->NumElements(), aux->NumElements(), h_prev->NumElements()}, &dy_shape, &dh_shape,
-        dc_last ? &dc_shape : nullptr);
+        {gates->NumElements(), aux->NumElements(), h_prev->NumElements()}, &y_shape, &dy_shape,
+        &dh_shape, dc_last ? &dc_shape : nullptr);
     OP_REQUIRES(ctx, error.empty(), tensorflow::errors::InvalidArgument(this->name(), ": ", error));
     a.gates = {DataOrNull<T>(*gates), gates->NumElements()};
     a.aux = {DataOrNull<T>(*aux), aux->NumElements()};
     a.h_prev = {DataOrNull<T>(*h_prev), h_prev->NumElements()};
+    a.y = DataOrNull<S>(*y);
     a.dy = DataOrNull<S>(*dy);
     a.dh_last = DataOrNull<S>(*dh_last);
     a.dc_last = dc_last ? DataOrNull<S>(*dc_last) : nullptr;

@@ -70,9 +70,10 @@ void AddForwardInputs(OpDef& op, const OpFamily& family) {
 }
 
 // The forward op returns the output sequence, the final state(s) and, when `training`, the
-// cache its gradient op reads. `frozen` records the GradBits its caller ruled out, for the
-// Python gradient function to honour; the cache then leaves out what only those would read
-// (the h_prev cache, which without dW_h only the GRUs read).
+// cache its gradient op reads. The h_prev cache is empty where the gradient op reads each
+// step's h_prev from y (CallPlan::HPrevFromY), and where nothing reads it: `frozen` records
+// the GradBits its caller ruled out, for the Python gradient function to honour, and without
+// dW_h only the GRUs read h_prev.
 void RegisterForward(const OpFamily& family) {
   const bool cell_state = Info(family.cell).cell_state;
   OpDef op(family.forward);
@@ -85,13 +86,15 @@ void RegisterForward(const OpFamily& family) {
   op();
 }
 
-// The gradient op produces only the gradients named by `grad_mask` (GradBits, common.h), one
-// output per forward input that can have a gradient (kGradients); the others are empty.
+// The gradient op reads the forward inputs, the forward's cache and its output sequence y, and
+// produces only the gradients named by `grad_mask` (GradBits, common.h), one output per forward
+// input that can have a gradient (kGradients); the others are empty.
 void RegisterGradient(const OpFamily& family) {
   const bool cell_state = Info(family.cell).cell_state;
   OpDef op(family.gradient);
   AddForwardInputs(op, family);
   op.Input("gates: Tcompute").Input("aux: Tcompute").Input("h_prev: Tcompute");
+  op.Input("y: T");  // the forward's output: each step's h_prev where no cache keeps it
   op.Input("dy: T").Input("dh_last: T");
   if (cell_state) op.Input("dc_last: T");
   for (const GradientInfo& g : kGradients)

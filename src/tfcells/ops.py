@@ -246,15 +246,16 @@ def _rnn_grad(op, *output_grads):
         "has_recurrent_dropout")}
     if cell is _GRU:
         attrs["reset_after"] = op.get_attr("reset_after")
-    cache = list(op.outputs[cell.n_outputs:])
+    outputs = op.outputs
     if not op.get_attr("training"):
         # The forward ran without a cache (no tape was recording then): rebuild it.
-        cache = list(cell.op(*inputs, training=True, frozen=op.get_attr("frozen"),
-                             **attrs)[cell.n_outputs:])
+        outputs = cell.op(*inputs, training=True, frozen=op.get_attr("frozen"), **attrs)
+    cache = list(outputs[cell.n_outputs:])
     dtype = inputs[0].dtype
     grads = [g if g is not None else tf.zeros([0], dtype)
              for g in output_grads[:cell.n_outputs]]
-    results = cell.grad_op(*inputs, *cache, *grads, grad_mask=mask, **attrs)
+    # y too: the gradient op reads each step's h_prev from it where the cache keeps none.
+    results = cell.grad_op(*inputs, *cache, outputs[0], *grads, grad_mask=mask, **attrs)
     return [getattr(results, _GRAD_OUTPUTS[name]) if GRAD_BITS.get(name, 0) & mask else None
             for name in cell.inputs]
 

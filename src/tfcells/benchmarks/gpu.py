@@ -246,7 +246,7 @@ class TfcellsCudaStep:
                              **{k: a(t) for k, t in self.grads.values()},
                              workspace=self.backward_workspace, grad_mask=self.grad_mask,
                              stream=self.arrays.stream, allow_tf32=self.allow_tf32,
-                             **self.storage)
+                             y=a(self.outputs["y"]), **self.storage)
 
     def run(self):
         self.forward()
