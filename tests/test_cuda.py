@@ -555,7 +555,7 @@ def test_sizes_helpers_follow_the_call_plan():
 
     plain = forward()
     assert {k: v for k, v in plain.items() if k != "workspace"} == {
-        "gates": 7 * B * 4 * H, "aux": 7 * B * H, "h_prev": 7 * B * H}  # laid out like x
+        "gates": 7 * B * 4 * H, "aux": 7 * B * H, "h_prev": 0}  # laid out like x; h_prev: y's
     assert m.forward_sizes("simple_rnn", 7, B, I, H, False)["aux"] == 0
     with pytest.raises(ValueError, match="cell must be"):
         m.forward_sizes("lstmx", 1, 1, 1, 1)
@@ -605,6 +605,7 @@ def test_gpu_helpers_with_dropout_pass_the_checks_up_to_the_device_query(cell):
     inputs, grads = make_problem(rng, cell, T, B, I, H, np.float32, with_mask=True)
     sizes = cuda_module.forward_sizes(cell, T, B, I, H)
     cache = {k: np.zeros(sizes[k], np.float32) for k in ("gates", "aux", "h_prev")}
+    cache["y"] = np.zeros((B, T, H), np.float32)
 
     def device_query():
         return pytest.raises((RuntimeError, ValueError),
@@ -670,14 +671,17 @@ def test_16bit_dtype_errors_name_the_array_and_the_type_expected():
 @needs_module
 def test_16bit_sizes_add_staging_but_keep_the_cache():
     """A 16-bit call widens its inputs into float32 staging inside the workspace; the training
-    cache is float32 either way."""
+    cache is float32 either way, and keeps h_prev (the backward cannot read it from a rounded
+    y), which a float32 call reads from y."""
     m = cuda_module
-    plain = m.forward_sizes("gru", 7, 3, 5, 4, True)
+    T, B, I, H = 7, 3, 5, 4
+    plain = m.forward_sizes("gru", T, B, I, H, True)
+    assert plain["h_prev"] == 0
     for storage in ("bfloat16", "float16"):
-        sized = m.forward_sizes("gru", 7, 3, 5, 4, True, storage=storage)
+        sized = m.forward_sizes("gru", T, B, I, H, True, storage=storage)
         assert sized["workspace"] > plain["workspace"]
         assert {k: v for k, v in sized.items() if k != "workspace"} == {
-            k: v for k, v in plain.items() if k != "workspace"}
+            **{k: v for k, v in plain.items() if k != "workspace"}, "h_prev": T * B * H}
         assert (m.backward_workspace_size("gru", 7, 3, 5, 4, storage=storage)
                 > m.backward_workspace_size("gru", 7, 3, 5, 4))
     with pytest.raises(ValueError, match="storage must be"):
