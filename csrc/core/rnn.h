@@ -465,13 +465,22 @@ struct MaskedRows {
   // entry's row of `first` (h0). Null: row r of a itself.
   const T* first = nullptr;
   Index step = 0, T_steps = 0;
-  TFCELLS_HD T operator()(Index r, Index j) const {
+
+  struct Row {  // one row: its values and its batch entry's mask row
+    const T* a;
+    const T* mask;
+    TFCELLS_HD T operator()(Index j) const { return a[j] * mask[j]; }
+  };
+  // Row r, for a loop over its elements (found once: inside a simd loop the compiler would
+  // find it again for every element).
+  TFCELLS_HD Row RowAt(Index r) const {
     const Index b = (r / div) % B;
     const T* row = !first                      ? a + r * width
                    : (r / step) % T_steps == 0 ? first + b * width
                                                : a + (r - step) * width;
-    return row[j] * mask[b * width + j];
+    return {row, mask + b * width};
   }
+  TFCELLS_HD T operator()(Index r, Index j) const { return RowAt(r)(j); }
 };
 
 template <typename T>

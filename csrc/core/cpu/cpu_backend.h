@@ -163,8 +163,8 @@ struct CpuBackend {
     (*runner)(tasks, run);
   }
 
-  // C[m, n] = Aᵀ·B for A [k, m] given element by element, a(r, j) (rnn.h's MaskedRows: x or
-  // h_prev under a dropout mask). Written out whole, A would go to memory and come back for the
+  // C[m, n] = Aᵀ·B for A [k, m] given element by element, a(r, j), or row by row, a.RowAt(r)(j)
+  // (rnn.h's MaskedRows: x or h_prev under a dropout mask). Written out whole, A would go to memory and come back for the
   // GEMM; here each task writes its own columns of A (its rows of C) kMaskedChunkRows rows at a
   // time into `scratch` (k * m elements), where the GEMM finds them in cache, and adds up the
   // chunks' products in order (so the sums do not depend on the split). The bfloat16 pair path
@@ -187,8 +187,9 @@ struct CpuBackend {
         const Index rows = std::min(chunk, k - r0);
         for (Index r = 0; r < rows; ++r) {
           T* const out = rows_of_a + r * cols;
+          const auto row = a.RowAt(r0 + r);
 #pragma omp simd
-          for (Index j = 0; j < cols; ++j) out[j] = a(r0 + r, c0 + j);
+          for (Index j = 0; j < cols; ++j) out[j] = row(c0 + j);
         }
         CallingThreadGemm(true, false, cols, n, rows, rows_of_a, cols, b + r0 * ldb, ldb,
                           r0 == 0 ? T(0) : T(1), c + c0 * ldc, ldc);
