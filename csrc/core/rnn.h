@@ -489,8 +489,8 @@ MaskedRows<T> MaskedRowsOf(const Dims& d, Index width, const T* a, const T* mask
 }
 
 // The states entering each step, h_prev, in input-time layout: the training cache's, or where
-// the plan keeps none (CallPlan::HPrevFromY), y a step behind with h0 first. `rows` reads them
-// for one step, `products` as the left operand of dW_h = Σ_t h_prev(t)ᵀ·dG(t).
+// the plan keeps none (CallPlan::HPrevFromY), y a step behind with h0 first. At reads one
+// step's, Masked all of them under a dropout mask, Products multiplies them into dW_h.
 template <typename T>
 struct PrevStates {
   const Dims& d;
@@ -513,7 +513,7 @@ struct PrevStates {
   // dW (β = 0) = h_prevᵀ·dG for the n columns of dG (ld ld_dg). From y: h0's product with the
   // first step's rows of dG, then y's rows with dG's rows a step later in one GEMM. Batch-major,
   // dG's row of batch entry b at t = 0 would then meet y's last step of entry b - 1: those rows
-  // of the n columns are zeroed first (the last read of them).
+  // of the n columns are zeroed first, so this must be their last read.
   template <typename Backend>
   void Products(Backend& be, T* dg, Index ld_dg, Index n, T* dw, Index ldw) const {
     const Index H = d.H, B = d.B, rows = d.Rows();
