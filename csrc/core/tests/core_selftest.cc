@@ -570,6 +570,14 @@ void RunStaged(const Case& cs, unsigned seed,
   const Out ref = run(0.0f, widen(xs), widen(h0s), widen(c0s), widen(dys), widen(dhs),
                       widen(dcs));
   const Out got = run(S{}, xs, h0s, c0s, dys, dhs, dcs);
+  // a within `rel` of b's largest magnitude (at least `floor`).
+  auto near = [](const std::vector<float>& a, const std::vector<float>& b, double rel,
+                 double floor) {
+    double scale = floor, err = 0;
+    for (size_t i = 0; i < b.size(); ++i) scale = std::max(scale, double(std::fabs(b[i])));
+    for (size_t i = 0; i < b.size(); ++i) err = std::max(err, double(std::fabs(a[i] - b[i])));
+    return a.size() == b.size() && err <= rel * scale;
+  };
   if (products == StepProducts::kBFloat16) {
     auto values = [](const std::vector<char>& bytes) {
       std::vector<float> v(bytes.size() / sizeof(S));
@@ -580,15 +588,10 @@ void RunStaged(const Case& cs, unsigned seed,
       }
       return v;
     };
-    auto near = [](const std::vector<float>& a, const std::vector<float>& b) {
-      double scale = 1e-30, err = 0;
-      for (size_t i = 0; i < b.size(); ++i) scale = std::max(scale, double(std::fabs(b[i])));
-      for (size_t i = 0; i < b.size(); ++i) err = std::max(err, double(std::fabs(a[i] - b[i])));
-      return a.size() == b.size() && err <= 3e-2 * std::max(scale, 0.1);
-    };
     for (auto member : {&Out::y, &Out::h, &Out::c, &Out::dx, &Out::dh0, &Out::dc0})
-      EXPECT(near(values(got.*member), values(ref.*member)), cs.name);
-    for (int i = 0; i < 3; ++i) EXPECT(near(got.dweights[i], ref.dweights[i]), cs.name);
+      EXPECT(near(values(got.*member), values(ref.*member), 3e-2, 0.1), cs.name);
+    for (int i = 0; i < 3; ++i)
+      EXPECT(near(got.dweights[i], ref.dweights[i], 3e-2, 0.1), cs.name);
     return;
   }
   EXPECT(got.y == ref.y && got.h == ref.h && (!lstm || got.c == ref.c), cs.name);
@@ -600,12 +603,7 @@ void RunStaged(const Case& cs, unsigned seed,
   for (int i = 0; i < 3; ++i) {
     if (i < 2 || !ref_from_y) EXPECT(got.cache[i] == ref.cache[i], cs.name);
     if (i == 1 && ref_from_y) {
-      double scale = 1e-30, err = 0;
-      const std::vector<float>& a = got.dweights[1];
-      const std::vector<float>& b = ref.dweights[1];
-      for (size_t j = 0; j < b.size(); ++j) scale = std::max(scale, double(std::fabs(b[j])));
-      for (size_t j = 0; j < b.size(); ++j) err = std::max(err, double(std::fabs(a[j] - b[j])));
-      EXPECT(a.size() == b.size() && err <= 1e-5 * scale, cs.name);
+      EXPECT(near(got.dweights[1], ref.dweights[1], 1e-5, 1e-30), cs.name);
     } else {
       EXPECT(got.dweights[i] == ref.dweights[i], cs.name);
     }
