@@ -516,6 +516,23 @@ def test_workspace_must_fit_the_dropout_masks():
 
 
 @needs_module
+@pytest.mark.parametrize("y", [None, "short"])
+def test_missing_y_rejected_by_backward_before_any_launch(y):
+    """A float32 call keeps no h_prev cache: its backward reads h_prev from the forward's y,
+    and refuses a missing or misshapen one with the call plan's message (CheckBackwardY)."""
+    a = _fake_lstm()
+    B, T, H = 2, 3, 5
+    y_arg = None if y is None else FakeDeviceArray((B, T - 1, H))
+    with pytest.raises(ValueError, match=r"y must be the forward op's output sequence, "
+                                         r"of shape \[2, 3, 5\]"):
+        cuda_module.backward("lstm", a["x"], a["h0"], a["c0"], a["kernel"],
+                             a["recurrent_kernel"], a["bias"], None,
+                             FakeDeviceArray((B * T * 4 * H,)), FakeDeviceArray((B * T * H,)),
+                             FakeDeviceArray((0,)), None, None, None,
+                             workspace=a["workspace"], y=y_arg)
+
+
+@needs_module
 def test_bad_dropout_rejected_by_backward_before_any_launch():
     a = _fake_lstm()
     B, T, H = 2, 3, 5

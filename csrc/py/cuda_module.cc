@@ -468,12 +468,10 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   a.h_prev = SpanOf<const T>(h_prev_a);
   const std::string error = plan.CheckBackwardCache({a.gates.size, a.aux.size, a.h_prev.size});
   if (!error.empty()) throw py::value_error(error);
-  std::optional<DeviceArray> y_a;  // each step's h_prev, where the cache keeps none
-  if (plan.NeedsY()) {
-    y_a = arrays.Storage(y, "y", true);
-    RequireShape(y_a, plan.SequenceShape(plan.dims().H), "(the forward's output sequence)");
-    a.y = y_a->template data<S>();
-  }
+  const auto y_a = arrays.Storage(y, "y", false);  // each step's h_prev, where no cache keeps it
+  const std::string y_error = plan.CheckBackwardY(y_a ? &y_a->shape : nullptr);
+  if (!y_error.empty()) throw py::value_error(y_error);
+  if (y_a) a.y = y_a->template data<S>();
 
   const auto dy_a = arrays.Storage(dy, "dy", false);
   RequireShape(dy_a, plan.SequenceShape(plan.dims().H), "(the shape of y)");
