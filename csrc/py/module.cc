@@ -136,7 +136,8 @@ py::dict Backward(const std::string& cell_name, const Array<T>& x, const Array<T
   const std::string error = plan.CheckBackwardInputs(
       {static_cast<Index>(gates.size()), static_cast<Index>(aux.size()),
        static_cast<Index>(h_prev.size())},
-      y ? &y_shape : nullptr, dy ? &dy_shape : nullptr, dh_last ? &dh_shape : nullptr, dc_last ? &dc_shape : nullptr);
+      y ? &y_shape : nullptr, dy ? &dy_shape : nullptr, dh_last ? &dh_shape : nullptr,
+      dc_last ? &dc_shape : nullptr);
   if (!error.empty()) throw py::value_error(error);
   a.gates = {gates.data(), static_cast<Index>(gates.size())};
   a.aux = {aux.size() ? aux.data() : nullptr, static_cast<Index>(aux.size())};

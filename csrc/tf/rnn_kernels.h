@@ -282,8 +282,8 @@ class RnnGradOp : public RnnOpBase<T, S, Launcher> {
     OP_REQUIRES_OK(ctx, this->MakePlan(ctx, &plan, &a.in));
     const bool cell_state = plan.info().cell_state;
 
-    // The forward's training cache, and the incoming gradients (each may be empty: no gradient
-    // flows there).
+    // The forward's training cache and output y (read where no cache keeps h_prev), and the
+    // incoming gradients (each may be empty: no gradient flows there).
     const tensorflow::Tensor *gates, *aux, *h_prev, *y, *dy, *dh_last, *dc_last = nullptr;
     OP_REQUIRES_OK(ctx, ctx->input("gates", &gates));
     OP_REQUIRES_OK(ctx, ctx->input("aux", &aux));

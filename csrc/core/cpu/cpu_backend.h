@@ -164,11 +164,12 @@ struct CpuBackend {
   }
 
   // C[m, n] = Aᵀ·B for A [k, m] given element by element, a(r, j), or row by row, a.RowAt(r)(j)
-  // (rnn.h's MaskedRows: x or h_prev under a dropout mask). Written out whole, A would go to memory and come back for the
-  // GEMM; here each task writes its own columns of A (its rows of C) kMaskedChunkRows rows at a
-  // time into `scratch` (k * m elements), where the GEMM finds them in cache, and adds up the
-  // chunks' products in order (so the sums do not depend on the split). The bfloat16 pair path
-  // takes A whole: PairGemm keeps B packed for the next product by the same B.
+  // (rnn.h's MaskedRows: x or h_prev under a dropout mask). Written out whole, A would go to
+  // memory and come back for the GEMM; here each task writes its own columns of A (its rows of
+  // C) kMaskedChunkRows rows at a time into `scratch` (k * m elements), where the GEMM finds
+  // them in cache, and adds up the chunks' products in order (so the sums do not depend on the
+  // split). The bfloat16 pair path takes A whole: PairGemm keeps B packed for the next product
+  // by the same B.
   template <typename T, typename RowsView>
   void MaskedGemm(Index m, Index n, Index k, const RowsView& a, const T* b, Index ldb, T* c,
                   Index ldc, T* scratch) {
