@@ -718,8 +718,10 @@ def test_dropout_values_and_gradients_float64(cell, kind, layout):
 
 
 # With more rows (T*B) than the CPU's masked weight-gradient GEMM writes out at a time
-# (cpu_tuning::kMaskedChunkRows = 1024), the last chunk partial, and H split between tasks.
-DROPOUT_PARALLEL_SHAPES = {**PARALLEL_SHAPES, "masked_chunks": (48, 23, 20, 72)}
+# (cpu_tuning::kMaskedChunkRows = 1024), the last chunk partial, and H split between tasks;
+# and with enough rows (2304) for it to sum them in two parts (cpu_tuning::kMaskedRowParts).
+DROPOUT_PARALLEL_SHAPES = {**PARALLEL_SHAPES, "masked_chunks": (48, 23, 20, 72),
+                           "masked_row_parts": (48, 48, 20, 72)}
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)

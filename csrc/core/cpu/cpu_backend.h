@@ -165,11 +165,14 @@ struct CpuBackend {
 
   // C[m, n] = Aᵀ·B for A [k, m] given element by element, a(r, j), or row by row, a.RowAt(r)(j)
   // (rnn.h's MaskedRows: x or h_prev under a dropout mask). Written out whole, A would go to
-  // memory and come back for the GEMM; here each task writes its own columns of A (its rows of
-  // C) kMaskedChunkRows rows at a time into `scratch` (k * m elements), where the GEMM finds
-  // them in cache, and adds up the chunks' products in order (so the sums do not depend on the
-  // split). The bfloat16 pair path takes A whole: PairGemm keeps B packed for the next product
-  // by the same B.
+  // memory and come back for the GEMM; here each task writes its share of A kMaskedChunkRows
+  // rows at a time into `scratch` (k * m elements), where the GEMM finds them in cache, and adds
+  // up the chunks' products in order. Where scratch has room, the rows are summed in
+  // kMaskedRowParts parts, the first into C and the others into partial sums added to it
+  // after, so that a task masks and packs only its part's rows of A and B (with C's rows split
+  // between tasks instead, every task packed all of B's rows again). The parts depend on the
+  // shape alone, so the sums do not depend on the number of tasks. The bfloat16 pair path
+  // takes A whole: PairGemm keeps B packed for the next product by the same B.
   template <typename T, typename RowsView>
   void MaskedGemm(Index m, Index n, Index k, const RowsView& a, const T* b, Index ldb, T* c,
                   Index ldc, T* scratch) {
@@ -178,26 +181,45 @@ struct CpuBackend {
       ForEach(k, m, StoreViewPoint<T, RowsView>{Plain(scratch, m), a});
       return Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
     }
-    const Index chunk = std::min(cpu_tuning::kMaskedChunkRows, k);
-    int tasks = GemmTasks(2.0 * m * n * k, max_tasks);
-    const Index block = AlignedBlocks(m, cpu_tuning::kSplitColAlign, &tasks);
+    Index parts = cpu_tuning::kMaskedRowParts, part_rows = (k + parts - 1) / parts;
+    Index chunk = std::min(cpu_tuning::kMaskedChunkRows, part_rows);
+    if (parts * chunk + (parts - 1) * n > k)  // scratch: every part's chunk and partial sums
+      parts = 1, part_rows = k, chunk = std::min(cpu_tuning::kMaskedChunkRows, k);
+    T* const partials = scratch + parts * chunk * m;  // parts 1.. : [m, n] each
+    const int gemm_tasks = GemmTasks(2.0 * m * n * k, max_tasks);
+    int col_tasks = (gemm_tasks + int(parts) - 1) / int(parts);
+    const Index block = AlignedBlocks(m, cpu_tuning::kSplitColAlign, &col_tasks);
     auto run = [&](int task) {
-      const Index c0 = task * block, cols = std::min(block, m - c0);
-      T* const rows_of_a = scratch + c0 * chunk;  // [chunk, cols], disjoint from other tasks'
-      for (Index r0 = 0; r0 < k; r0 += chunk) {
-        const Index rows = std::min(chunk, k - r0);
+      const Index part = task / col_tasks, c0 = task % col_tasks * block;
+      const Index cols = std::min(block, m - c0);
+      const Index begin = part * part_rows, end = std::min(k, begin + part_rows);
+      T* const out = part == 0 ? c + c0 * ldc : partials + ((part - 1) * m + c0) * n;
+      const Index ld_out = part == 0 ? ldc : n;
+      T* const rows_of_a = scratch + (part * m + c0) * chunk;  // [chunk, cols], this task's
+      for (Index r0 = begin; r0 < end; r0 += chunk) {
+        const Index rows = std::min(chunk, end - r0);
         for (Index r = 0; r < rows; ++r) {
-          T* const out = rows_of_a + r * cols;
+          T* const dst = rows_of_a + r * cols;
           const auto row = a.RowAt(r0 + r);
 #pragma omp simd
-          for (Index j = 0; j < cols; ++j) out[j] = row(c0 + j);
+          for (Index j = 0; j < cols; ++j) dst[j] = row(c0 + j);
         }
         CallingThreadGemm(true, false, cols, n, rows, rows_of_a, cols, b + r0 * ldb, ldb,
-                          r0 == 0 ? T(0) : T(1), c + c0 * ldc, ldc);
+                          r0 == begin ? T(0) : T(1), out, ld_out);
       }
     };
-    if (tasks <= 1) return run(0);
-    (*runner)(tasks, run);
+    const int tasks = col_tasks * static_cast<int>(parts);
+    if (gemm_tasks > 1 && tasks > 1)
+      (*runner)(tasks, run);
+    else
+      for (int task = 0; task < tasks; ++task) run(task);
+    for (Index part = 1; part < parts; ++part)
+      for (Index i = 0; i < m; ++i) {
+        const T* const sum = partials + ((part - 1) * m + i) * n;
+        T* const row = c + i * ldc;
+#pragma omp simd
+        for (Index j = 0; j < n; ++j) row[j] += sum[j];
+      }
   }
 
   // A shard's scratch: a part's own, from `offset` elements on, or the plan's.
