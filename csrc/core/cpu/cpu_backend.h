@@ -181,10 +181,13 @@ struct CpuBackend {
       ForEach(k, m, StoreViewPoint<T, RowsView>{Plain(scratch, m), a});
       return Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
     }
-    Index parts = cpu_tuning::kMaskedRowParts, part_rows = (k + parts - 1) / parts;
-    Index chunk = std::min(cpu_tuning::kMaskedChunkRows, part_rows);
-    if (parts * chunk + (parts - 1) * n > k)  // scratch: every part's chunk and partial sums
-      parts = 1, part_rows = k, chunk = std::min(cpu_tuning::kMaskedChunkRows, k);
+    auto chunk_of = [&](Index parts) {
+      return std::min(cpu_tuning::kMaskedChunkRows, (k + parts - 1) / parts);
+    };
+    // Scratch holds every part's chunk and the partial sums, or the rows are summed whole.
+    constexpr Index kParts = cpu_tuning::kMaskedRowParts;
+    const Index parts = kParts * chunk_of(kParts) + (kParts - 1) * n <= k ? kParts : 1;
+    const Index part_rows = (k + parts - 1) / parts, chunk = chunk_of(parts);
     T* const partials = scratch + parts * chunk * m;  // parts 1.. : [m, n] each
     const int gemm_tasks = GemmTasks(2.0 * m * n * k, max_tasks);
     int col_tasks = (gemm_tasks + int(parts) - 1) / int(parts);
@@ -214,12 +217,8 @@ struct CpuBackend {
     else
       for (int task = 0; task < tasks; ++task) run(task);
     for (Index part = 1; part < parts; ++part)
-      for (Index i = 0; i < m; ++i) {
-        const T* const sum = partials + ((part - 1) * m + i) * n;
-        T* const row = c + i * ldc;
-#pragma omp simd
-        for (Index j = 0; j < n; ++j) row[j] += sum[j];
-      }
+      ForEach(m, n, StoreViewPoint<T, StepMatrix<const T>>{
+                        {c, ldc}, Plain<const T>(partials + (part - 1) * m * n, n), true});
   }
 
   // A shard's scratch: a part's own, from `offset` elements on, or the plan's.
