@@ -717,9 +717,9 @@ def test_dropout_values_and_gradients_float64(cell, kind, layout):
                             dropout=make_dropout(cell, B, I, H, kind, seed=21))
 
 
-# With more rows (T*B) than the CPU's masked weight-gradient GEMM writes out at a time
-# (cpu_tuning::kMaskedChunkRows = 1024), the last chunk partial, and H split between tasks;
-# and with enough rows (2304) for it to sum them in two parts (cpu_tuning::kMaskedRowParts).
+# With more rows (T*B) than the CPU's masked weight-gradient products pack at a time
+# (cpu_tuning::kMaskedChunkRows = 128), the last chunk partial, H = 72 a partial panel;
+# with 1104 rows summed whole, with 2304 in two parts (cpu_tuning::kMaskedRowParts).
 DROPOUT_PARALLEL_SHAPES = {**PARALLEL_SHAPES, "masked_chunks": (48, 23, 20, 72),
                            "masked_row_parts": (48, 48, 20, 72)}
 

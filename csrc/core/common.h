@@ -142,6 +142,35 @@ struct StoreViewPoint {
   }
 };
 
+// One operand's dropout weight gradients, gate by gate (Backend::MaskedGemms): for g < gates,
+// C[:, g·n, (g+1)·n) = A_gᵀ·B[:, g·n, (g+1)·n) over k rows, where rows(g) gives A_g [k, m] row by
+// row (rnn.h's MaskedRows: x or h_prev under gate g's mask).
+template <typename T, typename RowsOf>
+struct MaskedProducts {
+  Index m = 0;
+  int gates = 0;  // 0: not wanted
+  RowsOf rows;
+  const T* b = nullptr;
+  Index ldb = 0;
+  T* c = nullptr;
+  Index ldc = 0;
+};
+
+// MaskedGemms as a backend without its own runs it: a gate at a time, x's product and then
+// h_prev's, each through the backend's MaskedGemm (which writes A_g out whole into `scratch`,
+// then multiplies). The two products of a gate follow each other, so that a backend may prepare
+// B's gate columns once for both (the CPU's bfloat16 pair path keeps them packed).
+template <typename Backend, typename T, typename XRows, typename HRows>
+void MaskedGemmsByGate(Backend& be, Index n, Index k, const MaskedProducts<T, XRows>& x,
+                       const MaskedProducts<T, HRows>& h, T* scratch) {
+  for (int g = 0; g < x.gates || g < h.gates; ++g) {
+    if (g < x.gates)
+      be.MaskedGemm(x.m, n, k, x.rows(g), x.b + g * n, x.ldb, x.c + g * n, x.ldc, scratch);
+    if (g < h.gates)
+      be.MaskedGemm(h.m, n, k, h.rows(g), h.b + g * n, h.ldb, h.c + g * n, h.ldc, scratch);
+  }
+}
+
 template <typename T>
 TFCELLS_HD StepMatrix<T> AtStep(T* seq, const Dims& d, Index t, Index width) {
   if (seq == nullptr) return {nullptr, 0};

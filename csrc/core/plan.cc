@@ -238,8 +238,8 @@ void CallPlan::Layout() {
   backward_.dc = c.Take(info_.cell_state ? B * H : 0);
   backward_.d_reset = c.Take(info_.split_candidate ? B * H : 0);
   // Dropout: x or the h_prev cache under one gate's mask for the weight GEMMs (the backend's
-  // MaskedGemm writes it out whole, or a chunk at a time), or one gate's share of dx over all
-  // rows.
+  // MaskedGemms writes it out whole, or packs a chunk at a time there), or one gate's share of
+  // dx over all rows.
   const bool masked_x = in_dropout && ((m & kGradKernel) || (!per_step && (m & kGradX)));
   const bool masked_h = rec_dropout && (m & kGradRecurrentKernel);
   backward_.masked_rows = c.Take(rows * std::max(masked_x ? d.I : 0, masked_h ? H : 0));

@@ -454,7 +454,7 @@ struct ShardViews {
 // Row r of a sequence buffer A [rows, width] scaled by gate g's dropout mask, element by element:
 // row r belongs to batch entry (r / div) % B (div = T batch-major, 1 time-major). The left
 // operand of a dropout weight gradient, dW[:, g] = (A ⊙ mask_g)ᵀ·dG_g, which the backend's
-// MaskedGemm writes out where its GEMM reads it; MaskRows writes it out whole.
+// MaskedGemms packs where its products read it; MaskRows writes it out whole.
 template <typename T>
 struct MaskedRows {
   const T* a;
@@ -826,18 +826,20 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
     CountWork(kGradXWork);
   }
   // The weight gradients. With dropout, gate g's columns multiply its masked rows,
-  // dW_x[:, g] = (x ⊙ mx_g)ᵀ·dG_g and dW_h[:, g] = (h_prev ⊙ mh_g)ᵀ·dG_g, a gate at a time: the
-  // two products of a gate follow each other, so a backend may prepare dG_g once for both (the
-  // CPU's bfloat16 pair path packs it), as it does dG for the two whole products.
+  // dW_x[:, g] = (x ⊙ mx_g)ᵀ·dG_g and dW_h[:, g] = (h_prev ⊙ mh_g)ᵀ·dG_g, all in one call, so
+  // that a backend may read each row of x, h_prev and dG once for every gate and both products.
   const bool want_dw_x = m & kGradKernel, want_dw_h = m & kGradRecurrentKernel;
   const bool dw_x_by_gate = want_dw_x && in_dropout, dw_h_by_gate = want_dw_h && rec_dropout;
-  for (int g = 0; g < G && (dw_x_by_gate || dw_h_by_gate); ++g) {
-    if (dw_x_by_gate)
-      be.MaskedGemm(d.I, H, rows, MaskedRowsOf(d, d.I, in.x, in.input_dropout, g), dg_in + g * H,
-                    GH, a.dkernel + g * H, GH, masked_rows);
-    if (dw_h_by_gate && g < product_gates)
-      be.MaskedGemm(H, H, rows, prev.Masked(in.recurrent_dropout, g), dg_rec + g * H, GH,
-                    a.drecurrent_kernel + g * H, GH, masked_rows);
+  if (dw_x_by_gate || dw_h_by_gate) {
+    auto x_rows = [&](int g) { return MaskedRowsOf(d, d.I, in.x, in.input_dropout, g); };
+    auto h_rows = [&](int g) { return prev.Masked(in.recurrent_dropout, g); };
+    be.MaskedGemms(H, rows,
+                   MaskedProducts<T, decltype(x_rows)>{d.I, dw_x_by_gate ? G : 0, x_rows, dg_in,
+                                                       GH, a.dkernel, GH},
+                   MaskedProducts<T, decltype(h_rows)>{H, dw_h_by_gate ? product_gates : 0,
+                                                       h_rows, dg_rec, GH,
+                                                       a.drecurrent_kernel, GH},
+                   masked_rows);
   }
   if (want_dw_x && !dw_x_by_gate)
     be.Gemm(true, false, d.I, GH, rows, in.x, d.I, dg_in, GH, T(0), a.dkernel, GH);

@@ -137,6 +137,11 @@ class CudaBackend : public InPlaceStepOperands<CudaBackend> {
     ForEach(k, m, StoreViewPoint<T, RowsView>{StepMatrix<T>(scratch, m), a});
     Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
   }
+  template <typename T, typename XRows, typename HRows>
+  void MaskedGemms(Index n, Index k, const MaskedProducts<T, XRows>& x,
+                   const MaskedProducts<T, HRows>& h, T* scratch) {
+    MaskedGemmsByGate(*this, n, k, x, h, scratch);
+  }
 
   // (The time loop: one shard, InPlaceStepOperands::ForShards; the GPU parallelises inside
   // each step.)

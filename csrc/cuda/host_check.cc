@@ -75,6 +75,11 @@ struct HostParts : InPlaceStepOperands<Backend> {
     ForEach(k, m, StoreViewPoint<T, RowsView>{StepMatrix<T>(scratch, m), a});
     static_cast<Backend&>(*this).Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
   }
+  template <typename T, typename XRows, typename HRows>
+  void MaskedGemms(Index n, Index k, const MaskedProducts<T, XRows>& x,
+                   const MaskedProducts<T, HRows>& h, T* scratch) {
+    MaskedGemmsByGate(static_cast<Backend&>(*this), n, k, x, h, scratch);
+  }
 };
 
 // The reference: row-major, as the driver means it, with either input projection.

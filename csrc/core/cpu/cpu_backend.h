@@ -163,62 +163,136 @@ struct CpuBackend {
     (*runner)(tasks, run);
   }
 
-  // C[m, n] = Aᵀ·B for A [k, m] given element by element, a(r, j), or row by row, a.RowAt(r)(j)
-  // (rnn.h's MaskedRows: x or h_prev under a dropout mask). Written out whole, A would go to
-  // memory and come back for the GEMM; here each task writes its share of A kMaskedChunkRows
-  // rows at a time into `scratch` (k * m elements), where the GEMM finds them in cache, and adds
-  // up the chunks' products in order. Where scratch has room, the rows are summed in
-  // kMaskedRowParts parts, the first into C and the others into partial sums added to it
-  // after, so that a task masks and packs only its part's rows of A and B (with C's rows split
-  // between tasks instead, every task packed all of B's rows again). The parts depend on the
-  // shape alone, so the sums do not depend on the number of tasks. The bfloat16 pair path
-  // takes A whole: PairGemm keeps B packed for the next product by the same B.
+  // C[m, n] = Aᵀ·B for A [k, m] given row by row (MaskedRows): written out whole into
+  // `scratch` (k * m elements), then one Gemm (MaskedGemms' fallback).
   template <typename T, typename RowsView>
   void MaskedGemm(Index m, Index n, Index k, const RowsView& a, const T* b, Index ldb, T* c,
                   Index ldc, T* scratch) {
-    if (m == 0 || n == 0) return;
-    if (bf16_gemms || k == 0) {
-      ForEach(k, m, StoreViewPoint<T, RowsView>{Plain(scratch, m), a});
-      return Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
-    }
-    auto chunk_of = [&](Index parts) {
-      return std::min(cpu_tuning::kMaskedChunkRows, (k + parts - 1) / parts);
+    ForEach(k, m, StoreViewPoint<T, RowsView>{Plain(scratch, m), a});
+    Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
+  }
+
+  // The dropout weight gradients of x and h_prev, every gate (MaskedProducts: common.h).
+  // Written out whole, each masked operand would go to memory and come back for a BLAS GEMM,
+  // which packs it (and B) once more, and every gate would read x, h_prev and B's rows from
+  // memory again. Here each task takes kMaskedChunkRows rows at a time and, gate by gate, packs
+  // B's gate columns (once for both products where they share B) and each product's masked
+  // rows into `scratch` (at least k * m elements of the larger m) in the layout
+  // step_gemm::ChunkProduct multiplies, and adds up the chunks' products in order: each row is
+  // read from memory once, the gates after the first find it in L2. The rows are summed in
+  // kMaskedRowParts parts, the first into C and the others into partial sums added to it after,
+  // so that each task packs only its part's rows (with C's rows split between tasks instead,
+  // every task packs all of B again); C's rows are split as well only where there are more tasks
+  // than parts. The parts depend on the shape alone, so the sums do not depend on the number of
+  // tasks. Where scratch has no room for that, and on the bfloat16 pair path (PairGemm keeps B
+  // packed for the next product by the same B), each product runs through MaskedGemm.
+  template <typename T, typename XRows, typename HRows>
+  void MaskedGemms(Index n, Index k, const MaskedProducts<T, XRows>& x,
+                   const MaskedProducts<T, HRows>& h, T* scratch) {
+    constexpr Index kRows = step_gemm::kChunkRows, kCols = step_gemm::kChunkCols<T>;
+    const Index mx = x.gates ? x.m : 0, mh = h.gates ? h.m : 0;
+    const Index x_sums = mx * x.gates * n, h_sums = mh * h.gates * n;  // C's elements
+    if (n == 0 || x_sums + h_sums == 0) return;
+    const int gemm_tasks = GemmTasks(2.0 * k * (x_sums + h_sums), max_tasks);
+    struct Split {  // rows summed in `parts` parts, C's rows in col_tasks blocks
+      Index parts, part_rows, chunk, block_x, block_h, a_size, task_size;
+      int col_tasks;
     };
-    // Scratch holds every part's chunk and the partial sums, or the rows are summed whole.
-    constexpr Index kParts = cpu_tuning::kMaskedRowParts;
-    const Index parts = kParts * chunk_of(kParts) + (kParts - 1) * n <= k ? kParts : 1;
-    const Index part_rows = (k + parts - 1) / parts, chunk = chunk_of(parts);
-    T* const partials = scratch + parts * chunk * m;  // parts 1.. : [m, n] each
-    const int gemm_tasks = GemmTasks(2.0 * m * n * k, max_tasks);
-    int col_tasks = (gemm_tasks + int(parts) - 1) / int(parts);
-    const Index block = AlignedBlocks(m, cpu_tuning::kSplitColAlign, &col_tasks);
+    auto split_in = [&](Index parts) {
+      Split sp;
+      sp.parts = parts, sp.part_rows = (k + parts - 1) / parts;
+      sp.chunk = std::min(cpu_tuning::kMaskedChunkRows, sp.part_rows);
+      const int wanted = (gemm_tasks + int(parts) - 1) / int(parts);
+      int tasks_x = wanted, tasks_h = wanted;
+      sp.block_x = AlignedBlocks(std::max<Index>(mx, 1), kRows, &tasks_x);
+      sp.block_h = AlignedBlocks(std::max<Index>(mh, 1), kRows, &tasks_h);
+      sp.col_tasks = std::max(tasks_x, tasks_h);
+      const Index a_rows = (std::max(sp.block_x, sp.block_h) + kRows - 1) / kRows * kRows;
+      sp.a_size = a_rows * sp.chunk;                                     // A's blocks
+      sp.task_size = sp.a_size + (n + kCols - 1) / kCols * kCols * sp.chunk;  // and B's panels
+      return sp;
+    };
+    auto size = [&](const Split& sp) {  // every task's packed chunks, then the partial sums
+      return sp.parts * sp.col_tasks * sp.task_size + (sp.parts - 1) * (x_sums + h_sums);
+    };
+    const Index room = k * std::max(mx, mh);
+    Split sp = split_in(cpu_tuning::kMaskedRowParts);
+    if (size(sp) > room) sp = split_in(1);
+    if (bf16_gemms || k == 0 || size(sp) > room)
+      return MaskedGemmsByGate(*this, n, k, x, h, scratch);
+    T* const partials_x = scratch + sp.parts * sp.col_tasks * sp.task_size;  // parts 1..
+    T* const partials_h = partials_x + (sp.parts - 1) * x_sums;
     auto run = [&](int task) {
-      const Index part = task / col_tasks, c0 = task % col_tasks * block;
-      const Index cols = std::min(block, m - c0);
-      const Index begin = part * part_rows, end = std::min(k, begin + part_rows);
-      T* const out = part == 0 ? c + c0 * ldc : partials + ((part - 1) * m + c0) * n;
-      const Index ld_out = part == 0 ? ldc : n;
-      T* const rows_of_a = scratch + (part * m + c0) * chunk;  // [chunk, cols], this task's
-      for (Index r0 = begin; r0 < end; r0 += chunk) {
-        const Index rows = std::min(chunk, end - r0);
+      const Index part = task / sp.col_tasks, column_task = task % sp.col_tasks;
+      const Index begin = part * sp.part_rows, end = std::min(k, begin + sp.part_rows);
+      T* const a_blocks = scratch + task * sp.task_size;  // this task's
+      T* const b_panels = a_blocks + sp.a_size;
+      const Index whole_panels = n / kCols * kCols;
+      // Packs rows [r0, r0 + rows) of B's gate g columns into panels (zero past n).
+      auto pack_b = [&](const T* b, Index ldb, Index r0, Index rows) {
         for (Index r = 0; r < rows; ++r) {
-          T* const dst = rows_of_a + r * cols;
-          const auto row = a.RowAt(r0 + r);
+          const T* const b_row = b + (r0 + r) * ldb;
+          T* const dst = b_panels + r * kCols;  // panel j / kCols at dst + j * chunk
+          for (Index j = 0; j < whole_panels; j += kCols) {
 #pragma omp simd
-          for (Index j = 0; j < cols; ++j) dst[j] = row(c0 + j);
+            for (Index v = 0; v < kCols; ++v) dst[j * sp.chunk + v] = b_row[j + v];
+          }
+          for (Index v = 0; whole_panels < n && v < kCols; ++v)
+            dst[whole_panels * sp.chunk + v] =
+                whole_panels + v < n ? b_row[whole_panels + v] : T(0);
         }
-        CallingThreadGemm(true, false, cols, n, rows, rows_of_a, cols, b + r0 * ldb, ldb,
-                          r0 == begin ? T(0) : T(1), out, ld_out);
+      };
+      // Packs columns [c0, c0 + cols) of the rows [r0, r0 + rows) of A = rows_of_a into
+      // k-major blocks of kRows columns, and adds their product with the packed B to `out`.
+      auto product = [&](const auto& rows_of_a, Index c0, Index cols, Index r0, Index rows,
+                         T* out, Index ld_out) {
+        const Index whole_blocks = cols / kRows * kRows;
+        for (Index r = 0; r < rows; ++r) {
+          const auto row = rows_of_a.RowAt(r0 + r);
+          T* const dst = a_blocks + r * kRows;  // block i / kRows at dst + i * chunk
+          for (Index i = 0; i < whole_blocks; i += kRows) {
+#pragma omp simd
+            for (Index j = 0; j < kRows; ++j) dst[i * sp.chunk + j] = row(c0 + i + j);
+          }
+          for (Index j = whole_blocks; j < cols; ++j)
+            dst[whole_blocks * sp.chunk + j - whole_blocks] = row(c0 + j);
+        }
+        step_gemm::ChunkProduct(cols, n, rows, a_blocks, kRows * sp.chunk, b_panels,
+                                kCols * sp.chunk, r0 == begin ? T(0) : T(1), out, ld_out);
+      };
+      for (Index r0 = begin; r0 < end; r0 += sp.chunk) {
+        const Index rows = std::min(sp.chunk, end - r0);
+        for (int g = 0; g < x.gates || g < h.gates; ++g) {
+          const T* packed = nullptr;  // whose gate g columns b_panels holds
+          auto each = [&](const auto& p, Index block, T* partials) {
+            const Index c0 = column_task * block;
+            if (g >= p.gates || c0 >= p.m) return;
+            const T* const b = p.b + g * n;
+            if (packed != b) pack_b(b, p.ldb, r0, rows), packed = b;
+            T* const out = part == 0 ? p.c + c0 * p.ldc : partials + ((part - 1) * p.m + c0) *
+                                                                         p.gates * n;
+            product(p.rows(g), c0, std::min(block, p.m - c0), r0, rows, out + g * n,
+                    part == 0 ? p.ldc : p.gates * n);
+          };
+          each(x, sp.block_x, partials_x);
+          each(h, sp.block_h, partials_h);
+        }
       }
     };
-    const int tasks = col_tasks * static_cast<int>(parts);
+    const int tasks = sp.col_tasks * static_cast<int>(sp.parts);
     if (gemm_tasks > 1 && tasks > 1)
       (*runner)(tasks, run);
     else
       for (int task = 0; task < tasks; ++task) run(task);
-    for (Index part = 1; part < parts; ++part)
-      ForEach(m, n, StoreViewPoint<T, StepMatrix<const T>>{
-                        {c, ldc}, Plain<const T>(partials + (part - 1) * m * n, n), true});
+    auto add_partials = [&](const auto& p, const T* partials) {
+      const Index width = p.gates * n;
+      for (Index part = 1; part < sp.parts && width > 0; ++part)
+        ForEach(p.m, width, StoreViewPoint<T, StepMatrix<const T>>{
+                                {p.c, p.ldc}, Plain<const T>(partials + (part - 1) * p.m * width,
+                                                             width), true});
+    };
+    add_partials(x, partials_x);
+    add_partials(h, partials_h);
   }
 
   // A shard's scratch: a part's own, from `offset` elements on, or the plan's.

@@ -46,13 +46,15 @@ constexpr double kMinParallelGemmFlops = 4e6;
 // Split a large BLAS GEMM on multiples of these (rows of C / columns of C), so every piece
 // keeps whole register blocks of the BLAS kernel.
 constexpr Index kSplitRowAlign = 8, kSplitColAlign = 16;
-// Rows of the masked operand of a dropout weight gradient that a task writes out at a time, and
-// its GEMM then multiplies (CpuBackend::MaskedGemm): 1024 x 128 floats, 512 KiB, stay in L2.
-constexpr Index kMaskedChunkRows = 1024;
+// Rows of a dropout weight gradient's operands that a task packs at a time, and then multiplies
+// (CpuBackend::MaskedGemm, step_gemm::ChunkProduct): a panel of 128 rows (16 KiB float32) stays
+// in L1 beside the blocks of A streaming past it, Zen 4's 32 KiB L1 included.
+constexpr Index kMaskedChunkRows = 128;
 // And the parts its rows are summed in (each into its own sums, added up after): two, so that
-// two cores each mask and pack only their own rows. OpenBLAS on the Intel Xeon (k = 6400 rows,
-// m = n = 256, one core): every row of 128 of C's rows 146 GFLOP/s, half the rows of all 256
-// 166 (C's rows split across two tasks, each packed all of B again).
+// two cores each mask and pack only their own rows. Measured with OpenBLAS on the Intel Xeon
+// (k = 6400 rows, m = n = 256, one core), before the products were tfcells' own: every row of
+// 128 of C's rows 146 GFLOP/s, half the rows of all 256 166 (C's rows split across two tasks,
+// each packed all of B again).
 constexpr Index kMaskedRowParts = 2;
 // Column sums split on multiples of this many columns: whole cache lines per task.
 constexpr Index kColumnSumAlign = 16;

@@ -71,8 +71,10 @@ template <typename T, int ROWS, int VECS>
   }
 }
 
-// C[ROWS, cols] = A[ROWS, k] · panel[k, VECS * lanes] + βC, for cols <= VECS * lanes.
-template <typename T, int ROWS, int VECS>
+// C[ROWS, cols] = A[ROWS, k] · panel[k, VECS * lanes] + βC, for cols <= VECS * lanes. A's
+// rows are `lda` elements apart, or with K_MAJOR its k columns are (a packed block of rows:
+// ChunkProduct).
+template <typename T, int ROWS, int VECS, bool K_MAJOR = false>
 void MicroKernel(Index k, const T* a, Index lda, const T* panel, T beta, T* c, Index ldc,
                  Index cols) {
   using V = typename Vector<T>::type;
@@ -85,7 +87,7 @@ void MicroKernel(Index k, const T* a, Index lda, const T* panel, T beta, T* c, I
     for (int v = 0; v < VECS; ++v) b[v] = Load(panel + kk * P + v * L);
 #pragma GCC unroll 16
     for (int r = 0; r < ROWS; ++r) {
-      const T a_rk = a[r * lda + kk];
+      const T a_rk = K_MAJOR ? a[kk * lda + r] : a[r * lda + kk];
       for (int v = 0; v < VECS; ++v) acc[r][v] += a_rk * b[v];
     }
   }
@@ -378,6 +380,31 @@ void WithRows(Index rows, const F& f) {
     if (rows < MAX_ROWS) return WithRows<MAX_ROWS - 1>(rows, f);
   }
   f(std::integral_constant<int, MAX_ROWS>{});
+}
+
+// A chunk of a weight gradient's rows, both operands packed by the caller
+// (CpuBackend::MaskedGemm): C[m, n] = Aᵀ·B + βC over k rows, with Aᵀ's rows in blocks of
+// kChunkRows, each k-major ([k][kChunkRows], `a_stride` elements from one block to the next),
+// and B in panels of kChunkCols columns ([k][kChunkCols], `b_stride` apart, zero past n). A
+// panel (k = 128 rows: 16 KiB in float32) stays in L1 while every block of A streams past it.
+// Each element of C is one chain over the chunk's rows in order, then βC added.
+inline constexpr int kChunkRows = cpu_tuning::kStepRows;
+template <typename T>
+inline constexpr Index kChunkCols = cpu_tuning::kStepPanelVectors * kLanes<T>;
+template <typename T>
+void ChunkProduct(Index m, Index n, Index k, const T* a_blocks, Index a_stride,
+                  const T* b_panels, Index b_stride, T beta, T* c, Index ldc) {
+  constexpr Index P = kChunkCols<T>;
+  for (Index j = 0; j < n; j += P) {
+    const T* panel = b_panels + j / P * b_stride;
+    for (Index i = 0; i < m; i += kChunkRows) {
+      WithRows<kChunkRows>(std::min<Index>(kChunkRows, m - i), [&](auto r) {
+        MicroKernel<T, decltype(r)::value, cpu_tuning::kStepPanelVectors, true>(
+            k, a_blocks + i / kChunkRows * a_stride, kChunkRows, panel, beta, c + i * ldc + j,
+            ldc, std::min(P, n - j));
+      });
+    }
+  }
 }
 
 }  // namespace step_gemm

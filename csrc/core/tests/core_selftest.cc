@@ -886,12 +886,13 @@ int main(int argc, char** argv) {
             RunParallel(cs, seed++, static_cast<int>(s[4]), runner);
             ++cases;
           }
-    // Dropout weight gradients over more rows than CpuBackend::MaskedGemm writes out at a
-    // time (kMaskedChunkRows): chunks added up, the last one partial; in parallel with the
-    // columns split between tasks (H = 48: three blocks of 16); and over enough rows to be
-    // summed in kMaskedRowParts parts (2300 rows: two parts of two chunks, 1024 and 126 rows),
-    // dW_x in parallel with each part's columns in two blocks (I = 48: 32 and 16) for three
-    // tasks, dW_h (below kMinParallelGemmFlops) on the calling thread.
+    // Dropout weight gradients over more rows than CpuBackend::MaskedGemms packs at a time
+    // (kMaskedChunkRows = 128): chunks added up, the last one partial, H = 20 a partial panel;
+    // summed whole where two parts' scratch would not fit (the LSTM's 1100 rows, I = 5), in
+    // kMaskedRowParts parts elsewhere; with three tasks, C's rows split between them in blocks
+    // of 12 (H = 48: 24 and 24; I = 48, H = 20: 24 and 24, 12 and 8), and on the calling thread
+    // below kMinParallelGemmFlops. The small shapes of every other dropout case run the
+    // fallback through MaskedGemm (scratch too small for a chunk).
     const Index chunked_shapes[][4] = {{11, 100, 5, 20}, {9, 130, 3, 48}, {23, 100, 48, 20}};
     for (const auto& c : cells)
       for (const auto& s : chunked_shapes)
