@@ -216,7 +216,9 @@ struct CpuBackend {
       return sp.parts * sp.col_tasks * sp.task_size + (sp.parts - 1) * (x_sums + h_sums);
     };
     const Index room = k * std::max(mx, mh);
-    Split sp = split_in(cpu_tuning::kMaskedRowParts);
+    // Parts of at least a whole chunk each (and none empty), where scratch has room for them.
+    constexpr Index kParts = cpu_tuning::kMaskedRowParts;
+    Split sp = split_in(k >= kParts * cpu_tuning::kMaskedChunkRows ? kParts : 1);
     if (size(sp) > room) sp = split_in(1);
     if (bf16_gemms || k == 0 || size(sp) > room)
       return MaskedGemmsByGate(*this, n, k, x, h, scratch);
