@@ -718,8 +718,10 @@ def test_dropout_values_and_gradients_float64(cell, kind, layout):
 
 
 # With more rows (T*B) than the CPU's masked weight-gradient products pack at a time
-# (cpu_tuning::kMaskedChunkRows = 128), the last chunk partial, H = 72 a partial panel;
-# with 1104 rows summed whole, with 2304 in two parts (cpu_tuning::kMaskedRowParts).
+# (cpu_tuning::kMaskedChunkRows = 128), the last chunk partial, H = 72 a partial panel; with
+# up to two threads summed in two parts (cpu_tuning::kMaskedRowParts) of 552 and 1152 rows
+# (from four on, the column tasks' packed chunks leave the LSTM's and GRU's 1104 rows no room:
+# summed whole).
 DROPOUT_PARALLEL_SHAPES = {**PARALLEL_SHAPES, "masked_chunks": (48, 23, 20, 72),
                            "masked_row_parts": (48, 48, 20, 72)}
 

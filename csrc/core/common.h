@@ -142,6 +142,17 @@ struct StoreViewPoint {
   }
 };
 
+template <typename T>
+TFCELLS_HD StepMatrix<T> AtStep(T* seq, const Dims& d, Index t, Index width) {
+  if (seq == nullptr) return {nullptr, 0};
+  return {seq + d.StepRow(t) * width, d.BatchStride() * width};
+}
+
+template <typename T>
+TFCELLS_HD StepMatrix<T> Plain(T* m, Index width) {
+  return {m, width};
+}
+
 // One operand's dropout weight gradients, gate by gate (Backend::MaskedGemms): for g < gates,
 // C[:, g·n, (g+1)·n) = A_gᵀ·B[:, g·n, (g+1)·n) over k rows, where rows(g) gives A_g [k, m] row by
 // row (rnn.h's MaskedRows: x or h_prev under gate g's mask).
@@ -156,30 +167,23 @@ struct MaskedProducts {
   Index ldc = 0;
 };
 
-// MaskedGemms as a backend without its own runs it: a gate at a time, x's product and then
-// h_prev's, each through the backend's MaskedGemm (which writes A_g out whole into `scratch`,
-// then multiplies). The two products of a gate follow each other, so that a backend may prepare
-// B's gate columns once for both (the CPU's bfloat16 pair path keeps them packed).
+// MaskedGemms as a backend without its own runs it (and the CPU's where it cannot pack): a gate
+// at a time, x's product and then h_prev's, each masked operand A_g written out whole into
+// `scratch` (k * m elements), then one GEMM. The two products of a gate follow each other, so
+// that a backend may prepare B's gate columns once for both (the CPU's bfloat16 pair path keeps
+// them packed).
 template <typename Backend, typename T, typename XRows, typename HRows>
 void MaskedGemmsByGate(Backend& be, Index n, Index k, const MaskedProducts<T, XRows>& x,
                        const MaskedProducts<T, HRows>& h, T* scratch) {
+  auto product = [&](const auto& p, int g) {
+    const auto rows = p.rows(g);
+    be.ForEach(k, p.m, StoreViewPoint<T, decltype(rows)>{Plain(scratch, p.m), rows});
+    be.Gemm(true, false, p.m, n, k, scratch, p.m, p.b + g * n, p.ldb, T(0), p.c + g * n, p.ldc);
+  };
   for (int g = 0; g < x.gates || g < h.gates; ++g) {
-    if (g < x.gates)
-      be.MaskedGemm(x.m, n, k, x.rows(g), x.b + g * n, x.ldb, x.c + g * n, x.ldc, scratch);
-    if (g < h.gates)
-      be.MaskedGemm(h.m, n, k, h.rows(g), h.b + g * n, h.ldb, h.c + g * n, h.ldc, scratch);
+    if (g < x.gates) product(x, g);
+    if (g < h.gates) product(h, g);
   }
-}
-
-template <typename T>
-TFCELLS_HD StepMatrix<T> AtStep(T* seq, const Dims& d, Index t, Index width) {
-  if (seq == nullptr) return {nullptr, 0};
-  return {seq + d.StepRow(t) * width, d.BatchStride() * width};
-}
-
-template <typename T>
-TFCELLS_HD StepMatrix<T> Plain(T* m, Index width) {
-  return {m, width};
 }
 
 }  // namespace tfcells

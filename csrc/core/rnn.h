@@ -504,7 +504,7 @@ struct PrevStates {
     if (cache) return v.At(cache, t, d.H);
     return t == 0 ? v.Plain(h0, d.H) : v.At(y, t - 1, d.H);
   }
-  // All rows under gate g's dropout mask (MaskedGemm's left operand).
+  // All rows under gate g's dropout mask (MaskedGemms' left operand).
   MaskedRows<T> Masked(const T* masks, int g) const {
     MaskedRows<T> m = MaskedRowsOf(d, d.H, cache ? cache : y, masks, g);
     if (!cache) m.first = h0, m.step = Step(), m.T_steps = d.T;

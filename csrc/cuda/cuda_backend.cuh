@@ -129,14 +129,7 @@ class CudaBackend : public InPlaceStepOperands<CudaBackend> {
     GemmImpl(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
   }
 
-  // C[m, n] = Aᵀ·B for A [k, m] given element by element, a(r, j): written out whole into
-  // `scratch` (k * m elements), then one GEMM.
-  template <typename T, typename RowsView>
-  void MaskedGemm(Index m, Index n, Index k, const RowsView& a, const T* b, Index ldb, T* c,
-                  Index ldc, T* scratch) {
-    ForEach(k, m, StoreViewPoint<T, RowsView>{StepMatrix<T>(scratch, m), a});
-    Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
-  }
+  // The dropout weight gradients: each gate's masked operand written out whole, then one GEMM.
   template <typename T, typename XRows, typename HRows>
   void MaskedGemms(Index n, Index k, const MaskedProducts<T, XRows>& x,
                    const MaskedProducts<T, HRows>& h, T* scratch) {

@@ -68,13 +68,7 @@ struct HostParts : InPlaceStepOperands<Backend> {
     static const bool kTrue = true;
     return &kTrue;
   }
-  // As the CUDA backend: A written out whole, then one GEMM.
-  template <typename T, typename RowsView>
-  void MaskedGemm(Index m, Index n, Index k, const RowsView& a, const T* b, Index ldb, T* c,
-                  Index ldc, T* scratch) {
-    ForEach(k, m, StoreViewPoint<T, RowsView>{StepMatrix<T>(scratch, m), a});
-    static_cast<Backend&>(*this).Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
-  }
+  // As the CUDA backend: each masked operand written out whole, then one GEMM.
   template <typename T, typename XRows, typename HRows>
   void MaskedGemms(Index n, Index k, const MaskedProducts<T, XRows>& x,
                    const MaskedProducts<T, HRows>& h, T* scratch) {

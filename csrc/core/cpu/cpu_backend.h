@@ -163,15 +163,6 @@ struct CpuBackend {
     (*runner)(tasks, run);
   }
 
-  // C[m, n] = Aᵀ·B for A [k, m] given row by row (MaskedRows): written out whole into
-  // `scratch` (k * m elements), then one Gemm (MaskedGemms' fallback).
-  template <typename T, typename RowsView>
-  void MaskedGemm(Index m, Index n, Index k, const RowsView& a, const T* b, Index ldb, T* c,
-                  Index ldc, T* scratch) {
-    ForEach(k, m, StoreViewPoint<T, RowsView>{Plain(scratch, m), a});
-    Gemm(true, false, m, n, k, scratch, m, b, ldb, T(0), c, ldc);
-  }
-
   // The dropout weight gradients of x and h_prev, every gate (MaskedProducts: common.h).
   // Written out whole, each masked operand would go to memory and come back for a BLAS GEMM,
   // which packs it (and B) once more, and every gate would read x, h_prev and B's rows from
@@ -185,7 +176,7 @@ struct CpuBackend {
   // every task packs all of B again); C's rows are split as well only where there are more tasks
   // than parts. The parts depend on the shape alone, so the sums do not depend on the number of
   // tasks. Where scratch has no room for that, and on the bfloat16 pair path (PairGemm keeps B
-  // packed for the next product by the same B), each product runs through MaskedGemm.
+  // packed for the next product by the same B), each product runs through MaskedGemmsByGate.
   template <typename T, typename XRows, typename HRows>
   void MaskedGemms(Index n, Index k, const MaskedProducts<T, XRows>& x,
                    const MaskedProducts<T, HRows>& h, T* scratch) {

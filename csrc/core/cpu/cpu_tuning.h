@@ -47,7 +47,7 @@ constexpr double kMinParallelGemmFlops = 4e6;
 // keeps whole register blocks of the BLAS kernel.
 constexpr Index kSplitRowAlign = 8, kSplitColAlign = 16;
 // Rows of a dropout weight gradient's operands that a task packs at a time, and then multiplies
-// (CpuBackend::MaskedGemm, step_gemm::ChunkProduct): a panel of 128 rows (16 KiB float32) stays
+// (CpuBackend::MaskedGemms, step_gemm::ChunkProduct): a panel of 128 rows (16 KiB float32) stays
 // in L1 beside the blocks of A streaming past it, Zen 4's 32 KiB L1 included.
 constexpr Index kMaskedChunkRows = 128;
 // And the parts its rows are summed in (each into its own sums, added up after): two, so that

@@ -383,7 +383,7 @@ void WithRows(Index rows, const F& f) {
 }
 
 // A chunk of a weight gradient's rows, both operands packed by the caller
-// (CpuBackend::MaskedGemm): C[m, n] = Aᵀ·B + βC over k rows, with Aᵀ's rows in blocks of
+// (CpuBackend::MaskedGemms): C[m, n] = Aᵀ·B + βC over k rows, with Aᵀ's rows in blocks of
 // kChunkRows, each k-major ([k][kChunkRows], `a_stride` elements from one block to the next),
 // and B in panels of kChunkCols columns ([k][kChunkCols], `b_stride` apart, zero past n). A
 // panel (k = 128 rows: 16 KiB in float32) stays in L1 while every block of A streams past it.

@@ -892,7 +892,7 @@ int main(int argc, char** argv) {
     // kMaskedRowParts parts elsewhere; with three tasks, C's rows split between them in blocks
     // of 12 (H = 48: 24 and 24; I = 48, H = 20: 24 and 24, 12 and 8), and on the calling thread
     // below kMinParallelGemmFlops. The small shapes of every other dropout case run the
-    // fallback through MaskedGemm (scratch too small for a chunk).
+    // fallback, MaskedGemmsByGate (scratch too small for a chunk).
     const Index chunked_shapes[][4] = {{11, 100, 5, 20}, {9, 130, 3, 48}, {23, 100, 48, 20}};
     for (const auto& c : cells)
       for (const auto& s : chunked_shapes)
