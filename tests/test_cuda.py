@@ -184,7 +184,9 @@ def cuda_forward(dev, cell, inputs, time_major=False, go_backwards=False, traini
     T, B = (x.shape[0], x.shape[1]) if time_major else (x.shape[1], x.shape[0])
     I, H = x.shape[2], inputs["recurrent_kernel"].shape[0]
     dt = x.dtype
-    sizes = cuda_module.forward_sizes(cell, T, B, I, H, training, **dropout_flags(inputs))
+    sizes = cuda_module.forward_sizes(cell, T, B, I, H, training, **dropout_flags(inputs),
+                                      go_backwards=go_backwards,
+                                      has_bias=inputs.get("bias") is not None)
     d = {k: (None if v is None else dev.put(v)) for k, v in inputs.items()}
     out = {"y": dev.empty((T, B, H) if time_major else (B, T, H), dt),
            "h_last": dev.empty((B, H), dt)}
@@ -217,8 +219,9 @@ def cuda_backward(dev, cell, inputs, cache, grads, grad_mask, time_major=False,
     if has_bias:
         shapes["dbias"] = inputs["bias"].shape
     out = {k: dev.empty(s, dt, fill=sentinel) for k, s in shapes.items()}
-    ws = dev.empty((cuda_module.backward_workspace_size(cell, T, B, I, H, grad_mask, has_bias,
-                                                        **dropout_flags(inputs)),), dt)
+    ws = dev.empty((cuda_module.backward_workspace_size(
+        cell, T, B, I, H, grad_mask, has_bias, **dropout_flags(inputs),
+        go_backwards=go_backwards),), dt)
     cuda_module.backward(cell, d["x"], d["h0"], d.get("c0"), d["kernel"],
                          d["recurrent_kernel"], d.get("bias"), d.get("mask"), d["gates"],
                          d.get("aux"), d["h_prev"], d.get("dy"), d.get("dh_last"),
@@ -581,6 +584,10 @@ def test_sizes_helpers_follow_the_call_plan():
     assert {k: v for k, v in both.items() if k != "workspace"} == {
         k: v for k, v in plain.items() if k != "workspace"}  # the cache does not change
     assert forward(training=False)["gates"] == 0
+    # Backwards, the pass cannot read h_prev from y: the cache keeps it. Without a bias, the
+    # workspace holds a zero one.
+    assert forward(go_backwards=True) == {**plain, "h_prev": 7 * B * H}
+    assert forward(has_bias=False)["workspace"] > plain["workspace"]
     assert backward(input_dropout=True) > backward()
     # Only the initial state's gradient: no buffer grows with the sequence.
     frozen = m.GRAD_H0 | m.GRAD_C0
@@ -612,29 +619,39 @@ class FakeDevice:
 
 @needs_module
 @pytest.mark.parametrize("cell", CELLS)
-def test_gpu_helpers_with_dropout_pass_the_checks_up_to_the_device_query(cell):
-    """What runs here of the GPU tests' dropout calls: the workspace the size helpers ask for
-    with the dropout flags, and the masks as the helpers pass them, satisfy the module."""
+def test_gpu_helpers_pass_the_checks_up_to_the_device_query(cell):
+    """What runs here of the GPU tests' calls: the cache and workspace the size helpers ask for
+    with the call's options, and the arrays as the helpers pass them, satisfy the module in
+    every layout, direction, with and without bias and dropout masks, forward and backward."""
     if GPU_SKIP is None:
         pytest.skip("a GPU is present: fake pointers would be queried for real")
     rng = np.random.default_rng(3)
     T, B, I, H = 3, 2, 4, 5
-    inputs, grads = make_problem(rng, cell, T, B, I, H, np.float32, with_mask=True)
-    sizes = cuda_module.forward_sizes(cell, T, B, I, H)
-    cache = {k: np.zeros(sizes[k], np.float32) for k in ("gates", "aux", "h_prev")}
-    cache["y"] = np.zeros((B, T, H), np.float32)
 
     def device_query():
         return pytest.raises((RuntimeError, ValueError),
                              match="cannot query its memory|not in GPU memory")
 
-    for kind in ("input", "recurrent", "both"):
-        masked = {**inputs, **make_dropout(rng, cell, B, I, H, np.float32, kind)}
-        for training in (True, False):
-            with device_query():
-                cuda_forward(FakeDevice(), cell, masked, training=training)
-        with device_query():
-            cuda_backward(FakeDevice(), cell, masked, cache, grads, cuda_module.GRAD_ALL)
+    # Every option the sizes depend on: go_backwards keeps the h_prev cache, a call without
+    # bias needs a zero bias in its workspace, each dropout mask scratch of its own.
+    for time_major, go_backwards, with_bias in itertools.product((False, True), repeat=3):
+        inputs, grads = make_problem(rng, cell, T, B, I, H, np.float32, time_major, with_bias,
+                                     with_mask=True)
+        sizes = cuda_module.forward_sizes(cell, T, B, I, H, go_backwards=go_backwards,
+                                          has_bias=with_bias)
+        cache = {k: np.zeros(sizes[k], np.float32) for k in ("gates", "aux", "h_prev")}
+        cache["y"] = np.zeros((T, B, H) if time_major else (B, T, H), np.float32)
+        for kind in (None, "input", "recurrent", "both"):
+            masked = {**inputs, **(make_dropout(rng, cell, B, I, H, np.float32, kind)
+                                   if kind else {})}
+            for training in (True, False):
+                with device_query():
+                    cuda_forward(FakeDevice(), cell, masked, time_major, go_backwards,
+                                 training=training)
+            for grad_mask in (cuda_module.GRAD_ALL, cuda_module.GRAD_H0):
+                with device_query():
+                    cuda_backward(FakeDevice(), cell, masked, cache, grads, grad_mask,
+                                  time_major, go_backwards)
 
 
 # 16-bit storage: x, the states, the outputs and their gradients in float16 (typestr "<f2") or

@@ -610,14 +610,25 @@ CallPlan SizesPlan(const std::string& cell_name, Index T, Index B, Index I, Inde
   return MakePlan(options, CallPlan::ShapesFor(options, d));
 }
 
+// The options a size helper's plan is made with: everything the call's plan reads that the
+// sizes depend on (go_backwards keeps the h_prev cache; a call without bias needs room for a
+// zero bias), so that the helpers answer exactly what the calls then ask for.
+CallOptions SizeOptions(bool training, int grad_mask, bool has_bias, bool input_dropout,
+                        bool recurrent_dropout, bool go_backwards, const py::object& storage) {
+  CallOptions o;
+  o.training = training, o.grad_mask = grad_mask, o.has_bias = has_bias;
+  o.has_input_dropout = input_dropout, o.has_recurrent_dropout = recurrent_dropout;
+  o.go_backwards = go_backwards;
+  o.storage = StorageOption(storage);
+  return o;
+}
+
 py::dict ForwardSizes(const std::string& cell_name, Index T, Index B, Index I, Index H,
                       bool training, bool input_dropout, bool recurrent_dropout,
-                      const py::object& storage) {
-  CallOptions o;
-  o.training = training;
-  o.storage = StorageOption(storage);
-  o.has_input_dropout = input_dropout, o.has_recurrent_dropout = recurrent_dropout;
-  const CallPlan plan = SizesPlan(cell_name, T, B, I, H, o);
+                      const py::object& storage, bool go_backwards, bool has_bias) {
+  const CallPlan plan = SizesPlan(cell_name, T, B, I, H,
+                                  SizeOptions(training, kGradAll, has_bias, input_dropout,
+                                              recurrent_dropout, go_backwards, storage));
   const CacheSizes cs = plan.Cache();
   py::dict out;
   out["gates"] = cs.gates, out["aux"] = cs.aux, out["h_prev"] = cs.h_prev;
@@ -627,12 +638,12 @@ py::dict ForwardSizes(const std::string& cell_name, Index T, Index B, Index I, I
 
 Index BackwardSize(const std::string& cell_name, Index T, Index B, Index I, Index H,
                    int grad_mask, bool has_bias, bool input_dropout, bool recurrent_dropout,
-                   const py::object& storage) {
-  CallOptions o;
-  o.grad_mask = grad_mask, o.has_bias = has_bias;
-  o.storage = StorageOption(storage);
-  o.has_input_dropout = input_dropout, o.has_recurrent_dropout = recurrent_dropout;
-  return SizesPlan(cell_name, T, B, I, H, o).backward_layout().total;
+                   const py::object& storage, bool go_backwards) {
+  return SizesPlan(cell_name, T, B, I, H,
+                   SizeOptions(true, grad_mask, has_bias, input_dropout, recurrent_dropout,
+                               go_backwards, storage))
+      .backward_layout()
+      .total;
 }
 
 // Raises on a CUDA error other than "no driver" or "no device", so that a broken GPU set-up
@@ -700,13 +711,15 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
         "dx, dh0 and dc0 in it, the weight gradients float32.");
   m.def("forward_sizes", &tfcells::ForwardSizes, "cell"_a, "T"_a, "B"_a, "I"_a, "H"_a,
         "training"_a = true, py::kw_only(), "input_dropout"_a = false,
-        "recurrent_dropout"_a = false, "storage"_a = none,
+        "recurrent_dropout"_a = false, "storage"_a = none, "go_backwards"_a = false,
+        "has_bias"_a = true,
         "Element counts of the training cache (gates, aux, h_prev) and the forward workspace "
-        "(which grows with each dropout mask the call passes).");
+        "of a call with these options (the workspace grows with each dropout mask and without "
+        "a bias; go_backwards keeps h_prev in the cache).");
   m.def("backward_workspace_size", &tfcells::BackwardSize, "cell"_a, "T"_a, "B"_a, "I"_a,
         "H"_a, "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "has_bias"_a = true,
         py::kw_only(), "input_dropout"_a = false, "recurrent_dropout"_a = false,
-        "storage"_a = none);
+        "storage"_a = none, "go_backwards"_a = false);
   m.def("device_count", &tfcells::DeviceCount,
         "CUDA devices visible: 0 when there is no NVIDIA driver or no device; raises "
         "RuntimeError with CUDA's error name and text for any other failure (e.g. a driver "
