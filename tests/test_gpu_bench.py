@@ -385,6 +385,9 @@ def test_peaks():
     assert gpu.peak_for("NVIDIA H200", "float32", True) == ("H200", 494.7)
     assert gpu.peak_for("NVIDIA H100 80GB HBM3", "float64", False) == (None, None)
     assert gpu.peak_for("Tesla T4", "float32", False) == (None, None)
+    for half in ("bfloat16", "float16"):  # tensor cores, whatever the TF32 setting
+        assert gpu.peak_for("NVIDIA H200", half, False) == ("H200", 989.4)
+        assert gpu.peak_for("NVIDIA A100-SXM4-80GB", half, True) == ("A100", 312.0)
 
 
 # ------------------------------------------------------------ a GPU machine without TensorFlow

@@ -1,4 +1,5 @@
-"""tfcells' GPU kernels are opt-in (TFCELLS_GPU_KERNELS=1) until they have passed on a GPU.
+"""tfcells' TensorFlow GPU kernels are opt-in (TFCELLS_GPU_KERNELS=1) until they have run inside
+TensorFlow on a GPU (their CUDA kernels have passed through the pybind11 module).
 
 Without the opt-in, a tfcells layer on a machine where TensorFlow sees a GPU runs Keras' own
 implementation (cuDNN where Keras uses it), says why in `fused_unsupported_reason`, and warns

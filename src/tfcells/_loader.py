@@ -64,9 +64,11 @@ if c_library.tfcells_cpu_isa().decode() != CPU_ISA:
 
 # GPU kernels live in their own library (the ops are registered by the CPU one). Loaded only into
 # a CUDA build of TensorFlow (tensorflow-cpu has no GPU device to run them on), of the CUDA major
-# version tfcells was compiled with, and, until they have passed on a GPU, only on request:
-# TFCELLS_GPU_KERNELS=1 in the environment when tfcells is imported. Without them a tfcells
-# layer on a GPU runs Keras' own implementation (layers.py asks gpu_fallback_reason()).
+# version tfcells was compiled with, and, until the TensorFlow ops have run on a GPU, only on
+# request: TFCELLS_GPU_KERNELS=1 in the environment when tfcells is imported. (The CUDA kernels
+# passed on an H200 through the pybind11 module; the TensorFlow kernel wrapper, its allocator and
+# stream, has not run: no TensorFlow on that machine.) Without them a tfcells layer on a GPU runs
+# Keras' own implementation (layers.py asks gpu_fallback_reason()).
 GPU_KERNELS_ENV = "TFCELLS_GPU_KERNELS"
 
 
@@ -80,7 +82,8 @@ def gpu_kernels_reason(opted_in, tf_cuda_build, tf_cuda_version, built_cuda, bui
                 "or beside a TensorFlow of another CUDA major version); rebuild it with the "
                 "nvcc of TensorFlow's CUDA version on the PATH")
     if not opted_in:
-        return (f"tfcells' CUDA kernels have not yet passed on a GPU and are opt-in: set "
+        return (f"tfcells' TensorFlow GPU kernels have not yet run inside TensorFlow on a GPU "
+                f"(their CUDA kernels have, through tfcells._tfcells_cuda) and are opt-in: set "
                 f"{GPU_KERNELS_ENV}=1 in the environment before importing tfcells to run them")
     tf_major = str(tf_cuda_version).split(".")[0]
     ours = str(built_cuda_version).split(".")[0]

@@ -23,22 +23,26 @@ CONFIGS = ("all_trainable", "kernel_frozen", "recurrent_frozen", "both_frozen",
            "both_frozen_no_dx")
 # Issue 6's shapes (T, B, I, H).
 SHAPES = (Shape(100, 64, 1024, 1024), Shape(100, 256, 512, 512))
-# Nominal dense peaks (TFLOP/s) from NVIDIA's datasheets: (FP32 CUDA cores, TF32 tensor cores
-# without sparsity), matched in order against the device name.
-PEAKS = [(("H100", "PCIe"), "H100 PCIe", (51.2, 378.0)),
-         (("H100", "NVL"), "H100 NVL", (60.0, 417.5)),
-         (("H100",), "H100 SXM", (67.0, 494.7)),
-         (("H200",), "H200", (67.0, 494.7)),
-         (("A100",), "A100", (19.5, 156.0)),
-         (("L40S",), "L40S", (91.6, 183.0))]
+# Nominal dense peaks (TFLOP/s) from NVIDIA's datasheets: (FP32 CUDA cores, TF32 tensor cores,
+# BF16/FP16 tensor cores, both without sparsity), matched in order against the device name.
+PEAKS = [(("H100", "PCIe"), "H100 PCIe", (51.2, 378.0, 756.0)),
+         (("H100", "NVL"), "H100 NVL", (60.0, 417.5, 835.5)),
+         (("H100",), "H100 SXM", (67.0, 494.7, 989.4)),
+         (("H200",), "H200", (67.0, 494.7, 989.4)),
+         (("A100",), "A100", (19.5, 156.0, 312.0)),
+         (("L40S",), "L40S", (91.6, 183.0, 362.1))]
 
 
 def peak_for(device_name, dtype, tf32):
     """(datasheet entry, TFLOP/s) of the matching PEAKS row, or (None, None): unknown GPU, or
-    float64, which has no entry here."""
-    for parts, key, (fp32, tf32_peak) in PEAKS:
-        if dtype == "float32" and all(p.lower() in device_name.lower() for p in parts):
-            return key, tf32_peak if tf32 else fp32
+    float64, which has no entry here. 16-bit storage multiplies in its 16-bit type on tensor
+    cores (the CUDA backend's cublasGemmEx, cuDNN under autocast)."""
+    for parts, key, (fp32, tf32_peak, half) in PEAKS:
+        if all(p.lower() in device_name.lower() for p in parts):
+            if dtype == "float32":
+                return key, tf32_peak if tf32 else fp32
+            if dtype in ("bfloat16", "float16"):
+                return key, half
     return None, None
 
 
