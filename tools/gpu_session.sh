@@ -3,9 +3,10 @@
 # pybind11 but no TensorFlow (such as the project's lent H100/H200): probe the machine, build the
 # kernel modules with CMake alone, run the highest-signal CUDA tests first, then the rest, then
 # compute-sanitizer's memcheck on a small forward and backward of every cell, then the GPU
-# benchmark suite against cuDNN. Every stage has a time budget, and the stages together end
-# within TFCELLS_SESSION_BUDGET_S (default 470 s, under 8 minutes), so that one rerun fits in
-# 15 minutes of device time.
+# benchmark suite against cuDNN (float32, then on tensor cores). Every stage has a time budget,
+# and the stages together end within TFCELLS_SESSION_BUDGET_S (default 470 s, under 8 minutes),
+# so that one rerun fits in 15 minutes of device time (on an H200 the whole ran in about 200 s
+# before the tensor-core stage, which adds about 150).
 #
 # Everything goes to $OUT (default ./gpu-out), at most 8 files (the device tool brings back 8):
 #   summary.txt  one line per stage: ok / FAILED / TIMED OUT / not run, with its time
@@ -13,7 +14,8 @@
 #   build.log    CMake configure and build
 #   tests.log    pytest: tests/test_cuda.py's comparisons first, then the rest
 #   memcheck.log compute-sanitizer --tool memcheck over tools/memcheck_driver.py
-#   bench.md     the GPU suite's table; gpu.json and gpu.png its records and plot
+#   bench.md     the GPU suite's table (float32), then TF32, float16 and bfloat16 tables;
+#                gpu.json and gpu.png the float32 run's records and plot
 #
 # Tests run with TFCELLS_REQUIRE_GPU=1: a test that cannot run for want of a GPU, the CUDA
 # module, PyTorch or cuBLAS fails, so a broken set-up cannot pass green. Exit status: 0 when
@@ -129,8 +131,9 @@ EOF
 export -f probe
 export python
 # The LATER argument of each stage: what the stages after it need at least (build 150, gpu 10,
-# tests 60 + 30, memcheck 40, bench 60 s); a stage that runs short leaves its time to them.
-stage probe 40 350 "$out/probe.txt" bash -c probe
+# tests 60 + 30, memcheck 40, bench 60, bench-tensor-cores 60 s); a stage that runs short leaves
+# its time to them.
+stage probe 40 410 "$out/probe.txt" bash -c probe
 probe_ok=$?
 
 # --- build --------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ build() {
 }
 export -f build
 export generator arch
-stage build 330 200 "$out/build.log" bash -c build
+stage build 330 260 "$out/build.log" bash -c build
 build_ok=$?
 ((probe_ok == 0)) || echo "(the probe failed: see probe.txt)"
 
@@ -158,7 +161,7 @@ if ((build_ok != 0)); then
 fi
 
 # --- what the kernels will run on -----------------------------------------------------------
-stage gpu 20 190 "$out/tests.log" "$python" -c '
+stage gpu 20 250 "$out/tests.log" "$python" -c '
 import sys
 sys.path.insert(0, "build/gpu")
 import _tfcells_cuda as m
@@ -180,14 +183,14 @@ if "$python" -c "import xdist" 2> /dev/null; then
   pytest_args+=(-n 4)  # the comparisons are small calls, mostly host-bound: 4 processes
 fi
 first="random_shapes or empty_dimensions or larger or matches_cudnn or two_streams"
-stage tests-first 170 130 "$out/tests.log" "$python" -m pytest "${pytest_args[@]}" \
+stage tests-first 170 190 "$out/tests.log" "$python" -m pytest "${pytest_args[@]}" \
   tests/test_cuda.py -k "$first"
-stage tests-rest 120 100 "$out/tests.log" "$python" -m pytest "${pytest_args[@]}" \
+stage tests-rest 120 160 "$out/tests.log" "$python" -m pytest "${pytest_args[@]}" \
   tests/test_cuda.py tests/test_gpu_bench.py -k "not ($first)"
 
 # --- compute-sanitizer ----------------------------------------------------------------------
 if command -v compute-sanitizer > /dev/null; then
-  stage memcheck 90 60 "$out/memcheck.log" compute-sanitizer --tool memcheck \
+  stage memcheck 90 120 "$out/memcheck.log" compute-sanitizer --tool memcheck \
     --error-exitcode 9 --print-limit 100 "$python" tools/memcheck_driver.py
 else
   note "memcheck: FAILED, compute-sanitizer not found (looked on PATH and in /usr/local/cuda)"
@@ -195,8 +198,23 @@ else
 fi
 
 # --- the GPU suite against cuDNN ------------------------------------------------------------
-stage bench 150 0 "$out/bench.md" "$python" -m benchmarks --device gpu --no-progress \
+stage bench 150 60 "$out/bench.md" "$python" -m benchmarks --device gpu --no-progress \
   --json "$out/gpu.json" --plot "$out/gpu.png" "$@"
+
+# --- the same on tensor cores: TF32, float16, bfloat16 (tables appended to bench.md) ---------
+# On the H200 (2026-12-04) each took 30-55 s; there the step is bound by its launches, not by
+# its GEMMs, so these are the numbers that show work on the time loop's launches.
+tensor_cores() {
+  local rc=0
+  for flags in "--tf32" "--dtype float16" "--dtype bfloat16"; do
+    echo; echo "=== python -m benchmarks --device gpu $flags"
+    # shellcheck disable=SC2086  # two words each
+    "$python" -m benchmarks --device gpu --no-progress $flags || rc=1
+  done
+  return $rc
+}
+export -f tensor_cores
+stage bench-tensor-cores 180 0 "$out/bench.md" bash -c tensor_cores
 
 note "total: $SECONDS s of ${budget} s"
 exit $failed
