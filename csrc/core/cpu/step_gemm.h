@@ -447,6 +447,13 @@ class PackedOperand {
             for (Index kk = k0; kk < k1; ++kk) dst[kk * kPanelCols + c] = src[kk];
           }
         }
+      } else if (cols == kPanelCols) {  // a fixed length: vector moves, not a memmove call each
+        for (Index kk = 0; kk < k; ++kk) {
+          const T* const src = w + kk * ld + c0;
+          T* const out = dst + kk * kPanelCols;
+#pragma omp simd
+          for (Index c = 0; c < kPanelCols; ++c) out[c] = src[c];
+        }
       } else {
         for (Index kk = 0; kk < k; ++kk)
           std::copy(w + kk * ld + c0, w + kk * ld + c0 + cols, dst + kk * kPanelCols);
