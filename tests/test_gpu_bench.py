@@ -343,6 +343,24 @@ def test_cuda_module_suite_mismatch_and_bad_options(fake_gpu, tmp_path, capsys):
     assert "needs a TensorFlow that sees the GPU" in capsys.readouterr().err
 
 
+@needs_torch
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_module_suite_runs_16bit(fake_gpu, tmp_path, capsys, dtype):
+    """--dtype bfloat16|float16 reaches the suite's 16-bit calls, against the 16-bit tensor-core
+    peak (a guard in the CLI once refused them, which only the H200 run found)."""
+    fake_gpu.setattr(gpu, "device_facts", lambda dtype, tf32: dict(
+        FACTS, peak_tflops=gpu.peak_for(FACTS["name"], dtype, tf32)[1], tf32=tf32))
+    path = tmp_path / "gpu.json"
+    rc = cli.main([*ARGS, "--configs", "all_trainable", "--dtype", dtype, "--json", str(path)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out + captured.err
+    with open(path) as f:
+        by = {r["impl"]: r for r in json.load(f)["records"]}
+    ours = by["tfcells_cuda"]
+    assert ours["dtype"] == dtype and ours["median_ms"] > 0, ours
+    assert ours["peak_fraction"] == pytest.approx(ours["tflops"] / 989.4)
+
+
 # ----------------------------------------------------------- derived numbers
 
 
