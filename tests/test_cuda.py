@@ -309,10 +309,9 @@ def _nvcc():
         (p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 
 
-def test_cuda_sources_compiled_where_nvcc_exists():
-    """With nvcc on the machine, the build must have compiled the CUDA code (so CI keeps it
-    compiling); the GPU kernel library must load into the installed TensorFlow (a CPU build
-    too) and register a GPU kernel, float and double, for each of the six ops."""
+def _gpu_ops_library():
+    """The path of the built TensorFlow GPU kernel library; skips where nvcc or tfcells' ops
+    are missing, fails where nvcc is present but the CUDA code was not built."""
     if _nvcc() is None:
         pytest.skip("no nvcc on this machine: the CUDA code is not built here")
     try:
@@ -327,6 +326,14 @@ def test_cuda_sources_compiled_where_nvcc_exists():
     gpu_lib = os.path.join(os.path.dirname(os.path.abspath(_build_info.__file__)),
                            "_tfcells_gpu_ops.so")
     assert os.path.exists(gpu_lib), f"{gpu_lib} was not built"
+    return gpu_lib
+
+
+def test_cuda_sources_compiled_where_nvcc_exists():
+    """With nvcc on the machine, the build must have compiled the CUDA code (so CI keeps it
+    compiling); the GPU kernel library must load into the installed TensorFlow (a CPU build
+    too) and register a GPU kernel, float and double, for each of the six ops."""
+    gpu_lib = _gpu_ops_library()
     # In a child process, so that this process' TensorFlow never sees the GPU kernels.
     code = f"""
 import tensorflow as tf, tfcells
@@ -343,6 +350,42 @@ print("ok")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("env", [None, "0", "1"])
+def test_tf_gpu_kernels_follow_tensorflows_tf32_setting(env):
+    """The TensorFlow GPU kernels multiply float32 on TF32 tensor cores exactly when TensorFlow's
+    own GEMMs and Keras' cuDNN layers do (tf.config.experimental.
+    enable_tensor_float_32_execution, on by default), unless TFCELLS_CUDA_TF32 or
+    tfcells_gpu_set_allow_tf32 decides for them alone. Asked of the library in a child process
+    (loaded into this TensorFlow, a CPU build too): the flag it reads is TensorFlow's."""
+    gpu_lib = _gpu_ops_library()
+    code = f"""
+import ctypes, tensorflow as tf
+tf.load_op_library({gpu_lib!r})
+lib = ctypes.CDLL({gpu_lib!r})
+lib.tfcells_gpu_set_allow_tf32.argtypes = [ctypes.c_int]
+got = [lib.tfcells_gpu_allow_tf32()]
+tf.config.experimental.enable_tensor_float_32_execution(False)
+got.append(lib.tfcells_gpu_allow_tf32())
+lib.tfcells_gpu_set_allow_tf32(1)
+got.append(lib.tfcells_gpu_allow_tf32())
+lib.tfcells_gpu_set_allow_tf32(-1)
+got.append(lib.tfcells_gpu_allow_tf32())
+tf.config.experimental.enable_tensor_float_32_execution(True)
+got.append(lib.tfcells_gpu_allow_tf32())
+print("got", got)
+"""
+    env_vars = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env_vars.pop("TFCELLS_CUDA_TF32", None)
+    if env is not None:
+        env_vars["TFCELLS_CUDA_TF32"] = env
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env_vars, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # TF's default, TF off, our override on, following TF again (off), TF on.
+    follow = {None: [1, 0], "0": [0, 0], "1": [1, 1]}[env]
+    assert f"got {[follow[0], follow[1], 1, 0, 1]}" in run.stdout, run.stdout
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

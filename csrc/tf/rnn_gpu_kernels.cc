@@ -11,6 +11,7 @@
 #include "../cuda/cuda_rnn.h"
 #include "rnn_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tsl/platform/tensor_float_32_utils.h"
 #include "xla/stream_executor/stream.h"
 #include "xla/stream_executor/stream_executor.h"
 
@@ -22,14 +23,24 @@
 namespace tfcells {
 namespace {
 
-// float32 GEMMs on TF32 tensor cores: off unless TFCELLS_CUDA_TF32=1 or
-// tfcells_gpu_set_allow_tf32(1), so that results match the CPU kernels.
-std::atomic<bool>& AllowTf32() {
-  static std::atomic<bool> allow{[] {
+// float32 GEMMs on TF32 tensor cores exactly when TensorFlow runs its own float32 GEMMs and
+// Keras' cuDNN layers there (tf.config.experimental.enable_tensor_float_32_execution, on by
+// default): a layer swapped for tfcells' then computes in the same precision, and on Hopper
+// TF32 halves the LSTM's step (H200). TFCELLS_CUDA_TF32=1 / =0, or
+// tfcells_gpu_set_allow_tf32(1 / 0), decides for tfcells' kernels alone; -1 (or the variable
+// unset or empty) follows TensorFlow again.
+std::atomic<int>& Tf32Override() {
+  static std::atomic<int> value{[] {
     const char* env = std::getenv("TFCELLS_CUDA_TF32");
-    return env != nullptr && std::strcmp(env, "1") == 0;
+    if (env == nullptr || *env == '\0') return -1;
+    return std::strcmp(env, "1") == 0 ? 1 : 0;
   }()};
-  return allow;
+  return value;
+}
+
+bool AllowTf32() {
+  const int value = Tf32Override().load();
+  return value >= 0 ? value == 1 : tsl::tensor_float_32_execution_enabled();
 }
 
 // The op's CUDA stream and device (TensorFlow's GetGpuStream, without the header that needs
@@ -56,7 +67,7 @@ void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
   int device = -1;
   OP_REQUIRES_OK(ctx, OpStream(ctx, &stream, &device));
   CudaOptions options;
-  options.allow_tf32 = AllowTf32().load();
+  options.allow_tf32 = AllowTf32();
   // cuBLAS' workspace from TensorFlow's allocator (ordered on the op's stream like any temp),
   // before the device switch below so that an error leaves the caller's device alone.
   int current = device;
@@ -122,10 +133,12 @@ TFCELLS_EXPORT int tfcells_gpu_work_counters(std::int64_t* out, int n) {
   return n;
 }
 
+// 1: TF32 on, 0: off, for tfcells' kernels alone; -1: as TensorFlow's own GEMMs (the default).
 TFCELLS_EXPORT void tfcells_gpu_set_allow_tf32(int allow) {
-  tfcells::AllowTf32().store(allow != 0);
+  tfcells::Tf32Override().store(allow < 0 ? -1 : (allow != 0 ? 1 : 0));
 }
-TFCELLS_EXPORT int tfcells_gpu_allow_tf32() { return tfcells::AllowTf32().load() ? 1 : 0; }
+// Whether the next op call multiplies float32 on TF32 tensor cores.
+TFCELLS_EXPORT int tfcells_gpu_allow_tf32() { return tfcells::AllowTf32() ? 1 : 0; }
 
 // Which cuBLAS the GPU kernels use; writes a NUL-terminated path (or the reason none loads)
 // into buf and returns 1 if one loaded, 0 if not.
