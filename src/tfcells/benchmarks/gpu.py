@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from . import contenders, timing
-from .workload import GATES, Shape, weight_dtype
+from .workload import GATES, MIXED_POLICIES, Shape, weight_dtype
 
 # Single-layer training configurations (workload.CONFIGS): what a gradient mask expresses.
 CONFIGS = ("all_trainable", "kernel_frozen", "recurrent_frozen", "both_frozen",
@@ -24,7 +24,7 @@ CONFIGS = ("all_trainable", "kernel_frozen", "recurrent_frozen", "both_frozen",
 # Issue 6's shapes (T, B, I, H).
 SHAPES = (Shape(100, 64, 1024, 1024), Shape(100, 256, 512, 512))
 # Nominal dense peaks (TFLOP/s) from NVIDIA's datasheets: (FP32 CUDA cores, TF32 tensor cores,
-# BF16/FP16 tensor cores, both without sparsity), matched in order against the device name.
+# BF16/FP16 tensor cores, all without sparsity), matched in order against the device name.
 PEAKS = [(("H100", "PCIe"), "H100 PCIe", (51.2, 378.0, 756.0)),
          (("H100", "NVL"), "H100 NVL", (60.0, 417.5, 835.5)),
          (("H100",), "H100 SXM", (67.0, 494.7, 989.4)),
@@ -41,7 +41,7 @@ def peak_for(device_name, dtype, tf32):
         if all(p.lower() in device_name.lower() for p in parts):
             if dtype == "float32":
                 return key, tf32_peak if tf32 else fp32
-            if dtype in ("bfloat16", "float16"):
+            if dtype in MIXED_POLICIES:  # the 16-bit dtypes
                 return key, half
     return None, None
 
