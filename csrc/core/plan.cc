@@ -314,9 +314,17 @@ std::string CallPlan::CheckBackwardInputs(const CacheSizes& cache, const Shape* 
 
 namespace {
 std::atomic<std::int64_t> counters[kNumCounters];
+thread_local WorkRecorder* recorder = nullptr;
 }  // namespace
 
-void CountWork(Counter c) { counters[c].fetch_add(1, std::memory_order_relaxed); }
+void CountWork(Counter c) {
+  counters[c].fetch_add(1, std::memory_order_relaxed);
+  if (recorder != nullptr) ++recorder->counts[c];
+}
 std::int64_t WorkCount(Counter c) { return counters[c].load(std::memory_order_relaxed); }
+void AddWork(Counter c, std::int64_t n) { counters[c].fetch_add(n, std::memory_order_relaxed); }
+
+WorkRecorder::WorkRecorder() : outer_(recorder) { recorder = this; }
+WorkRecorder::~WorkRecorder() { recorder = outer_; }
 
 }  // namespace tfcells

@@ -184,5 +184,22 @@ inline constexpr const char* kCounterNames[kNumCounters] = {
     "grad_recurrent_kernel", "grad_bias", "row_copy_products"};
 void CountWork(Counter c);
 std::int64_t WorkCount(Counter c);
+// Adds n (which may be negative) to a counter: a replayed CUDA graph counts the work its
+// capture recorded; a capture that is thrown away takes its counts back.
+void AddWork(Counter c, std::int64_t n);
+
+// While one lives, the work counted on its thread is also added to `counts` (nested recorders:
+// the innermost).
+class WorkRecorder {
+ public:
+  WorkRecorder();
+  ~WorkRecorder();
+  WorkRecorder(const WorkRecorder&) = delete;
+  WorkRecorder& operator=(const WorkRecorder&) = delete;
+  std::int64_t counts[kNumCounters] = {};
+
+ private:
+  WorkRecorder* outer_;
+};
 
 }  // namespace tfcells
