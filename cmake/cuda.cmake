@@ -62,6 +62,7 @@ if(TFCELLS_CUDA)
     csrc/cuda/cuda_rnn_f16.cu
     csrc/cuda/cublas_loader.cc
     csrc/cuda/cuda_info.cc
+    csrc/cuda/cuda_graphs.cc
     csrc/core/plan.cc)
   set_target_properties(tfcells_cuda PROPERTIES
     CUDA_RUNTIME_LIBRARY Static

@@ -533,6 +533,8 @@ def _call_forward(args):
     (dict(y=FakeDeviceArray((2, 3, 5), readonly=True)), ValueError, "read-only"),
     (dict(workspace=FakeDeviceArray((3,))), ValueError, "workspace must hold at least"),
     (dict(c0=None), ValueError, "c0 is required"),
+    (dict(blas_workspace=FakeDeviceArray((64,), typestr="|u1", readonly=True)), ValueError,
+     "blas_workspace is read-only"),
     (dict(h0=FakeDeviceArray((2, 5), mask=FakeDeviceArray((2, 5)))), ValueError, "masked"),
     # Dropout masks: [G, B, I] and [G, B, H], x's dtype, contiguous, counted in the workspace.
     (dict(input_dropout=FakeDeviceArray((4, 2, 5))), ValueError,
@@ -954,12 +956,14 @@ def test_cuda_matches_cpu_with_dropout_every_grad_mask(cell, kind, layout, dtype
 @needs_gpu
 @needs_torch
 @needs_core
-def test_two_streams_driven_from_one_thread():
+@pytest.mark.parametrize("graphs", [False, True], ids=["direct", "graphs"])
+def test_two_streams_driven_from_one_thread(graphs):
     """One thread enqueues forward and backward passes on two streams in turn without waiting:
     each (thread, device, stream) has its own cuBLAS handle and so its own workspace, and both
     streams' results equal the CPU kernels'. (With one handle per thread, the two streams'
     GEMMs could use one workspace at the same time.) Shapes large enough for cuBLAS to split
-    the T·B-row weight-gradient products."""
+    the T·B-row weight-gradient products. With a cuBLAS workspace per stream, the calls are
+    captured once and then replay their CUDA graphs, the two streams' graphs running at once."""
     rng = np.random.default_rng(21)
     cell, T, B, I, H = "lstm", 16, 64, 256, 256
     inputs, grads = make_problem(rng, cell, T, B, I, H, np.float32)
@@ -981,6 +985,7 @@ def test_two_streams_driven_from_one_thread():
                 "cache": [dev.empty((sizes[k],), np.float32) for k in ("gates", "aux", "h_prev")],
                 "fws": dev.empty((sizes["workspace"],), np.float32),
                 "bws": dev.empty((ws_size,), np.float32),
+                "blas": {"blas_workspace": blas_workspace(dev)} if graphs else {},
                 "grads": {n: dev.empty(np.shape(inputs[k]), np.float32) for n, k in (
                     ("dx", "x"), ("dh0", "h0"), ("dc0", "c0"), ("dkernel", "kernel"),
                     ("drecurrent_kernel", "recurrent_kernel"), ("dbias", "bias"))}})
@@ -991,10 +996,11 @@ def test_two_streams_driven_from_one_thread():
                 gates, aux, h_prev = o["cache"]
                 cuda_module.forward(cell, *args, y=o["y"], h_last=o["h_last"],
                                     c_last=o["c_last"], gates=gates, aux=aux, h_prev=h_prev,
-                                    workspace=o["fws"], stream=stream.cuda_stream)
+                                    workspace=o["fws"], stream=stream.cuda_stream, **o["blas"])
                 cuda_module.backward(cell, *args, d["gates"], d["aux"], d["h_prev"], d["dy"],
                                      d["dh_last"], d["dc_last"], workspace=o["bws"],
-                                     stream=stream.cuda_stream, y=d["y"], **o["grads"])
+                                     stream=stream.cuda_stream, y=d["y"], **o["grads"],
+                                     **o["blas"])
     torch.cuda.synchronize()
     tol = tolerance(np.float32)
     for i, o in enumerate(outs):
@@ -1003,6 +1009,134 @@ def test_two_streams_driven_from_one_thread():
         for name, buffer in o["grads"].items():
             np.testing.assert_allclose(dev.get(buffer), want[name], **tol,
                                        err_msg=f"stream {i} {name}")
+
+
+def blas_workspace(dev):
+    """Device bytes for cuBLAS' workspace (the calls' blas_workspace), as TensorFlow gives."""
+    return dev.empty((cuda_module.cublas_workspace_bytes() + 255,), np.uint8)
+
+
+class GraphBuffers:
+    """One set of device buffers for a forward and backward call of a problem's shape, with
+    its own cuBLAS workspace (so the calls are captured into CUDA graphs): load() copies new
+    values into the same input buffers, run() enqueues both passes, results() reads back the
+    outputs and every gradient."""
+
+    def __init__(self, dev, cell, inputs, grads, grad_mask):
+        self.dev, self.cell, self.grad_mask = dev, cell, grad_mask
+        B, T, I = inputs["x"].shape
+        H = inputs["recurrent_kernel"].shape[0]
+        dt = inputs["x"].dtype
+        self.d = {k: dev.put(v) for k, v in {**inputs, **grads}.items()}
+        sizes = cuda_module.forward_sizes(cell, T, B, I, H, True, **dropout_flags(inputs))
+        self.out = {"y": dev.empty((B, T, H), dt), "h_last": dev.empty((B, H), dt)}
+        if cell == "lstm":
+            self.out["c_last"] = dev.empty((B, H), dt)
+        self.cache = {k: dev.empty((sizes[k],), dt) for k in ("gates", "aux", "h_prev")}
+        self.fws = dev.empty((sizes["workspace"],), dt)
+        self.bws = dev.empty((cuda_module.backward_workspace_size(
+            cell, T, B, I, H, grad_mask, **dropout_flags(inputs)),), dt)
+        self.grads = {n: dev.empty(inputs[k].shape, dt) for n, k in (
+            ("dx", "x"), ("dh0", "h0"), ("dc0", "c0"), ("dkernel", "kernel"),
+            ("drecurrent_kernel", "recurrent_kernel"), ("dbias", "bias")) if k in inputs}
+        self.blas = blas_workspace(dev)
+
+    def load(self, inputs, grads):
+        for k, v in {**inputs, **grads}.items():
+            self.d[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
+
+    def run(self):
+        d, c, dev = self.d, self.cache, self.dev
+        args = [d["x"], d["h0"], d.get("c0"), d["kernel"], d["recurrent_kernel"], d.get("bias"),
+                d.get("mask")]
+        drop = dropout_args(d)
+        cuda_module.forward(self.cell, *args, **self.out, **c, workspace=self.fws,
+                            stream=dev.stream, blas_workspace=self.blas, **drop)
+        cuda_module.backward(self.cell, *args, c["gates"], c["aux"], c["h_prev"], d["dy"],
+                             d["dh_last"], d.get("dc_last"), workspace=self.bws,
+                             grad_mask=self.grad_mask, stream=dev.stream, y=self.out["y"],
+                             blas_workspace=self.blas, **self.grads, **drop)
+
+    def results(self):
+        self.dev.sync()
+        return {k: self.dev.get(v) for k, v in {**self.out, **self.grads}.items()}
+
+
+@needs_gpu
+@needs_torch
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_graph_replays_match_direct_launches(cell, dropout, monkeypatch):
+    """Calls given a cuBLAS workspace are captured once into CUDA graphs and replayed while
+    shapes and buffers repeat. Against direct launches (TFCELLS_CUDA_GRAPHS=0) of the same
+    calls: the first run (a capture), new values in the same buffers (a replay), another set
+    of buffers while the first holds other values (a new capture: a graph that kept any
+    address of the first set would read or write it), then the first set again (a replay).
+    The work counters count each replay's work."""
+    rng = np.random.default_rng(31)
+    T, B, I, H = 6, 5, 7, 8
+    problems = []
+    for _ in range(2):
+        inputs, grads = make_problem(rng, cell, T, B, I, H, np.float32, with_mask=True)
+        if dropout:
+            inputs.update(make_dropout(rng, cell, B, I, H, np.float32))
+        problems.append((inputs, grads))
+    dev = Device()
+    first, second = (GraphBuffers(dev, cell, *problems[0], cuda_module.GRAD_ALL)
+                     for _ in range(2))
+    monkeypatch.setenv("TFCELLS_CUDA_GRAPHS", "0")
+    want = []
+    for p in problems:
+        first.load(*p)
+        first.run()
+        want.append(first.results())
+    assert want[0]["y"].tolist() != want[1]["y"].tolist()
+    monkeypatch.delenv("TFCELLS_CUDA_GRAPHS")
+    before = cuda_module.graph_stats()
+    counts_before = cuda_module.work_counts()
+    steps = [(first, 0), (first, 1), (second, 0), (first, 1)]
+    for i, (buffers, p) in enumerate(steps):
+        if buffers is second:
+            first.load(*problems[1 - p])  # the other values in the first set meanwhile
+            first.run()
+        buffers.load(*problems[p])
+        buffers.run()
+        got = buffers.results()
+        for k, v in want[p].items():
+            which = "second" if buffers is second else "first"
+            np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-6,
+                                       err_msg=f"run {i} ({which} buffers): {k}")
+    after = cuda_module.graph_stats()
+    captured = (after["instantiations"] - before["instantiations"]
+                + after["updates"] - before["updates"])
+    assert after["failed_captures"] == before["failed_captures"], after["last_failure"]
+    assert captured == 4, (before, after)  # each buffer set's forward and backward, once
+    assert after["replays"] - before["replays"] == 2 * (len(steps) + 1 - 2), (before, after)
+    counts = cuda_module.work_counts()
+    runs = len(steps) + 1  # every forward and backward, replayed or captured, counted once
+    assert counts["forward_calls"] - counts_before["forward_calls"] == runs
+    assert counts["backward_calls"] - counts_before["backward_calls"] == runs
+    assert counts["grad_kernel"] - counts_before["grad_kernel"] == runs
+
+
+@needs_module
+def test_graph_stats_and_work_counts_are_exported():
+    stats = cuda_module.graph_stats()
+    assert set(stats) == {"replays", "instantiations", "updates", "direct", "failed_captures",
+                          "cached", "last_failure"}
+    assert all(v >= 0 for k, v in stats.items() if k != "last_failure")
+    assert tuple(cuda_module.work_counts()) == tuple(cuda_module.WORK_COUNTERS)
+
+
+@needs_gpu
+@needs_torch
+def test_too_small_blas_workspace_rejected():
+    dev = Device()
+    inputs, grads = make_problem(np.random.default_rng(5), "gru", 3, 2, 4, 5, np.float32)
+    buffers = GraphBuffers(dev, "gru", inputs, grads, cuda_module.GRAD_ALL)
+    buffers.blas = dev.empty((cuda_module.cublas_workspace_bytes() - 1,), np.uint8)
+    with pytest.raises(ValueError, match="blas_workspace must hold"):
+        buffers.run()
 
 
 @needs_gpu

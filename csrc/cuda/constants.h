@@ -40,5 +40,12 @@ constexpr int kHopperMajor = 9;
 // cuBLAS requires the workspace pointer to be aligned to 256 bytes.
 constexpr std::size_t kCublasWorkspaceAlignment = 256;
 
+// Whole-call CUDA graphs (cuda_graphs.h): executable graphs kept per shape before a new buffer
+// set updates the least recently used of them in place, and in all (then the least recently
+// used is destroyed). 8 covers a stack's layers with their forward and backward calls; a graph
+// of a 100-step call holds some 600 nodes, a few hundred KiB of host memory.
+constexpr int kMaxGraphsPerShape = 8;
+constexpr int kMaxGraphs = 64;
+
 }  // namespace cuda_constants
 }  // namespace tfcells

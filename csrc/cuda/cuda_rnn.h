@@ -6,7 +6,9 @@
 //  - every pointer in the arguments is device memory (or managed memory) of the current
 //    device, laid out as rnn.h documents; `stream` belongs to that device;
 //  - nothing is allocated and nothing is synchronised: the calls only enqueue work on
-//    `stream` (the first call on a thread and device also creates that thread's cuBLAS handle);
+//    `stream` (the first call on a thread and device also creates that thread's cuBLAS handle
+//    and capture stream); a call that repeats with the same shapes and buffers replays the
+//    CUDA graph its first run captured (cuda_graphs.h);
 //  - the return value is "" when every launch was accepted, else a message saying which
 //    launch failed and why; after the first failure nothing more is enqueued. A fault inside a
 //    kernel (e.g. an illegal address) is asynchronous and surfaces at the caller's next
@@ -19,6 +21,7 @@
 #include <string>
 
 #include "../core/rnn.h"
+#include "cuda_graphs.h"
 
 namespace tfcells {
 
@@ -67,6 +70,11 @@ std::string CublasWorkspaceBytes(int device, std::size_t* bytes);
 // counted (0 of them when there is no driver or no device), else the CUDA error, with its name
 // and text and the two versions: a driver older than the runtime, a broken installation.
 std::string CudaDevices(int* driver_version, int* runtime_version, int* count);
+
+// Counts of this process' whole-call CUDA graphs (cuda_graphs.h: every call above is captured
+// once and replayed while it repeats with the same shapes and buffers).
+using CudaGraphStats = cuda_graphs::Stats;
+inline CudaGraphStats GetCudaGraphStats() { return cuda_graphs::GetStats(); }
 
 // Which cuBLAS library the CUDA path uses (loading it if needed), or why none could be loaded;
 // `ok` tells which.

@@ -6,7 +6,9 @@
 // backward_workspace_size() say how much); the functions check every array, enqueue the work
 // on `stream` (a cudaStream_t as an int, 0 for the legacy default stream) and return without
 // synchronising. 16-bit calls: float16 x, or storage="bfloat16" with the bits in 2-byte
-// integers; their weights, masks, cache and workspace are float32.
+// integers; their weights, masks, cache and workspace are float32. An optional blas_workspace
+// (cublas_workspace_bytes() + 255 bytes of device memory) becomes cuBLAS' workspace, as the
+// TensorFlow GPU op's allocator provides it.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "../core/storage.h"
+#include "../cuda/constants.h"
 #include "../cuda/cuda_rnn.h"
 #include "cells.h"
 
@@ -169,6 +172,12 @@ class Arrays {
 
   std::optional<DeviceArray> Mask(const py::object& obj) {
     return Typed(obj, "mask", false, false, Dtype::kBool, "");
+  }
+
+  // Optional device memory of any dtype, used as raw bytes (cuBLAS' workspace).
+  std::optional<DeviceArray> Bytes(const py::object& obj, const std::string& name) {
+    if (obj.is_none()) return std::nullopt;
+    return Add(Parse(obj, name), true);
   }
 
   // Checks that every non-empty array is device (or managed) memory of one device, and that
@@ -371,15 +380,36 @@ void Run(const std::string& error) {
   if (!error.empty()) throw std::runtime_error("tfcells CUDA: " + error);
 }
 
+// Points options at cuBLAS' workspace: `w` from its first 256-byte boundary on, which must
+// hold what CublasWorkspaceBytes asks for on `device`.
+void SetBlasWorkspace(const DeviceArray& w, int device, CudaOptions* options) {
+  std::size_t bytes = 0;
+  const std::string error = CublasWorkspaceBytes(device, &bytes);
+  if (!error.empty()) throw std::runtime_error(error);
+  const std::uintptr_t align = cuda_constants::kCublasWorkspaceAlignment;
+  const std::uintptr_t start = (w.ptr + align - 1) / align * align;
+  const std::uintptr_t have = static_cast<std::uintptr_t>(w.size()) * w.itemsize;
+  if (w.size() == 0 || have < start - w.ptr + bytes)
+    throw py::value_error(w.name + " must hold " + std::to_string(bytes) + " bytes from its " +
+                          "first 256-byte boundary on (cublas_workspace_bytes() + 255 bytes "
+                          "suffice), got " + std::to_string(have) + " bytes");
+  options->blas_workspace = reinterpret_cast<void*>(start);
+  options->blas_workspace_bytes = bytes;
+}
+
 // Runs a core entry point on `stream` (an int, as Python passes it) on the arrays' device,
 // after the producers of the inputs, with the GIL released; raises on a reported error.
 template <typename Entry>
-void Launch(Arrays& arrays, std::intptr_t stream, bool allow_tf32, const Entry& entry) {
+void Launch(Arrays& arrays, std::intptr_t stream, bool allow_tf32,
+            const py::object& blas_workspace, const Entry& entry) {
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  DeviceGuard guard(arrays.Device(stream));
+  const std::optional<DeviceArray> w = arrays.Bytes(blas_workspace, "blas_workspace");
+  const int device = arrays.Device(stream);
+  DeviceGuard guard(device);
   arrays.WaitForProducers(s);
   CudaOptions options;
   options.allow_tf32 = allow_tf32;
+  if (w && device >= 0) SetBlasWorkspace(*w, device, &options);
   std::string error;
   {
     py::gil_scoped_release release;
@@ -396,7 +426,7 @@ void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
              const py::object& y, const py::object& h_last, const py::object& c_last,
              const py::object& gates, const py::object& aux, const py::object& h_prev,
              const py::object& workspace, bool time_major, bool go_backwards,
-             std::intptr_t stream, bool allow_tf32) {
+             std::intptr_t stream, bool allow_tf32, const py::object& blas_workspace) {
   CallOptions options;
   options.training = !gates.is_none();
   const Inputs<T, S> in =
@@ -436,7 +466,7 @@ void Forward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   a.gates = SpanOf<T>(gates_a), a.aux = SpanOf<T>(aux_a), a.h_prev = SpanOf<T>(h_prev_a);
   a.workspace = SpanOf<T>(ws);
 
-  Launch(arrays, stream, allow_tf32,
+  Launch(arrays, stream, allow_tf32, blas_workspace,
          [&](cudaStream_t s, const CudaOptions& o) { return ForwardCuda(a, s, o); });
 }
 
@@ -450,7 +480,8 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
               const py::object& dc_last, const py::object& dx, const py::object& dh0,
               const py::object& dc0, const py::object& dkernel, const py::object& drk,
               const py::object& dbias, const py::object& workspace, int grad_mask,
-              bool time_major, bool go_backwards, std::intptr_t stream, bool allow_tf32) {
+              bool time_major, bool go_backwards, std::intptr_t stream, bool allow_tf32,
+              const py::object& blas_workspace) {
   CallOptions options;
   options.grad_mask = grad_mask;
   const Inputs<T, S> in =
@@ -501,7 +532,7 @@ void Backward(Arrays& arrays, const std::string& cell_name, const py::object& x,
   RequireAtLeast(*ws, plan.backward_layout().total);
   a.workspace = SpanOf<T>(ws);
 
-  Launch(arrays, stream, allow_tf32,
+  Launch(arrays, stream, allow_tf32, blas_workspace,
          [&](cudaStream_t s, const CudaOptions& o) { return BackwardCuda(a, s, o); });
 }
 
@@ -569,13 +600,13 @@ void ForwardAny(const std::string& cell, const py::object& x, const py::object& 
                 const py::object& aux, const py::object& h_prev, const py::object& workspace,
                 bool time_major, bool go_backwards, std::intptr_t stream, bool allow_tf32,
                 const py::object& input_dropout, const py::object& recurrent_dropout,
-                const py::object& storage) {
+                const py::object& storage, const py::object& blas_workspace) {
   WithTypes(x, storage, [&](auto types, Arrays& arrays) {
     using Types = decltype(types);
     Forward<typename Types::T, typename Types::S>(
         arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout, recurrent_dropout, y,
         h_last, c_last, gates, aux, h_prev, workspace, time_major, go_backwards, stream,
-        allow_tf32);
+        allow_tf32, blas_workspace);
   });
 }
 
@@ -589,13 +620,13 @@ void BackwardAny(const std::string& cell, const py::object& x, const py::object&
                  int grad_mask, bool time_major, bool go_backwards, std::intptr_t stream,
                  bool allow_tf32, const py::object& input_dropout,
                  const py::object& recurrent_dropout, const py::object& storage,
-                 const py::object& y) {
+                 const py::object& y, const py::object& blas_workspace) {
   WithTypes(x, storage, [&](auto types, Arrays& arrays) {
     using Types = decltype(types);
     Backward<typename Types::T, typename Types::S>(
         arrays, cell, x, h0, c0, kernel, rk, bias, mask, input_dropout, recurrent_dropout, gates,
         aux, h_prev, y, dy, dh_last, dc_last, dx, dh0, dc0, dkernel, drk, dbias, workspace,
-        grad_mask, time_major, go_backwards, stream, allow_tf32);
+        grad_mask, time_major, go_backwards, stream, allow_tf32, blas_workspace);
   });
 }
 
@@ -667,6 +698,31 @@ py::dict CudaVersions() {
   return out;
 }
 
+Index BlasWorkspaceBytes(int device) {
+  std::size_t bytes = 0;
+  const std::string error = CublasWorkspaceBytes(device, &bytes);
+  if (!error.empty()) throw std::runtime_error(error);
+  return static_cast<Index>(bytes);
+}
+
+// How often each piece of work ran in this process (plan.h's counters), by name.
+py::dict WorkCounts() {
+  py::dict out;
+  for (int i = 0; i < kNumCounters; ++i)
+    out[kCounterNames[i]] = WorkCount(static_cast<Counter>(i));
+  return out;
+}
+
+py::dict GraphStats() {
+  const CudaGraphStats s = GetCudaGraphStats();
+  py::dict out;
+  out["replays"] = s.replays, out["instantiations"] = s.instantiations;
+  out["updates"] = s.updates, out["direct"] = s.direct;
+  out["failed_captures"] = s.failed_captures, out["cached"] = s.cached;
+  out["last_failure"] = s.last_failure;
+  return out;
+}
+
 std::string CublasLibrary() {
   bool ok = false;
   const std::string what = CudaBlasLibrary(&ok);
@@ -689,7 +745,7 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
         "c_last"_a = none, "gates"_a = none, "aux"_a = none, "h_prev"_a = none, "workspace"_a,
         "time_major"_a = false, "go_backwards"_a = false, "stream"_a = 0,
         "allow_tf32"_a = false, "input_dropout"_a = none, "recurrent_dropout"_a = none,
-        "storage"_a = none,
+        "storage"_a = none, "blas_workspace"_a = none,
         "Forward pass. Training when gates/aux/h_prev (the cache) are given. Optional dropout "
         "masks input_dropout [G, B, I] and recurrent_dropout [G, B, H]: gate g reads "
         "x * input_dropout[g] and h_prev * recurrent_dropout[g] at every step. 16-bit storage "
@@ -703,7 +759,7 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
         "grad_mask"_a = static_cast<int>(tfcells::kGradAll), "time_major"_a = false,
         "go_backwards"_a = false, "stream"_a = 0, "allow_tf32"_a = false,
         "input_dropout"_a = none, "recurrent_dropout"_a = none, "storage"_a = none,
-        "y"_a = none,
+        "y"_a = none, "blas_workspace"_a = none,
         "Backward pass: writes the gradients named by grad_mask into the given arrays (the "
         "forward's dropout masks, if any, passed again, and its output y, from which the "
         "pass reads each step's h_prev unless the cache has it: go_backwards, 16-bit "
@@ -727,6 +783,17 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
   m.def("cuda_versions", &tfcells::CudaVersions,
         "{driver, runtime, built_with, device_count, error}: CUDA versions as 1000 * major + "
         "10 * minor (driver 0: none installed), and what device_count() would raise (or None).");
+  m.def("cublas_workspace_bytes", &tfcells::BlasWorkspaceBytes, "device"_a = 0,
+        "Bytes of cuBLAS workspace the calls' blas_workspace must hold on `device` (from its "
+        "first 256-byte boundary): NVIDIA's recommended size for the architecture.");
+  m.def("work_counts", &tfcells::WorkCounts,
+        "{counter: count} of the work this module's calls did (WORK_COUNTERS); a replayed "
+        "CUDA graph counts what its capture counted.");
+  m.def("graph_stats", &tfcells::GraphStats,
+        "Counts of this process' whole-call CUDA graphs: {replays, instantiations, updates, "
+        "direct, failed_captures, cached} and last_failure (why the last failed capture "
+        "failed). A call given a blas_workspace replays its graph when it repeats with the same "
+        "shapes and buffers; TFCELLS_CUDA_GRAPHS=0 launches every call directly.");
   m.def("cublas_library", &tfcells::CublasLibrary,
         "The cuBLAS file the kernels use (loading it); raises RuntimeError if none loads.");
   tfcells::AddTables(m);
