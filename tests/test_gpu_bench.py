@@ -193,6 +193,9 @@ class _FakeArrays:
     def arg(self, t):
         return t
 
+    def blas_workspace(self, module):
+        return _FakeDeviceArray((32 << 20,), "|u1")
+
     def get(self, a):
         return np.zeros(a.shape)
 

@@ -15,7 +15,9 @@
 #   tests.log    pytest: tests/test_cuda.py's comparisons first, then the rest
 #   memcheck.log compute-sanitizer --tool memcheck over tools/memcheck_driver.py
 #   bench.md     the GPU suite's table (float32), then TF32, float16 and bfloat16 tables;
-#                gpu.json and gpu.png the float32 run's records and plot
+#                gpu.json the float32 run's records
+#   profile.txt  tools/gpu_profile.py: host against GPU time per step, kernels, CUDA graphs
+#                on and off
 #
 # Tests run with TFCELLS_REQUIRE_GPU=1: a test that cannot run for want of a GPU, the CUDA
 # module, PyTorch or cuBLAS fails, so a broken set-up cannot pass green. Exit status: 0 when
@@ -131,8 +133,8 @@ EOF
 export -f probe
 export python
 # The LATER argument of each stage: what the stages after it need at least (build 150, gpu 10,
-# tests 60 + 30, memcheck 40, bench 60, bench-tensor-cores 60 s); a stage that runs short leaves
-# its time to them.
+# tests 60 + 30, memcheck 40, bench 60, profile 60, bench-tensor-cores 60 s); a stage that runs
+# short leaves its time to them.
 stage probe 40 410 "$out/probe.txt" bash -c probe
 probe_ok=$?
 
@@ -198,8 +200,11 @@ else
 fi
 
 # --- the GPU suite against cuDNN ------------------------------------------------------------
-stage bench 150 60 "$out/bench.md" "$python" -m benchmarks --device gpu --no-progress \
-  --json "$out/gpu.json" --plot "$out/gpu.png" "$@"
+stage bench 150 120 "$out/bench.md" "$python" -m benchmarks --device gpu --no-progress \
+  --json "$out/gpu.json" "$@"
+
+# --- where a step's time goes, and whole-call CUDA graphs on and off (tools/gpu_profile.py) --
+stage profile 120 60 "$out/profile.txt" "$python" tools/gpu_profile.py
 
 # --- the same on tensor cores: TF32, float16, bfloat16 (tables appended to bench.md) ---------
 # On the H200 (2026-12-04) each took 30-55 s; there the step is bound by its launches, not by

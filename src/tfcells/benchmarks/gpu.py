@@ -191,6 +191,11 @@ class _TorchArrays:
     def arg(self, t):
         return t.view(self.torch.int16) if t.dtype == self.torch.bfloat16 else t
 
+    def blas_workspace(self, module):
+        """Bytes for the calls' blas_workspace on the current GPU."""
+        size = module.cublas_workspace_bytes(self.torch.cuda.current_device()) + 255
+        return self.torch.empty(size, dtype=self.torch.uint8, device="cuda")
+
     def get(self, t):
         return (t.float() if t.dtype != self.compute else t).cpu().numpy()
 
@@ -233,6 +238,9 @@ class TfcellsCudaStep:
             *wanted[n][2])) for n in work.grads}
         self.backward_workspace = arrays.empty(
             module.backward_workspace_size(cell, T, B, I, H, self.grad_mask, True, **self.storage))
+        # cuBLAS' workspace, as the TensorFlow op's allocator hands it over; with it the calls
+        # replay their CUDA graphs (csrc/cuda/cuda_graphs.h).
+        self.blas_workspace = arrays.blas_workspace(module)
 
     def forward(self):
         gates, aux, h_prev = self.cache
@@ -240,7 +248,8 @@ class TfcellsCudaStep:
         self.module.forward(self.cell, *[None if t is None else a(t) for t in self.inputs],
                             **{k: None if t is None else a(t) for k, t in self.outputs.items()},
                             gates=gates, aux=aux, h_prev=h_prev, workspace=self.forward_workspace,
-                            stream=self.arrays.stream, allow_tf32=self.allow_tf32, **self.storage)
+                            stream=self.arrays.stream, allow_tf32=self.allow_tf32,
+                            blas_workspace=self.blas_workspace, **self.storage)
 
     def backward(self):
         # No incoming gradient for the final states: the loss is sum(y * dy).
@@ -250,7 +259,8 @@ class TfcellsCudaStep:
                              **{k: a(t) for k, t in self.grads.values()},
                              workspace=self.backward_workspace, grad_mask=self.grad_mask,
                              stream=self.arrays.stream, allow_tf32=self.allow_tf32,
-                             y=a(self.outputs["y"]), **self.storage)
+                             y=a(self.outputs["y"]), blas_workspace=self.blas_workspace,
+                             **self.storage)
 
     def run(self):
         self.forward()
