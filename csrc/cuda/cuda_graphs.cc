@@ -1,6 +1,7 @@
 // Whole-call CUDA graphs: see cuda_graphs.h.
 #include "cuda_graphs.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -49,12 +50,21 @@ Cache& TheCache() {
   return *cache;
 }
 
-// This thread's capture stream on `device` (the current device), created once.
+std::atomic<bool> exiting{false};  // set at process exit, when the CUDA runtime may be gone
+
+// This thread's capture stream on `device` (the current device), created once and destroyed
+// when the thread ends (a captured graph does not depend on the stream it was captured on).
 cudaStream_t CaptureStream(int device, std::string* error) {
   struct Streams {
     std::vector<std::pair<int, cudaStream_t>> by_device;
+    ~Streams() {
+      if (exiting.load()) return;
+      for (const auto& [d, s] : by_device) cudaStreamDestroy(s);
+    }
   };
-  thread_local Streams streams;  // never destroyed: the runtime may be gone at thread exit
+  static std::once_flag at_exit;
+  std::call_once(at_exit, [] { std::atexit([] { exiting.store(true); }); });
+  thread_local Streams streams;
   for (const auto& [d, s] : streams.by_device)
     if (d == device) return s;
   cudaStream_t s = nullptr;
