@@ -24,7 +24,7 @@ os.environ.setdefault("TFCELLS_CUDA_MODULE_DIR", os.path.abspath("build/gpu"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tfcells.benchmarks import gpu  # noqa: E402
+from tfcells.benchmarks import gpu, timing  # noqa: E402
 from tfcells.benchmarks.workload import CONFIGS, Shape, make_workload  # noqa: E402
 
 CASES = [  # cell, dtype, tf32, shape, config
@@ -38,17 +38,7 @@ CASES = [  # cell, dtype, tf32, shape, config
 
 
 def cuda_ms(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-             for _ in range(reps)]
-    torch.cuda.synchronize()
-    for a, b in pairs:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return float(np.median([a.elapsed_time(b) for a, b in pairs]))
+    return timing.measure_cuda_events(fn, reps, warmup)["median_ms"]
 
 
 def host_ms(fn, reps=10):
