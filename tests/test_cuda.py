@@ -1135,7 +1135,7 @@ def test_too_small_blas_workspace_rejected():
     inputs, grads = make_problem(np.random.default_rng(5), "gru", 3, 2, 4, 5, np.float32)
     buffers = GraphBuffers(dev, "gru", inputs, grads, cuda_module.GRAD_ALL)
     buffers.blas = dev.empty((cuda_module.cublas_workspace_bytes() - 1,), np.uint8)
-    with pytest.raises(ValueError, match="blas_workspace must hold"):
+    with pytest.raises(ValueError, match="blas_workspace: the cuBLAS workspace must hold"):
         buffers.run()
 
 

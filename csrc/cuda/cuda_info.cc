@@ -1,4 +1,6 @@
 // Host-only helpers of the CUDA path.
+#include <cstdint>
+
 #include "constants.h"
 #include "cublas_loader.h"
 #include "cuda_rnn.h"
@@ -29,6 +31,22 @@ std::string CublasWorkspaceBytes(int device, std::size_t* bytes) {
   }
   *bytes = major >= cuda_constants::kHopperMajor ? cuda_constants::kCublasWorkspaceBytesHopper
                                                  : cuda_constants::kCublasWorkspaceBytesOther;
+  return "";
+}
+
+std::string UseBlasWorkspace(void* base, std::size_t bytes, int device, CudaOptions* options) {
+  std::size_t need = 0;
+  const std::string error = CublasWorkspaceBytes(device, &need);
+  if (!error.empty()) return error;
+  constexpr std::uintptr_t kAlign = cuda_constants::kCublasWorkspaceAlignment;
+  const auto at = reinterpret_cast<std::uintptr_t>(base);
+  const std::uintptr_t start = (at + kAlign - 1) / kAlign * kAlign;
+  if (base == nullptr || bytes < start - at + need)
+    return "the cuBLAS workspace must hold " + std::to_string(need) +
+           " bytes from its first 256-byte boundary on (" + std::to_string(need + kAlign - 1) +
+           " bytes suffice), got " + std::to_string(bytes);
+  options->blas_workspace = reinterpret_cast<void*>(start);
+  options->blas_workspace_bytes = need;
   return "";
 }
 

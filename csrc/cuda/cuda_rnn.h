@@ -65,6 +65,11 @@ std::string BackwardCuda(const BackwardArgs<float, float16>& args, cudaStream_t 
 // for its architecture). Returns "" or why the device could not be queried.
 std::string CublasWorkspaceBytes(int device, std::size_t* bytes);
 
+// Points options->blas_workspace at the first 256-byte boundary of the `bytes` of device memory
+// at `base`, with the size CublasWorkspaceBytes gives for `device`. Returns "" or why not: the
+// device cannot be queried, or the memory is too small (that size + 255 bytes always suffice).
+std::string UseBlasWorkspace(void* base, std::size_t bytes, int device, CudaOptions* options);
+
 // The CUDA driver's and runtime's versions (1000 * major + 10 * minor; the driver's is 0 when
 // no NVIDIA driver is installed) and the number of GPUs. Returns "" when the GPUs could be
 // counted (0 of them when there is no driver or no device), else the CUDA error, with its name

@@ -18,7 +18,6 @@
 #include <vector>
 
 #include "../core/storage.h"
-#include "../cuda/constants.h"
 #include "../cuda/cuda_rnn.h"
 #include "cells.h"
 
@@ -380,23 +379,6 @@ void Run(const std::string& error) {
   if (!error.empty()) throw std::runtime_error("tfcells CUDA: " + error);
 }
 
-// Points options at cuBLAS' workspace: `w` from its first 256-byte boundary on, which must
-// hold what CublasWorkspaceBytes asks for on `device`.
-void SetBlasWorkspace(const DeviceArray& w, int device, CudaOptions* options) {
-  std::size_t bytes = 0;
-  const std::string error = CublasWorkspaceBytes(device, &bytes);
-  if (!error.empty()) throw std::runtime_error(error);
-  const std::uintptr_t align = cuda_constants::kCublasWorkspaceAlignment;
-  const std::uintptr_t start = (w.ptr + align - 1) / align * align;
-  const std::uintptr_t have = static_cast<std::uintptr_t>(w.size()) * w.itemsize;
-  if (w.size() == 0 || have < start - w.ptr + bytes)
-    throw py::value_error(w.name + " must hold " + std::to_string(bytes) + " bytes from its " +
-                          "first 256-byte boundary on (cublas_workspace_bytes() + 255 bytes "
-                          "suffice), got " + std::to_string(have) + " bytes");
-  options->blas_workspace = reinterpret_cast<void*>(start);
-  options->blas_workspace_bytes = bytes;
-}
-
 // Runs a core entry point on `stream` (an int, as Python passes it) on the arrays' device,
 // after the producers of the inputs, with the GIL released; raises on a reported error.
 template <typename Entry>
@@ -409,7 +391,12 @@ void Launch(Arrays& arrays, std::intptr_t stream, bool allow_tf32,
   arrays.WaitForProducers(s);
   CudaOptions options;
   options.allow_tf32 = allow_tf32;
-  if (w && device >= 0) SetBlasWorkspace(*w, device, &options);
+  if (w && device >= 0) {
+    const std::string error =
+        UseBlasWorkspace(reinterpret_cast<void*>(w->ptr),
+                         static_cast<std::size_t>(w->size()) * w->itemsize, device, &options);
+    if (!error.empty()) throw py::value_error(w->name + ": " + error);
+  }
   std::string error;
   {
     py::gil_scoped_release release;

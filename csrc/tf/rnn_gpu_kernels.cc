@@ -75,15 +75,16 @@ void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
   std::size_t bytes = 0;
   const std::string size_error = CublasWorkspaceBytes(current, &bytes);
   OP_REQUIRES(ctx, size_error.empty(), tensorflow::errors::Internal("tfcells: ", size_error));
-  constexpr std::size_t kAlign = cuda_constants::kCublasWorkspaceAlignment;
+  bytes += cuda_constants::kCublasWorkspaceAlignment;  // room to align its start
   tensorflow::Tensor workspace;
   OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT8,
                                          tensorflow::TensorShape({static_cast<std::int64_t>(
-                                             bytes + kAlign)}),
+                                             bytes)}),
                                          &workspace));
-  const auto base = reinterpret_cast<std::uintptr_t>(workspace.tensor_data().data());
-  options.blas_workspace = reinterpret_cast<void*>((base + kAlign - 1) / kAlign * kAlign);
-  options.blas_workspace_bytes = bytes;
+  const std::string workspace_error = UseBlasWorkspace(
+      const_cast<char*>(workspace.tensor_data().data()), bytes, current, &options);
+  OP_REQUIRES(ctx, workspace_error.empty(),
+              tensorflow::errors::Internal("tfcells: ", workspace_error));
   int previous = -1;
   if (device >= 0) {
     cudaError_t e = cudaGetDevice(&previous);
