@@ -3,10 +3,12 @@
 # pybind11 but no TensorFlow (such as the project's lent H100/H200): probe the machine, build the
 # kernel modules with CMake alone, run the highest-signal CUDA tests first, then the rest, then
 # compute-sanitizer's memcheck on a small forward and backward of every cell, then the GPU
-# benchmark suite against cuDNN (float32, then on tensor cores). Every stage has a time budget,
-# and the stages together end within TFCELLS_SESSION_BUDGET_S (default 470 s, under 8 minutes),
-# so that one rerun fits in 15 minutes of device time (on an H200 the whole ran in about 200 s
-# before the tensor-core stage, which adds about 150).
+# benchmark suite against cuDNN (float32), a profile (tools/gpu_profile.py), and the suite on
+# tensor cores. Every stage has a time budget, and the stages together end within
+# TFCELLS_SESSION_BUDGET_S (default 470 s, under 8 minutes). On an H200 (2026-12-04) the whole
+# took 395 s: build 69, tests 63, bench 66, profile 21, tensor cores 152; with a machine's start
+# (60-90 s) that leaves no room for a second full run in 15 minutes of device time, so rerun only
+# the stages that failed.
 #
 # Everything goes to $OUT (default ./gpu-out), at most 8 files (the device tool brings back 8):
 #   summary.txt  one line per stage: ok / FAILED / TIMED OUT / not run, with its time
