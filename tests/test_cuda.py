@@ -1119,6 +1119,39 @@ def test_graph_replays_match_direct_launches(cell, dropout, monkeypatch):
     assert counts["grad_kernel"] - counts_before["grad_kernel"] == runs
 
 
+@needs_gpu
+@needs_torch
+def test_graph_updates_keep_every_buffer_set_right(monkeypatch):
+    """More buffer sets of one shape than graphs are kept for it (8): past the eighth, each new
+    set's capture updates the least recently used graph in place, so sets take graphs from one
+    another in turn. Twelve sets with their own values, run round after round, each against
+    direct launches of its values."""
+    rng = np.random.default_rng(41)
+    cell, T, B, I, H = "lstm", 4, 3, 5, 6
+    problems = [make_problem(rng, cell, T, B, I, H, np.float32) for _ in range(12)]
+    dev = Device()
+    sets = [GraphBuffers(dev, cell, *p, cuda_module.GRAD_ALL) for p in problems]
+    monkeypatch.setenv("TFCELLS_CUDA_GRAPHS", "0")
+    want = []
+    for buffers in sets:
+        buffers.run()
+        want.append(buffers.results())
+        buffers.load(*problems[0])  # other values, until the round below loads its own
+    monkeypatch.delenv("TFCELLS_CUDA_GRAPHS")
+    before = cuda_module.graph_stats()
+    for _ in range(2):
+        for buffers, p, w in zip(sets, problems, want):
+            buffers.load(*p)
+            buffers.run()
+            got = buffers.results()
+            for k, v in w.items():
+                np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-6, err_msg=k)
+    after = cuda_module.graph_stats()
+    assert after["failed_captures"] == before["failed_captures"], after["last_failure"]
+    assert after["updates"] - before["updates"] >= 2 * 4  # sets 9-12 of the first round
+    assert after["cached"] <= 64
+
+
 @needs_module
 def test_graph_stats_and_work_counts_are_exported():
     stats = cuda_module.graph_stats()
