@@ -34,10 +34,8 @@ std::string CublasWorkspaceBytes(int device, std::size_t* bytes) {
   return "";
 }
 
-std::string UseBlasWorkspace(void* base, std::size_t bytes, int device, CudaOptions* options) {
-  std::size_t need = 0;
-  const std::string error = CublasWorkspaceBytes(device, &need);
-  if (!error.empty()) return error;
+std::string UseBlasWorkspace(void* base, std::size_t bytes, std::size_t need,
+                             CudaOptions* options) {
   constexpr std::uintptr_t kAlign = cuda_constants::kCublasWorkspaceAlignment;
   const auto at = reinterpret_cast<std::uintptr_t>(base);
   const std::uintptr_t start = (at + kAlign - 1) / kAlign * kAlign;

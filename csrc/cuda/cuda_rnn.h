@@ -33,7 +33,7 @@ inline constexpr InputProjection kCudaInputProjection = InputProjection::kWholeS
 struct CudaOptions {
   // Let cuBLAS use TF32 tensor cores for float32 GEMMs (about 10 mantissa bits in the
   // products). Off by default, so that float32 results match the CPU kernels closely. Calls
-  // with 16-bit storage multiply in their own 16-bit type instead (gemm_mapping.h's
+  // with 16-bit storage let cuBLAS round to their own 16-bit type instead (gemm_mapping.h's
   // ProductsFor).
   bool allow_tf32 = false;
   // Device memory for cuBLAS' GEMMs (cublasSetWorkspace), from the caller's allocator, valid
@@ -66,9 +66,10 @@ std::string BackwardCuda(const BackwardArgs<float, float16>& args, cudaStream_t 
 std::string CublasWorkspaceBytes(int device, std::size_t* bytes);
 
 // Points options->blas_workspace at the first 256-byte boundary of the `bytes` of device memory
-// at `base`, with the size CublasWorkspaceBytes gives for `device`. Returns "" or why not: the
-// device cannot be queried, or the memory is too small (that size + 255 bytes always suffice).
-std::string UseBlasWorkspace(void* base, std::size_t bytes, int device, CudaOptions* options);
+// at `base`, as a workspace of `need` bytes (CublasWorkspaceBytes). Returns "" or why not: the
+// memory is too small (need + 255 bytes always suffice).
+std::string UseBlasWorkspace(void* base, std::size_t bytes, std::size_t need,
+                             CudaOptions* options);
 
 // The CUDA driver's and runtime's versions (1000 * major + 10 * minor; the driver's is 0 when
 // no NVIDIA driver is installed) and the number of GPUs. Returns "" when the GPUs could be

@@ -379,6 +379,14 @@ void Run(const std::string& error) {
   if (!error.empty()) throw std::runtime_error("tfcells CUDA: " + error);
 }
 
+// Bytes of cuBLAS workspace a call on `device` takes (raises where it cannot be asked).
+Index BlasWorkspaceBytes(int device) {
+  std::size_t bytes = 0;
+  const std::string error = CublasWorkspaceBytes(device, &bytes);
+  if (!error.empty()) throw std::runtime_error(error);
+  return static_cast<Index>(bytes);
+}
+
 // Runs a core entry point on `stream` (an int, as Python passes it) on the arrays' device,
 // after the producers of the inputs, with the GIL released; raises on a reported error.
 template <typename Entry>
@@ -394,7 +402,8 @@ void Launch(Arrays& arrays, std::intptr_t stream, bool allow_tf32,
   if (w && device >= 0) {
     const std::string error =
         UseBlasWorkspace(reinterpret_cast<void*>(w->ptr),
-                         static_cast<std::size_t>(w->size()) * w->itemsize, device, &options);
+                         static_cast<std::size_t>(w->size()) * w->itemsize,
+                         static_cast<std::size_t>(BlasWorkspaceBytes(device)), &options);
     if (!error.empty()) throw py::value_error(w->name + ": " + error);
   }
   std::string error;
@@ -685,13 +694,6 @@ py::dict CudaVersions() {
   return out;
 }
 
-Index BlasWorkspaceBytes(int device) {
-  std::size_t bytes = 0;
-  const std::string error = CublasWorkspaceBytes(device, &bytes);
-  if (!error.empty()) throw std::runtime_error(error);
-  return static_cast<Index>(bytes);
-}
-
 // How often each piece of work ran in this process (plan.h's counters), by name.
 py::dict WorkCounts() {
   py::dict out;
@@ -738,7 +740,7 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
         "x * input_dropout[g] and h_prev * recurrent_dropout[g] at every step. 16-bit storage "
         "(x float16, or storage='bfloat16' with the bits as 2-byte integers): x, the states "
         "and the outputs in it; weights, masks, cache and workspace float32; the GEMMs "
-        "multiply in the 16-bit type.");
+        "may round their operands to the 16-bit type.");
   m.def("backward", &tfcells::BackwardAny, "cell"_a, "x"_a, "h0"_a, "c0"_a, "kernel"_a,
         "recurrent_kernel"_a, "bias"_a, "mask"_a, "gates"_a, "aux"_a, "h_prev"_a, "dy"_a,
         "dh_last"_a, "dc_last"_a, py::kw_only(), "dx"_a = none, "dh0"_a = none, "dc0"_a = none,

@@ -72,17 +72,17 @@ void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
   // before the device switch below so that an error leaves the caller's device alone.
   int current = device;
   if (current < 0) cudaGetDevice(&current);
-  std::size_t bytes = 0;
-  const std::string size_error = CublasWorkspaceBytes(current, &bytes);
+  std::size_t need = 0;
+  const std::string size_error = CublasWorkspaceBytes(current, &need);
   OP_REQUIRES(ctx, size_error.empty(), tensorflow::errors::Internal("tfcells: ", size_error));
-  bytes += cuda_constants::kCublasWorkspaceAlignment;  // room to align its start
+  const std::size_t bytes = need + cuda_constants::kCublasWorkspaceAlignment;  // room to align
   tensorflow::Tensor workspace;
   OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT8,
                                          tensorflow::TensorShape({static_cast<std::int64_t>(
                                              bytes)}),
                                          &workspace));
   const std::string workspace_error = UseBlasWorkspace(
-      const_cast<char*>(workspace.tensor_data().data()), bytes, current, &options);
+      const_cast<char*>(workspace.tensor_data().data()), bytes, need, &options);
   OP_REQUIRES(ctx, workspace_error.empty(),
               tensorflow::errors::Internal("tfcells: ", workspace_error));
   int previous = -1;
