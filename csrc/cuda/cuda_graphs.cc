@@ -78,12 +78,18 @@ cudaStream_t CaptureStream(int device, std::string* error) {
   return s;
 }
 
+// Adds sign * counts to plan.h's counters: a replay counts what its capture recorded, a failed
+// capture takes its counts back.
+void AddCounts(const std::int64_t (&counts)[kNumCounters], int sign) {
+  for (int c = 0; c < kNumCounters; ++c)
+    if (counts[c] != 0) AddWork(static_cast<Counter>(c), sign * counts[c]);
+}
+
 // Launches entry's graph on `stream` and counts its work (caller holds the lock).
 std::string Launch(const Entry& entry, cudaStream_t stream) {
   const cudaError_t e = cudaGraphLaunch(entry.exec, stream);
   if (e != cudaSuccess) return ErrorText("cudaGraphLaunch", e);
-  for (int c = 0; c < kNumCounters; ++c)
-    if (entry.work[c] != 0) AddWork(static_cast<Counter>(c), entry.work[c]);
+  AddCounts(entry.work, 1);
   return "";
 }
 
@@ -92,10 +98,9 @@ std::string Direct(Call& call, cudaStream_t stream) {
   return error.empty() ? call.Enqueue() : error;
 }
 
-// Captures `call` on this thread's capture stream. Returns the graph, or null (with the
-// recorder's counts taken back, and *error saying why) when the capture or a launch in it
-// failed.
-cudaGraph_t Capture(Call& call, int device, WorkRecorder* recorder, std::string* error) {
+// Captures `call` on this thread's capture stream. Returns the graph, or null (with *error
+// saying why) when the capture or a launch in it failed.
+cudaGraph_t Capture(Call& call, int device, std::string* error) {
   const cudaStream_t s = CaptureStream(device, error);
   if (s == nullptr) return nullptr;
   *error = call.Prepare(s);
@@ -113,8 +118,6 @@ cudaGraph_t Capture(Call& call, int device, WorkRecorder* recorder, std::string*
   if (error->empty()) *error = ErrorText("cudaStreamEndCapture", e);
   if (graph != nullptr) cudaGraphDestroy(graph);
   cudaGetLastError();  // not sticky: clear it, so the direct run's checks start clean
-  for (int c = 0; c < kNumCounters; ++c)
-    if (recorder->counts[c] != 0) AddWork(static_cast<Counter>(c), -recorder->counts[c]);
   return nullptr;
 }
 
@@ -195,17 +198,15 @@ std::string Run(GraphKey key, bool capturable, cudaStream_t stream, Call& call) 
 
   WorkRecorder recorder;
   std::string why;
-  cudaGraph_t graph = Capture(call, device, &recorder, &why);
+  cudaGraph_t graph = Capture(call, device, &why);
   std::unique_lock<std::mutex> lock(cache.mu);
   Entry* entry = nullptr;
   if (graph != nullptr) {
     entry = Install(cache, key, graph, &why);
     cudaGraphDestroy(graph);
-    if (entry == nullptr)  // instantiation failed: the counts go back, as for a failed capture
-      for (int c = 0; c < kNumCounters; ++c)
-        AddWork(static_cast<Counter>(c), -recorder.counts[c]);
   }
-  if (entry == nullptr) {
+  if (entry == nullptr) {  // no graph to launch: its counts go back, and the call runs directly
+    AddCounts(recorder.counts, -1);
     lock.unlock();
     const std::string error = Direct(call, stream);
     if (error.empty()) {  // it was the capture that failed, not the call: stop capturing it
