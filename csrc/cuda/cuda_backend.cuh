@@ -199,7 +199,7 @@ class CudaBackend : public InPlaceStepOperands<CudaBackend> {
     if constexpr (std::is_same<T, float>::value) {
       const bool bf16 = products_ == GpuProducts::kBFloat16;
       if (bf16 || products_ == GpuProducts::kFloat16) {
-        // float32 in and out; the tensor cores read the operands rounded to 16 bits.
+        // float32 in and out; cuBLAS may round the operands to 16 bits (gemm_mapping.h).
         const int compute = bf16 ? cublas::kCompute32FFast16BF : cublas::kCompute32FFast16F;
         CheckBlas(api_->gemm_ex(handle_, op_first, op_second, g.m, g.n, g.k, &one, g.first,
                                 cublas::kRealFloat32, g.ld_first, g.second, cublas::kRealFloat32,

@@ -18,8 +18,10 @@ namespace tfcells {
 // float32 in every case; cuBLAS rounds the operands on their way in).
 enum class GpuProducts { kFloat32, kTf32, kBFloat16, kFloat16 };
 
-// A call with 16-bit storage has accepted that precision: its GEMMs multiply operands rounded
-// to its own 16-bit type (twice TF32's tensor-core rate on Ampere and Hopper). Other float32
+// A call with 16-bit storage has accepted that precision: its GEMMs let cuBLAS round the float32
+// operands to its own 16-bit type (CUBLAS_COMPUTE_32F_FAST_16F / 16BF), and cuBLAS picks the
+// kernel: for the step products on an H200 it picked TF32 tensor-core kernels on the float32
+// operands (tools/gpu_profile.py, 2026-12-04), no less precise than 16-bit ones. Other float32
 // calls multiply in float32, or in TF32 where the caller allows it. float16's range is the
 // float16 contract of mixed precision: an operand beyond 65504 becomes inf, as in any float16
 // GEMM, which a loss-scaling optimizer detects and skips.

@@ -35,8 +35,9 @@ PEAKS = [(("H100", "PCIe"), "H100 PCIe", (51.2, 378.0, 756.0)),
 
 def peak_for(device_name, dtype, tf32):
     """(datasheet entry, TFLOP/s) of the matching PEAKS row, or (None, None): unknown GPU, or
-    float64, which has no entry here. 16-bit storage multiplies in its 16-bit type on tensor
-    cores (the CUDA backend's cublasGemmEx, cuDNN under autocast)."""
+    float64, which has no entry here. 16-bit storage is held to the 16-bit tensor-core peak:
+    cuDNN under autocast multiplies in float16, and tfcells' GEMMs let cuBLAS round to the
+    16-bit type (it may pick TF32 kernels instead: csrc/cuda/gemm_mapping.h)."""
     for parts, key, (fp32, tf32_peak, half) in PEAKS:
         if all(p.lower() in device_name.lower() for p in parts):
             if dtype == "float32":
