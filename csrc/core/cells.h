@@ -18,6 +18,15 @@
 namespace tfcells {
 TFCELLS_ISA_BEGIN
 
+// The backward functors read rows that the forward pass wrote long before (the training cache,
+// the outputs) and write the gradients of every step, about a dozen streams per row, each only
+// H elements long: too short for the hardware prefetchers to pick up. Each names those lines in
+// Prefetch(b, j): columns j .. j + kPrefetchColumns - 1 of row b, one cache line of each. The CPU
+// loop (cpu_backend.h, ForEachRow) asks for the next row's lines while it computes a row; the
+// GPU has no use for it.
+template <typename T>
+constexpr Index kCacheLineColumns = Index{64} / Index{sizeof(T)};
+
 // Whether row b takes this step. Kept as a comparison of T values, not a bool, so that the
 // selects below vectorise on the CPU; every functor computes both outcomes and selects, which
 // keeps the loops branch-free (and a NaN in the unused outcome never leaks through a select).
@@ -108,6 +117,16 @@ struct LstmBackwardPoint {
     dc(b, j) = active ? dc_total * f : dc_in;
     dh(b, j) = active ? T(0) : dh_total;
   }
+  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  TFCELLS_HD void Prefetch(Index b, Index j) const {
+    for (Index g = 0; g < 4; ++g) {
+      PrefetchLine(gates, b, g * H + j);
+      PrefetchLine(dgates, b, g * H + j);
+    }
+    PrefetchLine(c, b, j);
+    PrefetchLine(c_prev, b, j);
+    PrefetchLine(dy, b, j);
+  }
 };
 
 // ------------------------------------------------------------------ GRU, reset_after=True
@@ -178,6 +197,17 @@ struct GruResetAfterBackwardPoint {
     AddToSum(db_x, b, H + j, dr);
     AddToSum(db_x, b, 2 * H + j, dhh);
     AddToSum(db_rec, b, 2 * H + j, dhh_rec);
+  }
+  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  TFCELLS_HD void Prefetch(Index b, Index j) const {
+    for (Index g = 0; g < 3; ++g) {
+      PrefetchLine(gates, b, g * H + j);
+      PrefetchLine(dgates_x, b, g * H + j);
+      PrefetchLine(dgates_rec, b, g * H + j);
+    }
+    PrefetchLine(rec_h, b, j);
+    PrefetchLine(h_prev, b, j);
+    PrefetchLine(dy, b, j);
   }
 };
 
@@ -305,6 +335,12 @@ struct SimpleRnnBackwardPoint {
     dgates(b, j) = d_pre;
     dh(b, j) = active ? T(0) : dh_total;
     AddToSum(db, b, j, d_pre);
+  }
+  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  TFCELLS_HD void Prefetch(Index b, Index j) const {
+    PrefetchLine(gates, b, j);
+    PrefetchLine(dgates, b, j);
+    PrefetchLine(dy, b, j);
   }
 };
 

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define TFCELLS_HD __host__ __device__ __forceinline__
@@ -128,6 +129,15 @@ struct StepMatrix {
   TFCELLS_HD T& operator()(Index b, Index j) const { return data[b * ld + j]; }
   TFCELLS_HD explicit operator bool() const { return data != nullptr; }
 };
+
+// Asks the CPU for the cache line holding m(b, j), for reading (const T) or writing; a no-op on
+// the GPU and for a null view. Only a hint: it never faults and changes no result.
+template <typename T>
+TFCELLS_HD void PrefetchLine(const StepMatrix<T>& m, Index b, Index j) {
+#if !defined(__CUDA_ARCH__)
+  if (m) __builtin_prefetch(&m(b, j), std::is_const<T>::value ? 0 : 1, 3);
+#endif
+}
 
 // dst(r, j) = view(r, j), or += with `accumulate`: a matrix given element by element (a
 // functor), written out.

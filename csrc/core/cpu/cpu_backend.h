@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 
 #include "../common.h"
 #include "cpu_dispatch.h"
@@ -417,11 +418,32 @@ struct CpuBackend {
   template <typename F>
   [[gnu::flatten]] static void ForEachRow(Index begin, Index end, Index cols, const F& functor) {
     const F f = functor;  // a local copy: its pointers provably not clobbered by the stores
-    for (Index b = begin; b < end; ++b) {
+    if constexpr (HasPrefetch<F>::value) {
+      // A cache line's columns at a time, asking for the next row's lines as it goes (cells.h,
+      // kPrefetchColumns). Intel Xeon, T=100, B=64, I=H=256, with and without in one process,
+      // median of 15: training steps GRU 1.07x, LSTM 1.04x faster; the GRU's backward pointwise
+      // pass 8.8 -> 5.0 % of the step's perf samples.
+      constexpr Index kChunk = F::kPrefetchColumns;
+      for (Index b = begin; b < end; ++b) {
+        const bool next = b + 1 < end;
+        for (Index j0 = 0; j0 < cols; j0 += kChunk) {
+          if (next) f.Prefetch(b + 1, j0);
+          const Index j1 = std::min(cols, j0 + kChunk);
 #pragma omp simd
-      for (Index j = 0; j < cols; ++j) f(b, j);
+          for (Index j = j0; j < j1; ++j) f(b, j);
+        }
+      }
+    } else {
+      for (Index b = begin; b < end; ++b) {
+#pragma omp simd
+        for (Index j = 0; j < cols; ++j) f(b, j);
+      }
     }
   }
+  template <typename F, typename = void>
+  struct HasPrefetch : std::false_type {};
+  template <typename F>
+  struct HasPrefetch<F, std::void_t<decltype(&F::Prefetch)>> : std::true_type {};
 
   const bool* TrueFlag() const {
     static const bool kTrue = true;
