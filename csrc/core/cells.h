@@ -18,12 +18,13 @@
 namespace tfcells {
 TFCELLS_ISA_BEGIN
 
-// The backward functors read rows that the forward pass wrote long before (the training cache,
-// the outputs) and write the gradients of every step, about a dozen streams per row, each only
-// H elements long: too short for the hardware prefetchers to pick up. Each names those lines in
-// Prefetch(b, j): columns j .. j + kPrefetchColumns - 1 of row b, one cache line of each. The CPU
-// loop (cpu_backend.h, ForEachRow) asks for the next row's lines while it computes a row; the
-// GPU has no use for it.
+// A pointwise functor touches several rows that are not in cache: the forward writes the
+// training cache and y (and reads x·W_x, written steps before), the backward reads that cache
+// back and writes every step's gate gradients. Each is a stream of only H elements per row,
+// several per row: too short for the hardware prefetchers to pick up, and the loads stalled
+// (perf). So each functor names those lines in Prefetch(b, j) (columns j .. j +
+// kPrefetchColumns - 1 of row b, one cache line of each view), and the CPU loop (cpu_backend.h,
+// ForEachRow) asks for the next row's lines while it computes a row; the GPU has no use for it.
 template <typename T>
 constexpr Index kCacheLineColumns = Index{64} / Index{sizeof(T)};
 
@@ -80,6 +81,12 @@ struct LstmForwardPoint {
     c(b, j) = c_new;
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
+  }
+  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  TFCELLS_HD void Prefetch(Index b, Index j) const {
+    for (Index g = 0; g < 4; ++g) PrefetchLine(gates, b, g * H + j);
+    PrefetchLine(c, b, j);
+    PrefetchLine(h, b, j);
   }
 };
 
@@ -160,6 +167,12 @@ struct GruResetAfterForwardPoint {
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
   }
+  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  TFCELLS_HD void Prefetch(Index b, Index j) const {
+    for (Index g = 0; g < 3; ++g) PrefetchLine(gates, b, g * H + j);
+    PrefetchLine(rec_h_cache, b, j);
+    PrefetchLine(h, b, j);
+  }
 };
 
 template <typename T>
@@ -230,6 +243,11 @@ struct GruResetBeforeForwardGates {  // phase 1: z, r and r * h_prev
     gates(b, j) = z;
     gates(b, H + j) = r;
     reset_h(b, j) = r * (h_prev(b, j) * ScaleAt(h_dropout, b, j));
+  }  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  TFCELLS_HD void Prefetch(Index b, Index j) const {
+    PrefetchLine(gates, b, j);
+    PrefetchLine(gates, b, H + j);
+    PrefetchLine(reset_h, b, j);
   }
 };
 
@@ -252,6 +270,10 @@ struct GruResetBeforeForwardState {  // phase 2: candidate and new state
     gates(b, 2 * H + j) = hh;
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
+  }  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  TFCELLS_HD void Prefetch(Index b, Index j) const {
+    PrefetchLine(gates, b, 2 * H + j);
+    PrefetchLine(h, b, j);
   }
 };
 
@@ -275,6 +297,14 @@ struct GruResetBeforeBackwardState {  // phase 1: dz, dhh
     dh(b, j) = active ? dh_total * z : dh_total;
     AddToSum(db, b, j, dz);
     AddToSum(db, b, 2 * H + j, dhh);
+  }  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  TFCELLS_HD void Prefetch(Index b, Index j) const {
+    PrefetchLine(gates, b, j);
+    PrefetchLine(gates, b, 2 * H + j);
+    PrefetchLine(h_prev, b, j);
+    PrefetchLine(dy, b, j);
+    PrefetchLine(dgates, b, j);
+    PrefetchLine(dgates, b, 2 * H + j);
   }
 };
 
@@ -295,6 +325,11 @@ struct GruResetBeforeBackwardGates {  // phase 2: dr, from d(r * h_prev)
     dgates(b, H + j) = dr;
     dh(b, j) += active ? d_reset * r * scale : T(0);
     AddToSum(db, b, H + j, dr);
+  }  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  TFCELLS_HD void Prefetch(Index b, Index j) const {
+    PrefetchLine(gates, b, H + j);
+    PrefetchLine(h_prev, b, j);
+    PrefetchLine(dgates, b, H + j);
   }
 };
 
@@ -316,6 +351,11 @@ struct SimpleRnnForwardPoint {
     gates(b, j) = h_step;
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
+  }
+  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  TFCELLS_HD void Prefetch(Index b, Index j) const {
+    PrefetchLine(gates, b, j);
+    PrefetchLine(h, b, j);
   }
 };
 
