@@ -243,7 +243,8 @@ struct GruResetBeforeForwardGates {  // phase 1: z, r and r * h_prev
     gates(b, j) = z;
     gates(b, H + j) = r;
     reset_h(b, j) = r * (h_prev(b, j) * ScaleAt(h_dropout, b, j));
-  }  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  }
+  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
   TFCELLS_HD void Prefetch(Index b, Index j) const {
     PrefetchLine(gates, b, j);
     PrefetchLine(gates, b, H + j);
@@ -270,7 +271,8 @@ struct GruResetBeforeForwardState {  // phase 2: candidate and new state
     gates(b, 2 * H + j) = hh;
     h(b, j) = h_new;
     if (h_next_cache) h_next_cache(b, j) = h_new;
-  }  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  }
+  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
   TFCELLS_HD void Prefetch(Index b, Index j) const {
     PrefetchLine(gates, b, 2 * H + j);
     PrefetchLine(h, b, j);
@@ -297,7 +299,8 @@ struct GruResetBeforeBackwardState {  // phase 1: dz, dhh
     dh(b, j) = active ? dh_total * z : dh_total;
     AddToSum(db, b, j, dz);
     AddToSum(db, b, 2 * H + j, dhh);
-  }  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  }
+  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
   TFCELLS_HD void Prefetch(Index b, Index j) const {
     PrefetchLine(gates, b, j);
     PrefetchLine(gates, b, 2 * H + j);
@@ -325,7 +328,8 @@ struct GruResetBeforeBackwardGates {  // phase 2: dr, from d(r * h_prev)
     dgates(b, H + j) = dr;
     dh(b, j) += active ? d_reset * r * scale : T(0);
     AddToSum(db, b, H + j, dr);
-  }  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
+  }
+  static constexpr Index kPrefetchColumns = kCacheLineColumns<T>;
   TFCELLS_HD void Prefetch(Index b, Index j) const {
     PrefetchLine(gates, b, H + j);
     PrefetchLine(h_prev, b, j);
