@@ -60,16 +60,13 @@ def kernels(fn, steps=3):
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    rows, api = [], []
+    rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0:
             rows.append((t / steps / 1e3, e.count / steps, e.key))
-        elif e.key.startswith("cu") and e.cpu_time_total > 0:  # runtime/driver API calls
-            api.append((e.cpu_time_total / steps / 1e3, e.count / steps, e.key))
     rows.sort(reverse=True)
-    api.sort(reverse=True)
-    return rows, api
+    return rows
 
 
 def main():
@@ -92,7 +89,7 @@ def main():
             f"{host_ms(step.forward):.3f}); bwd {cuda_ms(step.backward):.3f} (host "
             f"{host_ms(step.backward):.3f})")
         if n == 0:
-            rows, api = kernels(step.run)
+            rows = kernels(step.run)
             busy = sum(r[0] for r in rows)
             say(f"kernels: GPU busy {busy:.3f} ms of {eager:.3f} ({busy / eager:.0%}); "
                 f"{sum(r[1] for r in rows):.0f} launches per step")
