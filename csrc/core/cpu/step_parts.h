@@ -117,10 +117,11 @@ class StepParts {
 // woken onto the very CPU the starting task holds (pinned there, ShardCpus), where it could run
 // only once the scheduler preempted that task. So a task yields its CPU before a step it runs
 // for another shard, and the late thread starts, pins itself to a free CPU and takes its own
-// steps (there, SimpleRNN inference in the five calls after a 0.12 s pause: a median of 6.46
-// against 7.31 ms, the late start at most 0.95 ms in 40 calls against 4.1). Only the first
-// kHelpYields times in a loop: a thread still late after that is not waiting behind this one,
-// and more yields would only hand the CPU to other processes.
+// steps (there, SimpleRNN inference in the five calls after a 0.12 s pause, traced with a yield
+// before every helped step: a median of 6.46 against 7.31 ms, the late start at most 0.95 ms in
+// 40 calls against 4.1; with the bound below, 0.87x the time in benchmark-style blocks). Only
+// the first kHelpYields times in a loop: a thread still late after that is not waiting behind
+// this one, and more yields would only hand the CPU to other processes.
 class ShardSteps {
  public:
   ShardSteps(int shards, Index steps) : shards_(new Shard[shards]), count_(shards),
