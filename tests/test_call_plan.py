@@ -95,11 +95,12 @@ def test_numpy_module_refuses_a_cache_of_another_shape():
     B, T, I, H = 2, 3, 4, 5
     x = rng.normal(size=(B, T, I))
     h0 = np.zeros((B, H))
-    k, rk = rng.normal(size=(I, H)), rng.normal(size=(H, H))
-    out = _tfcells_core.forward("simple_rnn", x, h0, None, k, rk, None, None)
+    k, rk = rng.normal(size=(I, 3 * H)), rng.normal(size=(H, 3 * H))
+    out = _tfcells_core.forward("gru", x, h0, None, k, rk, None, None)
     with pytest.raises(ValueError, match="gates must hold the forward op's training cache"):
-        _tfcells_core.backward("simple_rnn", x, h0, None, k, rk, None, None, False, False,
-                               out["gates"][:-1], out["aux"], out["h_prev"], None, None, None)
+        _tfcells_core.backward("gru", x, h0, None, k, rk, None, None, False, False,
+                               out["gates"][:-1], out["aux"], out["h_prev"], None, None, None,
+                               y=out["y"])
 
 
 def test_unknown_cell_names_the_choices():
@@ -155,4 +156,59 @@ def test_h_prev_cache_only_where_y_cannot_serve(cell, go_backwards):
     for frozen, rows in ((0, B * T), (ops.GRAD_RECURRENT_KERNEL, read_without_dw_h)):
         out = raw(*args, training=True, frozen=frozen, go_backwards=go_backwards)
         assert out.h_prev.shape == ((rows if go_backwards else 0) * H,)
-        assert out.gates.shape == (B * T * gates * H,)
+        # (SimpleRNN's one gate is read back from y: test_simple_rnn_reads_its_gate_from_y)
+        assert out.gates.shape == ((0 if cell == "simple_rnn" else B * T * gates) * H,)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_simple_rnn_reads_its_gate_from_y(dtype, go_backwards):
+    """A SimpleRNN step's one activated gate is its new state, so the backward pass reads it from
+    the forward's y, and the training forward keeps no gates cache (T*B*H elements less, its
+    whole cache); 16-bit storage, whose y is rounded, keeps one. Where the mask skips a step, y
+    holds the carried state instead of the gate, and such a row gets no gradient there: every
+    gradient still matches the reference's. The gradient op refuses to run without y."""
+    from tfcells import reference
+
+    rng = np.random.default_rng(5)
+    B, T, I, H = 3, 6, 4, 5
+    compute = tf.float64 if dtype == "float64" else tf.float32
+    x = tf.cast(tf.constant(rng.normal(size=(B, T, I))), dtype)
+    h = tf.cast(tf.constant(rng.normal(size=(B, H))), dtype)
+    kernel = tf.constant(rng.normal(size=(I, H)) * 0.4, compute)
+    rk = tf.constant(rng.normal(size=(H, H)) * 0.4, compute)
+    bias = tf.constant(rng.normal(size=(H,)), compute)
+    mask = tf.constant(rng.random((B, T)) < 0.7)
+    dy = tf.cast(tf.constant(rng.normal(size=(B, T, H))), dtype)
+
+    empty = tf.zeros((0,), compute)
+    out = ops.ops_module.tfcells_simple_rnn(x, h, kernel, rk, bias, mask, empty, empty,
+                                            has_mask=True, go_backwards=go_backwards,
+                                            training=True)
+    assert out.gates.shape == ((B * T * H if dtype == "bfloat16" else 0),)
+    assert out.aux.shape == (0,) and out.h_prev.shape == ((B * T * H if dtype == "bfloat16" or
+                                                           go_backwards else 0),)
+
+    def grads(fn, cast):
+        sources = [x, h, kernel, rk, bias]
+        with tf.GradientTape() as tape:
+            tape.watch(sources)
+            y = fn(*[cast(v) for v in sources])
+        return tape.gradient(y, sources, output_gradients=cast(dy))
+
+    ours = grads(lambda *v: ops.simple_rnn(*v, mask=mask, go_backwards=go_backwards)[0],
+                 lambda v: v)
+    ref = grads(lambda *v: reference.simple_rnn(*v, mask=mask, go_backwards=go_backwards)[0],
+                lambda v: tf.cast(v, tf.float64))
+    tol = {"float64": 1e-10, "float32": 2e-5, "bfloat16": 3e-2}[dtype]
+    for name, a, b in zip(["x", "h0", "kernel", "recurrent_kernel", "bias"], ours, ref):
+        a, b = tf.cast(a, tf.float64).numpy(), b.numpy()
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=name)
+
+    if dtype != "bfloat16":
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"y must be the forward op's output sequence"):
+            ops.ops_module.tfcells_simple_rnn_grad(
+                x, h, kernel, rk, bias, mask, empty, empty, out.gates, out.aux, out.h_prev,
+                tf.zeros((0,), dtype), dy, tf.zeros((0,), dtype), has_mask=True,
+                go_backwards=go_backwards, grad_mask=ops.GRAD_BIAS)

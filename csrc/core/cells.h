@@ -400,7 +400,8 @@ struct SimpleRnnBackwardPoint {
 // (dG: dgates_rec for cells with recurrent_gate_grads, else dgates).
 
 struct Lstm {
-  static constexpr CellInfo kInfo{"lstm", 4, 1, true, Aux::kState, false, false, false, 0};
+  static constexpr CellInfo kInfo{"lstm", 4, 1, true, Aux::kState, false, false, false, 0,
+                                  false};
 
   template <typename S>
   static void Forward(const S& s) {
@@ -418,7 +419,8 @@ struct Lstm {
 };
 
 struct GruResetAfter {
-  static constexpr CellInfo kInfo{"gru", 3, 2, false, Aux::kCacheOnly, false, true, true, 2};
+  static constexpr CellInfo kInfo{"gru", 3, 2, false, Aux::kCacheOnly, false, true, true, 2,
+                                  false};
 
   template <typename S>
   static void Forward(const S& s) {
@@ -439,7 +441,7 @@ struct GruResetAfter {
 // candidate's GEMM on r * h_prev and the new state.
 struct GruResetBefore {
   static constexpr CellInfo kInfo{"gru_reset_before", 3, 1, false, Aux::kState, true, false,
-                                  true, 0};
+                                  true, 0, false};
 
   template <typename S>
   static void Forward(const S& s) {
@@ -466,7 +468,8 @@ struct GruResetBefore {
 };
 
 struct SimpleRnn {
-  static constexpr CellInfo kInfo{"simple_rnn", 1, 1, false, Aux::kNone, false, false, false, 0};
+  static constexpr CellInfo kInfo{"simple_rnn", 1, 1, false, Aux::kNone, false, false, false, 0,
+                                  true};
 
   template <typename S>
   static void Forward(const S& s) {

@@ -83,6 +83,8 @@ struct CellInfo {
                                 // only dW_h reads the h_prev cache
   int shared_bias_gates;        // with two bias rows, the leading gates whose gradient is the
                                 // same in both (GRU reset_after: z and r reach both unscaled)
+  bool gate_is_state;           // the one activated gate is the new state (SimpleRNN): the
+                                // backward pass can read it from y (CallPlan::GatesFromY)
 };
 
 // How the input projection x_t·W_x and dx_t = dG_t·W_xᵀ run: a step at a time inside the time

@@ -98,15 +98,17 @@ std::string CallPlan::Make(const CallOptions& o, const InputShapes& s, CallPlan*
     return "grad_mask " + std::to_string(o.grad_mask) + " has bits beyond kGradAll";
 
   plan->options_ = o;
-  // Inference keeps projection_steps steps' projections in its workspace: at most
-  // kMaxProjectionSlots elements of them (a larger layer projects fewer steps at a time).
+  plan->info_ = info;
+  // Where no gates cache takes them (inference, GatesFromY), projection_steps steps'
+  // projections stay in the workspace: at most kMaxProjectionSlots elements of them (a larger
+  // layer projects fewer steps at a time).
   const Index kMaxProjectionSlots = Index(1) << 24;
   Index steps = std::min(o.projection_steps, d.T);
-  if (!o.training && d.B * GH > 0) steps = std::min(steps, kMaxProjectionSlots / (d.B * GH));
+  if (!plan->ProjectsIntoCache() && d.B * GH > 0)
+    steps = std::min(steps, kMaxProjectionSlots / (d.B * GH));
   plan->options_.projection_steps = std::max<Index>(1, steps);
   if (!info.cell_state) plan->options_.grad_mask &= ~kGradC0;
   if (!o.has_bias) plan->options_.grad_mask &= ~kGradBias;
-  plan->info_ = info;
   plan->dims_ = d;
   plan->shapes_ = s;
   if (!info.cell_state) plan->shapes_.c0.clear();
@@ -152,6 +154,10 @@ bool CallPlan::ReadsHPrev() const {
          (info_.pointwise_reads_h_prev || (options_.grad_mask & kGradRecurrentKernel));
 }
 
+bool CallPlan::GatesFromY() const {
+  return options_.training && info_.gate_is_state && options_.storage == Storage::kCompute;
+}
+
 bool CallPlan::HPrevFromY() const {
   return options_.storage == Storage::kCompute && !options_.go_backwards;
 }
@@ -159,7 +165,8 @@ bool CallPlan::HPrevFromY() const {
 CacheSizes CallPlan::Cache() const {
   if (!options_.training) return {};
   const Index rows = dims_.Rows();
-  return {rows * info_.gates * dims_.H, info_.aux == Aux::kNone ? 0 : rows * dims_.H,
+  return {GatesFromY() ? 0 : rows * info_.gates * dims_.H,
+          info_.aux == Aux::kNone ? 0 : rows * dims_.H,
           ReadsHPrev() && !HPrevFromY() ? rows * dims_.H : 0};
 }
 
@@ -204,7 +211,7 @@ void CallPlan::Layout() {
   {
     Carver c;
     forward_.input_projection =
-        c.Take(training ? 0 : (per_step ? options_.projection_steps * B : rows) * GH);
+        c.Take(ProjectsIntoCache() ? 0 : (per_step ? options_.projection_steps * B : rows) * GH);
     forward_.recurrent = c.Take(B * GH);
     forward_.state = c.Take(!training && info_.aux == Aux::kState ? 2 * B * H : 0);
     forward_.dropped_x = c.Take(in_dropout ? (per_step ? B : rows) * d.I : 0);
@@ -281,7 +288,7 @@ std::string CallPlan::CheckBackwardY(const Shape* y) const {
   if (!NeedsY() || (y != nullptr && *y == SequenceShape(dims_.H))) return "";
   return "y must be the forward op's output sequence, of shape " +
          ShapeString(SequenceShape(dims_.H)) + ", got " + (y ? ShapeString(*y) : "none") +
-         " (the backward pass reads each step's previous state from it)";
+         " (the backward pass reads the states of the steps from it)";
 }
 
 std::string CallPlan::CheckBackwardInputs(const CacheSizes& cache, const Shape* y,

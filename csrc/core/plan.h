@@ -53,7 +53,7 @@ struct InputShapes {
 
 // The training cache, laid out like x (indexed by input time), in elements.
 struct CacheSizes {
-  Index gates = 0;   // activated gates [.., G*H]
+  Index gates = 0;   // activated gates [.., G*H]; 0 where y holds them (CallPlan::GatesFromY)
   Index aux = 0;     // CellInfo::aux [.., H], or 0
   Index h_prev = 0;  // the state entering each step [.., H]; 0 where nothing reads it, or
                      // where the backward pass reads it from y (CallPlan::HPrevFromY)
@@ -135,8 +135,16 @@ class CallPlan {
   // rather than from a cache: where y is in the compute type and in input-time order (not
   // go_backwards, whose y is reversed). The forward then keeps no copy of y.
   bool HPrevFromY() const;
+  // Whether it reads each step's activated gate from y instead of a gates cache: where that gate
+  // is the new state (CellInfo::gate_is_state) and y is in the compute type. The gate of a
+  // masked row, which y does not hold, gets no gradient, so is never read. The forward then
+  // keeps no gates cache, and projects x·W_x into workspace slots as inference does.
+  bool GatesFromY() const;
+  // Whether the forward writes each step's x·W_x into its gates cache (then activates it in
+  // place), or into workspace slots.
+  bool ProjectsIntoCache() const { return options_.training && !GatesFromY(); }
   // Whether a backward pass must be given the forward's y.
-  bool NeedsY() const { return ReadsHPrev() && HPrevFromY(); }
+  bool NeedsY() const { return (ReadsHPrev() && HPrevFromY()) || GatesFromY(); }
   const ForwardLayout& forward_layout() const { return forward_; }
   const BackwardLayout& backward_layout() const { return backward_; }
 

@@ -8,7 +8,8 @@
 //           is one GEMM over all T*B rows (dW_x = xᵀ·dG, dW_h = h_prevᵀ·dG) and db a column
 //           sum. Each is skipped, and its buffer never touched, when its GradBit is clear.
 //           h_prev is the forward's y a step behind, h0 first (PrevStates), or where y cannot
-//           serve (go_backwards, 16-bit storage) a cache the forward keeps.
+//           serve (go_backwards, 16-bit storage) a cache the forward keeps. SimpleRNN's one
+//           activated gate, its new state, is y's row of the step (CallPlan::GatesFromY).
 // Input projection and dx: a step at a time inside the loop (those of projection_steps steps
 //           back to back: x_t·W_x ahead of the recurrence, dx_t behind it), or one GEMM over
 //           all T*B rows before (after) it: the backend's kInputProjection says which (plan.h).
@@ -564,14 +565,14 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
   const bool per_step = Backend::kInputProjection == InputProjection::kPerStep;
   const bool in_dropout = in.input_dropout != nullptr;
   const bool rec_dropout = in.recurrent_dropout != nullptr;
-  // Where each step finds x_t·W_x: the gates cache (training), or the workspace (inference:
-  // projection_steps slots in turn, or every step's).
-  T* const gates_all = training ? a.gates.data : nullptr;
+  // Where each step finds x_t·W_x: the gates cache (training, ProjectsIntoCache), or the
+  // workspace (inference and GatesFromY: projection_steps slots in turn, or every step's).
+  T* const gates_all = plan.ProjectsIntoCache() ? a.gates.data : nullptr;
   T* const projection = Carve(a.workspace, layout.input_projection);
   const Index ahead = ProjectionGroup<T>(be, plan);
 
   if (!per_step) {  // x·W_x for all T*B rows before the loop (per gate on masked copies)
-    T* const out = training ? gates_all : projection;
+    T* const out = gates_all ? gates_all : projection;
     if (!in_dropout) {
       be.Gemm(false, false, d.Rows(), GH, d.I, in.x, d.I, in.kernel, GH, T(0), out, GH);
     } else {
@@ -618,7 +619,7 @@ void ForwardPass(Backend& be, const CallPlan& plan, const ForwardArgs<T>& a) {
     };
     auto projected = [&](Index s2) {
       const Index t2 = d.InputTime(s2);
-      return training   ? at(gates_all, t2, GH)
+      return gates_all  ? at(gates_all, t2, GH)
              : per_step ? plain(projection + s2 % ahead * B * GH, GH)
                         : at(projection, t2, GH);
     };
@@ -733,6 +734,7 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
   // which reads every unit's gate gradients of that step (wait(): every shard has finished part
   // k - 1): the carry dh_prev += dG·W_hᵀ and dx_t = dG_t·W_xᵀ, for the shard's units of dh_prev
   // and its share of dx's columns, and db's sums; then the pointwise backward of step s.
+  const bool gates_from_y = plan.GatesFromY();
   auto run_step = [&](Backend& sb, Index b0, Index b1, Units u, Index k, const auto& wait) {
     const Index n = b1 - b0, s = d.T - 1 - k;
     const ShardViews<T> v{d, b0};
@@ -778,7 +780,8 @@ void BackwardPass(Backend& be, const CallPlan& plan, const BackwardArgs<T>& a) {
     const Index t = d.InputTime(s);
     step.dgates = shard(dgates_at(dgates_all, keep_all, s));
     step.dgates_rec = shard(dgates_at(dgates_rec_all, keep_all_rec, s));
-    step.gates = at(a.gates.data, t, GH);
+    // (GatesFromY: y's row of processing step s, the state the gate became)
+    step.gates = gates_from_y ? StepMatrix<const T>(at(a.y, s, H)) : at(a.gates.data, t, GH);
     step.aux = at(a.aux.data, t, H);
     step.aux_prev = Cell::kInfo.cell_state
                         ? (s == 0 ? plain(in.c0, H) : at(a.aux.data, d.InputTime(s - 1), H))
@@ -971,7 +974,7 @@ void Backward(Backend& be, const BackwardArgs<T, S>& a) {
   const CallPlan& plan = *a.plan;
   detail::Require(plan.training(), "a backward pass needs a training call plan");
   detail::Require(a.y != nullptr || !plan.NeedsY() || plan.dims().Rows() * plan.dims().H == 0,
-                  "the backward pass needs the forward's y (the plan keeps no h_prev cache)");
+                  "the backward pass needs the forward's y (the plan reads states from it)");
   detail::Require(plan.options().storage == detail::StorageOf<S>(),
                   "the call plan was made for another storage type");
   detail::RequireSize(a.workspace, plan.backward_layout().total, "the backward workspace");

@@ -73,7 +73,8 @@ void AddForwardInputs(OpDef& op, const OpFamily& family) {
 // cache its gradient op reads. The h_prev cache is empty where the gradient op reads each
 // step's h_prev from y (CallPlan::HPrevFromY), and where nothing reads it: `frozen` records
 // the GradBits its caller ruled out, for the Python gradient function to honour, and without
-// dW_h only the GRUs read h_prev.
+// dW_h only the GRUs read h_prev. SimpleRNN's gates cache is empty where its gate is read
+// from y (CallPlan::GatesFromY).
 void RegisterForward(const OpFamily& family) {
   const bool cell_state = Info(family.cell).cell_state;
   OpDef op(family.forward);
@@ -94,7 +95,8 @@ void RegisterGradient(const OpFamily& family) {
   OpDef op(family.gradient);
   AddForwardInputs(op, family);
   op.Input("gates: Tcompute").Input("aux: Tcompute").Input("h_prev: Tcompute");
-  op.Input("y: T");  // the forward's output: each step's h_prev where no cache keeps it
+  op.Input("y: T");  // the forward's output: each step's h_prev where no cache keeps it,
+                     // and SimpleRNN's activated gate (CallPlan::GatesFromY)
   op.Input("dy: T").Input("dh_last: T");
   if (cell_state) op.Input("dc_last: T");
   for (const GradientInfo& g : kGradients)

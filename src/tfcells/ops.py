@@ -254,7 +254,8 @@ def _rnn_grad(op, *output_grads):
     dtype = inputs[0].dtype
     grads = [g if g is not None else tf.zeros([0], dtype)
              for g in output_grads[:cell.n_outputs]]
-    # y too: the gradient op reads each step's h_prev from it where the cache keeps none.
+    # y too: the gradient op reads each step's h_prev from it where the cache keeps none, and
+    # SimpleRNN's activated gate (its new state).
     results = cell.grad_op(*inputs, *cache, outputs[0], *grads, grad_mask=mask, **attrs)
     return [getattr(results, _GRAD_OUTPUTS[name]) if GRAD_BITS.get(name, 0) & mask else None
             for name in cell.inputs]

@@ -603,8 +603,12 @@ void RunStaged(const Case& cs, unsigned seed,
   // product plus y's a step behind), the staged pass from its cache in one GEMM: the same
   // products summed in another order, so dW_h agrees to float32 rounding there.
   const bool ref_from_y = ref.cache[2].empty() && !got.cache[2].empty();
+  // Nor does it keep SimpleRNN's gates (CallPlan::GatesFromY: its backward reads them from y,
+  // where the staged pass keeps them), and its gradients still match bit for bit.
+  const bool gates_from_y = ref.cache[0].empty() && !got.cache[0].empty();
   for (int i = 0; i < 3; ++i) {
-    if (i < 2 || !ref_from_y) EXPECT(got.cache[i] == ref.cache[i], cs.name);
+    const bool ref_keeps_none = i == 0 ? gates_from_y : i == 2 && ref_from_y;
+    if (!ref_keeps_none) EXPECT(got.cache[i] == ref.cache[i], cs.name);
     if (i == 1 && ref_from_y) {
       EXPECT(near(got.dweights[1], ref.dweights[1], 1e-5, 1e-30), cs.name);
     } else {
