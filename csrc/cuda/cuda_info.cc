@@ -41,11 +41,16 @@ std::string UseBlasWorkspace(void* base, std::size_t bytes, std::size_t need,
   const std::uintptr_t start = (at + kAlign - 1) / kAlign * kAlign;
   if (base == nullptr || bytes < start - at + need)
     return "the cuBLAS workspace must hold " + std::to_string(need) +
-           " bytes from its first 256-byte boundary on (" + std::to_string(need + kAlign - 1) +
-           " bytes suffice), got " + std::to_string(bytes);
+           " bytes from its first 256-byte boundary on (" +
+           std::to_string(BlasWorkspaceAllocation(need)) + " bytes suffice), got " +
+           std::to_string(bytes);
   options->blas_workspace = reinterpret_cast<void*>(start);
   options->blas_workspace_bytes = need;
   return "";
+}
+
+std::size_t BlasWorkspaceAllocation(std::size_t need) {
+  return need + cuda_constants::kCublasWorkspaceAlignment - 1;
 }
 
 std::string CudaDevices(int* driver_version, int* runtime_version, int* count) {

@@ -67,9 +67,13 @@ std::string CublasWorkspaceBytes(int device, std::size_t* bytes);
 
 // Points options->blas_workspace at the first 256-byte boundary of the `bytes` of device memory
 // at `base`, as a workspace of `need` bytes (CublasWorkspaceBytes). Returns "" or why not: the
-// memory is too small (need + 255 bytes always suffice).
+// memory is too small (BlasWorkspaceAllocation(need) bytes always suffice).
 std::string UseBlasWorkspace(void* base, std::size_t bytes, std::size_t need,
                              CudaOptions* options);
+
+// Bytes of device memory that hold a workspace of `need` bytes from their first 256-byte
+// boundary on, wherever they start: what a caller allocates for UseBlasWorkspace.
+std::size_t BlasWorkspaceAllocation(std::size_t need);
 
 // The CUDA driver's and runtime's versions (1000 * major + 10 * minor; the driver's is 0 when
 // no NVIDIA driver is installed) and the number of GPUs. Returns "" when the GPUs could be

@@ -7,7 +7,7 @@
 // on `stream` (a cudaStream_t as an int, 0 for the legacy default stream) and return without
 // synchronising. 16-bit calls: float16 x, or storage="bfloat16" with the bits in 2-byte
 // integers; their weights, masks, cache and workspace are float32. An optional blas_workspace
-// (cublas_workspace_bytes() + 255 bytes of device memory) becomes cuBLAS' workspace, as the
+// (blas_workspace_allocation_bytes() of device memory) becomes cuBLAS' workspace, as the
 // TensorFlow GPU op's allocator provides it.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -385,6 +385,11 @@ Index BlasWorkspaceBytes(int device) {
   const std::string error = CublasWorkspaceBytes(device, &bytes);
   if (!error.empty()) throw std::runtime_error(error);
   return static_cast<Index>(bytes);
+}
+
+Index BlasWorkspaceAllocationBytes(int device) {
+  return static_cast<Index>(
+      BlasWorkspaceAllocation(static_cast<std::size_t>(BlasWorkspaceBytes(device))));
 }
 
 // Runs a core entry point on `stream` (an int, as Python passes it) on the arrays' device,
@@ -775,6 +780,11 @@ PYBIND11_MODULE(_tfcells_cuda, m) {
   m.def("cublas_workspace_bytes", &tfcells::BlasWorkspaceBytes, "device"_a = 0,
         "Bytes of cuBLAS workspace the calls' blas_workspace must hold on `device` (from its "
         "first 256-byte boundary): NVIDIA's recommended size for the architecture.");
+  m.def("blas_workspace_allocation_bytes", &tfcells::BlasWorkspaceAllocationBytes,
+        "device"_a = 0,
+        "Bytes of device memory to allocate for the calls' blas_workspace on `device`: they "
+        "hold cublas_workspace_bytes(device) from their first 256-byte boundary on, wherever "
+        "they start.");
   m.def("work_counts", &tfcells::WorkCounts,
         "{counter: count} of the work this module's calls did (WORK_COUNTERS); a replayed "
         "CUDA graph counts what its capture counted.");

@@ -7,7 +7,6 @@
 // path on the op's own stream, on the op's device. cuBLAS' workspace is a temporary of the op
 // too (cublasSetWorkspace): under TensorFlow's default up-front reservation of the GPU's
 // memory, a workspace cuBLAS allocated itself could fail. Nothing synchronises the device.
-#include "../cuda/constants.h"
 #include "../cuda/cuda_rnn.h"
 #include "rnn_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -75,7 +74,7 @@ void OnOpDevice(tensorflow::OpKernelContext* ctx, const char* what, F enqueue) {
   std::size_t need = 0;
   const std::string size_error = CublasWorkspaceBytes(current, &need);
   OP_REQUIRES(ctx, size_error.empty(), tensorflow::errors::Internal("tfcells: ", size_error));
-  const std::size_t bytes = need + cuda_constants::kCublasWorkspaceAlignment;  // room to align
+  const std::size_t bytes = BlasWorkspaceAllocation(need);  // room to align
   tensorflow::Tensor workspace;
   OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT8,
                                          tensorflow::TensorShape({static_cast<std::int64_t>(

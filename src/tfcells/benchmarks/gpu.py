@@ -194,7 +194,7 @@ class _TorchArrays:
 
     def blas_workspace(self, module):
         """Bytes for the calls' blas_workspace on the current GPU."""
-        size = module.cublas_workspace_bytes(self.torch.cuda.current_device()) + 255
+        size = module.blas_workspace_allocation_bytes(self.torch.cuda.current_device())
         return self.torch.empty(size, dtype=self.torch.uint8, device="cuda")
 
     def get(self, t):
