@@ -1163,33 +1163,24 @@ def test_graph_stats_and_work_counts_are_exported():
 
 @needs_gpu
 @needs_torch
-def test_too_small_blas_workspace_rejected():
+def test_blas_workspace_size():
+    # Device allocations start on a 256-byte boundary, so a view from byte 1 on lies as far as
+    # can be from the next one: blas_workspace_allocation_bytes() must still hold the workspace
+    # from there, and one byte less must not; nor may less than cublas_workspace_bytes() from a
+    # boundary.
     dev = Device()
     inputs, grads = make_problem(np.random.default_rng(5), "gru", 3, 2, 4, 5, np.float32)
     buffers = GraphBuffers(dev, "gru", inputs, grads, cuda_module.GRAD_ALL)
-    buffers.blas = dev.empty((cuda_module.cublas_workspace_bytes() - 1,), np.uint8)
-    with pytest.raises(ValueError, match="blas_workspace: the cuBLAS workspace must hold"):
-        buffers.run()
-
-
-@needs_gpu
-@needs_torch
-def test_blas_workspace_allocation_suffices_wherever_it_starts():
-    # Device allocations start on a 256-byte boundary, so a view from byte 1 on lies as far as
-    # can be from the next one: blas_workspace_allocation_bytes() must still hold the workspace
-    # from there, and one byte less must not.
-    dev = Device()
-    inputs, grads = make_problem(np.random.default_rng(6), "gru", 3, 2, 4, 5, np.float32)
-    buffers = GraphBuffers(dev, "gru", inputs, grads, cuda_module.GRAD_ALL)
-    n = cuda_module.blas_workspace_allocation_bytes()
-    assert n >= cuda_module.cublas_workspace_bytes()
+    need, n = cuda_module.cublas_workspace_bytes(), cuda_module.blas_workspace_allocation_bytes()
+    assert n >= need
     memory = dev.empty((n + 1,), np.uint8)
     buffers.blas = memory[1:]
     buffers.run()
     torch.cuda.synchronize()
-    buffers.blas = memory[1:n]
-    with pytest.raises(ValueError, match="blas_workspace: the cuBLAS workspace must hold"):
-        buffers.run()
+    for too_small in (memory[1:n], memory[:need - 1]):
+        buffers.blas = too_small
+        with pytest.raises(ValueError, match="blas_workspace: the cuBLAS workspace must hold"):
+            buffers.run()
 
 
 @needs_gpu
